@@ -1,0 +1,9 @@
+"""Paper Table 3 row: the CIFAR-10 config of resnet110 on CIFAR-100."""
+
+from configs import cifar10_resnet110
+
+
+def get_config():
+  config = cifar10_resnet110.get_config()
+  config.dataset = 'cifar100'
+  return config

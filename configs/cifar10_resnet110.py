@@ -1,0 +1,14 @@
+"""Paper Table 2 row: resnet110 on CIFAR-10, FDG with K = 2 (the paper's recipe from default.py)."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model = 'resnet110'
+  config.num_stages = 2
+  # Gradient shrinking; see the note on beta in configs/default.py.
+  config.beta = 0.5
+  # Epochs of warm-up at lr 0.01 (the paper warms up ResNet-110 and K = 3, 4).
+  config.warmup_epochs = 3
+  return config

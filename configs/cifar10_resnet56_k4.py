@@ -1,0 +1,11 @@
+"""Paper Table 4: ResNet-56 on CIFAR-10 with K = 4 (K = 3: override --config.num_stages=3)."""
+
+from configs import cifar10_resnet56
+
+
+def get_config():
+  config = cifar10_resnet56.get_config()
+  config.num_stages = 4
+  # The paper warms up for 3 epochs at K = 3 and 4.
+  config.warmup_epochs = 3
+  return config

@@ -1,0 +1,183 @@
+"""The trainer end to end (tfds mock data, a generated image folder, the CLI) and its checks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from configs import default as default_config
+from fdg_jax import input_pipeline
+from fdg_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUMMARY_KEYS = {
+    'model', 'dataset', 'method', 'num_stages', 'beta', 'stash', 'steps', 'epochs',
+    'test_error', 'test_accuracy', 'train_time_s', 'images_per_sec', 'trainable_params',
+    'extra_params', 'stage_split', 'devices', 'jax_version', 'params_digest'}
+
+
+def write_image_folder(root, num_classes=3, train_per_class=12, test_per_class=4, size=16):
+  rng = np.random.default_rng(0)
+  for split, count in (('train', train_per_class), ('test', test_per_class)):
+    for c in range(num_classes):
+      folder = root / split / f'class{c}'
+      folder.mkdir(parents=True)
+      for i in range(count):
+        image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        image[..., c] = 255   # a learnable colour cue per class
+        Image.fromarray(image).save(folder / f'{i}.png')
+  return str(root)
+
+
+def small_config(**overrides):
+  config = default_config.get_config()
+  config.update(model='resnet20', num_stages=2, beta=0.5, batch_size=8, num_train_steps=6,
+                log_every_steps=2, eval_every_epochs=0, eval_batch_size=16, image_size=16,
+                lr_boundaries_epochs=(1,))
+  config.update(**overrides)
+  return config
+
+
+def check_summary(summary, workdir, **expected):
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    on_disk = json.load(f)
+  assert on_disk == summary
+  assert SUMMARY_KEYS <= set(summary)
+  for key, value in expected.items():
+    assert summary[key] == value, key
+  assert 0.0 <= summary['test_error'] <= 1.0
+  assert summary['test_error'] == pytest.approx(1 - summary['test_accuracy'])
+  assert summary['trainable_params'] > 0 and summary['extra_params'] == 0
+  assert len(summary['params_digest']) == 64
+  assert len(summary['devices']) == summary['num_stages']
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+
+
+def test_train_and_evaluate_on_tfds_mock_data(tmp_path):
+  config = small_config(dataset='cifar10', image_size=32, num_stages=2)
+  with tfds.testing.mock_data(num_examples=48):
+    summary = train.train_and_evaluate(config, str(tmp_path))
+  check_summary(summary, str(tmp_path), method='fdg', num_stages=2, steps=6, model='resnet20')
+  assert summary['devices'] == [str(d) for d in jax.devices()[:2]]
+  assert summary['stage_split'] and len(summary['stage_split']) == 1
+
+
+def test_train_and_evaluate_bp_on_image_folder(tmp_path):
+  data = write_image_folder(tmp_path / 'data')
+  config = small_config(dataset='imagefolder', data_dir=data, method='bp',
+                        cache_dir=str(tmp_path / 'cache'))
+  summary = train.train_and_evaluate(config, str(tmp_path / 'work'))
+  check_summary(summary, str(tmp_path / 'work'), method='bp', num_stages=1, stage_split=[])
+  # Nothing a user has is overwritten: a second run into the same workdir is refused.
+  with pytest.raises(train.ConfigError, match='already holds a finished run'):
+    train.train_and_evaluate(config, str(tmp_path / 'work'))
+
+
+def test_cli_fdg_two_simulated_devices(tmp_path):
+  """The issue's acceptance command, at test scale, in a fresh process."""
+  data = write_image_folder(tmp_path / 'data')
+  workdir = tmp_path / 'work'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             FDG_JAX_CACHE=str(tmp_path / 'cache'))
+  result = subprocess.run(
+      [sys.executable, '-m', 'fdg_jax.main', '--config=configs/cifar10_resnet20.py',
+       f'--workdir={workdir}', '--config.dataset=imagefolder', f'--config.data_dir={data}',
+       '--config.method=fdg', '--config.num_stages=2', '--config.beta=0.5',
+       '--config.num_train_steps=8', '--config.batch_size=8', '--config.image_size=16',
+       '--config.log_every_steps=4', '--config.eval_batch_size=16'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'FLOPs share' in result.stdout   # the stage table
+  with open(workdir / 'summary.json') as f:
+    summary = json.load(f)
+  assert SUMMARY_KEYS <= set(summary)
+  assert summary['num_stages'] == 2 and summary['steps'] == 8 and summary['beta'] == 0.5
+  assert len(set(summary['devices'])) == 2   # one stage per simulated device
+
+
+def test_cli_bad_config_is_one_clear_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'fdg_jax.main', '--config=configs/cpu_quick.py',
+       f'--workdir={tmp_path}', '--config.beta=1.5'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert 'config.beta' in result.stderr and '(0, 1]' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not os.listdir(tmp_path)   # failed before writing anything
+
+
+@pytest.mark.parametrize('overrides, field', [
+    (dict(beta=0.0), 'config.beta'),
+    (dict(beta=1.01), 'config.beta'),
+    (dict(num_stages=9), 'config.num_stages'),           # more stages than the 8 devices
+    (dict(num_stages=12, stage_devices=(0,) * 12), 'config.num_stages'),  # > 11 blocks
+    (dict(model='resnet21'), 'config.model'),
+    (dict(method='pipedream'), 'config.method'),
+    (dict(dataset='mnist'), 'config.dataset'),
+    (dict(dataset='imagefolder', data_dir=''), 'config.data_dir'),
+    (dict(dataset='imagefolder', data_dir='/no/such/folder'), 'config.data_dir'),
+    (dict(stash='disk'), 'config.stash'),
+    (dict(split=(3, 6)), 'config.split'),
+    (dict(split=(11,)), 'config.split'),
+    (dict(stage_devices=(0, 8)), 'config.stage_devices'),
+    (dict(num_train_steps=0), 'config.num_train_steps'),
+])
+def test_bad_config_fails_before_any_compute(overrides, field, tmp_path, monkeypatch):
+  def must_not_load(*args, **kwargs):
+    raise AssertionError('data was loaded before the config was checked')
+  monkeypatch.setattr(input_pipeline, 'load_dataset', must_not_load)
+  with pytest.raises(train.ConfigError, match=field.replace('.', r'\.')) as error:
+    train.train_and_evaluate(small_config(**overrides), str(tmp_path / 'work'))
+  assert '. ' in str(error.value)   # problem, then the fix
+  assert not (tmp_path / 'work').exists()
+
+
+def test_missing_tfds_data_offline_says_how_to_provide_data(tmp_path):
+  config = small_config(dataset='cifar100', data_dir=str(tmp_path / 'empty_tfds'))
+  with pytest.raises(input_pipeline.DataError, match='imagefolder'):
+    train.train_and_evaluate(config, str(tmp_path / 'work'))
+
+
+def test_learning_rate_schedule_follows_the_paper():
+  config = default_config.get_config()
+  schedule = train.create_learning_rate_schedule(config, steps_per_epoch=10)
+  assert float(schedule(0)) == pytest.approx(0.1)
+  assert float(schedule(1499)) == pytest.approx(0.1)
+  assert float(schedule(1500)) == pytest.approx(0.01)
+  assert float(schedule(2250)) == pytest.approx(0.001)
+  assert float(schedule(2750)) == pytest.approx(0.0001)
+  config.warmup_epochs = 3
+  schedule = train.create_learning_rate_schedule(config, steps_per_epoch=10)
+  assert float(schedule(29)) == pytest.approx(0.01)
+  assert float(schedule(30)) == pytest.approx(0.1)
+  assert float(schedule(1500)) == pytest.approx(0.01)   # boundaries stay at their epochs
+
+
+def test_optimizer_is_pytorch_sgd_with_coupled_weight_decay():
+  config = default_config.get_config()
+  optimizer = train.create_optimizer(config, steps_per_epoch=10)
+  params = {'w': np.array([1.0, -2.0], np.float32)}
+  grads = [{'w': np.array([0.5, 0.25], np.float32)}, {'w': np.array([-1.0, 2.0], np.float32)}]
+  state = optimizer.init(params)
+  # PyTorch SGD: d = g + wd * p; buf = momentum * buf + d; p -= lr * buf.
+  p, buf = params['w'].copy(), np.zeros(2, np.float32)
+  for g in grads:
+    updates, state = optimizer.update(g, state, params)
+    params = {'w': params['w'] + np.asarray(updates['w'])}
+    buf = 0.9 * buf + (g['w'] + 5e-4 * p)
+    p = p - 0.1 * buf
+  np.testing.assert_allclose(params['w'], p, rtol=1e-6)
+
+
+def test_params_digest_is_order_independent_and_sensitive():
+  a = {'params': {'x': np.ones(3, np.float32), 'y': np.zeros(2, np.float32)}}
+  b = {'params': {'y': np.zeros(2, np.float32), 'x': np.ones(3, np.float32)}}
+  assert train.params_digest(a) == train.params_digest(b)
+  c = {'params': {'x': np.array([1, 1, 1.0000001], np.float32), 'y': np.zeros(2, np.float32)}}
+  assert train.params_digest(a) != train.params_digest(c)
