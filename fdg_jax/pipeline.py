@@ -105,10 +105,15 @@ class StepInfo:
 
 
 class _Identity:
-  """Hashable-by-identity box, to pass a residual tree structure as a static jit argument."""
+  """Hashable-by-identity box, to pass a residual tree structure as a static jit argument.
 
-  def __init__(self, value):
+  `input_spec` is the (shape, dtype name) of the stage input the structure belongs to, so a
+  restored checkpoint can look the structure up again.
+  """
+
+  def __init__(self, value, input_spec):
     self.value = value
+    self.input_spec = input_spec
 
 
 def delay(stage: int, num_stages: int) -> int:
@@ -264,7 +269,8 @@ class Pipeline:
       def residual_tree(state, x):
         return self._vjp(k, state.params, state.batch_stats, x, state.dropout_key)[1]
       shapes = jax.eval_shape(residual_tree, state, x)
-      self._residual_structures[cache_key] = _Identity(jax.tree_util.tree_structure(shapes))
+      self._residual_structures[cache_key] = _Identity(
+          jax.tree_util.tree_structure(shapes), (tuple(x.shape), jnp.dtype(x.dtype).name))
     return self._residual_structures[cache_key]
 
   # ---------------------------------------------------------------- the host loop
@@ -272,6 +278,8 @@ class Pipeline:
   def init(self, rng: jax.Array, sample_input: jax.Array,
            variables: Optional[Sequence[dict]] = None) -> PipelineState:
     """Initialise every stage (or take `variables`, one dict per stage) on its device."""
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+      rng = jax.random.key_data(rng)   # raw uint32 keys: plain arrays in every checkpoint
     params_key, dropout_key = jax.random.split(rng)
     if variables is None:
       variables, x = [], jnp.asarray(sample_input)

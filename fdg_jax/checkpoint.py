@@ -1,0 +1,169 @@
+"""Checkpoints of the whole pipeline in flight, with orbax.
+
+Resuming FDG exactly needs more than the parameters: every stage's optimizer state, BatchNorm
+statistics and dropout key, the saved forwards waiting for their delayed cotangents, and the
+activations, labels and cotangents travelling between stages. All of them are saved; each array
+is restored onto the device of the stage that owns it. The host-side bookkeeping (which batch
+each entry belongs to, the data position) goes into a JSON item beside the arrays.
+"""
+
+import os
+from typing import Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from fdg_jax import pipeline as pipeline_lib
+
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be restored into this pipeline; the message says why and what to do."""
+
+
+def _indexed(items) -> dict:
+  return {str(i): item for i, item in enumerate(items)}
+
+
+def _unindexed(tree: dict) -> list:
+  return [tree[str(i)] for i in range(len(tree))]
+
+
+def to_tree(state: pipeline_lib.PipelineState) -> tuple[dict, dict]:
+  """(arrays, metadata) of a pipeline state: nested dicts of arrays, and JSON-able bookkeeping."""
+  arrays = {
+      'stages': {str(k): flax.serialization.to_state_dict(s) for k, s in enumerate(state.stages)},
+      'saved': {str(k): _indexed(_indexed(jax.tree_util.tree_leaves(entry.arrays))
+                                 for entry in queue)
+                for k, queue in enumerate(state.saved) if queue},
+      'activations': {str(k): {'value': a.value, 'labels': a.labels}
+                      for k, a in enumerate(state.activations) if a is not None},
+      'cotangents': {str(k): c.value for k, c in enumerate(state.cotangents) if c is not None},
+  }
+  metadata = {
+      'iteration': state.iteration,
+      'batches_fed': state.batches_fed,
+      'saved': {str(k): [{'batch': entry.batch,
+                          'input_spec': entry.key.input_spec if entry.key else None}
+                         for entry in queue]
+                for k, queue in enumerate(state.saved) if queue},
+      'activations': {str(k): a.batch for k, a in enumerate(state.activations) if a is not None},
+      'cotangents': {str(k): c.batch for k, c in enumerate(state.cotangents) if c is not None},
+  }
+  return arrays, metadata
+
+
+def _sharding_for(pipe: pipeline_lib.Pipeline, path) -> jax.sharding.Sharding:
+  """Which device an array of the checkpoint tree belongs on, from its path."""
+  group, stage = path[0].key, int(path[1].key)
+  if group == 'activations' and path[2].key == 'labels':
+    return pipe.shardings[-1]   # labels wait on the last stage's device
+  return pipe.shardings[stage]
+
+
+def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, arrays: dict,
+              metadata: dict) -> pipeline_lib.PipelineState:
+  """Rebuild a PipelineState; `fresh` (from `pipe.init`) gives the TrainState structure."""
+  stages = tuple(flax.serialization.from_state_dict(fresh.stages[k], arrays['stages'][str(k)])
+                 for k in range(pipe.num_stages))
+  saved = []
+  for k in range(pipe.num_stages):
+    queue = []
+    for i, entry in enumerate(metadata['saved'].get(str(k), [])):
+      leaves = _unindexed(arrays['saved'][str(k)][str(i)])
+      if pipe.stash == 'vjp':
+        shape, dtype = entry['input_spec']
+        structure = pipe._residual_structure(  # pylint: disable=protected-access
+            k, stages[k], jax.ShapeDtypeStruct(tuple(shape), dtype))
+        queue.append(pipeline_lib.Saved(arrays=leaves, batch=entry['batch'], key=structure))
+      else:
+        queue.append(pipeline_lib.Saved(arrays=tuple(leaves), batch=entry['batch']))
+    saved.append(tuple(queue))
+  activations = [None] * pipe.num_stages
+  for k, batch in metadata['activations'].items():
+    a = arrays['activations'][k]
+    activations[int(k)] = pipeline_lib.Activation(value=a['value'], labels=a['labels'],
+                                                  batch=batch)
+  cotangents = [None] * pipe.num_stages
+  for k, batch in metadata['cotangents'].items():
+    cotangents[int(k)] = pipeline_lib.Cotangent(value=arrays['cotangents'][k], batch=batch)
+  return pipeline_lib.PipelineState(
+      stages=stages, saved=tuple(saved), activations=tuple(activations),
+      cotangents=tuple(cotangents), iteration=metadata['iteration'],
+      batches_fed=metadata['batches_fed'])
+
+
+class Checkpointer:
+  """Saves and restores pipeline states under `workdir/checkpoints`, keeping the last few.
+
+  Orbax writes each checkpoint to a temporary folder and renames it when complete, so a crash
+  mid-save leaves the previous checkpoints intact.
+  """
+
+  def __init__(self, workdir: str, max_to_keep: int = 3):
+    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False,
+                                             enable_async_checkpointing=False))
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: pipeline_lib.PipelineState, extra: Optional[dict] = None):
+    arrays, metadata = to_tree(state)
+    metadata['extra'] = extra or {}
+    os.makedirs(self.directory, exist_ok=True)
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(metadata)), force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState,
+              step: Optional[int] = None) -> tuple[pipeline_lib.PipelineState, dict]:
+    """The pipeline state saved at `step` (default: the latest), and its `extra` dict."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'No checkpoint in {self.directory}.')
+    try:
+      tree_metadata = self._manager.item_metadata(step)['state'].tree
+      target = jax.tree_util.tree_map_with_path(
+          lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                               sharding=_sharding_for(pipe, path)),
+          tree_metadata)
+      _check_matches(fresh, target, self.directory, step)
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      state = from_tree(pipe, fresh, restored['state'], restored['meta'])
+    except CheckpointError:
+      raise
+    except Exception as e:  # orbax/tensorstore raise many kinds; name the file and the fix
+      raise CheckpointError(
+          f'Cannot restore the checkpoint at step {step} in {self.directory}: {e}. If it comes '
+          'from another model or config, start in a new --workdir.') from e
+    return state, restored['meta'].get('extra', {})
+
+
+def _shapes(tree) -> dict:
+  return {jax.tree_util.keystr(path): (tuple(x.shape), jnp.dtype(x.dtype).name)
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_matches(fresh: pipeline_lib.PipelineState, target: dict, directory: str, step: int):
+  """Refuse a checkpoint whose stage arrays do not match this pipeline's, naming the first."""
+  fix = 'Use the config it was written with, or a new --workdir.'
+  if len(target['stages']) != len(fresh.stages):
+    raise CheckpointError(
+        f'The checkpoint at step {step} in {directory} has {len(target["stages"])} stages; this '
+        f'run has {len(fresh.stages)}. {fix}')
+  want = _shapes({str(k): flax.serialization.to_state_dict(s) for k, s in enumerate(fresh.stages)})
+  have = _shapes(target['stages'])
+  for key, spec in want.items():
+    if have.get(key) != spec:
+      raise CheckpointError(
+          f'The checkpoint at step {step} in {directory} does not match the model: stage array '
+          f'{key} is {have.get(key, "missing")} there and {spec} here. {fix}')
