@@ -11,10 +11,11 @@ def get_config():
   config = ml_collections.ConfigDict()
   # Network: one of fdg_jax.models.MODEL_NAMES (resnet20/56/110, resnet18, wrn28_10).
   config.model = 'resnet56'
-  # 'cifar10' / 'cifar100' through tensorflow-datasets, or 'imagefolder' (data_dir holds
+  # 'cifar10' / 'cifar100' through tensorflow-datasets; 'cifar_python' (data_dir is an extracted
+  # official cifar-10-batches-py or cifar-100-python folder); or 'imagefolder' (data_dir holds
   # train/<class>/* and test/<class>/* images, as a directory or .tar/.tar.gz archive).
   config.dataset = 'cifar10'
-  # tfds data directory ('' = tfds default) or the image folder / archive for 'imagefolder'.
+  # tfds data directory ('' = tfds default), or the folder / archive of the local datasets.
   config.data_dir = ''
   # 'fdg' (this paper) or 'bp' (the unsplit model, ordinary back-propagation on one device).
   config.method = 'fdg'

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import queue
 import socket
 import tarfile
@@ -103,6 +104,9 @@ def load_dataset(dataset: str, data_dir: str | None, *, image_size: int = 32,
   if dataset in TFDS_DATASETS:
     arrays, class_names = _load_tfds(dataset, data_dir, image_size)
     name = dataset
+  elif dataset == 'cifar_python':
+    arrays, class_names = _load_cifar_python(data_dir, image_size)
+    name = f'cifar_python:{os.path.abspath(data_dir)}'
   elif dataset == 'imagefolder':
     path = _check_imagefolder_path(data_dir)
     arrays, class_names = _load_imagefolder(
@@ -110,8 +114,8 @@ def load_dataset(dataset: str, data_dir: str | None, *, image_size: int = 32,
     name = f'imagefolder:{path}'
   else:
     raise DataError(
-        f'Unknown dataset {dataset!r}. Use --config.dataset=cifar10, cifar100 '
-        'or imagefolder.')
+        f'Unknown dataset {dataset!r}. Use --config.dataset=cifar10, cifar100, '
+        'cifar_python or imagefolder.')
 
   train_images, train_labels, test_images, test_labels = arrays
   if train_subset > 0:
@@ -248,6 +252,81 @@ def _load_tfds(name: str, data_dir: str | None, image_size: int):
 # is a folder, and a callable returning its bytes (valid only while iterating,
 # since archives are streamed).
 _Entry = tuple[tuple[str, ...], bool, Callable[[], bytes] | None]
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+  """Unpickles plain containers, strings, numbers and numpy arrays, and nothing else.
+
+  A pickle can name any importable callable and have it called while loading; this one
+  admits only what numpy needs to rebuild an array, so a file that would run code is refused
+  before anything runs.
+  """
+
+  ALLOWED = {
+      ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+      ('numpy', 'ndarray'), ('numpy', 'dtype'),
+      ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+      ('_codecs', 'encode'),   # how Python 3 writes bytes at pickle protocol 2; pure
+  }
+
+  def find_class(self, module, name):
+    if (module, name) in self.ALLOWED:
+      return super().find_class(module, name)
+    raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
+
+
+def _read_python_pickle(path: str):
+  try:
+    with open(path, 'rb') as f:
+      return _PlainDataUnpickler(f, encoding='bytes').load()
+  except pickle.UnpicklingError as e:
+    raise DataError(
+        f'{path}: {e}. This file is not a plain CIFAR batch and could run code if loaded; it '
+        'was not loaded. Use the official cifar-10-batches-py / cifar-100-python files.') from e
+  except (OSError, EOFError, ValueError) as e:
+    raise DataError(f'{path}: cannot read it ({e}). Download the official CIFAR python '
+                    'archive again.') from e
+
+
+def _load_cifar_python(data_dir: str | None, image_size: int):
+  """The official python pickles: cifar-10-batches-py or cifar-100-python, extracted."""
+  if not data_dir or not os.path.isdir(data_dir):
+    raise DataError(
+        f'dataset=cifar_python needs data_dir to be an extracted cifar-10-batches-py or '
+        f'cifar-100-python folder; got {data_dir!r}.')
+
+  def text(value):
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+  def batch(path, label_key):
+    content = _read_python_pickle(path)
+    try:
+      data = np.asarray(content[b'data'], np.uint8).reshape(-1, 3, 32, 32)
+      labels = np.asarray(content[label_key], np.int32)
+    except (KeyError, TypeError, ValueError) as e:
+      raise DataError(f'{path}: not a CIFAR batch ({e}).') from e
+    return data.transpose(0, 2, 3, 1), labels
+
+  if os.path.exists(os.path.join(data_dir, 'data_batch_1')):
+    train_files = [os.path.join(data_dir, f'data_batch_{i}') for i in range(1, 6)]
+    test_files, label_key = [os.path.join(data_dir, 'test_batch')], b'labels'
+    names = _read_python_pickle(os.path.join(data_dir, 'batches.meta'))[b'label_names']
+  elif os.path.exists(os.path.join(data_dir, 'train')):
+    train_files, test_files = [os.path.join(data_dir, 'train')], [os.path.join(data_dir, 'test')]
+    label_key = b'fine_labels'
+    names = _read_python_pickle(os.path.join(data_dir, 'meta'))[b'fine_label_names']
+  else:
+    raise DataError(f'{data_dir}: neither data_batch_1 (CIFAR-10) nor train (CIFAR-100) is '
+                    'there. Point data_dir at the extracted cifar-10-batches-py or '
+                    'cifar-100-python folder.')
+  for path in train_files + test_files:
+    if not os.path.exists(path):
+      raise DataError(f'{path} is missing. Extract the whole CIFAR python archive.')
+  splits = []
+  for files in (train_files, test_files):
+    images, labels = zip(*(batch(path, label_key) for path in files))
+    splits += [_resize_images(np.concatenate(images), image_size), np.concatenate(labels)]
+  return tuple(splits), [text(n) for n in names]
 
 
 def _check_imagefolder_path(data_dir: str | None) -> str:

@@ -23,10 +23,11 @@ def main(argv):
   # TensorFlow only reads data here (tfds, TensorBoard); keep it off the accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
-  from fdg_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from fdg_jax import checkpoint, input_pipeline, train  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, input_pipeline.DataError) as e:
+  except (train.ConfigError, input_pipeline.DataError, checkpoint.CheckpointError,
+          train.DivergenceError, train.Preempted) as e:
     logging.error('%s', e)
     sys.exit(f'error: {e}')
 

@@ -7,6 +7,8 @@ calls too. Every check of the config runs before any data is read or anything is
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Optional, Sequence
 
@@ -19,14 +21,16 @@ import ml_collections
 import numpy as np
 import optax
 
+from fdg_jax import checkpoint
 from fdg_jax import input_pipeline
 from fdg_jax import models
 from fdg_jax import partition
 from fdg_jax import pipeline
 
 METHODS = ('fdg', 'bp')
-DATASETS = ('cifar10', 'cifar100', 'imagefolder')
+DATASETS = ('cifar10', 'cifar100', 'cifar_python', 'imagefolder')
 SUMMARY_FILE = 'summary.json'
+CONFIG_FILE = 'config.json'
 
 
 class ConfigError(ValueError):
@@ -48,11 +52,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('method', f'unknown method {config.method!r}', f'Choose one of {METHODS}.')
   if config.dataset not in DATASETS:
     fail('dataset', f'unknown dataset {config.dataset!r}', f'Choose one of {DATASETS}.')
-  if config.dataset == 'imagefolder':
+  if config.dataset in ('imagefolder', 'cifar_python'):
     if not config.data_dir:
-      fail('data_dir', "dataset='imagefolder' needs data_dir",
+      fail('data_dir', f'dataset={config.dataset!r} needs data_dir',
            'Set --config.data_dir to a folder or .tar/.tar.gz archive with train/<class>/* and '
-           'test/<class>/* images.')
+           'test/<class>/* images (imagefolder), or to an extracted cifar-10-batches-py or '
+           'cifar-100-python folder (cifar_python).')
     if not os.path.exists(config.data_dir):
       fail('data_dir', f'{config.data_dir!r} does not exist', 'Check the path.')
   if not 0.0 < config.beta <= 1.0:
@@ -69,8 +74,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('num_epochs', f'{config.num_epochs} is not positive', 'Use a positive number.')
   if config.learning_rate <= 0 or config.warmup_lr <= 0:
     fail('learning_rate', 'learning rates must be positive', 'Use lr > 0 and warmup_lr > 0.')
-  if config.warmup_epochs < 0 or config.eval_every_epochs < 0:
-    fail('warmup_epochs', 'epochs cannot be negative', 'Use 0 or more.')
+  for field in ('warmup_epochs', 'eval_every_epochs', 'checkpoint_every_steps'):
+    if config[field] < 0:
+      fail(field, f'{config[field]} is negative', 'Use 0 or more (0 turns it off).')
   num_stages = num_stages_of(config)
   if num_stages < 1:
     fail('num_stages', f'{config.num_stages} stages', 'Use at least 1.')
@@ -175,17 +181,116 @@ def _normalise(dataset, images):
   return (images.astype(np.float32) / 255.0 - mean) / std
 
 
-def _check_workdir(workdir: str) -> None:
-  summary = os.path.join(workdir, SUMMARY_FILE)
-  if os.path.exists(summary):
-    raise ConfigError(f'workdir {workdir!r} already holds a finished run ({summary}); nothing '
-                      'is overwritten. Choose a new --workdir or move that run away.')
+# Fields that change only the length or the logging of a run: a resumed run may change them.
+RESUMABLE_FIELDS = frozenset({
+    'num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_epochs',
+    'checkpoint_every_steps', 'eval_batch_size', 'cache_dir'})
+
+
+class DivergenceError(FloatingPointError):
+  """A non-finite loss or parameter; the message names the step, the stage and the checkpoint."""
+
+
+class Preempted(RuntimeError):
+  """Stopped by SIGTERM/SIGINT after saving a checkpoint; the message says how to resume."""
+
+
+def _jsonable(config) -> dict:
+  return json.loads(config.to_json())
+
+
+def _write_json(path: str, value) -> None:
+  """Write atomically: a crash leaves the old file or the new one, never half of one."""
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
+def _check_config_matches_workdir(config, workdir: str) -> None:
+  """A workdir's saved config may differ from this one only in RESUMABLE_FIELDS."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  current = _jsonable(config)
+  differing = sorted(k for k in set(saved) | set(current)
+                     if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k))
+  if differing:
+    details = ', '.join(f'{k}: {saved.get(k)!r} there, {current.get(k)!r} here' for k in differing)
+    raise ConfigError(
+        f'workdir {workdir!r} holds a run with a different computation ({details}). Only the '
+        f'length and logging fields ({", ".join(sorted(RESUMABLE_FIELDS))}) may change when '
+        'resuming. Use a new --workdir, or the saved config.')
+
+
+def _check_resumable(workdir: str, latest_step: Optional[int], num_steps: int) -> None:
+  finished = os.path.exists(os.path.join(workdir, SUMMARY_FILE))
+  if latest_step is not None and latest_step > num_steps:
+    raise ConfigError(
+        f'config.num_train_steps: the checkpoint in {workdir!r} is at step {latest_step}, past '
+        f'the {num_steps} steps asked for. Ask for more steps, or use a new --workdir.')
+  if finished and (latest_step is None or latest_step == num_steps):
+    raise ConfigError(
+        f'workdir {workdir!r} already holds a finished run of {num_steps} steps; nothing is '
+        'overwritten. Raise config.num_train_steps (or num_epochs) to continue it, or choose '
+        'a new --workdir.')
+
+
+class _PreemptionSignals:
+  """Turns SIGTERM and SIGINT into a flag the loop checks at the next iteration boundary."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _check_finite(state: pipeline.PipelineState, step: int, loss: Optional[float],
+                  checkpoint_dir: str, latest_step: Optional[int]) -> None:
+  """Raise DivergenceError for a non-finite loss or parameter (reads one bool per stage)."""
+  finite = jax.device_get([
+      jax.tree_util.tree_reduce(jnp.logical_and, jax.tree_util.tree_map(
+          lambda x: jnp.isfinite(x).all(), stage.params)) for stage in state.stages])
+  bad_stages = [k for k, ok in enumerate(finite) if not ok]
+  if loss is not None and not np.isfinite(loss):
+    what = f'loss {loss} (computed on the last stage, {len(finite) - 1})'
+  elif bad_stages:
+    what = f'parameters in stage {bad_stages[0]}'
+  else:
+    return
+  kept = (f'the last good checkpoint (step {latest_step}) in {checkpoint_dir} is intact'
+          if latest_step is not None else 'no checkpoint was written')
+  raise DivergenceError(
+      f'Training diverged at step {step}: non-finite {what}'
+      f'{f"; non-finite parameters in stages {bad_stages}" if bad_stages and loss is not None else ""}'
+      f'. Nothing was saved from this state; {kept}. Lower config.learning_rate or raise '
+      'config.warmup_epochs, and resume or start again.')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train per `config`, evaluate the composed model, write and return the summary."""
+  """Train per `config`, evaluate the composed model, write and return the summary.
+
+  A workdir with a checkpoint resumes from it (the config may change only in RESUMABLE_FIELDS);
+  the result is bit-identical to a run that was never interrupted.
+  """
   validate_config(config)
-  _check_workdir(workdir)
+  _check_config_matches_workdir(config, workdir)
   dataset = input_pipeline.load_dataset(
       config.dataset, config.data_dir or None, image_size=config.image_size,
       cache_dir=config.cache_dir or None, train_subset=config.train_subset,
@@ -196,10 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       f'{len(dataset.train_labels)} training images. Use a smaller batch.')
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else config.num_epochs * steps_per_epoch)
-  os.makedirs(workdir, exist_ok=True)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  writer.write_hparams({k: str(v) if isinstance(v, (tuple, list)) else v
-                        for k, v in config.to_dict().items()})
+  checkpointer = checkpoint.Checkpointer(workdir)
+  _check_resumable(workdir, checkpointer.latest_step(), num_steps)
 
   rng = jax.random.key(config.seed)
   stages, stage_variables, split, placements, _ = build(config, dataset, rng)
@@ -208,26 +311,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pipe = pipeline.Pipeline(stages, optimizer, pipeline.cross_entropy_loss, beta=config.beta,
                            stash=config.stash, placements=placements)
   state = pipe.init(jax.random.fold_in(rng, 1), None, variables=stage_variables)
+  start_step, progress = 0, {'history': [], 'train_time_s': 0.0}
+  if checkpointer.latest_step() is not None:
+    state, progress = checkpointer.restore(pipe, state)
+    start_step = state.batches_fed
+    logging.info('Resumed from the checkpoint at step %d in %s.', start_step,
+                 checkpointer.directory)
+  previous_summary = os.path.join(workdir, SUMMARY_FILE)
+  if os.path.exists(previous_summary):   # a finished shorter run: keep its summary
+    os.replace(previous_summary, os.path.join(workdir, f'summary-step{start_step}.json'))
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(os.path.join(workdir, CONFIG_FILE), _jsonable(config))
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer.write_hparams({k: str(v) if isinstance(v, (tuple, list)) else v
+                        for k, v in config.to_dict().items()})
 
   batches = input_pipeline.prefetch_to_device(
-      input_pipeline.train_batches(dataset, config.batch_size, config.seed), 2,
+      input_pipeline.train_batches(dataset, config.batch_size, config.seed,
+                                   start_step=start_step), 2,
       (pipe.shardings[0], pipe.shardings[-1]))   # images to the first stage, labels to the last
   eval_every = config.eval_every_epochs * steps_per_epoch
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
-  train_metrics, history = None, []
-  logging.info('Training %d steps (%.2f epochs of %d steps). The first iterations compile each '
-               "stage's functions; that can take a while.", num_steps,
+  train_metrics, history = None, list(progress['history'])
+  logging.info('Training steps %d..%d (%.2f epochs of %d steps). The first iterations compile '
+               "each stage's functions; that can take a while.", start_step + 1, num_steps,
                num_steps / steps_per_epoch, steps_per_epoch)
   start = last_log_time = time.time()
-  last_log_step = 0
+  last_log_step = start_step
 
   def log_train(step: int, metrics: Optional[pipeline.TrainMetrics]):
     nonlocal last_log_time, last_log_step
     if metrics is None:   # nothing has reached the last stage yet (pipeline fill)
       return
     values = {f'train_{k}': float(v) for k, v in metrics.compute().items()}
-    if not np.isfinite(values['train_loss']):
-      raise FloatingPointError(f'Training diverged: loss {values["train_loss"]} at step {step}.')
+    _check_finite(state, step, values['train_loss'], checkpointer.directory,
+                  checkpointer.latest_step())
     now = time.time()
     images_per_sec = (step - last_log_step) * config.batch_size / (now - last_log_time)
     values.update(learning_rate=float(learning_rate(step - 1)), images_per_sec=images_per_sec)
@@ -248,25 +366,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     'test_loss': result['loss'], 'test_error': 1 - result['accuracy']})
     return result
 
+  def save_checkpoint(step: int):
+    """Checkpoint the pipeline as it is (in flight); never a diverged state."""
+    _check_finite(state, step, None, checkpointer.directory, checkpointer.latest_step())
+    checkpointer.save(step, state, extra={
+        'history': history, 'train_time_s': progress['train_time_s'] + time.time() - start})
+
   def merge(total, metrics):
     return metrics if total is None else total if metrics is None else total.merge(metrics)
 
-  for step in range(1, num_steps + 1):
-    images, labels = next(batches)
-    state, info = pipe.step(state, images, labels)
-    train_metrics = merge(train_metrics, info.metrics)
-    report_progress(step)
-    if step % config.log_every_steps == 0 and step != num_steps:
-      log_train(step, train_metrics)
-      train_metrics = None
-    if eval_every and step % eval_every == 0 and step != num_steps:
-      evaluate(step)
+  with _PreemptionSignals() as signals:
+    for step in range(start_step + 1, num_steps + 1):
+      images, labels = next(batches)
+      state, info = pipe.step(state, images, labels)
+      train_metrics = merge(train_metrics, info.metrics)
+      report_progress(step)
+      if signals.received:
+        save_checkpoint(step)
+        raise Preempted(f'Stopped by {signals.received} at step {step}; checkpoint saved in '
+                        f'{checkpointer.directory}. Resume by running the same command again.')
+      if step % config.log_every_steps == 0 and step != num_steps:
+        log_train(step, train_metrics)
+        train_metrics = None
+      if eval_every and step % eval_every == 0 and step != num_steps:
+        evaluate(step)
+      if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        save_checkpoint(step)
+    if checkpointer.latest_step() != num_steps:
+      save_checkpoint(num_steps)   # before the drain: a longer run continues this stream
   state, drained = pipe.drain(state)   # every batch's gradient reaches every stage
   for info in drained:
     train_metrics = merge(train_metrics, info.metrics)
   log_train(num_steps, train_metrics)
   jax.block_until_ready(state.stages)
-  train_time = time.time() - start
+  train_time = progress['train_time_s'] + time.time() - start
   result = evaluate(num_steps)
   writer.flush()
 
@@ -288,7 +421,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'test_accuracy': result['accuracy'],
       'test_loss': result['loss'],
       'train_time_s': train_time,
-      'images_per_sec': num_steps * config.batch_size / train_time,
+      'images_per_sec': (num_steps - start_step) * config.batch_size / (
+          train_time - progress['train_time_s']),
+      'resumed_from_step': start_step,
       'trainable_params': sum(partition.count_params(v['params']) for v in final_variables),
       'extra_params': 0,
       'stage_split': list(split),
@@ -298,8 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           partition.merge_variables(final_variables, split, num_blocks)),
       'history': history,
   }
-  with open(os.path.join(workdir, SUMMARY_FILE), 'w') as f:
-    json.dump(summary, f, indent=2)
+  _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
   logging.info('Test error %.4f after %d steps; summary in %s', summary['test_error'],
                num_steps, os.path.join(workdir, SUMMARY_FILE))
   return summary

@@ -1,6 +1,7 @@
 """Tests for fdg_jax.input_pipeline on tiny generated data."""
 
 import os
+import pickle
 import tarfile
 import threading
 import time
@@ -352,3 +353,62 @@ def test_prefetch_to_device_stops_when_consumer_stops():
   assert closed.wait(timeout=5)
   assert not any(t.name == 'prefetch_to_device' and t.is_alive()
                  for t in threading.enumerate())
+
+
+# ------------------------------------------------------------ cifar_python (official pickles)
+
+def _write_cifar10_python(root, per_batch=4):
+  root.mkdir()
+  rng = np.random.default_rng(0)
+  for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+    content = {b'data': rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
+               b'labels': [int(x) for x in rng.integers(0, 10, per_batch)],
+               b'batch_label': b'x'}
+    with open(root / name, 'wb') as f:
+      pickle.dump(content, f, protocol=2)
+  with open(root / 'batches.meta', 'wb') as f:
+    pickle.dump({b'label_names': [f'c{i}'.encode() for i in range(10)]}, f, protocol=2)
+  return root
+
+
+def test_cifar_python_reads_the_official_pickles(tmp_path):
+  root = _write_cifar10_python(tmp_path / 'cifar-10-batches-py')
+  ds = ip.load_dataset('cifar_python', str(root))
+  assert ds.train_images.shape == (20, 32, 32, 3) and ds.test_images.shape == (4, 32, 32, 3)
+  assert ds.class_names == tuple(f'c{i}' for i in range(10)) and ds.num_classes == 10
+  with open(root / 'data_batch_1', 'rb') as f:
+    first = pickle.load(f, encoding='bytes')
+  np.testing.assert_array_equal(ds.train_images[0],
+                                first[b'data'][0].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+class _RunsCode:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.marker}',))
+
+
+def test_cifar_python_refuses_a_pickle_that_would_run_code(tmp_path):
+  root = _write_cifar10_python(tmp_path / 'cifar-10-batches-py')
+  marker = tmp_path / 'code_ran'
+  with open(root / 'data_batch_3', 'wb') as f:
+    pickle.dump({b'data': _RunsCode(marker), b'labels': []}, f, protocol=2)
+  with pytest.raises(ip.DataError, match=r'data_batch_3.*refusing to load'):
+    ip.load_dataset('cifar_python', str(root))
+  assert not marker.exists()
+
+
+def test_cifar_python_missing_or_truncated_files_are_named(tmp_path):
+  root = _write_cifar10_python(tmp_path / 'cifar-10-batches-py')
+  (root / 'test_batch').unlink()
+  with pytest.raises(ip.DataError, match='test_batch is missing'):
+    ip.load_dataset('cifar_python', str(root))
+  root2 = _write_cifar10_python(tmp_path / 'other')
+  data = (root2 / 'data_batch_2').read_bytes()
+  (root2 / 'data_batch_2').write_bytes(data[:len(data) // 2])
+  with pytest.raises(ip.DataError, match='data_batch_2'):
+    ip.load_dataset('cifar_python', str(root2))
+  with pytest.raises(ip.DataError, match='cifar-10-batches-py'):
+    ip.load_dataset('cifar_python', str(tmp_path / 'nothing'))

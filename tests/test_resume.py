@@ -1,0 +1,120 @@
+"""The trainer resumes bit-exactly, survives preemption, stops on divergence, guards its workdir."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from configs import cifar10_resnet20
+from fdg_jax import checkpoint
+from fdg_jax import train
+from test_train import REPO, small_config, write_image_folder
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  return write_image_folder(tmp_path_factory.mktemp('data'))
+
+
+def config_for(data, tmp_path, **overrides):
+  return small_config(dataset='imagefolder', data_dir=data, cache_dir=str(tmp_path / 'cache'),
+                      checkpoint_every_steps=5, **overrides)
+
+
+def cli(data, workdir, steps, extra=(), wait=True):
+  command = [sys.executable, '-m', 'fdg_jax.main', '--config=configs/cifar10_resnet20.py',
+             f'--workdir={workdir}', '--config.dataset=imagefolder',
+             f'--config.data_dir={data}', '--config.num_stages=2', '--config.beta=0.5',
+             f'--config.num_train_steps={steps}', '--config.batch_size=8',
+             '--config.image_size=16', '--config.log_every_steps=1',
+             '--config.eval_batch_size=16', '--config.eval_every_epochs=0',
+             '--config.checkpoint_every_steps=5', *extra]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             FDG_JAX_CACHE=os.path.join(os.path.dirname(str(workdir)), 'cache'))
+  if not wait:
+    return subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def straight_run(data, tmp_path_factory):
+  """24 steps without interruption, in a fresh process."""
+  return cli(data, tmp_path_factory.mktemp('straight') / 'work', 24)
+
+
+def test_two_runs_of_12_steps_equal_one_of_24(data, straight_run, tmp_path):
+  workdir = tmp_path / 'work'
+  first = cli(data, workdir, 12)
+  second = cli(data, workdir, 24)
+  assert first['params_digest'] != second['params_digest']
+  assert second['resumed_from_step'] == 12
+  assert second['params_digest'] == straight_run['params_digest']
+  assert os.path.exists(workdir / 'summary-step12.json')   # the shorter run's summary is kept
+
+
+def test_same_seed_twice_gives_the_same_digest(data, straight_run, tmp_path):
+  config = cifar10_resnet20.get_config()   # what `cli` runs, here in this process
+  config.update(dataset='imagefolder', data_dir=data, num_stages=2, beta=0.5,
+                num_train_steps=24, batch_size=8, image_size=16, log_every_steps=1,
+                eval_batch_size=16, eval_every_epochs=0, checkpoint_every_steps=5)
+  in_process = train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert in_process['params_digest'] == straight_run['params_digest']
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(data, straight_run, tmp_path):
+  workdir = tmp_path / 'work'
+  process = cli(data, workdir, 24, wait=False)
+  for line in process.stderr:   # wait for training to run, then preempt it
+    if 'step 3/24' in line:
+      process.send_signal(signal.SIGTERM)
+      break
+  stderr = process.stderr.read()
+  assert process.wait(timeout=300) != 0
+  assert 'Stopped by SIGTERM' in stderr and 'Resume by running the same command' in stderr
+  assert 'Traceback' not in stderr
+  stopped_at = checkpoint.Checkpointer(str(workdir)).latest_step()
+  assert 3 <= stopped_at < 24 and not os.path.exists(workdir / 'summary.json')
+  resumed = cli(data, workdir, 24)
+  assert resumed['resumed_from_step'] == stopped_at
+  assert resumed['params_digest'] == straight_run['params_digest']
+
+
+def test_divergence_stops_with_step_and_stage_and_keeps_the_checkpoint(data, tmp_path):
+  config = config_for(data, tmp_path, num_train_steps=40, learning_rate=1e6, warmup_lr=1e6,
+                      log_every_steps=1, checkpoint_every_steps=1)
+  with pytest.raises(train.DivergenceError, match=r'diverged at step \d+: non-finite') as error:
+    train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert 'stage' in str(error.value)
+  latest = checkpoint.Checkpointer(str(tmp_path / 'work')).latest_step()
+  # Checkpoints are checked before they are written, so the latest one predates the divergence.
+  if latest is not None:
+    assert f'last good checkpoint (step {latest})' in str(error.value)
+    assert latest < int(str(error.value).split('step ')[1].split(':')[0])
+  assert not os.path.exists(tmp_path / 'work' / 'summary.json')
+
+
+def test_resuming_with_a_different_computation_is_refused(data, tmp_path):
+  config = config_for(data, tmp_path, num_train_steps=4)
+  train.train_and_evaluate(config, str(tmp_path / 'work'))
+  changed = config_for(data, tmp_path, num_train_steps=8, beta=0.9, learning_rate=0.05)
+  with pytest.raises(train.ConfigError, match="beta: 0.5 there, 0.9 here.*learning_rate"):
+    train.train_and_evaluate(changed, str(tmp_path / 'work'))
+  longer = config_for(data, tmp_path, num_train_steps=6, log_every_steps=3)
+  assert train.train_and_evaluate(longer, str(tmp_path / 'work'))['resumed_from_step'] == 4
+
+
+def test_checkpoint_of_another_model_is_refused_by_the_trainer(data, tmp_path):
+  train.train_and_evaluate(config_for(data, tmp_path, num_train_steps=2), str(tmp_path / 'a'))
+  os.makedirs(tmp_path / 'b')
+  shutil.copytree(tmp_path / 'a' / 'checkpoints', tmp_path / 'b' / 'checkpoints')
+  other = config_for(data, tmp_path, num_train_steps=4, model='resnet56')
+  with pytest.raises(checkpoint.CheckpointError, match='does not match the model'):
+    train.train_and_evaluate(other, str(tmp_path / 'b'))
