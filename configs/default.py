@@ -61,8 +61,13 @@ def get_config():
   config.eval_every_epochs = 1
   # Write training metrics and the progress line every this many steps.
   config.log_every_steps = 100
-  # Save a checkpoint every this many steps (checkpointing arrives with the resume issue).
+  # Save a checkpoint every this many steps (0 = only at the end and on SIGTERM/SIGINT).
   config.checkpoint_every_steps = 1000
+  # Record a profiler timeline of timeline_num_steps steps from this step (0 = off): a Gantt
+  # chart of when each stage's device work runs, WORKDIR/timeline.png (trace in WORKDIR/timeline).
+  config.timeline_start_step = 0
+  # Length of the recorded window, in steps.
+  config.timeline_num_steps = 8
   # Images per evaluation batch.
   config.eval_batch_size = 500
   # Side of the square images the model sees (image folders are resized to it).

@@ -26,6 +26,7 @@ from fdg_jax import input_pipeline
 from fdg_jax import models
 from fdg_jax import partition
 from fdg_jax import pipeline
+from fdg_jax import timeline
 
 METHODS = ('fdg', 'bp')
 DATASETS = ('cifar10', 'cifar100', 'cifar_python', 'imagefolder')
@@ -64,7 +65,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('beta', f'{config.beta} is outside (0, 1]', 'Use 0 < beta <= 1 (1 disables shrinking).')
   if config.stash not in pipeline.STASH_MODES:
     fail('stash', f'unknown stash {config.stash!r}', f'Choose one of {pipeline.STASH_MODES}.')
-  for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'image_size'):
+  for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'image_size',
+                'timeline_num_steps'):
     if config[field] <= 0:
       fail(field, f'{config[field]} is not positive', 'Use a positive integer.')
   if config.num_train_steps == 0 or config.num_train_steps < -1:
@@ -74,7 +76,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('num_epochs', f'{config.num_epochs} is not positive', 'Use a positive number.')
   if config.learning_rate <= 0 or config.warmup_lr <= 0:
     fail('learning_rate', 'learning rates must be positive', 'Use lr > 0 and warmup_lr > 0.')
-  for field in ('warmup_epochs', 'eval_every_epochs', 'checkpoint_every_steps'):
+  for field in ('warmup_epochs', 'eval_every_epochs', 'checkpoint_every_steps',
+                'timeline_start_step'):
     if config[field] < 0:
       fail(field, f'{config[field]} is negative', 'Use 0 or more (0 turns it off).')
   num_stages = num_stages_of(config)
@@ -184,7 +187,8 @@ def _normalise(dataset, images):
 # Fields that change only the length or the logging of a run: a resumed run may change them.
 RESUMABLE_FIELDS = frozenset({
     'num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_epochs',
-    'checkpoint_every_steps', 'eval_batch_size', 'cache_dir'})
+    'checkpoint_every_steps', 'eval_batch_size', 'cache_dir', 'timeline_start_step',
+    'timeline_num_steps'})
 
 
 class DivergenceError(FloatingPointError):
@@ -283,6 +287,17 @@ def _check_finite(state: pipeline.PipelineState, step: int, loss: Optional[float
       'config.warmup_epochs, and resume or start again.')
 
 
+def _draw_timeline(events, config, workdir: str) -> None:
+  path = os.path.join(workdir, 'timeline.png')
+  timeline.draw_timeline(events, path, title=(
+      f'{config.model} {config.method} K={num_stages_of(config)}, batch {config.batch_size}, '
+      f'steps {config.timeline_start_step}..'
+      f'{config.timeline_start_step + config.timeline_num_steps - 1}'))
+  stats = timeline.summarize(events)
+  logging.info('Timeline of %d stage calls in %s: %s', len(events), path,
+               ', '.join(f'{k} {v:.3g}' for k, v in stats.items()))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train per `config`, evaluate the composed model, write and return the summary.
 
@@ -375,11 +390,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def merge(total, metrics):
     return metrics if total is None else total if metrics is None else total.merge(metrics)
 
+  timeline_steps = range(config.timeline_start_step,
+                         config.timeline_start_step + config.timeline_num_steps)
+  recorder = None
   with _PreemptionSignals() as signals:
     for step in range(start_step + 1, num_steps + 1):
+      if config.timeline_start_step and step == timeline_steps.start:
+        recorder = timeline.TimelineRecorder(pipe, os.path.join(workdir, 'timeline'))
+        recorder.start(state)
       images, labels = next(batches)
       state, info = pipe.step(state, images, labels)
       train_metrics = merge(train_metrics, info.metrics)
+      if recorder:
+        recorder.add(info)
+        if step == timeline_steps[-1] or step == num_steps:
+          _draw_timeline(recorder.stop(state), config, workdir)
+          recorder = None
       report_progress(step)
       if signals.received:
         save_checkpoint(step)

@@ -90,7 +90,8 @@ def test_cli_fdg_two_simulated_devices(tmp_path):
        f'--workdir={workdir}', '--config.dataset=imagefolder', f'--config.data_dir={data}',
        '--config.method=fdg', '--config.num_stages=2', '--config.beta=0.5',
        '--config.num_train_steps=8', '--config.batch_size=8', '--config.image_size=16',
-       '--config.log_every_steps=4', '--config.eval_batch_size=16'],
+       '--config.log_every_steps=4', '--config.eval_batch_size=16',
+       '--config.timeline_start_step=4', '--config.timeline_num_steps=3'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'FLOPs share' in result.stdout   # the stage table
@@ -99,6 +100,7 @@ def test_cli_fdg_two_simulated_devices(tmp_path):
   assert SUMMARY_KEYS <= set(summary)
   assert summary['num_stages'] == 2 and summary['steps'] == 8 and summary['beta'] == 0.5
   assert len(set(summary['devices'])) == 2   # one stage per simulated device
+  assert (workdir / 'timeline.png').stat().st_size > 1000
 
 
 def test_cli_bad_config_is_one_clear_line(tmp_path):

@@ -1,0 +1,141 @@
+r"""Memory FDG holds for the delayed backward: bytes saved per stage, per stash mode and K.
+
+Stage k keeps d_k = 2(K-1-k) saved forwards (DESIGN.md section 2). One entry is, with
+stash='vjp', the residuals of `jax.vjp` (the activations the backward needs and the weights
+they were computed with), and with stash='recompute', the stage input and a dropout key. This
+script runs the real engine (every stage on device 0) for 2(K-1)+1 iterations, which reaches the
+steady state, and sums the `nbytes` of the leaves of every `Saved.arrays` in `state.saved[k]`;
+it checks that stage k holds d_k entries, i.e. saved bytes = d_k x one entry.
+
+Each (stash, K) runs in its own process (`--isolate`, the default) so that the peak RSS reported
+(`resource.getrusage`, includes compilation) belongs to that configuration alone.
+
+    python experiments/bench_memory.py               # ResNet-56, batch 128, K = 2, 3, 4
+
+Prints a markdown table; the last stdout line is one JSON object, also written to
+experiments/results/bench_memory_<model>.json.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402  (after the path set-up above)
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+
+from experiments import common  # noqa: E402
+from fdg_jax import pipeline  # noqa: E402
+
+flags.DEFINE_string('model', 'resnet56', 'Model of the zoo (fdg_jax.models.MODEL_NAMES).')
+flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
+flags.DEFINE_string('num_stages', '2,3,4', 'Comma-separated K values.')
+flags.DEFINE_string('stash', 'vjp,recompute', 'Comma-separated stash modes.')
+flags.DEFINE_integer('image_size', 32, 'Side of the square input images.')
+flags.DEFINE_bool('isolate', True, 'Run each configuration in its own process (own peak RSS).')
+flags.DEFINE_string('only', '', 'Internal: run one "stash:K" here and print its JSON line.')
+FLAGS = flags.FLAGS
+
+MIB = 2 ** 20
+
+
+def tree_bytes(tree) -> int:
+  return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def measure(stash: str, num_stages: int) -> dict:
+  """Runs one configuration into its steady state and sizes what each stage has saved."""
+  config = common.make_config(FLAGS.model, 'fdg', num_stages, FLAGS.batch_size,
+                              FLAGS.image_size, stash, stage_devices=(0,) * num_stages)
+  pipe, state = common.build_pipeline(config)
+  batches = common.random_batches(pipe, FLAGS.batch_size, FLAGS.image_size, 2)
+  # Stage k first updates at iteration 2(K-1)-k; one more iteration puts every stage past it.
+  for t in range(2 * (num_stages - 1) + 1):
+    state, _ = pipe.step(state, *batches[t % 2])
+    jax.block_until_ready(state)
+  stages = []
+  for k in range(num_stages):
+    entries = state.saved[k]
+    saved_bytes = sum(tree_bytes(entry.arrays) for entry in entries)
+    entry_bytes = tree_bytes(entries[-1].arrays) if entries else 0
+    stage_input = batches[0][0] if k == 0 else state.activations[k].value
+    stages.append({
+        'stage': k, 'delay': pipeline.delay(k, num_stages), 'entries': len(entries),
+        'saved_bytes': saved_bytes, 'entry_bytes': entry_bytes,
+        'delay_times_entry_bytes': pipeline.delay(k, num_stages) * entry_bytes,
+        'input_bytes': tree_bytes(stage_input),
+        'params_bytes': tree_bytes(state.stages[k].params),
+    })
+  live = sum(a.nbytes for a in jax.live_arrays())
+  return {
+      'stash': stash, 'num_stages': num_stages, 'stages': stages,
+      'saved_bytes': sum(s['saved_bytes'] for s in stages),
+      'entries_equal_delay': all(s['entries'] == s['delay'] for s in stages),
+      'live_array_bytes': int(live),
+      # Linux reports ru_maxrss in KiB.
+      'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+  }
+
+
+def run_isolated(stash: str, num_stages: int) -> dict:
+  argv = [sys.executable, os.path.abspath(__file__), f'--model={FLAGS.model}',
+          f'--batch_size={FLAGS.batch_size}', f'--image_size={FLAGS.image_size}',
+          f'--only={stash}:{num_stages}']
+  done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        check=False)
+  if done.returncode:
+    raise RuntimeError(f'{" ".join(argv)} failed:\n{done.stderr[-3000:]}')
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv):
+  del argv
+  if FLAGS.only:
+    stash, num_stages = FLAGS.only.split(':')
+    print(json.dumps(measure(stash, int(num_stages))), flush=True)
+    return
+  ks = [int(k) for k in FLAGS.num_stages.split(',')]
+  modes = FLAGS.stash.split(',')
+  rows = []
+  for stash in modes:
+    for k in ks:
+      print(f'stash={stash} K={k} ...', flush=True)
+      rows.append(run_isolated(stash, k) if FLAGS.isolate else measure(stash, k))
+
+  print(f'\n{FLAGS.model}, batch {FLAGS.batch_size}, {FLAGS.image_size}x{FLAGS.image_size}, '
+        'every stage on one device (MiB = 2^20 bytes)\n')
+  print('| stash | K | stage | d_k | entries | one entry MiB | saved MiB | d_k x entry MiB '
+        '| stage input MiB | stage params MiB |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  for row in rows:
+    for s in row['stages']:
+      print(f'| {row["stash"]} | {row["num_stages"]} | {s["stage"]} | {s["delay"]} | '
+            f'{s["entries"]} | {s["entry_bytes"] / MIB:.2f} | {s["saved_bytes"] / MIB:.2f} | '
+            f'{s["delay_times_entry_bytes"] / MIB:.2f} | {s["input_bytes"] / MIB:.2f} | '
+            f'{s["params_bytes"] / MIB:.3f} |')
+  print('\n| stash | K | saved MiB (all stages) | live arrays MiB | peak RSS MiB |')
+  print('|---|---|---|---|---|')
+  for row in rows:
+    print(f'| {row["stash"]} | {row["num_stages"]} | {row["saved_bytes"] / MIB:.1f} | '
+          f'{row["live_array_bytes"] / MIB:.1f} | {row["peak_rss_bytes"] / MIB:.0f} |')
+
+  result = {
+      'benchmark': 'memory', 'model': FLAGS.model, 'batch_size': FLAGS.batch_size,
+      'image_size': FLAGS.image_size, 'isolated_processes': FLAGS.isolate,
+      'entries_equal_delay': all(r['entries_equal_delay'] for r in rows),
+      'saved_bytes': {f'{r["stash"]}_k{r["num_stages"]}': r['saved_bytes'] for r in rows},
+      'peak_rss_bytes': {f'{r["stash"]}_k{r["num_stages"]}': r['peak_rss_bytes'] for r in rows},
+      'configs': rows,
+      'device': str(jax.devices()[0]),
+      'machine': common.machine(),
+      'command': ' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+  }
+  common.print_json(result, os.path.join(common.RESULTS_DIR, f'bench_memory_{FLAGS.model}.json'))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,82 @@
+"""What the experiments share: a pipeline built exactly as the trainer builds it, on random data.
+
+The experiments need no dataset: `train.build` only needs the number of classes and a few test
+images (for its check that the stages compose to the unsplit model), which random ones provide.
+"""
+
+import json
+import os
+import platform
+import types
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+
+from configs import default as default_config
+from fdg_jax import pipeline
+from fdg_jax import train
+
+NUM_CLASSES = 10
+STEPS_PER_EPOCH = 50_000 // 128   # CIFAR-10 at batch 128: only the lr schedule's boundaries use it
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+
+
+def random_dataset(image_size: int, num_classes: int = NUM_CLASSES, seed: int = 0):
+  """Stands in for `input_pipeline.Dataset` where `train.build` reads it."""
+  rng = np.random.default_rng(seed)
+  return types.SimpleNamespace(
+      num_classes=num_classes, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+      test_images=rng.integers(0, 256, size=(8, image_size, image_size, 3), dtype=np.uint8))
+
+
+def make_config(model: str, method: str, num_stages: int, batch_size: int, image_size: int,
+                stash: str = 'vjp', stage_devices: Sequence[int] = ()):
+  config = default_config.get_config()
+  config.model, config.method, config.num_stages = model, method, num_stages
+  config.batch_size, config.image_size, config.stash = batch_size, image_size, stash
+  config.stage_devices = tuple(stage_devices)
+  return config
+
+
+def build_pipeline(config, seed: int = 0) -> tuple[pipeline.Pipeline, pipeline.PipelineState]:
+  """Stages, optimizer and initial state as `train.train_and_evaluate` makes them."""
+  rng = jax.random.key(seed)
+  stages, stage_variables, _, placements, _ = train.build(
+      config, random_dataset(config.image_size), rng)
+  pipe = pipeline.Pipeline(stages, train.create_optimizer(config, STEPS_PER_EPOCH),
+                           pipeline.cross_entropy_loss, beta=config.beta, stash=config.stash,
+                           placements=placements)
+  state = pipe.init(jax.random.fold_in(rng, 1), None, variables=stage_variables)
+  return pipe, state
+
+
+def random_batches(pipe: pipeline.Pipeline, batch_size: int, image_size: int, count: int,
+                   seed: int = 0, num_classes: int = NUM_CLASSES):
+  """`count` random (images, labels), already on the first / last stage's device, as the
+  trainer's prefetch leaves them: the host-to-device copy is not part of a step."""
+  rng = np.random.default_rng(seed)
+  batches = []
+  for _ in range(count):
+    images = rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32)
+    labels = rng.integers(0, num_classes, size=(batch_size,)).astype(np.int32)
+    batches.append((jax.device_put(images, pipe.shardings[0]),
+                    jax.device_put(labels, pipe.shardings[-1])))
+  return batches
+
+
+def machine() -> dict:
+  device = jax.devices()[0]
+  return {'device': f'{device.platform}:{device.device_kind}', 'num_devices': jax.device_count(),
+          'host': platform.node(), 'cpu_count': os.cpu_count(), 'jax_version': jax.__version__,
+          'load_average_1m': os.getloadavg()[0]}
+
+
+def print_json(result: dict, path: Optional[str] = None) -> None:
+  """The result as the last stdout line (and in `path`, if given)."""
+  line = json.dumps(result, sort_keys=True)
+  if path:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      f.write(line + '\n')
+  print(line, flush=True)
