@@ -17,8 +17,12 @@ def get_config():
   config.dataset = 'cifar10'
   # tfds data directory ('' = tfds default), or the folder / archive of the local datasets.
   config.data_dir = ''
-  # 'fdg' (this paper) or 'bp' (the unsplit model, ordinary back-propagation on one device).
+  # 'fdg' (this paper), 'bp' (the unsplit model, ordinary back-propagation on one device),
+  # 'ddg' (Huo et al. 2018: forward-locked, delayed gradients) or 'dgl' (Belilovsky et al.
+  # 2019: each stage trains on an auxiliary classifier's local loss).
   config.method = 'fdg'
+  # DGL's auxiliary classifier: 'mlp-sr' (DGL's MLP-SR-aux head) or 'conv' (a small conv head).
+  config.aux_head = 'mlp-sr'
   # K, the number of pipeline stages (ignored by 'bp', which is one stage).
   config.num_stages = 2
   # Block index where each stage after the first starts, e.g. (15,); () = balance FLOPs.

@@ -15,7 +15,7 @@ stage is the last stage, and one iteration is exactly an ordinary back-propagati
 
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from clu import metrics as clu_metrics
 import flax
@@ -102,6 +102,17 @@ class StepInfo:
   forwarded: tuple[Optional[int], ...]
   updated: tuple[Optional[int], ...]
   metrics: Optional[TrainMetrics]  # of the batch the last stage trained on, on its device
+
+
+class _StageCall(NamedTuple):
+  """What one stage call of an iteration produced (host-side bookkeeping only)."""
+  stage: TrainState
+  saved: tuple[Saved, ...]
+  output: Optional[Activation] = None       # on the next stage's device
+  cotangent: Optional[Cotangent] = None     # on the previous stage's device
+  forwarded: Optional[int] = None
+  updated: Optional[int] = None
+  metrics: Optional[TrainMetrics] = None
 
 
 class _Identity:
@@ -303,6 +314,61 @@ class Pipeline:
     return PipelineState(stages=tuple(stages), saved=((),) * self.num_stages,
                          activations=none, cotangents=none)
 
+  def _entering(self, state: PipelineState, images, labels) -> Optional[Activation]:
+    """The new batch as it enters stage 0; its labels go straight to the last stage."""
+    if images is None:
+      return None
+    return Activation(value=jax.device_put(images, self.shardings[0]),
+                      labels=jax.device_put(labels, self.shardings[-1]),
+                      batch=state.batches_fed)
+
+  def _run_stage(self, k: int, stage: TrainState, queue: tuple[Saved, ...],
+                 activation: Optional[Activation], cotangent: Optional[Cotangent]
+                 ) -> _StageCall:
+    """Stage k's one call of an iteration, with what arrived; nothing happens if nothing did.
+
+    Its output goes to stage k+1's device and its input cotangent to stage k-1's.
+    """
+    if k == self.num_stages - 1:
+      if activation is None:
+        return _StageCall(stage, queue)
+      stage, input_cotangent, metrics = self.stage_functions[k]['steady'](
+          stage, activation.value, activation.labels)
+      batch = activation.batch
+      return _StageCall(stage, queue, forwarded=batch, updated=batch, metrics=metrics,
+                        cotangent=self._send_back(k, input_cotangent, batch))
+    if activation is None and cotangent is None:
+      return _StageCall(stage, queue)
+    entry, residuals = None, None
+    if cotangent is not None:
+      entry, queue = queue[0], queue[1:]
+      if entry.batch != cotangent.batch:  # a broken schedule must never train silently
+        raise AssertionError(f'stage {k}: cotangent of batch {cotangent.batch} met the '
+                             f'forward of batch {entry.batch}')
+      residuals = entry.key
+    if activation is not None and self.stash == 'vjp':
+      residuals_out = self._residual_structure(k, stage, activation.value)
+      residuals = residuals or residuals_out
+    phase = 'fill' if cotangent is None else 'drain' if activation is None else 'steady'
+    stage, y, new_saved, input_cotangent = self.stage_functions[k][phase](
+        stage, entry.arrays if entry else None, cotangent.value if cotangent else None,
+        activation.value if activation else None, residuals=residuals)
+    output = None
+    if activation is not None:
+      key = residuals_out if self.stash == 'vjp' else None
+      queue = queue + (Saved(arrays=new_saved, batch=activation.batch, key=key),)
+      output = Activation(value=jax.device_put(y, self.shardings[k + 1]),
+                          labels=activation.labels, batch=activation.batch)
+    updated = cotangent.batch if cotangent is not None else None
+    return _StageCall(stage, queue, output=output,
+                      forwarded=activation.batch if activation else None, updated=updated,
+                      cotangent=self._send_back(k, input_cotangent, updated))
+
+  def _send_back(self, k: int, input_cotangent, batch: Optional[int]) -> Optional[Cotangent]:
+    if k == 0 or input_cotangent is None:
+      return None
+    return Cotangent(value=jax.device_put(input_cotangent, self.shardings[k - 1]), batch=batch)
+
   def step(self, state: PipelineState, images=None, labels=None
            ) -> tuple[PipelineState, StepInfo]:
     """One iteration of every stage. `images=None` feeds no new batch (draining).
@@ -311,58 +377,23 @@ class Pipeline:
     """
     K = self.num_stages
     arriving = list(state.activations)
-    if images is not None:
-      arriving[0] = Activation(value=jax.device_put(images, self.shardings[0]),
-                               labels=jax.device_put(labels, self.shardings[-1]),
-                               batch=state.batches_fed)
-    stages, saved = list(state.stages), list(state.saved)
-    next_activations, next_cotangents = [None] * K, [None] * K
-    forwarded, updated = [None] * K, [None] * K
-    metrics = None
-    for k in range(K):
-      activation, cotangent = arriving[k], state.cotangents[k]
-      if k == K - 1:
-        if activation is None:
-          continue
-        stages[k], input_cotangent, metrics = self.stage_functions[k]['steady'](
-            stages[k], activation.value, activation.labels)
-        forwarded[k] = updated[k] = activation.batch
-      else:
-        if activation is None and cotangent is None:
-          continue
-        entry, residuals = None, None
-        if cotangent is not None:
-          entry, saved[k] = saved[k][0], saved[k][1:]
-          if entry.batch != cotangent.batch:  # a broken schedule must never train silently
-            raise AssertionError(f'stage {k}: cotangent of batch {cotangent.batch} met the '
-                                 f'forward of batch {entry.batch}')
-          residuals = entry.key
-          updated[k] = cotangent.batch
-        if activation is not None and self.stash == 'vjp':
-          residuals_out = self._residual_structure(k, stages[k], activation.value)
-          residuals = residuals or residuals_out
-        phase = 'fill' if cotangent is None else 'drain' if activation is None else 'steady'
-        stages[k], y, new_saved, input_cotangent = self.stage_functions[k][phase](
-            stages[k], entry.arrays if entry else None,
-            cotangent.value if cotangent else None,
-            activation.value if activation else None, residuals=residuals)
-        if activation is not None:
-          forwarded[k] = activation.batch
-          key = residuals_out if self.stash == 'vjp' else None
-          saved[k] = saved[k] + (Saved(arrays=new_saved, batch=activation.batch, key=key),)
-          next_activations[k + 1] = Activation(
-              value=jax.device_put(y, self.shardings[k + 1]), labels=activation.labels,
-              batch=activation.batch)
-      if k > 0 and input_cotangent is not None:
-        next_cotangents[k - 1] = Cotangent(
-            value=jax.device_put(input_cotangent, self.shardings[k - 1]),
-            batch=updated[k])
+    arriving[0] = self._entering(state, images, labels)
+    calls = [self._run_stage(k, state.stages[k], state.saved[k], arriving[k],
+                             state.cotangents[k]) for k in range(K)]
+    # What each stage sent arrives at its neighbour in the next iteration.
+    return self._next_state(state, calls, images is not None,
+                            activations=(None,) + tuple(c.output for c in calls[:-1]))
+
+  def _next_state(self, state: PipelineState, calls: Sequence[_StageCall], fed: bool,
+                  activations: tuple[Optional[Activation], ...]
+                  ) -> tuple[PipelineState, StepInfo]:
+    cotangents = tuple(c.cotangent for c in calls[1:]) + (None,)
     new_state = PipelineState(
-        stages=tuple(stages), saved=tuple(saved), activations=tuple(next_activations),
-        cotangents=tuple(next_cotangents), iteration=state.iteration + 1,
-        batches_fed=state.batches_fed + (images is not None))
-    info = StepInfo(iteration=state.iteration, forwarded=tuple(forwarded),
-                    updated=tuple(updated), metrics=metrics)
+        stages=tuple(c.stage for c in calls), saved=tuple(c.saved for c in calls),
+        activations=activations, cotangents=cotangents, iteration=state.iteration + 1,
+        batches_fed=state.batches_fed + fed)
+    info = StepInfo(iteration=state.iteration, forwarded=tuple(c.forwarded for c in calls),
+                    updated=tuple(c.updated for c in calls), metrics=calls[-1].metrics)
     return new_state, info
 
   def drain(self, state: PipelineState) -> tuple[PipelineState, list[StepInfo]]:
@@ -379,11 +410,17 @@ class Pipeline:
     """Each stage's current {'params', 'batch_stats'} (on its device)."""
     return [{'params': s.params, 'batch_stats': s.batch_stats} for s in state.stages]
 
+  def num_extra_params(self, state: PipelineState) -> int:
+    """Trainable parameters outside the network (DGL's auxiliary heads): none for FDG."""
+    del state
+    return 0
+
   def predict(self, state: PipelineState, images) -> jax.Array:
     """Logits of the composed stages in inference mode; the pipeline in flight is untouched."""
     y = images
-    for k, stage in enumerate(state.stages):
-      y = self._predict[k](stage.params, stage.batch_stats, jax.device_put(y, self.shardings[k]))
+    for k, variables in enumerate(self.stage_variables(state)):
+      y = self._predict[k](variables['params'], variables['batch_stats'],
+                           jax.device_put(y, self.shardings[k]))
     return y
 
   def evaluate(self, state: PipelineState, batches) -> dict[str, float]:

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from fdg_jax import baselines
 from fdg_jax import checkpoint
 from fdg_jax import input_pipeline
 from fdg_jax import models
@@ -28,7 +29,7 @@ from fdg_jax import partition
 from fdg_jax import pipeline
 from fdg_jax import timeline
 
-METHODS = ('fdg', 'bp')
+METHODS = ('fdg', 'bp', 'ddg', 'dgl')
 DATASETS = ('cifar10', 'cifar100', 'cifar_python', 'imagefolder')
 SUMMARY_FILE = 'summary.json'
 CONFIG_FILE = 'config.json'
@@ -61,6 +62,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            'cifar-100-python folder (cifar_python).')
     if not os.path.exists(config.data_dir):
       fail('data_dir', f'{config.data_dir!r} does not exist', 'Check the path.')
+  if config.method == 'dgl' and config.aux_head not in baselines.AUX_HEADS:
+    fail('aux_head', f'unknown auxiliary head {config.aux_head!r}',
+         f'Choose one of {tuple(baselines.AUX_HEADS)}.')
   if not 0.0 < config.beta <= 1.0:
     fail('beta', f'{config.beta} is outside (0, 1]', 'Use 0 < beta <= 1 (1 disables shrinking).')
   if config.stash not in pipeline.STASH_MODES:
@@ -131,6 +135,18 @@ def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
       optax.add_decayed_weights(config.weight_decay),
       optax.sgd(create_learning_rate_schedule(config, steps_per_epoch),
                 momentum=config.momentum or None))
+
+
+def create_pipeline(config, stages, optimizer, placements, num_classes: int
+                    ) -> pipeline.Pipeline:
+  """The engine of config.method on these stages (BP is the single stage of FDG's engine)."""
+  loss = pipeline.cross_entropy_loss
+  if config.method == 'dgl':
+    return baselines.DGLPipeline(stages, optimizer, loss, num_classes=num_classes,
+                                 aux_head=config.aux_head, placements=placements)
+  engine = baselines.DDGPipeline if config.method == 'ddg' else pipeline.Pipeline
+  return engine(stages, optimizer, loss, beta=config.beta, stash=config.stash,
+                placements=placements)
 
 
 def params_digest(variables: dict) -> str:
@@ -323,9 +339,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stages, stage_variables, split, placements, _ = build(config, dataset, rng)
   optimizer = create_optimizer(config, steps_per_epoch)
   learning_rate = create_learning_rate_schedule(config, steps_per_epoch)
-  pipe = pipeline.Pipeline(stages, optimizer, pipeline.cross_entropy_loss, beta=config.beta,
-                           stash=config.stash, placements=placements)
-  state = pipe.init(jax.random.fold_in(rng, 1), None, variables=stage_variables)
+  pipe = create_pipeline(config, stages, optimizer, placements, dataset.num_classes)
+  sample = jnp.zeros((config.batch_size, config.image_size, config.image_size, 3))
+  state = pipe.init(jax.random.fold_in(rng, 1), sample, variables=stage_variables)
+  extra_params = pipe.num_extra_params(state)
+  if extra_params:
+    print(f'{config.method}: {extra_params:,} extra trainable parameters outside the network '
+          f'(auxiliary heads), not counted in the table above.', flush=True)
   start_step, progress = 0, {'history': [], 'train_time_s': 0.0}
   if checkpointer.latest_step() is not None:
     state, progress = checkpointer.restore(pipe, state)
@@ -451,7 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           train_time - progress['train_time_s']),
       'resumed_from_step': start_step,
       'trainable_params': sum(partition.count_params(v['params']) for v in final_variables),
-      'extra_params': 0,
+      'extra_params': extra_params,
       'stage_split': list(split),
       'devices': [str(d) for d in placements],
       'jax_version': jax.__version__,

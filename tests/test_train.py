@@ -53,7 +53,7 @@ def check_summary(summary, workdir, **expected):
     assert summary[key] == value, key
   assert 0.0 <= summary['test_error'] <= 1.0
   assert summary['test_error'] == pytest.approx(1 - summary['test_accuracy'])
-  assert summary['trainable_params'] > 0 and summary['extra_params'] == 0
+  assert summary['trainable_params'] > 0
   assert len(summary['params_digest']) == 64
   assert len(summary['devices']) == summary['num_stages']
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
@@ -63,17 +63,26 @@ def test_train_and_evaluate_on_tfds_mock_data(tmp_path):
   config = small_config(dataset='cifar10', image_size=32, num_stages=2)
   with tfds.testing.mock_data(num_examples=48):
     summary = train.train_and_evaluate(config, str(tmp_path))
-  check_summary(summary, str(tmp_path), method='fdg', num_stages=2, steps=6, model='resnet20')
+  check_summary(summary, str(tmp_path), method='fdg', num_stages=2, steps=6, model='resnet20',
+                extra_params=0)
   assert summary['devices'] == [str(d) for d in jax.devices()[:2]]
   assert summary['stage_split'] and len(summary['stage_split']) == 1
 
 
-def test_train_and_evaluate_bp_on_image_folder(tmp_path):
+@pytest.mark.parametrize('method, num_stages', [('bp', 1), ('ddg', 3), ('dgl', 3)])
+def test_train_and_evaluate_other_methods_on_image_folder(method, num_stages, tmp_path):
   data = write_image_folder(tmp_path / 'data')
-  config = small_config(dataset='imagefolder', data_dir=data, method='bp',
-                        cache_dir=str(tmp_path / 'cache'))
+  config = small_config(dataset='imagefolder', data_dir=data, method=method, num_stages=3,
+                        aux_head='conv', cache_dir=str(tmp_path / 'cache'))
   summary = train.train_and_evaluate(config, str(tmp_path / 'work'))
-  check_summary(summary, str(tmp_path / 'work'), method='bp', num_stages=1, stage_split=[])
+  check_summary(summary, str(tmp_path / 'work'), method=method, num_stages=num_stages,
+                extra_params=summary['extra_params'])
+  assert len(summary['stage_split']) == num_stages - 1
+  # Only DGL adds parameters (its auxiliary heads); the network is the same for all methods.
+  assert (summary['extra_params'] > 0) == (method == 'dgl')
+  assert summary['trainable_params'] == 272_474 - 7 * 65   # resnet20, 3 classes instead of 10
+  if method != 'bp':
+    return
   # Nothing a user has is overwritten: a second run into the same workdir is refused.
   with pytest.raises(train.ConfigError, match='already holds a finished run'):
     train.train_and_evaluate(config, str(tmp_path / 'work'))
@@ -121,6 +130,7 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
     (dict(num_stages=12, stage_devices=(0,) * 12), 'config.num_stages'),  # > 11 blocks
     (dict(model='resnet21'), 'config.model'),
     (dict(method='pipedream'), 'config.method'),
+    (dict(method='dgl', aux_head='big'), 'config.aux_head'),
     (dict(dataset='mnist'), 'config.dataset'),
     (dict(dataset='imagefolder', data_dir=''), 'config.data_dir'),
     (dict(dataset='imagefolder', data_dir='/no/such/folder'), 'config.data_dir'),
