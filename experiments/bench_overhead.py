@@ -183,7 +183,8 @@ def main(argv):
       'machine': common.machine(),
       'command': ' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
   }
-  common.print_json(result, os.path.join(common.RESULTS_DIR, f'bench_overhead_{FLAGS.model}.json'))
+  name = f'bench_overhead_{FLAGS.model}_b{FLAGS.batch_size}_{FLAGS.image_size}px.json'
+  common.print_json(result, os.path.join(common.RESULTS_DIR, name))
 
 
 if __name__ == '__main__':

@@ -42,12 +42,13 @@ def make_config(model: str, method: str, num_stages: int, batch_size: int, image
 def build_pipeline(config, seed: int = 0) -> tuple[pipeline.Pipeline, pipeline.PipelineState]:
   """Stages, optimizer and initial state as `train.train_and_evaluate` makes them."""
   rng = jax.random.key(seed)
-  stages, stage_variables, _, placements, _ = train.build(
-      config, random_dataset(config.image_size), rng)
-  pipe = pipeline.Pipeline(stages, train.create_optimizer(config, STEPS_PER_EPOCH),
-                           pipeline.cross_entropy_loss, beta=config.beta, stash=config.stash,
-                           placements=placements)
-  state = pipe.init(jax.random.fold_in(rng, 1), None, variables=stage_variables)
+  dataset = random_dataset(config.image_size)
+  stages, stage_variables, _, placements = train.build(config, dataset, rng)
+  pipe = train.create_pipeline(config, stages, train.create_optimizer(config, STEPS_PER_EPOCH),
+                               placements, dataset.num_classes)
+  sample = jax.ShapeDtypeStruct((config.batch_size, config.image_size, config.image_size, 3),
+                                jax.numpy.float32)
+  state = pipe.init(jax.random.fold_in(rng, 1), sample, variables=stage_variables)
   return pipe, state
 
 

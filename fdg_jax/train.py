@@ -192,7 +192,7 @@ def build(config, dataset: input_pipeline.Dataset, rng: jax.Array):
   print(f'Stages of {config.model} ({config.method}, K={num_stages}):\n{table}', flush=True)
   sample = jnp.asarray(_normalise(dataset, dataset.test_images[:8]))
   partition.check_composition(full_model, full_variables, stages, stage_variables, sample)
-  return stages, stage_variables, split, placements, full_variables
+  return stages, stage_variables, split, placements
 
 
 def _normalise(dataset, images):
@@ -288,18 +288,18 @@ def _check_finite(state: pipeline.PipelineState, step: int, loss: Optional[float
       jax.tree_util.tree_reduce(jnp.logical_and, jax.tree_util.tree_map(
           lambda x: jnp.isfinite(x).all(), stage.params)) for stage in state.stages])
   bad_stages = [k for k, ok in enumerate(finite) if not ok]
+  problems = []
   if loss is not None and not np.isfinite(loss):
-    what = f'loss {loss} (computed on the last stage, {len(finite) - 1})'
-  elif bad_stages:
-    what = f'parameters in stage {bad_stages[0]}'
-  else:
+    problems.append(f'loss {loss} (computed on the last stage, {len(finite) - 1})')
+  if bad_stages:
+    problems.append(f'parameters in stage(s) {bad_stages}')
+  if not problems:
     return
   kept = (f'the last good checkpoint (step {latest_step}) in {checkpoint_dir} is intact'
           if latest_step is not None else 'no checkpoint was written')
   raise DivergenceError(
-      f'Training diverged at step {step}: non-finite {what}'
-      f'{f"; non-finite parameters in stages {bad_stages}" if bad_stages and loss is not None else ""}'
-      f'. Nothing was saved from this state; {kept}. Lower config.learning_rate or raise '
+      f'Training diverged at step {step}: non-finite {" and ".join(problems)}. Nothing was '
+      f'saved from this state; {kept}. Lower config.learning_rate or raise '
       'config.warmup_epochs, and resume or start again.')
 
 
@@ -336,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _check_resumable(workdir, checkpointer.latest_step(), num_steps)
 
   rng = jax.random.key(config.seed)
-  stages, stage_variables, split, placements, _ = build(config, dataset, rng)
+  stages, stage_variables, split, placements = build(config, dataset, rng)
   optimizer = create_optimizer(config, steps_per_epoch)
   learning_rate = create_learning_rate_schedule(config, steps_per_epoch)
   pipe = create_pipeline(config, stages, optimizer, placements, dataset.num_classes)
