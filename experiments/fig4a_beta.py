@@ -1,0 +1,132 @@
+r"""Fig. 4a of the paper: test error of FDG against the gradient-shrinking factor beta.
+
+ResNet-20 on CIFAR-10, K = 2, FDG at each beta of `--betas`, and BP as the reference line; every
+cell once per seed. Writes OUT_DIR/results.md, results.csv, beta.png (bars: mean test error per
+beta with error bars of one standard deviation over seeds; BP as a horizontal line with its band)
+and curves.png (test error against epoch per beta, mean over seeds).
+
+On this 2-core CPU, with the CIFAR-10 JPEG copy and its decoded cache:
+
+    python experiments/fig4a_beta.py --scale=cpu --dataset=imagefolder \
+        --data_dir=/work/shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache
+
+Run it again to resume (finished cells are read, an interrupted one resumes from its checkpoint);
+`--dry_run` prints the grid, `--report_only` writes the results of the runs finished so far.
+Common flags: see experiments/grid.py (`--scale`, `--seeds`, `--dataset`, `--data_dir`, `--set`,
+`--out_dir`, `--keep_checkpoints`).
+"""
+
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import grid  # noqa: E402  (after the path set-up above)
+
+NAME = 'fig4a_beta'
+# The sweep: the paper's scale sweeps 0.1 .. 1.0; the CPU scale takes 5 of those values.
+DEFAULT_BETAS = {'paper': (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+                 'cpu': (0.1, 0.25, 0.5, 0.75, 1.0)}
+
+
+def build_cells(options: grid.Options, betas=(), model: str = 'resnet20',
+                num_stages: int = 2) -> list:
+  betas = tuple(betas) or DEFAULT_BETAS[options.scale]
+  bad = [b for b in betas if not 0 < b <= 1]
+  if bad:
+    raise grid.GridError(f'--betas: {bad} outside (0, 1]. Use 0 < beta <= 1.')
+  config_file = f'configs/cifar10_{model}.py'
+  cells = []
+  for seed in options.seeds:
+    cells.append(grid.make_cell(options, config_file, method='bp', seed=seed))
+    cells += [grid.make_cell(options, config_file, method='fdg', num_stages=num_stages,
+                             beta=beta, seed=seed) for beta in betas]
+  # Order: BP, then the betas ascending; seeds inside each (the first seed of every cell first).
+  return sorted(cells, key=lambda c: (c.seed, c.method != 'bp', c.beta))
+
+
+def plot_betas(groups, path: str, title: str) -> None:
+  """Bars of mean test error per beta (error bars: std over seeds), BP as a line with its band."""
+  plt = grid._pyplot()  # pylint: disable=protected-access
+  fdg = sorted((g for g in groups if g.key[1] == 'fdg' and g.n), key=lambda g: g.key[3])
+  bp = [g for g in groups if g.key[1] == 'bp' and g.n]
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  means = [100 * g.stat('test_error')[0] for g in fdg]
+  stds = [100 * g.stat('test_error')[1] for g in fdg]
+  positions = range(len(fdg))
+  ax.bar(positions, means, yerr=[0 if math.isnan(s) else s for s in stds], capsize=4,
+         color='tab:blue', alpha=0.8, label='FDG (mean ± std over seeds)')
+  for x, m, s, g in zip(positions, means, stds, fdg):   # the value above its error bar
+    ax.annotate(f'{m:.2f} (n={g.n})', (x, m + (0 if math.isnan(s) else s)), ha='center',
+                va='bottom', fontsize=7, xytext=(0, 2), textcoords='offset points')
+  values = list(means)
+  if bp:
+    mean, std = (100 * v for v in bp[0].stat('test_error'))
+    ax.axhline(mean, color='tab:red', label=f'BP {mean:.2f}% (n={bp[0].n})')
+    if not math.isnan(std):
+      ax.axhspan(mean - std, mean + std, color='tab:red', alpha=0.12)
+    values.append(mean)
+  ax.set_xticks(list(positions), [f'{g.key[3]:g}' for g in fdg])
+  ax.set_xlabel('gradient-shrinking factor β')
+  ax.set_ylabel('test error (%)')
+  if values:   # zoom in: the differences are a few points of a large error
+    low, high = min(values), max(values)
+    ax.set_ylim(max(0.0, low - max(1.0, high - low)), high + max(1.0, 0.5 * (high - low)))
+  ax.set_title(title + ' (y axis does not start at 0)', fontsize=10)
+  ax.grid(axis='y', alpha=0.3)
+  ax.legend(fontsize=8, loc='lower right')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def report(results, options: grid.Options) -> None:
+  out_dir = options.output_dir
+  os.makedirs(out_dir, exist_ok=True)
+  groups = grid.aggregate(results)
+  title = f'{results[0].cell.model} K={max(g.key[2] for g in groups)}' if results else NAME
+  grid.write_csv(results, os.path.join(out_dir, 'results.csv'))
+  plot_betas(groups, os.path.join(out_dir, 'beta.png'), f'Fig. 4a: FDG β sweep, {title}')
+  grid.plot_curves(groups, os.path.join(out_dir, 'curves.png'), 'Fig. 4a')
+  bp = next((g for g in groups if g.key[1] == 'bp'), None)
+  bp_mean = bp.stat('test_error')[0] if bp and bp.n else math.nan
+  rows = []
+  for g in groups:
+    mean, std = g.stat('test_error')
+    delta = '–' if g.key[1] == 'bp' or math.isnan(bp_mean) or math.isnan(mean) else (
+        f'{100 * (mean - bp_mean):+.2f}')
+    rows.append([g.label, grid.fmt_pct(mean, std), delta, g.n, 'see paper Fig. 4a'])
+  body = grid.markdown_table(
+      ['method', 'test error (%)', 'vs BP (points)', 'n', 'paper'], rows)
+  body += ('\n\nFigures: `beta.png` (bars: FDG per β, error bars ± 1 std over seeds; line and '
+           'band: BP mean ± std), `curves.png` (test error against epoch, mean over seeds).\n'
+           "The paper's values are not copied here (they could not be checked from this offline "
+           'machine): compare with Fig. 4a of Zhuang et al. (2019), which is at the paper\'s '
+           'scale (full CIFAR-10, 300 epochs).\n')
+  grid.write_results_md(os.path.join(out_dir, 'results.md'),
+                        f'Fig. 4a: FDG against β, {title}, {options.scale} scale', results,
+                        options, body)
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  try:
+    betas = grid.parse_floats(f.betas, 'betas')
+  except grid.GridError as e:
+    sys.exit(f'error: {e}')
+  sys.exit(grid.main(NAME, lambda options: build_cells(options, betas, f.model, f.num_stages),
+                     report))
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  grid.define_flags(NAME)
+  flags.adopt_module_key_flags(grid)   # listed by --help
+  flags.DEFINE_list('betas', [], 'Betas of the sweep; default: 0.1, 0.2, .., 1.0 at the paper '
+                    'scale, 0.1, 0.25, 0.5, 0.75, 1.0 at the cpu scale.')
+  flags.DEFINE_string('model', 'resnet20', 'Model (configs/cifar10_<model>.py).')
+  flags.DEFINE_integer('num_stages', 2, 'K of FDG.')
+  app.run(main)

@@ -1,0 +1,118 @@
+r"""Table 2 of the paper: test error of BP, DDG, DGL and FDG on CIFAR-10, K = 2.
+
+For each model, every method on the same recipe and the same K = 2 stages: BP (the unsplit
+network), DDG, DGL (test error of the network without its auxiliary heads; the heads' parameters
+are reported), FDG at beta = 1 (no gradient shrinking) and FDG at the config file's beta (0.5 in
+configs/cifar10_<model>.py: the shrinking the paper tunes; see the note on beta in
+configs/default.py) or at the betas of `--fdg_betas`. Every cell once per seed. Models: ResNet-56,
+ResNet-110, ResNet-18 and WRN-28-10 at the paper scale, ResNet-20 at the cpu scale (`--models`).
+Writes OUT_DIR/results.md, results.csv and curves.png (test error against epoch per method, mean
+over seeds, one panel per model).
+
+On this 2-core CPU, with the CIFAR-10 JPEG copy and its decoded cache:
+
+    python experiments/table2.py --scale=cpu --dataset=imagefolder \
+        --data_dir=/work/shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache
+
+Run it again to resume; `--dry_run` prints the grid; `--report_only` writes the results so far.
+Common flags: see experiments/grid.py.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import grid  # noqa: E402  (after the path set-up above)
+
+DEFAULT_MODELS = {'paper': ('resnet56', 'resnet110', 'resnet18', 'wrn28_10'),
+                  'cpu': ('resnet20',)}
+NUM_STAGES = 2
+
+
+def build_cells(options: grid.Options, dataset: str = 'cifar10', models=(),
+                fdg_betas=()) -> list:
+  """BP, DDG, DGL, FDG at each beta (default: 1 and the config file's), per model and seed."""
+  models = tuple(models) or DEFAULT_MODELS[options.scale]
+  betas = tuple(fdg_betas) or (1.0, None)    # None: the config file's beta
+  cells = []
+  for model in models:
+    config_file = f'configs/{dataset}_{model}.py'
+    for seed in options.seeds:
+      cells.append(grid.make_cell(options, config_file, method='bp', seed=seed))
+      for method in ('ddg', 'dgl'):
+        cells.append(grid.make_cell(options, config_file, method=method,
+                                    num_stages=NUM_STAGES, seed=seed))
+      for beta in betas:
+        cells.append(grid.make_cell(options, config_file, method='fdg', num_stages=NUM_STAGES,
+                                    beta=beta, seed=seed))
+  unique = list({c.name: c for c in cells}.values())   # beta 1 twice if the config's is 1
+  order = {m: i for i, m in enumerate(models)}
+  methods = ('bp', 'ddg', 'dgl', 'fdg')
+  return sorted(unique, key=lambda c: (c.seed, order[c.model], methods.index(c.method),
+                                       -c.beta))
+
+
+def report(results, options: grid.Options, table: str = 'Table 2',
+           dataset_title: str = 'CIFAR-10') -> None:
+  out_dir = options.output_dir
+  os.makedirs(out_dir, exist_ok=True)
+  groups = grid.aggregate(results)
+  grid.write_csv(results, os.path.join(out_dir, 'results.csv'))
+  grid.plot_curves(groups, os.path.join(out_dir, 'curves.png'), f'{table} ({dataset_title})')
+  rows, best = [], []
+  for g in groups:
+    mean, std = g.stat('test_error')
+    extra = g.summaries[0].get('extra_params', 0) if g.n else ''
+    rows.append([g.key[0], g.label, grid.fmt_pct(mean, std), g.n,
+                 f'{extra:,}' if extra else ('0' if g.n else '–'), f'see paper {table}'])
+  for model in dict.fromkeys(g.key[0] for g in groups):
+    fdg = [g for g in groups if g.key[0] == model and g.key[1] == 'fdg' and g.n]
+    if len(fdg) > 1:
+      g = min(fdg, key=lambda g: g.stat('test_error')[0])
+      best.append(f'{model}: β = {g.key[3]:g} ({grid.fmt_pct(*g.stat("test_error"))}%)')
+  body = grid.markdown_table(
+      ['model', 'method', 'test error (%)', 'n', 'extra params (DGL heads)', 'paper'], rows)
+  if best:
+    body += ('\n\nFDG with the lowest mean test error among the β run (chosen on the test '
+             'error itself, so optimistic): ' + '; '.join(best) + '.')
+  body += ('\n\nFigure: `curves.png` (test error against epoch, mean over seeds, band ± 1 '
+           f"std).\nThe paper's values are not copied here (they could not be checked from "
+           f'this offline machine): compare with {table} of Zhuang et al. (2019), which is at '
+           f'the paper\'s scale (full {dataset_title}, 300 epochs).\n')
+  grid.write_results_md(os.path.join(out_dir, 'results.md'),
+                        f'{table}: BP, DDG, DGL and FDG on {dataset_title}, K = {NUM_STAGES}, '
+                        f'{options.scale} scale', results, options, body)
+
+
+def define_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_list('models', [], 'Models; default: resnet56, resnet110, resnet18, wrn28_10 at '
+                    'the paper scale, resnet20 at the cpu scale.')
+  flags.DEFINE_list('fdg_betas', [], "FDG's betas; default: 1 and the config file's beta.")
+
+
+def run(name: str, dataset: str, table: str, dataset_title: str) -> None:
+  """The `main` of table2.py and table3.py."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  try:
+    betas = grid.parse_floats(f.fdg_betas, 'fdg_betas')
+  except grid.GridError as e:
+    sys.exit(f'error: {e}')
+  sys.exit(grid.main(
+      name, lambda options: build_cells(options, dataset, f.models, betas),
+      lambda results, options: report(results, options, table, dataset_title)))
+
+
+def main(argv):
+  del argv
+  run('table2', 'cifar10', 'Table 2', 'CIFAR-10')
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  grid.define_flags('table2')
+  define_flags()
+  flags.adopt_module_key_flags(grid)   # listed by --help
+  app.run(main)

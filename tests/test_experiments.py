@@ -1,0 +1,207 @@
+"""The experiment grid (experiments/grid.py) and the scripts' reports, without training.
+
+A fake runner stands in for `python -m fdg_jax.main`: it writes a summary.json with a history, as
+the trainer does, and records which cells it was asked to run.
+"""
+
+import csv
+import json
+import math
+import os
+
+import pytest
+
+from experiments import fig4a_beta
+from experiments import grid
+from experiments import table2
+from experiments import table4
+
+
+def options(tmp_path, **kwargs):
+  kwargs.setdefault('seeds', (0, 1))
+  return grid.Options(name='test', out_dir=str(tmp_path / 'out'), argv=('test',), **kwargs)
+
+
+def fake_summary(cell, error=None):
+  """What the trainer writes, with a test error that depends on the cell."""
+  error = error if error is not None else 0.30 + 0.1 * (1 - cell.beta) + 0.01 * cell.seed
+  history = [{'step': 10 * e, 'epoch': float(e), 'test_loss': 1.0, 'test_error': error + 0.1 / e}
+             for e in (1, 2, 3)]
+  history[-1]['test_error'] = error
+  return {'model': cell.model, 'dataset': 'cifar10', 'method': cell.method,
+          'num_stages': cell.num_stages, 'beta': cell.beta, 'stash': 'vjp', 'steps': 30,
+          'epochs': 3.0, 'batch_size': 128, 'train_images': 1280, 'test_images': 1000,
+          'test_error': error, 'test_accuracy': 1 - error, 'test_loss': 1.0,
+          'train_time_s': 100.0 / cell.num_stages, 'images_per_sec': 38.4 * cell.num_stages,
+          'resumed_from_step': 0, 'trainable_params': 1000,
+          'extra_params': 50 if cell.method == 'dgl' else 0, 'stage_split': [5],
+          'devices': ['TFRT_CPU_0'], 'jax_version': 'test', 'params_digest': 'ab',
+          'history': history}
+
+
+class FakeRunner:
+
+  def __init__(self, fail=()):
+    self.ran = []
+    self.fail = set(fail)
+
+  def __call__(self, cell, workdir):
+    self.ran.append(cell.name)
+    if cell.name in self.fail:
+      raise grid.RunFailed('exit status 1')
+    os.makedirs(os.path.join(workdir, grid.CHECKPOINT_DIR, '30'))
+    with open(os.path.join(workdir, grid.SUMMARY_FILE), 'w') as f:
+      json.dump(fake_summary(cell), f)
+
+
+def test_cell_names_and_labels(tmp_path):
+  opts = options(tmp_path)
+  f = 'configs/cifar10_resnet20.py'
+  bp = grid.make_cell(opts, f, method='bp', seed=1, num_stages=4, beta=0.5)
+  fdg = grid.make_cell(opts, f, method='fdg', num_stages=2, beta=0.5, seed=0)
+  ddg = grid.make_cell(opts, f, method='ddg', num_stages=3, beta=0.5, seed=2)
+  assert bp.name == 'resnet20_bp_seed1' and (bp.num_stages, bp.beta) == (1, 1.0)
+  assert fdg.name == 'resnet20_fdg_k2_beta0.5_seed0' and fdg.label == 'FDG K=2 β=0.5'
+  assert ddg.name == 'resnet20_ddg_k3_seed2' and ddg.beta == 1.0   # DDG: no shrinking
+  # beta=None: the config file's (0.5 in the row configs).
+  assert grid.make_cell(opts, f, method='fdg', seed=0).name == 'resnet20_fdg_k2_beta0.5_seed0'
+  assert fdg.group == grid.make_cell(opts, f, method='fdg', num_stages=2, beta=0.5,
+                                     seed=3).group
+
+
+def test_cpu_scale_compresses_the_schedule(tmp_path):
+  cell = grid.make_cell(options(tmp_path), 'configs/cifar10_resnet56_k3.py', method='fdg',
+                        seed=0)
+  o = cell.override_dict()
+  assert o['lr_boundaries_epochs'] == (6, 9, 11)       # 150/225/275 of 300 -> of 12
+  assert o['warmup_epochs'] == 1 and o['num_epochs'] == 12 and o['train_subset'] == 10_000
+  paper = grid.make_cell(options(tmp_path, scale='paper'), 'configs/cifar10_resnet56.py',
+                         method='fdg', seed=0)
+  assert 'lr_boundaries_epochs' not in paper.override_dict()
+  explicit = grid.make_cell(options(tmp_path, sets=('lr_boundaries_epochs=(3,)',)),
+                            'configs/cifar10_resnet20.py', method='bp', seed=0)
+  assert explicit.override_dict()['lr_boundaries_epochs'] == (3,)
+
+
+@pytest.mark.parametrize('sets, message', [
+    (('nonsense=1',), 'does not exist'), (('num_epochs=1.5',), 'num_epochs'),
+    (('beta=1',), 'set by the grid'), (('train_subset',), 'FIELD=VALUE')])
+def test_bad_overrides_fail_before_running(tmp_path, sets, message):
+  with pytest.raises(grid.GridError, match=message):
+    grid.make_cell(options(tmp_path, sets=sets), 'configs/cifar10_resnet20.py', method='bp',
+                   seed=0)
+
+
+def test_subprocess_command_and_simulated_devices(tmp_path):
+  opts = options(tmp_path, dataset='imagefolder', data_dir=str(tmp_path),
+                 sets=('cache_dir=/tmp/c',))
+  fdg = grid.make_cell(opts, 'configs/cifar10_resnet20.py', method='fdg', num_stages=2,
+                       beta=0.25, seed=0)
+  bp = grid.make_cell(opts, 'configs/cifar10_resnet20.py', method='bp', seed=0)
+  runner = grid.SubprocessRunner(python='PY', platform_info=('cpu', 1), log=lambda _: None)
+  argv, env = runner.command(fdg, 'W')
+  assert argv[:5] == ['PY', '-m', 'fdg_jax.main', '--config=configs/cifar10_resnet20.py',
+                      '--workdir=W']
+  for arg in ('--config.beta=0.25', '--config.dataset=imagefolder', '--config.num_stages=2',
+              '--config.lr_boundaries_epochs=(6,9,11)', '--config.cache_dir=/tmp/c'):
+    assert arg in argv
+  assert env['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2'
+  assert runner.command(bp, 'W')[1]['XLA_FLAGS'] == ''
+  assert grid.xla_flags('--a --xla_force_host_platform_device_count=8', 'cpu', 3) == (
+      '--a --xla_force_host_platform_device_count=3')
+  gpu = grid.SubprocessRunner(python='PY', platform_info=('gpu', 1), log=lambda _: None)
+  argv, env = gpu.command(fdg, 'W')
+  assert '--config.stage_devices=(0,0)' in argv and env['XLA_FLAGS'] == ''
+  assert grid.format_value((3,)) == '(3,)' and grid.format_value(True) == 'True'
+
+
+def test_grid_runs_missing_cells_reads_finished_ones_and_resumes(tmp_path):
+  opts = options(tmp_path)
+  cells = fig4a_beta.build_cells(opts, betas=(0.5, 1.0))
+  assert [c.name for c in cells[:3]] == [
+      'resnet20_bp_seed0', 'resnet20_fdg_k2_beta0.5_seed0', 'resnet20_fdg_k2_beta1_seed0']
+  out = opts.output_dir
+  # A finished cell made earlier: its summary is read, the cell is not rerun.
+  done = cells[1]
+  workdir = os.path.join(out, 'runs', done.name)
+  grid.write_cell_record(done, workdir)
+  with open(os.path.join(workdir, grid.SUMMARY_FILE), 'w') as f:
+    json.dump(fake_summary(done, error=0.123), f)
+  runner = FakeRunner(fail={cells[2].name})
+  results = grid.run_grid(cells, out, runner=runner, log=lambda _: None)
+  assert runner.ran == [c.name for c in cells if c is not done]
+  by_name = {r.cell.name: r for r in results}
+  assert by_name[done.name].status == 'read'
+  assert by_name[done.name].summary['test_error'] == 0.123
+  assert by_name[cells[2].name].status == 'failed'
+  assert by_name[cells[0].name].status == 'trained'
+  # Finished runs lose their checkpoints unless asked to keep them.
+  assert not os.path.exists(os.path.join(by_name[cells[0].name].workdir, grid.CHECKPOINT_DIR))
+  # Again: only the failed cell runs.
+  runner = FakeRunner()
+  results = grid.run_grid(cells, out, runner=runner, log=lambda _: None)
+  assert runner.ran == [cells[2].name]
+  assert all(r.status in ('read', 'trained') for r in results)
+  # Report-only runs nothing.
+  runner = FakeRunner()
+  grid.run_grid(cells, out, runner=runner, report_only=True, log=lambda _: None)
+  assert runner.ran == []
+
+
+def test_grid_refuses_a_workdir_of_other_settings(tmp_path):
+  cells = fig4a_beta.build_cells(options(tmp_path, seeds=(0,)), betas=(0.5,))
+  out = str(tmp_path / 'out')
+  grid.run_grid(cells, out, runner=FakeRunner(), log=lambda _: None)
+  longer = fig4a_beta.build_cells(options(tmp_path, seeds=(0,), sets=('num_epochs=20',)),
+                                  betas=(0.5,))
+  runner = FakeRunner()
+  with pytest.raises(grid.GridError, match='num_epochs: 12 there, 20 here'):
+    grid.run_grid(longer, out, runner=runner, log=lambda _: None)
+  assert runner.ran == []
+  # Fields that only move files or logs do not make another cell.
+  moved = fig4a_beta.build_cells(options(tmp_path, seeds=(0,), sets=('cache_dir=/x',)),
+                                 betas=(0.5,))
+  assert [r.status for r in grid.run_grid(moved, out, runner=runner, log=lambda _: None)] == [
+      'read', 'read']
+
+
+def test_aggregate_mean_and_sample_std():
+  assert grid.mean_std([0.1, 0.2, 0.3]) == pytest.approx((0.2, 0.1))
+  mean, std = grid.mean_std([0.4])
+  assert mean == 0.4 and math.isnan(std)
+  cell = grid.Cell('fdg', 'resnet20', 2, 0.5, 0, 'configs/cifar10_resnet20.py')
+  results = [grid.Result(cell, 'w', 'read', fake_summary(cell, error=e))
+             for e in (0.1, 0.2, 0.3)]
+  results.append(grid.Result(cell, 'w', 'failed'))
+  (group,) = grid.aggregate(results)
+  assert group.n == 3 and group.stat('test_error') == pytest.approx((0.2, 0.1))
+  epochs, mean, std = group.curve()
+  assert epochs == [1.0, 2.0, 3.0] and mean[-1] == pytest.approx(0.2)
+  assert grid.fmt_pct(0.2, 0.1) == '20.00 ± 10.00' and grid.fmt_pct(0.2, math.nan) == '20.00'
+
+
+@pytest.mark.parametrize('script', ['fig4a_beta', 'table2', 'table4'])
+def test_reports_are_written_from_summaries(tmp_path, script):
+  opts = options(tmp_path)
+  module = {'fig4a_beta': fig4a_beta, 'table2': table2, 'table4': table4}[script]
+  cells = (fig4a_beta.build_cells(opts, betas=(0.5, 1.0)) if script == 'fig4a_beta'
+           else module.build_cells(opts))
+  results = grid.run_grid(cells, opts.output_dir, runner=FakeRunner(fail={cells[-1].name}),
+                          log=lambda _: None)
+  module.report(results, opts)
+  out = opts.output_dir
+  pngs = {'fig4a_beta': ['beta.png', 'curves.png']}.get(script, ['curves.png'])
+  for name in pngs:
+    with open(os.path.join(out, name), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with open(os.path.join(out, 'results.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == len(cells)
+  assert [r['status'] for r in rows].count('failed') == 1
+  with open(os.path.join(out, 'results.md')) as f:
+    md = f.read()
+  assert '±' in md and 'see paper' in md and f'{len(cells) - 1} of {len(cells)} finished' in md
+  if script == 'table4':
+    assert '2.00x' in md   # fake times: 100 s / K, BP 100 s
+  if script == 'table2':
+    assert 'DGL K=2' in md and 'FDG K=2 β=1' in md and 'FDG K=2 β=0.5' in md
