@@ -47,7 +47,7 @@ def to_tree(state: pipeline_lib.PipelineState) -> tuple[dict, dict]:
       'iteration': state.iteration,
       'batches_fed': state.batches_fed,
       'saved': {str(k): [{'batch': entry.batch,
-                          'input_spec': entry.key.input_spec if entry.key else None}
+                          'input_spec': entry.structure.input_spec if entry.structure else None}
                          for entry in queue]
                 for k, queue in enumerate(state.saved) if queue},
       'activations': {str(k): a.batch for k, a in enumerate(state.activations) if a is not None},
@@ -78,7 +78,7 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
         shape, dtype = entry['input_spec']
         structure = pipe._residual_structure(  # pylint: disable=protected-access
             k, stages[k], jax.ShapeDtypeStruct(tuple(shape), dtype))
-        queue.append(pipeline_lib.Saved(arrays=leaves, batch=entry['batch'], key=structure))
+        queue.append(pipeline_lib.Saved(arrays=leaves, batch=entry['batch'], structure=structure))
       else:
         queue.append(pipeline_lib.Saved(arrays=tuple(leaves), batch=entry['batch']))
     saved.append(tuple(queue))

@@ -70,7 +70,7 @@ class Saved:
   """
   arrays: Any
   batch: int = flax.struct.field(pytree_node=False)
-  key: Any = flax.struct.field(pytree_node=False, default=None)  # the residual structure
+  structure: Any = flax.struct.field(pytree_node=False, default=None)  # of vjp residuals
 
 
 @flax.struct.dataclass
@@ -345,7 +345,7 @@ class Pipeline:
       if entry.batch != cotangent.batch:  # a broken schedule must never train silently
         raise AssertionError(f'stage {k}: cotangent of batch {cotangent.batch} met the '
                              f'forward of batch {entry.batch}')
-      residuals = entry.key
+      residuals = entry.structure
     if activation is not None and self.stash == 'vjp':
       residuals_out = self._residual_structure(k, stage, activation.value)
       residuals = residuals or residuals_out
@@ -355,8 +355,8 @@ class Pipeline:
         activation.value if activation else None, residuals=residuals)
     output = None
     if activation is not None:
-      key = residuals_out if self.stash == 'vjp' else None
-      queue = queue + (Saved(arrays=new_saved, batch=activation.batch, key=key),)
+      structure = residuals_out if self.stash == 'vjp' else None
+      queue = queue + (Saved(arrays=new_saved, batch=activation.batch, structure=structure),)
       output = Activation(value=jax.device_put(y, self.shardings[k + 1]),
                           labels=activation.labels, batch=activation.batch)
     updated = cotangent.batch if cotangent is not None else None
