@@ -7,8 +7,8 @@ def get_config():
   config = default.get_config()
   config.model = 'wrn28_10'
   config.num_stages = 2
-  # Gradient shrinking; see the note on beta in configs/default.py.
-  config.beta = 0.5
+  # Gradient shrinking: the beta the paper reports as best for this row (Table 2, CIFAR-10).
+  config.beta = 0.7
   # Epochs of warm-up at lr 0.01 (the paper warms up ResNet-110 and K = 3, 4).
   config.warmup_epochs = 0
   return config

@@ -13,6 +13,7 @@ def get_config():
   config.num_stages = 2
   # Both stages on device 0, so it runs without simulated devices.
   config.stage_devices = (0, 0)
+  # Gradient shrinking factor (see configs/default.py).
   config.beta = 0.5
   config.batch_size = 64
   # 2,560 training images = 40 steps per epoch; 2 epochs.

@@ -30,9 +30,8 @@ def get_config():
   # Device index of each stage, e.g. (0, 0) for a one-device simulation; () = stage k on device k.
   config.stage_devices = ()
   # Gradient-shrinking factor in (0, 1]; each non-last stage scales its incoming cotangent.
-  # Note on beta: the paper tunes it (Fig. 4a sweeps it on ResNet-20, K = 2). Its per-row values
-  # could not be checked from the offline machine this was written on, so the row configs use
-  # 0.5; check them against the paper before calling a run a reproduction.
+  # The paper tunes it per row (Fig. 4a sweeps it on ResNet-20, K = 2); the row configs set the
+  # paper's best beta (experiments/paper.py holds the paper's numbers and their source).
   config.beta = 1.0
   # What the delayed backward uses: 'vjp' (residuals saved at forward time: the paper's delayed
   # gradient) or 'recompute' (keep the input, recompute with current weights; less memory).

@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import grid  # noqa: E402  (after the path set-up above)
+from experiments import paper  # noqa: E402
 
 NAME = 'table4'
 CONFIGS = {2: 'configs/cifar10_resnet56.py', 3: 'configs/cifar10_resnet56_k3.py',
@@ -72,17 +73,19 @@ def report(results, options: grid.Options) -> None:
     devices = ' '.join(g.summaries[0]['devices']) if g.n else '–'
     rows.append([g.label, grid.fmt_pct(*g.stat('test_error')), g.n,
                  grid.fmt_num(time_mean, time_std), grid.fmt_num(ips_mean, ips_std, 1), speedup,
-                 devices, 'see paper Table 4'])
+                 devices, paper.describe('Table 4', *g.key),
+                 f'{1 / paper.TABLE4_TIME_SHARE[g.key[2]]:.2f}x'
+                 if g.key[2] in paper.TABLE4_TIME_SHARE else '–'])
   body = grid.markdown_table(
       ['method', 'test error (%)', 'n', 'train time (s)', 'images/s', 'speed-up vs BP',
-       'stage devices', 'paper'], rows)
+       'stage devices', 'paper test error (%)', 'paper speed-up'], rows)
   body += ('\n\nTimes: `train_time_s` of the trainer (every training step, compilation and the '
            'end-of-run checkpoint write; evaluations too if the runs evaluated during training) '
            'and its `images_per_sec` (of the last resumed segment for a resumed run), mean ± std '
            'over seeds. Speed-up = mean BP time / mean time. Simulated CPU devices share the '
-           "same cores: a CPU speed-up is no measure of K accelerators.\nThe paper's values are "
-           'not copied here (they could not be checked from this offline machine): compare with '
-           "Table 4 of Zhuang et al. (2019), at the paper's scale on GPUs.\n")
+           'same cores: a CPU speed-up is no measure of K accelerators.\nPaper columns: '
+           f'{paper.SOURCE}; {paper.SETTING}; its speed-up is 1 / (training time as a share of '
+           "BP's) on K GPUs.\n")
   grid.write_results_md(os.path.join(out_dir, 'results.md'),
                         f'Table 4: ResNet-56 on CIFAR-10, FDG at K = 2, 3, 4 against BP, '
                         f'{options.scale} scale', results, options, body)

@@ -12,6 +12,7 @@ import os
 import pytest
 
 from experiments import fig4a_beta
+from experiments import paper
 from experiments import grid
 from experiments import table2
 from experiments import table4
@@ -63,8 +64,8 @@ def test_cell_names_and_labels(tmp_path):
   assert bp.name == 'resnet20_bp_seed1' and (bp.num_stages, bp.beta) == (1, 1.0)
   assert fdg.name == 'resnet20_fdg_k2_beta0.5_seed0' and fdg.label == 'FDG K=2 β=0.5'
   assert ddg.name == 'resnet20_ddg_k3_seed2' and ddg.beta == 1.0   # DDG: no shrinking
-  # beta=None: the config file's (0.5 in the row configs).
-  assert grid.make_cell(opts, f, method='fdg', seed=0).name == 'resnet20_fdg_k2_beta0.5_seed0'
+  # beta=None: the config file's (the paper's best beta for ResNet-20, 0.2).
+  assert grid.make_cell(opts, f, method='fdg', seed=0).name == 'resnet20_fdg_k2_beta0.2_seed0'
   assert fdg.group == grid.make_cell(opts, f, method='fdg', num_stages=2, beta=0.5,
                                      seed=3).group
 
@@ -200,8 +201,39 @@ def test_reports_are_written_from_summaries(tmp_path, script):
   assert [r['status'] for r in rows].count('failed') == 1
   with open(os.path.join(out, 'results.md')) as f:
     md = f.read()
-  assert '±' in md and 'see paper' in md and f'{len(cells) - 1} of {len(cells)} finished' in md
+  assert '±' in md and paper.SOURCE in md and f'{len(cells) - 1} of {len(cells)} finished' in md
   if script == 'table4':
     assert '2.00x' in md   # fake times: 100 s / K, BP 100 s
+    # The paper's columns: BP 6.19%, FDG K = 3 at its tuned beta 0.2, speed-up 1 / 0.4432.
+    assert '| 6.19 | 1.00x |' in md and '| 6.08 | 1.92x |' in md and '| 2.26x |' in md
   if script == 'table2':
-    assert 'DGL K=2' in md and 'FDG K=2 β=1' in md and 'FDG K=2 β=0.5' in md
+    assert 'DGL K=2' in md and 'FDG K=2 β=1' in md and 'FDG K=2 β=0.2' in md
+    assert '| 7.92 |' in md and '| 7.23 |' in md and '| 7.78 |' in md   # ResNet-20 row
+  if script == 'fig4a_beta':   # β = 0.5 is not in the paper's row: its reported betas instead
+    assert '| β=0.2: 7.23, β=1: 7.92 |' in md and '| 7.78 |' in md
+
+
+def test_paper_lookup():
+  assert paper.test_error('Table 2', 'resnet56', 'ddg') == 6.89
+  assert paper.test_error('Table 2', 'resnet56', 'ddg', num_stages=3) is None
+  assert paper.test_error('Table 2', 'resnet110', 'dgl') == 6.50
+  assert paper.test_error('Table 3', 'resnet18', 'fdg', 2, 0.5) == 22.18
+  assert paper.test_error('Table 4', 'resnet56', 'fdg', 4, 0.3) == 6.14
+  assert paper.test_error('Table 4', 'resnet56', 'bp', 1) == 6.19
+  assert paper.test_error('Table 2', 'resnet20', 'fdg', 2, 0.5) is None
+  assert paper.describe('Table 2', 'wrn28_10', 'bp', 1, 1.0) == '4.00 (cited, no rerun)'
+  assert paper.describe('Table 2', 'resnet20', 'ddg', 2, 1.0) == '–'
+  assert paper.describe('Table 4', 'resnet56', 'fdg', 5, 0.5) == '–'
+
+
+@pytest.mark.parametrize('config_file,table', [
+    *[(f'configs/cifar10_{m}.py', 'Table 2') for m in paper.TEST_ERRORS['Table 2']],
+    *[(f'configs/cifar100_{m}.py', 'Table 3') for m in paper.TEST_ERRORS['Table 3']],
+    ('configs/cifar10_resnet56_k3.py', 'Table 4'), ('configs/cifar10_resnet56_k4.py', 'Table 4')])
+def test_row_configs_use_the_papers_tuned_beta(config_file, table):
+  config = grid.load_config(config_file)
+  if table == 'Table 4':
+    tuned = [b for b in paper.TABLE4_FDG_ERRORS[config.num_stages] if b != 1.0]
+    assert [config.beta] == tuned and config.model == 'resnet56'
+  else:
+    assert config.beta == paper.tuned_beta(table, config.model)
