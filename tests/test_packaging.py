@@ -1,0 +1,52 @@
+"""pyproject.toml builds a wheel holding every module of fdg_jax and declaring what they import."""
+
+import ast
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Top-level module -> the distribution that provides it (where the names differ).
+DISTRIBUTIONS = {'absl': 'absl-py', 'orbax': 'orbax-checkpoint', 'PIL': 'pillow',
+                 'tensorflow_datasets': 'tensorflow-datasets', 'tensorflow': 'tensorflow-cpu'}
+
+
+def imported_distributions() -> set:
+  """Third-party distributions imported anywhere in fdg_jax/ (nested imports included)."""
+  modules = set()
+  for path in glob.glob(os.path.join(REPO, 'fdg_jax', '*.py')):
+    with open(path) as f:
+      for node in ast.walk(ast.parse(f.read())):
+        if isinstance(node, ast.Import):
+          modules.update(a.name.split('.')[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+          modules.add(node.module.split('.')[0])
+  third_party = modules - set(sys.stdlib_module_names) - {'fdg_jax', '__future__'}
+  return {DISTRIBUTIONS.get(m, m).lower().replace('_', '-') for m in third_party}
+
+
+def test_wheel_has_the_modules_and_declares_their_imports(tmp_path):
+  source = tmp_path / 'src'   # a copy, so the build leaves no build/ or egg-info in the repo
+  source.mkdir()
+  for name in ('pyproject.toml', 'README.md'):
+    shutil.copy(os.path.join(REPO, name), source)
+  shutil.copytree(os.path.join(REPO, 'fdg_jax'), source / 'fdg_jax',
+                  ignore=shutil.ignore_patterns('__pycache__'))
+  subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
+                  '--no-build-isolation', '-w', str(tmp_path / 'dist'), str(source)],
+                 check=True, capture_output=True)
+  [wheel] = glob.glob(str(tmp_path / 'dist' / 'fdg_jax-*.whl'))
+  with zipfile.ZipFile(wheel) as z:
+    names = z.namelist()
+    [metadata] = [n for n in names if n.endswith('.dist-info/METADATA')]
+    metadata = z.read(metadata).decode()
+  modules = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'fdg_jax', '*.py'))}
+  assert {n.split('/', 1)[1] for n in names if n.startswith('fdg_jax/')} == modules
+  declared = {re.split(r'[<>=;\[ ]', line, maxsplit=1)[0].lower().replace('_', '-')
+              for line in re.findall(r'^Requires-Dist: (.+)$', metadata, flags=re.M)}
+  missing = imported_distributions() - declared
+  assert not missing, f'fdg_jax imports {missing}: declare them in pyproject.toml'
