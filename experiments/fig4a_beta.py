@@ -91,16 +91,14 @@ def report(results, options: grid.Options) -> None:
   plot_betas(groups, os.path.join(out_dir, 'beta.png'), f'Fig. 4a: FDG β sweep, {title}')
   grid.plot_curves(groups, os.path.join(out_dir, 'curves.png'), 'Fig. 4a')
   bp = next((g for g in groups if g.key[1] == 'bp'), None)
-  bp_mean = bp.stat('test_error')[0] if bp and bp.n else math.nan
-  rows = []
-  for g in groups:
-    mean, std = g.stat('test_error')
-    delta = '–' if g.key[1] == 'bp' or math.isnan(bp_mean) or math.isnan(mean) else (
-        f'{100 * (mean - bp_mean):+.2f}')
-    rows.append([g.label, grid.fmt_pct(mean, std), delta, g.n,
-                 paper.describe('Table 2', *g.key)])
+  rows = [[g.label, grid.fmt_pct(*g.stat('test_error')), grid.fmt_difference(g, bp), g.n,
+           paper.describe('Table 2', *g.key)] for g in groups]
   body = grid.markdown_table(
-      ['method', 'test error (%)', 'vs BP (points)', 'n', 'paper Table 2 row (%)'], rows)
+      ['method', 'test error (%)', 'vs BP (points, ± s.e. paired by seed)', 'n',
+       'paper Table 2 row (%)'], rows)
+  body += ('\n\nvs BP: the mean over seeds of (FDG - BP) test error, ± its standard error; a seed '
+           'gives both the same initial weights and batches, so a difference well beyond 2 '
+           'standard errors is larger than the run-to-run spread.')
   body += ('\n\nFigures: `beta.png` (bars: FDG per β, error bars ± 1 std over seeds; line and '
            'band: BP mean ± std), `curves.png` (test error against epoch, mean over seeds).\n'
            "Paper column: Fig. 4a's bars are not available as numbers, so it holds the paper's "

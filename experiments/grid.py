@@ -569,6 +569,32 @@ def aggregate(results: Sequence[Result]) -> list[Group]:
   return list(groups.values())
 
 
+def paired_difference(group: Group, reference: Group,
+                      field: str = 'test_error') -> tuple[float, float, int]:
+  """Mean over their shared seeds of `group` minus `reference`, its standard error, and n.
+
+  A seed gives every cell the same initial weights, data subset and batch order (train.py), so
+  runs pair by seed and the spread of the per-seed differences is what a difference must beat.
+  Standard error = sample std of the differences / sqrt(n); nan for one pair.
+  """
+  by_seed = dict(zip(reference.seeds, reference.summaries))
+  diffs = [s[field] - by_seed[seed][field] for seed, s in zip(group.seeds, group.summaries)
+           if seed in by_seed]
+  mean, std = mean_std(diffs)
+  return mean, std / math.sqrt(len(diffs)) if diffs else math.nan, len(diffs)
+
+
+def fmt_difference(group: Group, reference: Optional[Group]) -> str:
+  """`group` - `reference` in points as '+1.87 ± 0.52' (± one standard error, paired by seed);
+  '–' for the reference itself or when they share no seed."""
+  if reference is None or group is reference:
+    return '–'
+  mean, se, n = paired_difference(group, reference)
+  if not n:
+    return '–'
+  return f'{100 * mean:+.2f}' + ('' if math.isnan(se) else f' ± {100 * se:.2f}')
+
+
 def fmt_pct(mean: float, std: float) -> str:
   """An error as '7.12 ± 0.31' (percent); '7.12' for one seed; '–' for none."""
   if math.isnan(mean):

@@ -62,10 +62,12 @@ def report(results, options: grid.Options, table: str = 'Table 2',
   grid.write_csv(results, os.path.join(out_dir, 'results.csv'))
   grid.plot_curves(groups, os.path.join(out_dir, 'curves.png'), f'{table} ({dataset_title})')
   rows, best = [], []
+  bp = {g.key[0]: g for g in groups if g.key[1] == 'bp'}
   for g in groups:
     mean, std = g.stat('test_error')
     extra = g.summaries[0].get('extra_params', 0) if g.n else ''
-    rows.append([g.key[0], g.label, grid.fmt_pct(mean, std), g.n,
+    rows.append([g.key[0], g.label, grid.fmt_pct(mean, std),
+                 grid.fmt_difference(g, bp.get(g.key[0])), g.n,
                  f'{extra:,}' if extra else ('0' if g.n else '–'),
                  paper.describe(table, *g.key)])
   for model in dict.fromkeys(g.key[0] for g in groups):
@@ -74,11 +76,15 @@ def report(results, options: grid.Options, table: str = 'Table 2',
       g = min(fdg, key=lambda g: g.stat('test_error')[0])
       best.append(f'{model}: β = {g.key[3]:g} ({grid.fmt_pct(*g.stat("test_error"))}%)')
   body = grid.markdown_table(
-      ['model', 'method', 'test error (%)', 'n', 'extra params (DGL heads)',
+      ['model', 'method', 'test error (%)', 'vs BP (points, ± s.e.)', 'n',
+       'extra params (DGL heads)',
        f'paper {table} (%)'], rows)
   if best:
     body += ('\n\nFDG with the lowest mean test error among the β run (chosen on the test '
              'error itself, so optimistic): ' + '; '.join(best) + '.')
+  body += ('\n\nvs BP: mean over seeds of the per-seed difference in test error from BP of the '
+           'same model, ± its standard error (a seed gives every run the same initial weights '
+           'and batches).')
   body += ('\n\nFigure: `curves.png` (test error against epoch, mean over seeds, band ± 1 '
            f'std).\nPaper column: {paper.SOURCE}; {paper.SETTING}. It is at the paper\'s '
            f'scale, so compare orderings and gaps, not error levels, with a reduced-scale run.\n')

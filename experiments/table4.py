@@ -71,14 +71,17 @@ def report(results, options: grid.Options) -> None:
     speedup = '–' if math.isnan(bp_time) or math.isnan(time_mean) else (
         f'{bp_time / time_mean:.2f}x')
     devices = ' '.join(g.summaries[0]['devices']) if g.n else '–'
-    rows.append([g.label, grid.fmt_pct(*g.stat('test_error')), g.n,
+    rows.append([g.label, grid.fmt_pct(*g.stat('test_error')), grid.fmt_difference(g, bp),
+                 g.n,
                  grid.fmt_num(time_mean, time_std), grid.fmt_num(ips_mean, ips_std, 1), speedup,
                  devices, paper.describe('Table 4', *g.key),
                  f'{1 / paper.TABLE4_TIME_SHARE[g.key[2]]:.2f}x'
                  if g.key[2] in paper.TABLE4_TIME_SHARE else '–'])
   body = grid.markdown_table(
-      ['method', 'test error (%)', 'n', 'train time (s)', 'images/s', 'speed-up vs BP',
+      ['method', 'test error (%)', 'vs BP (points, ± s.e.)', 'n', 'train time (s)', 'images/s', 'speed-up vs BP',
        'stage devices', 'paper test error (%)', 'paper speed-up'], rows)
+  body += ('\n\nvs BP: mean over seeds of the per-seed difference in test error, ± its standard '
+           'error (a seed gives every run the same initial weights and batches).')
   body += ('\n\nTimes: `train_time_s` of the trainer (every training step, compilation and the '
            'end-of-run checkpoint write; evaluations too if the runs evaluated during training) '
            'and its `images_per_sec` (of the last resumed segment for a resumed run), mean ± std '

@@ -237,3 +237,19 @@ def test_row_configs_use_the_papers_tuned_beta(config_file, table):
     assert [config.beta] == tuned and config.model == 'resnet56'
   else:
     assert config.beta == paper.tuned_beta(table, config.model)
+
+
+def test_differences_pair_runs_by_seed():
+  def group(method, errors, seeds):
+    return grid.Group(('resnet20', method, 2, 1.0), method,
+                      [{'test_error': e} for e in errors], list(seeds))
+  bp = group('bp', (0.30, 0.40, 0.35), (0, 1, 2))
+  # Same gap on every seed, listed in another order: +2 points, no spread.
+  mean, se, n = grid.paired_difference(group('fdg', (0.42, 0.32, 0.37), (1, 0, 2)), bp)
+  assert n == 3 and mean == pytest.approx(0.02) and se == pytest.approx(0.0, abs=1e-12)
+  # Per-seed differences 1 and 3 points: +2 ± 1 (std sqrt(2) / sqrt(2)).
+  assert grid.fmt_difference(group('fdg', (0.31, 0.43), (0, 1)), bp) == '+2.00 ± 1.00'
+  # Only the seeds both have count; one pair has no standard error.
+  assert grid.fmt_difference(group('fdg', (0.50, 0.20), (0, 7)), bp) == '+20.00'
+  assert grid.fmt_difference(group('fdg', (0.5,), (9,)), bp) == '–'
+  assert grid.fmt_difference(bp, bp) == '–' and grid.fmt_difference(bp, None) == '–'
