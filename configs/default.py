@@ -36,6 +36,11 @@ def get_config():
   # What the delayed backward uses: 'vjp' (residuals saved at forward time: the paper's delayed
   # gradient) or 'recompute' (keep the input, recompute with current weights; less memory).
   config.stash = 'vjp'
+  # With stash 'vjp': '' keeps every residual of jax.vjp; 'dots_saveable',
+  # 'dots_with_no_batch_dims_saveable' or 'nothing_saveable' keep only what that jax.checkpoint
+  # policy saves and recompute the rest from the saved input and old weights (same gradient,
+  # less memory, more compute; see WORKSPACE.md for the measured trade-off).
+  config.residual_policy = ''
   # Images per training batch.
   config.batch_size = 128
   # Length of training in epochs (used when num_train_steps is -1).

@@ -2,7 +2,9 @@ r"""Memory FDG holds for the delayed backward: bytes saved per stage, per stash 
 
 Stage k keeps d_k = 2(K-1-k) saved forwards (DESIGN.md section 2). One entry is, with
 stash='vjp', the residuals of `jax.vjp` (the activations the backward needs and the weights
-they were computed with), and with stash='recompute', the stage input and a dropout key. This
+they were computed with), with stash='vjp+POLICY' only what that `jax.checkpoint` policy of
+`pipeline.RESIDUAL_POLICIES` keeps (`--config.residual_policy`), and with stash='recompute', the
+stage input and a dropout key. This
 script runs the real engine (every stage on device 0) for 2(K-1)+1 iterations, which reaches the
 steady state, and sums the `nbytes` of the leaves of every `Saved.arrays` in `state.saved[k]`;
 it checks that stage k holds d_k entries, i.e. saved bytes = d_k x one entry.
@@ -11,6 +13,8 @@ Each (stash, K) runs in its own process (`--isolate`, the default) so that the p
 (`resource.getrusage`, includes compilation) belongs to that configuration alone.
 
     python experiments/bench_memory.py               # ResNet-56, batch 128, K = 2, 3, 4
+    python experiments/bench_memory.py --num_stages=2 \
+        --stash=vjp,vjp+dots_saveable,vjp+nothing_saveable --output=bench_memory_policies.json
 
 Prints a markdown table; the last stdout line is one JSON object, also written to
 experiments/results/bench_memory_<model>.json.
@@ -34,7 +38,10 @@ from fdg_jax import pipeline  # noqa: E402
 flags.DEFINE_string('model', 'resnet56', 'Model of the zoo (fdg_jax.models.MODEL_NAMES).')
 flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
 flags.DEFINE_string('num_stages', '2,3,4', 'Comma-separated K values.')
-flags.DEFINE_string('stash', 'vjp,recompute', 'Comma-separated stash modes.')
+flags.DEFINE_string('stash', 'vjp,recompute', "Comma-separated stash modes: 'vjp', "
+                    "'recompute' or 'vjp+POLICY' (POLICY in pipeline.RESIDUAL_POLICIES).")
+flags.DEFINE_string('output', '', "File name under experiments/results/ (or an absolute path); "
+                    "'' = bench_memory_<model>_b<batch>_<size>px.json.")
 flags.DEFINE_integer('image_size', 32, 'Side of the square input images.')
 flags.DEFINE_bool('isolate', True, 'Run each configuration in its own process (own peak RSS).')
 flags.DEFINE_string('only', '', 'Internal: run one "stash:K" here and print its JSON line.')
@@ -47,10 +54,10 @@ def tree_bytes(tree) -> int:
   return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree)))
 
 
-def measure(stash: str, num_stages: int) -> dict:
+def measure(mode: str, num_stages: int) -> dict:
   """Runs one configuration into its steady state and sizes what each stage has saved."""
   config = common.make_config(FLAGS.model, 'fdg', num_stages, FLAGS.batch_size,
-                              FLAGS.image_size, stash, stage_devices=(0,) * num_stages)
+                              FLAGS.image_size, mode, stage_devices=(0,) * num_stages)
   pipe, state = common.build_pipeline(config)
   batches = common.random_batches(pipe, FLAGS.batch_size, FLAGS.image_size, 2)
   # Stage k first updates at iteration 2(K-1)-k; one more iteration puts every stage past it.
@@ -72,7 +79,7 @@ def measure(stash: str, num_stages: int) -> dict:
     })
   live = sum(a.nbytes for a in jax.live_arrays())
   return {
-      'stash': stash, 'num_stages': num_stages, 'stages': stages,
+      'stash': mode, 'num_stages': num_stages, 'stages': stages,
       'saved_bytes': sum(s['saved_bytes'] for s in stages),
       'entries_equal_delay': all(s['entries'] == s['delay'] for s in stages),
       'live_array_bytes': int(live),
@@ -134,7 +141,8 @@ def main(argv):
       'machine': common.machine(),
       'command': ' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
   }
-  name = f'bench_memory_{FLAGS.model}_b{FLAGS.batch_size}_{FLAGS.image_size}px.json'
+  name = (FLAGS.output or
+          f'bench_memory_{FLAGS.model}_b{FLAGS.batch_size}_{FLAGS.image_size}px.json')
   common.print_json(result, os.path.join(common.RESULTS_DIR, name))
 
 

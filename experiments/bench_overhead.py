@@ -24,9 +24,10 @@ ones (experiments/op_profile.py shows where the time goes), so there the ratio m
 effects with the engine's own cost; on an accelerator it is the engine's cost.
 
     python experiments/bench_overhead.py              # ResNet-20, batch 128, K = 2 and 4
+    python experiments/bench_overhead.py --stash=vjp+nothing_saveable   # cost of a policy
 
 The last stdout line is one JSON object; it is also written to
-experiments/results/bench_overhead_<model>.json.
+experiments/results/bench_overhead_<model>_b<batch>_<size>px[_<stash>].json.
 """
 
 import os
@@ -45,7 +46,8 @@ from experiments import common  # noqa: E402
 flags.DEFINE_string('model', 'resnet20', 'Model of the zoo (fdg_jax.models.MODEL_NAMES).')
 flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
 flags.DEFINE_string('num_stages', '2,4', 'Comma-separated K values of FDG to compare with BP.')
-flags.DEFINE_enum('stash', 'vjp', ['vjp', 'recompute'], 'What the delayed backward uses.')
+flags.DEFINE_string('stash', 'vjp', "What the delayed backward uses: 'vjp', 'recompute' or "
+                    "'vjp+POLICY' (POLICY in pipeline.RESIDUAL_POLICIES).")
 flags.DEFINE_integer('warmup', 3, 'Steady iterations run (untimed) after compilation and fill.')
 flags.DEFINE_integer('iters', 6, 'Steady iterations per timed run.')
 flags.DEFINE_integer('repeats', 5, 'Timed runs per method, interleaved.')
@@ -183,7 +185,8 @@ def main(argv):
       'machine': common.machine(),
       'command': ' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
   }
-  name = f'bench_overhead_{FLAGS.model}_b{FLAGS.batch_size}_{FLAGS.image_size}px.json'
+  stash = '' if FLAGS.stash == 'vjp' else f'_{FLAGS.stash}'   # the default keeps its old name
+  name = f'bench_overhead_{FLAGS.model}_b{FLAGS.batch_size}_{FLAGS.image_size}px{stash}.json'
   common.print_json(result, os.path.join(common.RESULTS_DIR, name))
 
 

@@ -32,9 +32,11 @@ def random_dataset(image_size: int, num_classes: int = NUM_CLASSES, seed: int = 
 
 def make_config(model: str, method: str, num_stages: int, batch_size: int, image_size: int,
                 stash: str = 'vjp', stage_devices: Sequence[int] = ()):
+  """The trainer's config for a benchmark; stash 'vjp+POLICY' sets config.residual_policy."""
   config = default_config.get_config()
   config.model, config.method, config.num_stages = model, method, num_stages
-  config.batch_size, config.image_size, config.stash = batch_size, image_size, stash
+  config.stash, _, config.residual_policy = stash.partition('+')
+  config.batch_size, config.image_size = batch_size, image_size
   config.stage_devices = tuple(stage_devices)
   return config
 

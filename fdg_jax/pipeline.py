@@ -26,6 +26,10 @@ import jax.numpy as jnp
 import optax
 
 STASH_MODES = ('vjp', 'recompute')
+# Policies of jax.checkpoint_policies that a 'vjp' stash may use to keep fewer residuals: what a
+# policy does not save is recomputed in the delayed backward from the saved stage input and old
+# weights, so the gradient is the same; 'nothing_saveable' keeps only those inputs.
+RESIDUAL_POLICIES = ('dots_saveable', 'dots_with_no_batch_dims_saveable', 'nothing_saveable')
 PHASES = ('fill', 'steady', 'drain')
 
 
@@ -155,18 +159,29 @@ class Pipeline:
       receives by beta.
     stash: 'vjp' (default; the delayed gradient of the paper, from the residuals saved at forward
       time) or 'recompute' (keep only the input, recompute with the current weights).
+    residual_policy: with stash='vjp', None (keep every residual of `jax.vjp`) or a name in
+      RESIDUAL_POLICIES: keep only what that `jax.checkpoint` policy saves and recompute the
+      rest in the delayed backward from the saved input and old weights. The same gradient,
+      less memory, more compute.
     placements: one `jax.sharding.Sharding` or `jax.Device` per stage (default: device k).
   """
 
   def __init__(self, stages: Sequence[nn.Module], optimizer: optax.GradientTransformation,
                loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_loss, *,
-               beta: float = 1.0, stash: str = 'vjp', placements: Optional[Sequence[Any]] = None):
+               beta: float = 1.0, stash: str = 'vjp', residual_policy: Optional[str] = None,
+               placements: Optional[Sequence[Any]] = None):
     if not stages:
       raise ValueError('A pipeline needs at least one stage.')
     if not 0.0 < beta <= 1.0:
       raise ValueError(f'beta={beta} is outside (0, 1]; beta=1 disables gradient shrinking.')
     if stash not in STASH_MODES:
       raise ValueError(f'stash={stash!r} is not one of {STASH_MODES}.')
+    if residual_policy is not None and residual_policy not in RESIDUAL_POLICIES:
+      raise ValueError(f'residual_policy={residual_policy!r} is not one of {RESIDUAL_POLICIES} '
+                       '(or None: keep every residual).')
+    if residual_policy is not None and stash != 'vjp':
+      raise ValueError(f"residual_policy={residual_policy!r} applies to stash='vjp' only; "
+                       f"stash={stash!r} keeps no residuals.")
     if placements is None:
       if len(jax.devices()) < len(stages):
         raise ValueError(
@@ -180,6 +195,7 @@ class Pipeline:
     self.loss_fn = loss_fn
     self.beta = float(beta)
     self.stash = stash
+    self.residual_policy = residual_policy
     self.shardings = tuple(as_sharding(p) for p in placements)
     self.num_stages = len(stages)
     self._residual_structures: dict[tuple, _Identity] = {}
@@ -205,11 +221,14 @@ class Pipeline:
 
   def _vjp(self, k: int, params, batch_stats, x, key):
     """jax.vjp of stage k's forward, w.r.t. params (and the input, except at stage 0)."""
+    def forward(p, h):
+      return self._train_forward(k, p, batch_stats, h, key)
+    if self.residual_policy is not None:
+      forward = jax.checkpoint(forward,
+                               policy=getattr(jax.checkpoint_policies, self.residual_policy))
     if k == 0:
-      return jax.vjp(lambda p: self._train_forward(k, p, batch_stats, x, key), params,
-                     has_aux=True)
-    return jax.vjp(lambda p, h: self._train_forward(k, p, batch_stats, h, key), params, x,
-                   has_aux=True)
+      return jax.vjp(lambda p: forward(p, x), params, has_aux=True)
+    return jax.vjp(forward, params, x, has_aux=True)
 
   def _make_stage_fn(self, k: int):
     """update_then_forward of non-last stage k. Saved, cotangent or x may be None (fill, drain)."""

@@ -69,6 +69,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('beta', f'{config.beta} is outside (0, 1]', 'Use 0 < beta <= 1 (1 disables shrinking).')
   if config.stash not in pipeline.STASH_MODES:
     fail('stash', f'unknown stash {config.stash!r}', f'Choose one of {pipeline.STASH_MODES}.')
+  if config.residual_policy and config.residual_policy not in pipeline.RESIDUAL_POLICIES:
+    fail('residual_policy', f'unknown policy {config.residual_policy!r}',
+         f"Choose one of {pipeline.RESIDUAL_POLICIES}, or '' to keep every residual.")
+  if config.residual_policy and (config.stash != 'vjp' or config.method == 'dgl'):
+    fail('residual_policy', f"{config.residual_policy!r} needs stash 'vjp' and method fdg, "
+         f'ddg or bp (got stash {config.stash!r}, method {config.method!r})',
+         "Set --config.residual_policy=''.")
   for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'image_size',
                 'timeline_num_steps'):
     if config[field] <= 0:
@@ -146,7 +153,7 @@ def create_pipeline(config, stages, optimizer, placements, num_classes: int
                                  aux_head=config.aux_head, placements=placements)
   engine = baselines.DDGPipeline if config.method == 'ddg' else pipeline.Pipeline
   return engine(stages, optimizer, loss, beta=config.beta, stash=config.stash,
-                placements=placements)
+                residual_policy=config.residual_policy or None, placements=placements)
 
 
 def params_digest(variables: dict) -> str:
@@ -458,6 +465,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'num_stages': pipe.num_stages,
       'beta': config.beta,
       'stash': config.stash,
+      'residual_policy': config.residual_policy,
       'steps': num_steps,
       'epochs': num_steps / steps_per_epoch,
       'batch_size': config.batch_size,

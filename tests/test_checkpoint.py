@@ -12,8 +12,11 @@ from tiny import tiny_batches
 
 
 def new_pipeline(num_stages, stash):
+  """stash: 'vjp', 'recompute' or 'vjp+POLICY' (a residual policy)."""
   modules, variables = initial_variables(num_stages)
+  stash, _, policy = stash.partition('+')
   pipe = pipeline.Pipeline(modules, make_optimizer(), beta=BETA, stash=stash,
+                           residual_policy=policy or None,
                            placements=jax.devices()[:num_stages])
   return pipe, pipe.init(jax.random.key(1), None, variables=variables)
 
@@ -24,8 +27,8 @@ def run(pipe, state, batches):
   return state
 
 
-@pytest.mark.parametrize('stash', ['vjp', 'recompute'])
-@pytest.mark.parametrize('num_stages', [2, 3])
+@pytest.mark.parametrize('num_stages, stash', [
+    (2, 'vjp'), (3, 'vjp'), (2, 'recompute'), (3, 'recompute'), (3, 'vjp+dots_saveable')])
 def test_resume_mid_stream_is_bit_exact(num_stages, stash, tmp_path):
   batches = tiny_batches(10)
   pipe, state = new_pipeline(num_stages, stash)

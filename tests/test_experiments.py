@@ -8,14 +8,18 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
 from experiments import fig4a_beta
-from experiments import paper
 from experiments import grid
+from experiments import paper
 from experiments import table2
 from experiments import table4
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def options(tmp_path, **kwargs):
@@ -253,3 +257,15 @@ def test_differences_pair_runs_by_seed():
   assert grid.fmt_difference(group('fdg', (0.50, 0.20), (0, 7)), bp) == '+20.00'
   assert grid.fmt_difference(group('fdg', (0.5,), (9,)), bp) == '–'
   assert grid.fmt_difference(bp, bp) == '–' and grid.fmt_difference(bp, None) == '–'
+
+
+def test_bench_memory_sizes_a_residual_policy(tmp_path):
+  out = tmp_path / 'bench.json'
+  subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'bench_memory.py'),
+                  '--model=resnet20', '--batch_size=2', '--image_size=8', '--num_stages=2',
+                  '--stash=vjp,vjp+nothing_saveable', '--isolate=false', f'--output={out}'],
+                 check=True, capture_output=True, cwd=REPO)
+  with open(out) as f:
+    result = json.load(f)
+  saved = result['saved_bytes']
+  assert result['entries_equal_delay'] and 0 < saved['vjp+nothing_saveable_k2'] < saved['vjp_k2']

@@ -17,8 +17,8 @@ from fdg_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = {
-    'model', 'dataset', 'method', 'num_stages', 'beta', 'stash', 'steps', 'epochs',
-    'test_error', 'test_accuracy', 'train_time_s', 'images_per_sec', 'trainable_params',
+    'model', 'dataset', 'method', 'num_stages', 'beta', 'stash', 'residual_policy', 'steps',
+    'epochs', 'test_error', 'test_accuracy', 'train_time_s', 'images_per_sec', 'trainable_params',
     'extra_params', 'stage_split', 'devices', 'jax_version', 'params_digest'}
 
 
@@ -135,6 +135,9 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
     (dict(dataset='imagefolder', data_dir=''), 'config.data_dir'),
     (dict(dataset='imagefolder', data_dir='/no/such/folder'), 'config.data_dir'),
     (dict(stash='disk'), 'config.stash'),
+    (dict(residual_policy='save_all'), 'config.residual_policy'),
+    (dict(stash='recompute', residual_policy='dots_saveable'), 'config.residual_policy'),
+    (dict(method='dgl', residual_policy='dots_saveable'), 'config.residual_policy'),
     (dict(split=(3, 6)), 'config.split'),
     (dict(split=(11,)), 'config.split'),
     (dict(stage_devices=(0, 8)), 'config.stage_devices'),
