@@ -213,6 +213,10 @@ RESUMABLE_FIELDS = frozenset({
     'checkpoint_every_steps', 'eval_batch_size', 'cache_dir', 'timeline_start_step',
     'timeline_num_steps'})
 
+# Fields added after runs could be checkpointed, with the value that computes what such a run
+# did: a saved config without one of them resumes as if it held that value.
+ADDED_FIELDS = {'residual_policy': ''}
+
 
 class DivergenceError(FloatingPointError):
   """A non-finite loss or parameter; the message names the step, the stage and the checkpoint."""
@@ -239,7 +243,7 @@ def _check_config_matches_workdir(config, workdir: str) -> None:
   if not os.path.exists(path):
     return
   with open(path) as f:
-    saved = json.load(f)
+    saved = {**ADDED_FIELDS, **json.load(f)}
   current = _jsonable(config)
   differing = sorted(k for k in set(saved) | set(current)
                      if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k))

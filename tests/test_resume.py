@@ -105,6 +105,14 @@ def test_resuming_with_a_different_computation_is_refused(data, tmp_path):
   changed = config_for(data, tmp_path, num_train_steps=8, beta=0.9, learning_rate=0.05)
   with pytest.raises(train.ConfigError, match="beta: 0.5 there, 0.9 here.*learning_rate"):
     train.train_and_evaluate(changed, str(tmp_path / 'work'))
+  # A run saved before a field existed resumes as if it held the field's old-behaviour value.
+  saved_config = tmp_path / 'work' / 'config.json'
+  old = {k: v for k, v in json.loads(saved_config.read_text()).items()
+         if k not in train.ADDED_FIELDS}
+  saved_config.write_text(json.dumps(old))
+  with pytest.raises(train.ConfigError, match="residual_policy: '' there, 'dots_saveable' here"):
+    train.train_and_evaluate(config_for(data, tmp_path, num_train_steps=6,
+                                        residual_policy='dots_saveable'), str(tmp_path / 'work'))
   longer = config_for(data, tmp_path, num_train_steps=6, log_every_steps=3)
   assert train.train_and_evaluate(longer, str(tmp_path / 'work'))['resumed_from_step'] == 4
 
