@@ -142,7 +142,7 @@ def test_engine_matches_naive_reference(num_stages, stash):
                          jax.tree_util.tree_leaves(variables[0]['params'])[0])
 
 
-@pytest.mark.parametrize('policy', pipeline.RESIDUAL_POLICIES)
+@pytest.mark.parametrize('policy', ['dots_saveable', 'nothing_saveable'])   # some, all redone
 def test_residual_policies_keep_the_delayed_gradient_and_save_less(policy):
   """A jax.checkpoint policy recomputes from the saved input and old weights: the naive
   reference's 'vjp' result, from fewer saved bytes."""
