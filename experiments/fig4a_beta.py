@@ -61,7 +61,7 @@ def plot_betas(groups, path: str, title: str) -> None:
   for x, m, s, g in zip(positions, means, stds, fdg):   # the value above its error bar
     ax.annotate(f'{m:.2f} (n={g.n})', (x, m + (0 if math.isnan(s) else s)), ha='center',
                 va='bottom', fontsize=7, xytext=(0, 2), textcoords='offset points')
-  values = list(means)
+  values = list(means) + [m + s for m, s in zip(means, stds) if not math.isnan(s)]   # bar tops
   if bp:
     mean, std = (100 * v for v in bp[0].stat('test_error'))
     ax.axhline(mean, color='tab:red', label=f'BP {mean:.2f}% (n={bp[0].n})')
