@@ -47,17 +47,17 @@ TABLE4_FDG_ERRORS = {2: {1.0: 6.20, 0.5: 5.90}, 3: {1.0: 6.40, 0.2: 6.08},
 TABLE4_TIME_SHARE = {1: 1.0, 2: 0.6064, 3: 0.5203, 4: 0.4432}
 
 
-def tuned_beta(table: str, model: str) -> Optional[float]:
-  """The beta below 1 the paper reports for a row of Table 2 / 3 (None if the row is absent)."""
-  betas = [b for b in TEST_ERRORS.get(table, {}).get(model, {}).get('fdg', {}) if b != 1.0]
-  return betas[0] if betas else None
-
-
 def fdg_errors(table: str, model: str, num_stages: int) -> dict:
   """{beta: test error} of FDG for a table's row (Table 4: ResNet-56 at `num_stages`)."""
   if table == 'Table 4':
     return dict(TABLE4_FDG_ERRORS.get(num_stages, {})) if model == 'resnet56' else {}
   return dict(TEST_ERRORS.get(table, {}).get(model, {}).get('fdg', {})) if num_stages == 2 else {}
+
+
+def tuned_beta(table: str, model: str, num_stages: int = 2) -> Optional[float]:
+  """The beta below 1 the paper reports for a row (None if it reports none)."""
+  betas = [b for b in fdg_errors(table, model, num_stages) if b != 1.0]
+  return betas[0] if betas else None
 
 
 def test_error(table: str, model: str, method: str, num_stages: int = 2,
