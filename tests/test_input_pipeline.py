@@ -1,5 +1,6 @@
 """Tests for fdg_jax.input_pipeline on tiny generated data."""
 
+import dataclasses
 import os
 import pickle
 import tarfile
@@ -11,6 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from fdg_jax import datasets
 from fdg_jax import input_pipeline as ip
 
 CLASSES = ('ant', 'bee', 'cat')
@@ -82,16 +84,146 @@ def test_image_size_resizes(tree, cache_dir):
   assert ds.train_images.shape[1:] == ds.test_images.shape[1:] == (16, 16, 3)
 
 
-def test_subsets(tree, cache_dir):
-  full = ip.load_dataset('imagefolder', tree, cache_dir=cache_dir)
-  ds = ip.load_dataset('imagefolder', tree, cache_dir=cache_dir,
-                       train_subset=7, test_subset=4)
-  assert len(ds.train_images) == 7 and len(ds.test_images) == 4
-  # Train subset is a shuffle, so it mixes classes; test is the first M.
-  assert len(set(ds.train_labels.tolist())) > 1
-  np.testing.assert_array_equal(ds.test_images, full.test_images[:4])
+def test_reexports_are_the_datasets_names():
+  assert ip.Dataset is datasets.Dataset and ip.DataError is datasets.DataError
+  assert ip.load_dataset is datasets.load_dataset and ip.describe is datasets.describe
+
+
+# ------------------------------------------------------------------ subsets
+
+# Unequal class sizes, so that proportions and remainders matter.
+ORDERED_CLASSES = ('a', 'b', 'c', 'd')
+ORDERED_TRAIN = (60, 50, 40, 50)  # 200
+ORDERED_TEST = (9, 7, 5, 7)  # 28
+
+
+def _make_class_ordered_tree(root):
+  """8x8 PNGs written class by class; pixel (0, 0) holds (label, index, 0)."""
+  for split, counts in (('train', ORDERED_TRAIN), ('test', ORDERED_TEST)):
+    for label, (name, count) in enumerate(zip(ORDERED_CLASSES, counts)):
+      folder = os.path.join(root, split, name)
+      os.makedirs(folder)
+      for i in range(count):
+        pixels = np.full((8, 8, 3), 128, np.uint8)
+        pixels[0, 0] = (label, i, 0)
+        Image.fromarray(pixels).save(os.path.join(folder, f'{i:03d}.png'))
+  return str(root)
+
+
+@pytest.fixture
+def ordered_tree(tmp_path):
+  return _make_class_ordered_tree(tmp_path / 'ordered')
+
+
+def _ordered(path, cache_dir, **subsets):
+  return ip.load_dataset('imagefolder', path, image_size=8, cache_dir=cache_dir,
+                         **subsets)
+
+
+def _ids(images):
+  """(label, index) of each image, from its pixel (0, 0)."""
+  return [tuple(int(v) for v in im[0, 0, :2]) for im in images]
+
+
+def test_class_ordered_folder_loads_class_by_class(ordered_tree, cache_dir):
+  full = _ordered(ordered_tree, cache_dir)
+  # The premise of the subset tests: without a subset the splits are sorted by class.
+  np.testing.assert_array_equal(full.test_labels, np.repeat(np.arange(4), ORDERED_TEST))
+  np.testing.assert_array_equal(full.train_labels, np.repeat(np.arange(4), ORDERED_TRAIN))
+
+
+def test_test_subset_holds_every_class_in_proportion(ordered_tree, cache_dir):
+  full = _ordered(ordered_tree, cache_dir)
+  ds = _ordered(ordered_tree, cache_dir, test_subset=10)
+  assert len(ds.test_images) == len(ds.test_labels) == 10
+  counts = np.bincount(ds.test_labels, minlength=4)
+  # Shares 10 * (9, 7, 5, 7) / 28 = (3.21, 2.5, 1.79, 2.5): floors (3, 2, 1, 2), the two
+  # left over to the largest remainders: 'c' (0.79), then 'b' (0.5, tied with 'd': lower label).
+  np.testing.assert_array_equal(counts, [3, 3, 2, 2])
+  shares = 10 * np.asarray(ORDERED_TEST) / sum(ORDERED_TEST)
+  assert np.all(np.abs(counts - shares) < 1)
+  # Distinct images of the split, each with its own label, in the split's order.
+  ids = _ids(ds.test_images)
+  assert len(set(ids)) == 10 and set(ids) <= set(_ids(full.test_images))
+  assert [label for label, _ in ids] == ds.test_labels.tolist()
+  assert ids == sorted(ids)
+  # Not simply the first of each class: a seeded pick within the class.
+  assert [i for label, i in ids if label == 0] != [0, 1, 2]
+  # Train is untouched by test_subset.
+  np.testing.assert_array_equal(ds.train_images, full.train_images)
+
+
+def test_test_subset_at_least_the_split_keeps_it_whole(ordered_tree, cache_dir):
+  full = _ordered(ordered_tree, cache_dir)
+  for size in (sum(ORDERED_TEST), 1000):
+    ds = _ordered(ordered_tree, cache_dir, test_subset=size)
+    np.testing.assert_array_equal(ds.test_images, full.test_images)
+    np.testing.assert_array_equal(ds.test_labels, full.test_labels)
+
+
+def test_train_subset_holds_every_class_and_is_the_recorded_selection(ordered_tree, cache_dir):
+  full = _ordered(ordered_tree, cache_dir)
+  ds = _ordered(ordered_tree, cache_dir, train_subset=100)
+  assert len(ds.train_images) == len(ds.train_labels) == 100
+  counts = np.bincount(ds.train_labels, minlength=4)
+  shares = 100 * np.asarray(ORDERED_TRAIN) / sum(ORDERED_TRAIN)  # (30, 25, 20, 25)
+  assert np.all(counts > 0)
+  assert np.all(np.abs(counts - shares) <= 6), counts
+  # Exactly the selection and order recorded runs were trained on: the first of the seed-0
+  # permutation (see datasets._train_subset_indices).
+  keep = np.random.default_rng(0).permutation(200)[:100]
+  np.testing.assert_array_equal(ds.train_images, full.train_images[keep])
+  np.testing.assert_array_equal(ds.train_labels, full.train_labels[keep])
+  # mean/std are those of the subset.
   flat = ds.train_images.reshape(-1, 3) / 255.0
   np.testing.assert_allclose(ds.mean, flat.mean(0), atol=1e-6)
+  np.testing.assert_allclose(ds.std, flat.std(0), atol=1e-6)
+  # The test split is untouched by train_subset.
+  np.testing.assert_array_equal(ds.test_images, full.test_images)
+
+
+def test_subsets_are_deterministic(ordered_tree, tmp_path):
+  # Two loads, the second decoding again into another cache.
+  first = _ordered(ordered_tree, str(tmp_path / 'cache1'), train_subset=37, test_subset=11)
+  second = _ordered(ordered_tree, str(tmp_path / 'cache2'), train_subset=37, test_subset=11)
+  for field in ('train_images', 'train_labels', 'test_images', 'test_labels'):
+    np.testing.assert_array_equal(getattr(first, field), getattr(second, field))
+  assert first.mean == second.mean and first.std == second.std
+
+
+def test_stratified_indices_on_a_cifar_like_test_split():
+  # CIFAR-10's test split stored class by class: the first 1000 were all one class.
+  labels = np.repeat(np.arange(10), 1000)
+  keep = datasets._stratified_indices(labels, 1000, seed=0)
+  np.testing.assert_array_equal(np.bincount(labels[keep], minlength=10), [100] * 10)
+  assert len(np.unique(keep)) == 1000 and np.all(np.diff(keep) > 0)
+  np.testing.assert_array_equal(keep, datasets._stratified_indices(labels, 1000, seed=0))
+  assert not np.array_equal(keep, datasets._stratified_indices(labels, 1000, seed=1))
+  # 15 of 10 classes: one each, the 5 left over (all remainders tied) to labels 0-4.
+  keep = datasets._stratified_indices(labels, 15, seed=0)
+  np.testing.assert_array_equal(np.bincount(labels[keep]), [2] * 5 + [1] * 5)
+  # Shuffled labels: the same counts from a split that is not class-ordered.
+  shuffled = np.random.default_rng(5).permutation(labels)
+  keep = datasets._stratified_indices(shuffled, 250, seed=0)
+  np.testing.assert_array_equal(np.bincount(shuffled[keep]), [25] * 10)
+
+
+# ------------------------------------------------------------------ describe
+
+
+def test_describe_reports_sizes_and_class_balance(ordered_tree, cache_dir):
+  ds = _ordered(ordered_tree, cache_dir, test_subset=10)
+  assert ip.describe(ds) == (
+      f'{ds.name}, 8x8 images: '
+      'train 200 images, 4 classes, 50 per class (min 40, max 60); '
+      'test 10 images, 4 classes, 2.5 per class (min 2, max 3)')
+  balanced = dataclasses.replace(
+      ds, test_images=ds.test_images[:8], test_labels=np.repeat(np.arange(4), 2))
+  assert ip.describe(balanced).endswith('; test 8 images, 4 classes, 2 per class')
+  missing = dataclasses.replace(ds, test_images=ds.test_images[:3],
+                                test_labels=np.asarray([0, 0, 2], np.int32))
+  assert ip.describe(missing).endswith(
+      '; test 3 images, 2 of 4 classes, 0.8 per class (min 0, max 2)')
 
 
 def test_archives_match_directory(tree, tmp_path, cache_dir):
@@ -120,7 +252,7 @@ def test_cache_is_used_second_time(tree, cache_dir, monkeypatch):
   def no_decoding(*args):
     raise AssertionError('decoded despite the cache')
 
-  monkeypatch.setattr(ip, '_decode_image', no_decoding)
+  monkeypatch.setattr(datasets, '_decode_image', no_decoding)
   second = ip.load_dataset('imagefolder', tree, cache_dir=cache_dir)
   np.testing.assert_array_equal(first.train_images, second.train_images)
   assert second.class_names == first.class_names
@@ -155,7 +287,7 @@ def test_tfds_with_mock_data(tmp_path):
 def test_tfds_offline_gives_data_error(tmp_path, monkeypatch):
   pytest.importorskip('tensorflow_datasets')
   # Never download for real, even on a machine with internet.
-  monkeypatch.setattr(ip, '_can_reach', lambda *args: False)
+  monkeypatch.setattr(datasets, '_can_reach', lambda *args: False)
   start = time.perf_counter()
   with pytest.raises(ip.DataError) as error:
     ip.load_dataset('cifar10', str(tmp_path / 'tfds'))
@@ -227,6 +359,43 @@ def test_test_batches_cover_everything_once(ds):
   expected = (ds.test_images / 255.0 - np.asarray(ds.mean)) / np.asarray(
       ds.std)
   np.testing.assert_allclose(images, expected, atol=1e-4)
+
+
+def _old_normaliser(ds):
+  """The batch normalisation as it was before `normalise` was public, verbatim."""
+  std = np.asarray(ds.std, np.float32)
+  scale = 1.0 / (255.0 * std)
+  shift = -np.asarray(ds.mean, np.float32) / std
+
+  def normalise(images):
+    n, h, w, c = images.shape
+    out = images.astype(np.float32).reshape(n * h, w * c)
+    out *= np.tile(scale, w)
+    out += np.tile(shift, w)
+    return out.reshape(n, h, w, c)
+
+  return normalise
+
+
+def test_normalise_is_the_batch_normalisation(ds):
+  images = ds.train_images[:5]
+  before = images.copy()
+  out = ip.normalise(ds, images)
+  assert out.dtype == np.float32 and out.shape == images.shape
+  np.testing.assert_array_equal(images, before)  # The input is not changed.
+  np.testing.assert_array_equal(out, _old_normaliser(ds)(images))  # Bit for bit.
+  expected = (images / 255.0 - np.asarray(ds.mean)) / np.asarray(ds.std)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  # One image [H, W, 3] and an empty batch work too.
+  np.testing.assert_array_equal(ip.normalise(ds, images[2]), out[2])
+  assert ip.normalise(ds, images[:0]).shape == (0, 32, 32, 3)
+  # The batch iterators normalise with it.
+  batch, labels = next(ip.train_batches(ds, 6, seed=2, augment=False))
+  idx = np.random.default_rng([2, 0]).permutation(len(ds.train_images))[:6]
+  np.testing.assert_array_equal(batch, ip.normalise(ds, ds.train_images[idx]))
+  np.testing.assert_array_equal(labels, ds.train_labels[idx])
+  images, _, mask = next(ip.test_batches(ds, batch_size=len(ds.test_images) + 2))
+  np.testing.assert_array_equal(images[mask], ip.normalise(ds, ds.test_images))
 
 
 # ------------------------------------------------------------------- errors
