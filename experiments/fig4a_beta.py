@@ -12,7 +12,7 @@ On this 2-core CPU, with the CIFAR-10 JPEG copy and its decoded cache:
 
 Run it again to resume (finished cells are read, an interrupted one resumes from its checkpoint);
 `--dry_run` prints the grid, `--report_only` writes the results of the runs finished so far.
-Common flags: see experiments/grid.py (`--scale`, `--seeds`, `--dataset`, `--data_dir`, `--set`,
+Common flags: see experiments/cells.py (`--scale`, `--seeds`, `--dataset`, `--data_dir`, `--set`,
 `--out_dir`, `--keep_checkpoints`).
 """
 
@@ -22,7 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import grid  # noqa: E402  (after the path set-up above)
+from experiments import cells as cells_lib  # noqa: E402  (after the path set-up above)
+from experiments import grid  # noqa: E402
+from experiments import reports  # noqa: E402
 from experiments import paper  # noqa: E402
 
 NAME = 'fig4a_beta'
@@ -31,25 +33,25 @@ DEFAULT_BETAS = {'paper': (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
                  'cpu': (0.1, 0.25, 0.5, 0.75, 1.0)}
 
 
-def build_cells(options: grid.Options, betas=(), model: str = 'resnet20',
+def build_cells(options: cells_lib.Options, betas=(), model: str = 'resnet20',
                 num_stages: int = 2) -> list:
   betas = tuple(betas) or DEFAULT_BETAS[options.scale]
   bad = [b for b in betas if not 0 < b <= 1]
   if bad:
-    raise grid.GridError(f'--betas: {bad} outside (0, 1]. Use 0 < beta <= 1.')
+    raise cells_lib.GridError(f'--betas: {bad} outside (0, 1]. Use 0 < beta <= 1.')
   config_file = f'configs/cifar10_{model}.py'
   cells = []
   for seed in options.seeds:
-    cells.append(grid.make_cell(options, config_file, method='bp', seed=seed))
-    cells += [grid.make_cell(options, config_file, method='fdg', num_stages=num_stages,
-                             beta=beta, seed=seed) for beta in betas]
+    cells.append(cells_lib.make_cell(options, config_file, method='bp', seed=seed))
+    cells += [cells_lib.make_cell(options, config_file, method='fdg', num_stages=num_stages,
+                                  beta=beta, seed=seed) for beta in betas]
   # Order: BP, then the betas ascending; seeds inside each (the first seed of every cell first).
   return sorted(cells, key=lambda c: (c.seed, c.method != 'bp', c.beta))
 
 
 def plot_betas(groups, path: str, title: str) -> None:
   """Bars of mean test error per beta (error bars: std over seeds), BP as a line with its band."""
-  plt = grid._pyplot()  # pylint: disable=protected-access
+  plt = reports.pyplot()
   fdg = sorted((g for g in groups if g.key[1] == 'fdg' and g.n), key=lambda g: g.key[3])
   bp = [g for g in groups if g.key[1] == 'bp' and g.n]
   fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -82,18 +84,18 @@ def plot_betas(groups, path: str, title: str) -> None:
   plt.close(fig)
 
 
-def report(results, options: grid.Options) -> None:
+def report(results, options: cells_lib.Options) -> None:
   out_dir = options.output_dir
   os.makedirs(out_dir, exist_ok=True)
-  groups = grid.aggregate(results)
+  groups = reports.aggregate(results)
   title = f'{results[0].cell.model} K={max(g.key[2] for g in groups)}' if results else NAME
-  grid.write_csv(results, os.path.join(out_dir, 'results.csv'))
+  reports.write_csv(results, os.path.join(out_dir, 'results.csv'))
   plot_betas(groups, os.path.join(out_dir, 'beta.png'), f'Fig. 4a: FDG β sweep, {title}')
-  grid.plot_curves(groups, os.path.join(out_dir, 'curves.png'), 'Fig. 4a')
+  reports.plot_curves(groups, os.path.join(out_dir, 'curves.png'), 'Fig. 4a')
   bp = next((g for g in groups if g.key[1] == 'bp'), None)
-  rows = [[g.label, grid.fmt_pct(*g.stat('test_error')), grid.fmt_difference(g, bp), g.n,
-           paper.describe('Table 2', *g.key)] for g in groups]
-  body = grid.markdown_table(
+  rows = [[g.label, reports.fmt_pct(*g.stat('test_error')), reports.fmt_difference(g, bp),
+           g.n, paper.describe('Table 2', *g.key)] for g in groups]
+  body = reports.markdown_table(
       ['method', 'test error (%)', 'vs BP (points, ± s.e. paired by seed)', 'n',
        'paper Table 2 row (%)'], rows)
   body += ('\n\nvs BP: the mean over seeds of (FDG - BP) test error, ± its standard error; a seed '
@@ -105,9 +107,9 @@ def report(results, options: grid.Options) -> None:
            f'Table 2 row of the same model (BP, β = 1 and the tuned β): {paper.SOURCE}; '
            f'{paper.SETTING}. It is at the paper\'s scale, so compare the direction of the '
            'β effect, not error levels, with a reduced-scale run.\n')
-  grid.write_results_md(os.path.join(out_dir, 'results.md'),
-                        f'Fig. 4a: FDG against β, {title}, {options.scale} scale', results,
-                        options, body)
+  reports.write_results_md(os.path.join(out_dir, 'results.md'),
+                           f'Fig. 4a: FDG against β, {title}, {options.scale} scale', results,
+                           options, body)
 
 
 def main(argv):
@@ -115,8 +117,8 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   try:
-    betas = grid.parse_floats(f.betas, 'betas')
-  except grid.GridError as e:
+    betas = cells_lib.parse_floats(f.betas, 'betas')
+  except cells_lib.GridError as e:
     sys.exit(f'error: {e}')
   sys.exit(grid.main(NAME, lambda options: build_cells(options, betas, f.model, f.num_stages),
                      report))
@@ -124,8 +126,8 @@ def main(argv):
 
 if __name__ == '__main__':
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  grid.define_flags(NAME)
-  flags.adopt_module_key_flags(grid)   # listed by --help
+  cells_lib.define_flags(NAME)
+  flags.adopt_module_key_flags(cells_lib)   # listed by --help
   flags.DEFINE_list('betas', [], 'Betas of the sweep; default: 0.1, 0.2, .., 1.0 at the paper '
                     'scale, 0.1, 0.25, 0.5, 0.75, 1.0 at the cpu scale.')
   flags.DEFINE_string('model', 'resnet20', 'Model (configs/cifar10_<model>.py).')

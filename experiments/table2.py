@@ -15,7 +15,7 @@ On this 2-core CPU, with the CIFAR-10 JPEG copy and its decoded cache:
         --data_dir=/work/shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache
 
 Run it again to resume; `--dry_run` prints the grid; `--report_only` writes the results so far.
-Common flags: see experiments/grid.py.
+Common flags: see experiments/cells.py.
 """
 
 import os
@@ -23,7 +23,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import grid  # noqa: E402  (after the path set-up above)
+from experiments import cells as cells_lib  # noqa: E402  (after the path set-up above)
+from experiments import grid  # noqa: E402
+from experiments import reports  # noqa: E402
 from experiments import paper  # noqa: E402
 
 DEFAULT_MODELS = {'paper': ('resnet56', 'resnet110', 'resnet18', 'wrn28_10'),
@@ -31,7 +33,7 @@ DEFAULT_MODELS = {'paper': ('resnet56', 'resnet110', 'resnet18', 'wrn28_10'),
 NUM_STAGES = 2
 
 
-def build_cells(options: grid.Options, dataset: str = 'cifar10', models=(),
+def build_cells(options: cells_lib.Options, dataset: str = 'cifar10', models=(),
                 fdg_betas=()) -> list:
   """BP, DDG, DGL, FDG at each beta (default: 1 and the config file's), per model and seed."""
   models = tuple(models) or DEFAULT_MODELS[options.scale]
@@ -40,13 +42,13 @@ def build_cells(options: grid.Options, dataset: str = 'cifar10', models=(),
   for model in models:
     config_file = f'configs/{dataset}_{model}.py'
     for seed in options.seeds:
-      cells.append(grid.make_cell(options, config_file, method='bp', seed=seed))
+      cells.append(cells_lib.make_cell(options, config_file, method='bp', seed=seed))
       for method in ('ddg', 'dgl'):
-        cells.append(grid.make_cell(options, config_file, method=method,
-                                    num_stages=NUM_STAGES, seed=seed))
+        cells.append(cells_lib.make_cell(options, config_file, method=method,
+                                         num_stages=NUM_STAGES, seed=seed))
       for beta in betas:
-        cells.append(grid.make_cell(options, config_file, method='fdg', num_stages=NUM_STAGES,
-                                    beta=beta, seed=seed))
+        cells.append(cells_lib.make_cell(options, config_file, method='fdg',
+                                         num_stages=NUM_STAGES, beta=beta, seed=seed))
   unique = list({c.name: c for c in cells}.values())   # beta 1 twice if the config's is 1
   order = {m: i for i, m in enumerate(models)}
   methods = ('bp', 'ddg', 'dgl', 'fdg')
@@ -54,28 +56,28 @@ def build_cells(options: grid.Options, dataset: str = 'cifar10', models=(),
                                        -c.beta))
 
 
-def report(results, options: grid.Options, table: str = 'Table 2',
+def report(results, options: cells_lib.Options, table: str = 'Table 2',
            dataset_title: str = 'CIFAR-10') -> None:
   out_dir = options.output_dir
   os.makedirs(out_dir, exist_ok=True)
-  groups = grid.aggregate(results)
-  grid.write_csv(results, os.path.join(out_dir, 'results.csv'))
-  grid.plot_curves(groups, os.path.join(out_dir, 'curves.png'), f'{table} ({dataset_title})')
+  groups = reports.aggregate(results)
+  reports.write_csv(results, os.path.join(out_dir, 'results.csv'))
+  reports.plot_curves(groups, os.path.join(out_dir, 'curves.png'), f'{table} ({dataset_title})')
   rows, best = [], []
   bp = {g.key[0]: g for g in groups if g.key[1] == 'bp'}
   for g in groups:
     mean, std = g.stat('test_error')
     extra = g.summaries[0].get('extra_params', 0) if g.n else ''
-    rows.append([g.key[0], g.label, grid.fmt_pct(mean, std),
-                 grid.fmt_difference(g, bp.get(g.key[0])), g.n,
+    rows.append([g.key[0], g.label, reports.fmt_pct(mean, std),
+                 reports.fmt_difference(g, bp.get(g.key[0])), g.n,
                  f'{extra:,}' if extra else ('0' if g.n else '–'),
                  paper.describe(table, *g.key)])
   for model in dict.fromkeys(g.key[0] for g in groups):
     fdg = [g for g in groups if g.key[0] == model and g.key[1] == 'fdg' and g.n]
     if len(fdg) > 1:
       g = min(fdg, key=lambda g: g.stat('test_error')[0])
-      best.append(f'{model}: β = {g.key[3]:g} ({grid.fmt_pct(*g.stat("test_error"))}%)')
-  body = grid.markdown_table(
+      best.append(f'{model}: β = {g.key[3]:g} ({reports.fmt_pct(*g.stat("test_error"))}%)')
+  body = reports.markdown_table(
       ['model', 'method', 'test error (%)', 'vs BP (points, ± s.e.)', 'n',
        'extra params (DGL heads)',
        f'paper {table} (%)'], rows)
@@ -88,9 +90,9 @@ def report(results, options: grid.Options, table: str = 'Table 2',
   body += ('\n\nFigure: `curves.png` (test error against epoch, mean over seeds, band ± 1 '
            f'std).\nPaper column: {paper.SOURCE}; {paper.SETTING}. It is at the paper\'s '
            f'scale, so compare orderings and gaps, not error levels, with a reduced-scale run.\n')
-  grid.write_results_md(os.path.join(out_dir, 'results.md'),
-                        f'{table}: BP, DDG, DGL and FDG on {dataset_title}, K = {NUM_STAGES}, '
-                        f'{options.scale} scale', results, options, body)
+  reports.write_results_md(os.path.join(out_dir, 'results.md'),
+                           f'{table}: BP, DDG, DGL and FDG on {dataset_title}, K = {NUM_STAGES}, '
+                           f'{options.scale} scale', results, options, body)
 
 
 def define_flags() -> None:
@@ -105,8 +107,8 @@ def run(name: str, dataset: str, table: str, dataset_title: str) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   try:
-    betas = grid.parse_floats(f.fdg_betas, 'fdg_betas')
-  except grid.GridError as e:
+    betas = cells_lib.parse_floats(f.fdg_betas, 'fdg_betas')
+  except cells_lib.GridError as e:
     sys.exit(f'error: {e}')
   sys.exit(grid.main(
       name, lambda options: build_cells(options, dataset, f.models, betas),
@@ -120,7 +122,7 @@ def main(argv):
 
 if __name__ == '__main__':
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  grid.define_flags('table2')
+  cells_lib.define_flags('table2')
   define_flags()
-  flags.adopt_module_key_flags(grid)   # listed by --help
+  flags.adopt_module_key_flags(cells_lib)   # listed by --help
   app.run(main)

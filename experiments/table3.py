@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import grid  # noqa: E402  (after the path set-up above)
+from experiments import cells as cells_lib  # noqa: E402  (after the path set-up above)
 from experiments import table2  # noqa: E402
 
 
@@ -22,8 +22,8 @@ def main(argv):
 
 if __name__ == '__main__':
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  grid.define_flags('table3')
+  cells_lib.define_flags('table3')
   table2.define_flags()
-  flags.adopt_module_key_flags(grid)   # listed by --help
+  flags.adopt_module_key_flags(cells_lib)   # listed by --help
   flags.adopt_module_key_flags(table2)
   app.run(main)

@@ -16,7 +16,7 @@ nothing about K accelerators; results.md records the devices of every run.
     python experiments/table4.py --scale=cpu --dataset=imagefolder \
         --data_dir=/work/shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache
 
-Writes OUT_DIR/results.md, results.csv and curves.png. Common flags: see experiments/grid.py.
+Writes OUT_DIR/results.md, results.csv and curves.png. Common flags: see experiments/cells.py.
 """
 
 import math
@@ -25,7 +25,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import grid  # noqa: E402  (after the path set-up above)
+from experiments import cells as cells_lib  # noqa: E402  (after the path set-up above)
+from experiments import grid  # noqa: E402
+from experiments import reports  # noqa: E402
 from experiments import paper  # noqa: E402
 
 NAME = 'table4'
@@ -33,35 +35,35 @@ CONFIGS = {2: 'configs/cifar10_resnet56.py', 3: 'configs/cifar10_resnet56_k3.py'
            4: 'configs/cifar10_resnet56_k4.py'}
 
 
-def script_overrides(options: grid.Options, curves: bool) -> dict:
+def script_overrides(options: cells_lib.Options, curves: bool) -> dict:
   overrides = {} if curves else {'eval_every_epochs': 0}
   if options.scale == 'cpu':
     overrides['checkpoint_every_steps'] = 0
   return overrides
 
 
-def build_cells(options: grid.Options, num_stages=(2, 3, 4), beta=None,
+def build_cells(options: cells_lib.Options, num_stages=(2, 3, 4), beta=None,
                 curves: bool = False) -> list:
   overrides = script_overrides(options, curves)
   bad = [k for k in num_stages if k < 2]
   if bad:
-    raise grid.GridError(f'--num_stages: {bad}: FDG needs K >= 2 (BP is always run).')
+    raise cells_lib.GridError(f'--num_stages: {bad}: FDG needs K >= 2 (BP is always run).')
   cells = []
   for seed in options.seeds:
-    cells.append(grid.make_cell(options, CONFIGS[2], method='bp', seed=seed,
-                                script_overrides=overrides))
-    cells += [grid.make_cell(options, CONFIGS.get(k, CONFIGS[4]), method='fdg', num_stages=k,
-                             beta=beta, seed=seed, script_overrides=overrides)
+    cells.append(cells_lib.make_cell(options, CONFIGS[2], method='bp', seed=seed,
+                                     script_overrides=overrides))
+    cells += [cells_lib.make_cell(options, CONFIGS.get(k, CONFIGS[4]), method='fdg',
+                                  num_stages=k, beta=beta, seed=seed, script_overrides=overrides)
               for k in num_stages]
   return cells
 
 
-def report(results, options: grid.Options) -> None:
+def report(results, options: cells_lib.Options) -> None:
   out_dir = options.output_dir
   os.makedirs(out_dir, exist_ok=True)
-  groups = grid.aggregate(results)
-  grid.write_csv(results, os.path.join(out_dir, 'results.csv'))
-  grid.plot_curves(groups, os.path.join(out_dir, 'curves.png'), 'Table 4')
+  groups = reports.aggregate(results)
+  reports.write_csv(results, os.path.join(out_dir, 'results.csv'))
+  reports.plot_curves(groups, os.path.join(out_dir, 'curves.png'), 'Table 4')
   bp = next((g for g in groups if g.key[1] == 'bp' and g.n), None)
   bp_time = bp.stat('train_time_s')[0] if bp else math.nan
   rows = []
@@ -71,13 +73,12 @@ def report(results, options: grid.Options) -> None:
     speedup = '–' if math.isnan(bp_time) or math.isnan(time_mean) else (
         f'{bp_time / time_mean:.2f}x')
     devices = ' '.join(g.summaries[0]['devices']) if g.n else '–'
-    rows.append([g.label, grid.fmt_pct(*g.stat('test_error')), grid.fmt_difference(g, bp),
-                 g.n,
-                 grid.fmt_num(time_mean, time_std), grid.fmt_num(ips_mean, ips_std, 1), speedup,
-                 devices, paper.describe('Table 4', *g.key),
+    rows.append([g.label, reports.fmt_pct(*g.stat('test_error')), reports.fmt_difference(g, bp),
+                 g.n, reports.fmt_num(time_mean, time_std), reports.fmt_num(ips_mean, ips_std, 1),
+                 speedup, devices, paper.describe('Table 4', *g.key),
                  f'{1 / paper.TABLE4_TIME_SHARE[g.key[2]]:.2f}x'
                  if g.key[2] in paper.TABLE4_TIME_SHARE else '–'])
-  body = grid.markdown_table(
+  body = reports.markdown_table(
       ['method', 'test error (%)', 'vs BP (points, ± s.e.)', 'n', 'train time (s)', 'images/s', 'speed-up vs BP',
        'stage devices', 'paper test error (%)', 'paper speed-up'], rows)
   body += ('\n\nvs BP: mean over seeds of the per-seed difference in test error, ± its standard '
@@ -89,9 +90,9 @@ def report(results, options: grid.Options) -> None:
            'same cores: a CPU speed-up is no measure of K accelerators.\nPaper columns: '
            f'{paper.SOURCE}; {paper.SETTING}; its speed-up is 1 / (training time as a share of '
            "BP's) on K GPUs.\n")
-  grid.write_results_md(os.path.join(out_dir, 'results.md'),
-                        f'Table 4: ResNet-56 on CIFAR-10, FDG at K = 2, 3, 4 against BP, '
-                        f'{options.scale} scale', results, options, body)
+  reports.write_results_md(os.path.join(out_dir, 'results.md'),
+                           f'Table 4: ResNet-56 on CIFAR-10, FDG at K = 2, 3, 4 against BP, '
+                           f'{options.scale} scale', results, options, body)
 
 
 def main(argv):
@@ -109,8 +110,8 @@ def main(argv):
 
 if __name__ == '__main__':
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  grid.define_flags(NAME)
-  flags.adopt_module_key_flags(grid)   # listed by --help
+  cells_lib.define_flags(NAME)
+  flags.adopt_module_key_flags(cells_lib)   # listed by --help
   flags.DEFINE_list('num_stages', ['2', '3', '4'], 'K values of FDG (BP is always run).')
   flags.DEFINE_string('beta', '', "FDG's beta; '' = the config files' (0.5).")
   flags.DEFINE_bool('curves', False, 'Evaluate during training as the scale says (learning '

@@ -2,10 +2,176 @@
 
 Everything the trainer writes lives under one workdir: `config.json` (the config it ran with),
 `summary.json` (written once, at the end), `checkpoints/` (fdg_jax.checkpoint), TensorBoard
-events and `train.log`. Other code (the experiment grids, notebooks) takes the file names from
-here.
+events and `log.txt` (every log line of the run, the libraries' included). Other code (the
+experiment grids, notebooks) takes the file names from here.
 """
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fdg_jax import pipeline
+from fdg_jax.configuration import ConfigError
 
 SUMMARY_FILE = 'summary.json'
 CONFIG_FILE = 'config.json'
-LOG_FILE = 'train.log'
+LOG_FILE = 'log.txt'
+
+# Fields that change only the length or the logging of a run: a resumed run may change them.
+RESUMABLE_FIELDS = frozenset({
+    'num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_epochs',
+    'checkpoint_every_steps', 'eval_batch_size', 'cache_dir', 'timeline_start_step',
+    'timeline_num_steps'})
+
+# Fields added after runs could be checkpointed, with the value that computes what such a run
+# did: a saved config without one of them resumes as if it held that value.
+ADDED_FIELDS = {'residual_policy': ''}
+
+
+class DivergenceError(FloatingPointError):
+  """A non-finite loss or parameter; the message names the step, the stage and the checkpoint."""
+
+
+class Preempted(RuntimeError):
+  """Stopped by SIGTERM/SIGINT after saving a checkpoint; the message says how to resume."""
+
+
+def jsonable(config) -> dict:
+  return json.loads(config.to_json())
+
+
+def write_json(path: str, value) -> None:
+  """Write atomically: a crash leaves the old file or the new one, never half of one."""
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
+def check_config_matches(config, workdir: str) -> None:
+  """A workdir's saved config may differ from this one only in RESUMABLE_FIELDS."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = {**ADDED_FIELDS, **json.load(f)}
+  current = jsonable(config)
+  differing = sorted(k for k in set(saved) | set(current)
+                     if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k))
+  if differing:
+    details = ', '.join(f'{k}: {saved.get(k)!r} there, {current.get(k)!r} here' for k in differing)
+    raise ConfigError(
+        f'workdir {workdir!r} holds a run with a different computation ({details}). Only the '
+        f'length and logging fields ({", ".join(sorted(RESUMABLE_FIELDS))}) may change when '
+        'resuming. Use a new --workdir, or the saved config.')
+
+
+def check_resumable(workdir: str, latest_step: Optional[int], num_steps: int) -> None:
+  """Refuse to overwrite a finished run, or to resume a checkpoint past the asked length."""
+  finished = os.path.exists(os.path.join(workdir, SUMMARY_FILE))
+  if latest_step is not None and latest_step > num_steps:
+    raise ConfigError(
+        f'config.num_train_steps: the checkpoint in {workdir!r} is at step {latest_step}, past '
+        f'the {num_steps} steps asked for. Ask for more steps, or use a new --workdir.')
+  if finished and (latest_step is None or latest_step == num_steps):
+    raise ConfigError(
+        f'workdir {workdir!r} already holds a finished run of {num_steps} steps; nothing is '
+        'overwritten. Raise config.num_train_steps (or num_epochs) to continue it, or choose '
+        'a new --workdir.')
+
+
+def keep_previous_summary(workdir: str, start_step: int) -> None:
+  """A finished shorter run being continued: its summary is kept as summary-stepN.json."""
+  previous = os.path.join(workdir, SUMMARY_FILE)
+  if os.path.exists(previous):
+    os.replace(previous, os.path.join(workdir, f'summary-step{start_step}.json'))
+
+
+class PreemptionSignals:
+  """Turns SIGTERM and SIGINT into a flag the loop checks at the next iteration boundary."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def check_finite(state: pipeline.PipelineState, step: int, loss: Optional[float],
+                 checkpoint_dir: str, latest_step: Optional[int]) -> None:
+  """Raise DivergenceError for a non-finite loss or parameter (reads one bool per stage)."""
+  finite = jax.device_get([
+      jax.tree_util.tree_reduce(jnp.logical_and, jax.tree_util.tree_map(
+          lambda x: jnp.isfinite(x).all(), stage.params)) for stage in state.stages])
+  bad_stages = [k for k, ok in enumerate(finite) if not ok]
+  problems = []
+  if loss is not None and not np.isfinite(loss):
+    problems.append(f'loss {loss} (computed on the last stage, {len(finite) - 1})')
+  if bad_stages:
+    problems.append(f'parameters in stage(s) {bad_stages}')
+  if not problems:
+    return
+  kept = (f'the last good checkpoint (step {latest_step}) in {checkpoint_dir} is intact'
+          if latest_step is not None else 'no checkpoint was written')
+  raise DivergenceError(
+      f'Training diverged at step {step}: non-finite {" and ".join(problems)}. Nothing was '
+      f'saved from this state; {kept}. Lower config.learning_rate or raise '
+      'config.warmup_epochs, and resume or start again.')
+
+
+class _ConsoleFilter(logging.Filter):
+  """Passes fdg_jax's own INFO lines and every library's warnings and errors."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+      return True
+    return os.sep + 'fdg_jax' + os.sep in record.pathname
+
+
+def quiet_console() -> None:
+  """The console shows what is trained, progress, evaluations, checkpoints and warnings; the
+  libraries' INFO lines (orbax, clu's writer, JAX's backend probing) go only to the log file."""
+  for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
+    if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
+      handler.addFilter(_ConsoleFilter())
+
+
+@contextlib.contextmanager
+def log_file(workdir: str):
+  """Every INFO line of the run, ours and the libraries', appended to WORKDIR/log.txt."""
+  os.makedirs(workdir, exist_ok=True)
+  handler = logging.FileHandler(os.path.join(workdir, LOG_FILE))
+  handler.setFormatter(logging.Formatter(
+      '%(asctime)s %(levelname).1s %(filename)s:%(lineno)d] %(message)s'))
+  root = logging.getLogger()
+  previous_level = root.level
+  root.addHandler(handler)
+  if root.level > logging.INFO or root.level == logging.NOTSET:
+    root.setLevel(logging.INFO)
+  try:
+    yield
+  finally:
+    root.removeHandler(handler)
+    root.setLevel(previous_level)
+    handler.close()

@@ -1,4 +1,5 @@
-"""The experiment grid (experiments/grid.py) and the scripts' reports, without training.
+"""The experiment grid (experiments/grid.py, cells.py, runner.py, reports.py) and the scripts'
+reports, without training.
 
 A fake runner stands in for `python -m fdg_jax.main`: it writes a summary.json with a history, as
 the trainer does, and records which cells it was asked to run.
@@ -13,18 +14,23 @@ import sys
 
 import pytest
 
+from experiments import cells as cells_lib
 from experiments import fig4a_beta
 from experiments import grid
 from experiments import paper
+from experiments import reports
+from experiments import runner as runner_lib
 from experiments import table2
 from experiments import table4
+from fdg_jax import checkpoint as checkpoint_lib
+from fdg_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def options(tmp_path, **kwargs):
   kwargs.setdefault('seeds', (0, 1))
-  return grid.Options(name='test', out_dir=str(tmp_path / 'out'), argv=('test',), **kwargs)
+  return cells_lib.Options(name='test', out_dir=str(tmp_path / 'out'), argv=('test',), **kwargs)
 
 
 def fake_summary(cell, error=None):
@@ -53,38 +59,38 @@ class FakeRunner:
   def __call__(self, cell, workdir):
     self.ran.append(cell.name)
     if cell.name in self.fail:
-      raise grid.RunFailed('exit status 1')
-    os.makedirs(os.path.join(workdir, grid.CHECKPOINT_DIR, '30'))
-    with open(os.path.join(workdir, grid.SUMMARY_FILE), 'w') as f:
+      raise runner_lib.RunFailed('exit status 1')
+    os.makedirs(os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR, '30'))
+    with open(os.path.join(workdir, workdir_lib.SUMMARY_FILE), 'w') as f:
       json.dump(fake_summary(cell), f)
 
 
 def test_cell_names_and_labels(tmp_path):
   opts = options(tmp_path)
   f = 'configs/cifar10_resnet20.py'
-  bp = grid.make_cell(opts, f, method='bp', seed=1, num_stages=4, beta=0.5)
-  fdg = grid.make_cell(opts, f, method='fdg', num_stages=2, beta=0.5, seed=0)
-  ddg = grid.make_cell(opts, f, method='ddg', num_stages=3, beta=0.5, seed=2)
+  bp = cells_lib.make_cell(opts, f, method='bp', seed=1, num_stages=4, beta=0.5)
+  fdg = cells_lib.make_cell(opts, f, method='fdg', num_stages=2, beta=0.5, seed=0)
+  ddg = cells_lib.make_cell(opts, f, method='ddg', num_stages=3, beta=0.5, seed=2)
   assert bp.name == 'resnet20_bp_seed1' and (bp.num_stages, bp.beta) == (1, 1.0)
   assert fdg.name == 'resnet20_fdg_k2_beta0.5_seed0' and fdg.label == 'FDG K=2 β=0.5'
   assert ddg.name == 'resnet20_ddg_k3_seed2' and ddg.beta == 1.0   # DDG: no shrinking
   # beta=None: the config file's (the paper's best beta for ResNet-20, 0.2).
-  assert grid.make_cell(opts, f, method='fdg', seed=0).name == 'resnet20_fdg_k2_beta0.2_seed0'
-  assert fdg.group == grid.make_cell(opts, f, method='fdg', num_stages=2, beta=0.5,
-                                     seed=3).group
+  assert cells_lib.make_cell(opts, f, method='fdg', seed=0).name == 'resnet20_fdg_k2_beta0.2_seed0'
+  assert fdg.group == cells_lib.make_cell(opts, f, method='fdg', num_stages=2, beta=0.5,
+                                          seed=3).group
 
 
 def test_cpu_scale_compresses_the_schedule(tmp_path):
-  cell = grid.make_cell(options(tmp_path), 'configs/cifar10_resnet56_k3.py', method='fdg',
-                        seed=0)
+  cell = cells_lib.make_cell(options(tmp_path), 'configs/cifar10_resnet56_k3.py', method='fdg',
+                             seed=0)
   o = cell.override_dict()
   assert o['lr_boundaries_epochs'] == (6, 9, 11)       # 150/225/275 of 300 -> of 12
   assert o['warmup_epochs'] == 1 and o['num_epochs'] == 12 and o['train_subset'] == 10_000
-  paper = grid.make_cell(options(tmp_path, scale='paper'), 'configs/cifar10_resnet56.py',
-                         method='fdg', seed=0)
+  paper = cells_lib.make_cell(options(tmp_path, scale='paper'), 'configs/cifar10_resnet56.py',
+                              method='fdg', seed=0)
   assert 'lr_boundaries_epochs' not in paper.override_dict()
-  explicit = grid.make_cell(options(tmp_path, sets=('lr_boundaries_epochs=(3,)',)),
-                            'configs/cifar10_resnet20.py', method='bp', seed=0)
+  explicit = cells_lib.make_cell(options(tmp_path, sets=('lr_boundaries_epochs=(3,)',)),
+                                 'configs/cifar10_resnet20.py', method='bp', seed=0)
   assert explicit.override_dict()['lr_boundaries_epochs'] == (3,)
 
 
@@ -92,18 +98,18 @@ def test_cpu_scale_compresses_the_schedule(tmp_path):
     (('nonsense=1',), 'does not exist'), (('num_epochs=1.5',), 'num_epochs'),
     (('beta=1',), 'set by the grid'), (('train_subset',), 'FIELD=VALUE')])
 def test_bad_overrides_fail_before_running(tmp_path, sets, message):
-  with pytest.raises(grid.GridError, match=message):
-    grid.make_cell(options(tmp_path, sets=sets), 'configs/cifar10_resnet20.py', method='bp',
-                   seed=0)
+  with pytest.raises(cells_lib.GridError, match=message):
+    cells_lib.make_cell(options(tmp_path, sets=sets), 'configs/cifar10_resnet20.py',
+                        method='bp', seed=0)
 
 
 def test_subprocess_command_and_simulated_devices(tmp_path):
   opts = options(tmp_path, dataset='imagefolder', data_dir=str(tmp_path),
                  sets=('cache_dir=/tmp/c',))
-  fdg = grid.make_cell(opts, 'configs/cifar10_resnet20.py', method='fdg', num_stages=2,
-                       beta=0.25, seed=0)
-  bp = grid.make_cell(opts, 'configs/cifar10_resnet20.py', method='bp', seed=0)
-  runner = grid.SubprocessRunner(python='PY', platform_info=('cpu', 1), log=lambda _: None)
+  fdg = cells_lib.make_cell(opts, 'configs/cifar10_resnet20.py', method='fdg', num_stages=2,
+                            beta=0.25, seed=0)
+  bp = cells_lib.make_cell(opts, 'configs/cifar10_resnet20.py', method='bp', seed=0)
+  runner = runner_lib.SubprocessRunner(python='PY', platform_info=('cpu', 1), log=lambda _: None)
   argv, env = runner.command(fdg, 'W')
   assert argv[:5] == ['PY', '-m', 'fdg_jax.main', '--config=configs/cifar10_resnet20.py',
                       '--workdir=W']
@@ -112,12 +118,12 @@ def test_subprocess_command_and_simulated_devices(tmp_path):
     assert arg in argv
   assert env['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2'
   assert runner.command(bp, 'W')[1]['XLA_FLAGS'] == ''
-  assert grid.xla_flags('--a --xla_force_host_platform_device_count=8', 'cpu', 3) == (
+  assert runner_lib.xla_flags('--a --xla_force_host_platform_device_count=8', 'cpu', 3) == (
       '--a --xla_force_host_platform_device_count=3')
-  gpu = grid.SubprocessRunner(python='PY', platform_info=('gpu', 1), log=lambda _: None)
+  gpu = runner_lib.SubprocessRunner(python='PY', platform_info=('gpu', 1), log=lambda _: None)
   argv, env = gpu.command(fdg, 'W')
   assert '--config.stage_devices=(0,0)' in argv and env['XLA_FLAGS'] == ''
-  assert grid.format_value((3,)) == '(3,)' and grid.format_value(True) == 'True'
+  assert runner_lib.format_value((3,)) == '(3,)' and runner_lib.format_value(True) == 'True'
 
 
 def test_grid_runs_missing_cells_reads_finished_ones_and_resumes(tmp_path):
@@ -130,7 +136,7 @@ def test_grid_runs_missing_cells_reads_finished_ones_and_resumes(tmp_path):
   done = cells[1]
   workdir = os.path.join(out, 'runs', done.name)
   grid.write_cell_record(done, workdir)
-  with open(os.path.join(workdir, grid.SUMMARY_FILE), 'w') as f:
+  with open(os.path.join(workdir, workdir_lib.SUMMARY_FILE), 'w') as f:
     json.dump(fake_summary(done, error=0.123), f)
   runner = FakeRunner(fail={cells[2].name})
   results = grid.run_grid(cells, out, runner=runner, log=lambda _: None)
@@ -141,7 +147,8 @@ def test_grid_runs_missing_cells_reads_finished_ones_and_resumes(tmp_path):
   assert by_name[cells[2].name].status == 'failed'
   assert by_name[cells[0].name].status == 'trained'
   # Finished runs lose their checkpoints unless asked to keep them.
-  assert not os.path.exists(os.path.join(by_name[cells[0].name].workdir, grid.CHECKPOINT_DIR))
+  assert not os.path.exists(os.path.join(by_name[cells[0].name].workdir,
+                                         checkpoint_lib.CHECKPOINT_DIR))
   # Again: only the failed cell runs.
   runner = FakeRunner()
   results = grid.run_grid(cells, out, runner=runner, log=lambda _: None)
@@ -160,7 +167,7 @@ def test_grid_refuses_a_workdir_of_other_settings(tmp_path):
   longer = fig4a_beta.build_cells(options(tmp_path, seeds=(0,), sets=('num_epochs=20',)),
                                   betas=(0.5,))
   runner = FakeRunner()
-  with pytest.raises(grid.GridError, match='num_epochs: 12 there, 20 here'):
+  with pytest.raises(cells_lib.GridError, match='num_epochs: 12 there, 20 here'):
     grid.run_grid(longer, out, runner=runner, log=lambda _: None)
   assert runner.ran == []
   # Fields that only move files or logs do not make another cell.
@@ -171,18 +178,18 @@ def test_grid_refuses_a_workdir_of_other_settings(tmp_path):
 
 
 def test_aggregate_mean_and_sample_std():
-  assert grid.mean_std([0.1, 0.2, 0.3]) == pytest.approx((0.2, 0.1))
-  mean, std = grid.mean_std([0.4])
+  assert reports.mean_std([0.1, 0.2, 0.3]) == pytest.approx((0.2, 0.1))
+  mean, std = reports.mean_std([0.4])
   assert mean == 0.4 and math.isnan(std)
-  cell = grid.Cell('fdg', 'resnet20', 2, 0.5, 0, 'configs/cifar10_resnet20.py')
+  cell = cells_lib.Cell('fdg', 'resnet20', 2, 0.5, 0, 'configs/cifar10_resnet20.py')
   results = [grid.Result(cell, 'w', 'read', fake_summary(cell, error=e))
              for e in (0.1, 0.2, 0.3)]
   results.append(grid.Result(cell, 'w', 'failed'))
-  (group,) = grid.aggregate(results)
+  (group,) = reports.aggregate(results)
   assert group.n == 3 and group.stat('test_error') == pytest.approx((0.2, 0.1))
   epochs, mean, std = group.curve()
   assert epochs == [1.0, 2.0, 3.0] and mean[-1] == pytest.approx(0.2)
-  assert grid.fmt_pct(0.2, 0.1) == '20.00 ± 10.00' and grid.fmt_pct(0.2, math.nan) == '20.00'
+  assert reports.fmt_pct(0.2, 0.1) == '20.00 ± 10.00' and reports.fmt_pct(0.2, math.nan) == '20.00'
 
 
 @pytest.mark.parametrize('script', ['fig4a_beta', 'table2', 'table4'])
@@ -235,24 +242,24 @@ def test_paper_lookup():
     *[(f'configs/cifar100_{m}.py', 'Table 3') for m in paper.TEST_ERRORS['Table 3']],
     ('configs/cifar10_resnet56_k3.py', 'Table 4'), ('configs/cifar10_resnet56_k4.py', 'Table 4')])
 def test_row_configs_use_the_papers_tuned_beta(config_file, table):
-  config = grid.load_config(config_file)
+  config = cells_lib.load_config(config_file)
   assert config.beta == paper.tuned_beta(table, config.model, config.num_stages)
 
 
 def test_differences_pair_runs_by_seed():
   def group(method, errors, seeds):
-    return grid.Group(('resnet20', method, 2, 1.0), method,
-                      [{'test_error': e} for e in errors], list(seeds))
+    return reports.Group(('resnet20', method, 2, 1.0), method,
+                         [{'test_error': e} for e in errors], list(seeds))
   bp = group('bp', (0.30, 0.40, 0.35), (0, 1, 2))
   # Same gap on every seed, listed in another order: +2 points, no spread.
-  mean, se, n = grid.paired_difference(group('fdg', (0.42, 0.32, 0.37), (1, 0, 2)), bp)
+  mean, se, n = reports.paired_difference(group('fdg', (0.42, 0.32, 0.37), (1, 0, 2)), bp)
   assert n == 3 and mean == pytest.approx(0.02) and se == pytest.approx(0.0, abs=1e-12)
   # Per-seed differences 1 and 3 points: +2 ± 1 (std sqrt(2) / sqrt(2)).
-  assert grid.fmt_difference(group('fdg', (0.31, 0.43), (0, 1)), bp) == '+2.00 ± 1.00'
+  assert reports.fmt_difference(group('fdg', (0.31, 0.43), (0, 1)), bp) == '+2.00 ± 1.00'
   # Only the seeds both have count; one pair has no standard error.
-  assert grid.fmt_difference(group('fdg', (0.50, 0.20), (0, 7)), bp) == '+20.00'
-  assert grid.fmt_difference(group('fdg', (0.5,), (9,)), bp) == '–'
-  assert grid.fmt_difference(bp, bp) == '–' and grid.fmt_difference(bp, None) == '–'
+  assert reports.fmt_difference(group('fdg', (0.50, 0.20), (0, 7)), bp) == '+20.00'
+  assert reports.fmt_difference(group('fdg', (0.5,), (9,)), bp) == '–'
+  assert reports.fmt_difference(bp, bp) == '–' and reports.fmt_difference(bp, None) == '–'
 
 
 def test_bench_memory_sizes_a_residual_policy(tmp_path):

@@ -1,0 +1,247 @@
+"""A grid's cells: the common flags, and one training run's config built and checked.
+
+`make_cell` turns a row's config file, the scale (`SCALES`; `CPU_SCALE` and `rescale_schedule`
+for `--scale=cpu`), the data flags, the script's defaults and `--set` overrides into a `Cell`,
+checking every field before anything runs. How a grid uses its cells: experiments/grid.py.
+"""
+
+import dataclasses
+import importlib
+import os
+import sys
+from typing import Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO, 'experiments', 'results')
+
+SCALES = ('paper', 'cpu')
+# The reduced scale `--scale=cpu`: a fixed seeded subset of the training images (the test split
+# is complete), 12 epochs, the paper's schedule compressed to them (see rescale_schedule),
+# evaluation every 2 epochs, a checkpoint every 250 steps (about 2 minutes of ResNet-20).
+CPU_SCALE = {
+    'train_subset': 10_000,
+    'num_epochs': 12,
+    'eval_every_epochs': 2,
+    'log_every_steps': 50,
+    'checkpoint_every_steps': 250,
+}
+# Fields a cell's script sets itself; `--set` may not change them.
+CELL_FIELDS = ('method', 'model', 'num_stages', 'beta', 'seed')
+METHOD_LABELS = {'bp': 'BP', 'fdg': 'FDG', 'ddg': 'DDG', 'dgl': 'DGL'}
+
+
+class GridError(ValueError):
+  """A grid that cannot run as asked; the message names the problem and the fix."""
+
+
+# ----------------------------------------------------------------------------------- options
+
+
+@dataclasses.dataclass
+class Options:
+  """What every script takes (the common flags)."""
+  name: str
+  scale: str = 'cpu'
+  seeds: tuple = (0, 1, 2)
+  dataset: str = ''        # '' = the config files' (tfds cifar10 / cifar100)
+  data_dir: str = ''
+  sets: tuple = ()         # ('FIELD=VALUE', ...)
+  out_dir: str = ''        # '' = experiments/results/<name>_<scale>
+  dry_run: bool = False
+  report_only: bool = False
+  keep_checkpoints: bool = False
+  argv: tuple = ()         # the command line, recorded in results.md
+
+  @property
+  def output_dir(self) -> str:
+    return os.path.abspath(self.out_dir or os.path.join(RESULTS_DIR, f'{self.name}_{self.scale}'))
+
+
+def define_flags(name: str) -> None:
+  """The common absl flags (call once, from a script's `__main__`)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_enum('scale', 'cpu', list(SCALES),
+                    "'paper': the config files' recipe (300 epochs, full data); 'cpu': the "
+                    f'reduced scale {CPU_SCALE} with the lr schedule compressed to it.')
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; every cell runs once per seed.')
+  flags.DEFINE_string('dataset', '', "Override config.dataset (e.g. 'imagefolder'); '' = the "
+                      "config files' tfds dataset.")
+  flags.DEFINE_string('data_dir', '', 'Override config.data_dir (tfds directory, image folder '
+                      'or .tar.gz archive).')
+  flags.DEFINE_multi_string('set', [], 'FIELD=VALUE: override a config field in every cell '
+                            '(e.g. --set cache_dir=/tmp/fdg_cache --set train_subset=512).')
+  flags.DEFINE_string('out_dir', '', f"Where runs and results go; '' = "
+                      f'experiments/results/{name}_<scale>.')
+  flags.DEFINE_bool('dry_run', False, 'Print the grid (cells, status, commands); run nothing.')
+  flags.DEFINE_bool('report_only', False, 'Run nothing; write the results from the runs that '
+                    'have finished.')
+  flags.DEFINE_bool('keep_checkpoints', False, "Keep a finished run's checkpoints (deleted by "
+                    'default: they hold the pipeline in flight, up to GiBs per run).')
+
+
+def options_from_flags(name: str) -> Options:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  try:
+    seeds = tuple(int(s) for s in f.seeds)
+  except ValueError as e:
+    raise GridError(f'--seeds={",".join(f.seeds)}: {e}. Give integers, e.g. --seeds=0,1,2.')
+  return Options(name=name, scale=f.scale, seeds=seeds, dataset=f.dataset, data_dir=f.data_dir,
+                 sets=tuple(f.set), out_dir=f.out_dir, dry_run=f.dry_run,
+                 report_only=f.report_only, keep_checkpoints=f.keep_checkpoints,
+                 argv=tuple(sys.argv))
+
+
+def parse_floats(values: Sequence[str], flag: str) -> tuple:
+  try:
+    return tuple(float(v) for v in values)
+  except ValueError as e:
+    raise GridError(f'--{flag}: {e}. Give numbers, e.g. --{flag}=0.5,1.0.')
+
+
+# ------------------------------------------------------------------------------ cells, configs
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One training run of the grid."""
+  method: str
+  model: str
+  num_stages: int      # K (1 for BP)
+  beta: float
+  seed: int
+  config_file: str     # relative to the repository, e.g. 'configs/cifar10_resnet20.py'
+  overrides: tuple = ()   # ((field, value), ...): everything set on top of config_file
+
+  @property
+  def group(self) -> tuple:
+    """The cell without its seed: what results are averaged over."""
+    return (self.model, self.method, self.num_stages, self.beta)
+
+  @property
+  def name(self) -> str:
+    """A directory name: model_method[_kK][_betaB]_seedS (K and beta only where they matter)."""
+    parts = [self.model, self.method]
+    if self.method != 'bp':
+      parts.append(f'k{self.num_stages}')
+    if self.method == 'fdg':
+      parts.append(f'beta{self.beta:g}')
+    parts.append(f'seed{self.seed}')
+    return '_'.join(parts)
+
+  @property
+  def label(self) -> str:
+    return group_label(self.group)
+
+  def override_dict(self) -> dict:
+    return dict(self.overrides)
+
+
+def group_label(group: tuple) -> str:
+  _, method, num_stages, beta = group
+  label = METHOD_LABELS.get(method, method)
+  if method != 'bp':
+    label += f' K={num_stages}'
+  if method == 'fdg':
+    label += f' β={beta:g}'
+  return label
+
+
+def load_config(config_file: str):
+  """The ConfigDict of a config file (a path relative to the repository)."""
+  path = os.path.join(REPO, config_file)
+  if not os.path.exists(path):
+    raise GridError(f'config file {config_file!r} does not exist in {REPO}.')
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)   # config files import `configs.default`
+  module_name = os.path.splitext(config_file)[0].replace(os.sep, '.')
+  return importlib.import_module(module_name).get_config()
+
+
+def parse_value(text: str):
+  """A `--set` value: a Python literal (3, 0.5, (6, 9), True) or else the string itself."""
+  import ast  # pylint: disable=g-import-not-at-top
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_sets(sets: Sequence[str]) -> dict:
+  result = {}
+  for item in sets:
+    field, sep, value = item.partition('=')
+    field = field.strip()
+    if not sep or not field:
+      raise GridError(f'--set {item!r}: expected FIELD=VALUE, e.g. --set train_subset=512.')
+    if field in CELL_FIELDS:
+      raise GridError(f'--set {item!r}: {field} is set by the grid itself; use the script\'s '
+                      'flags (--betas, --models, --num_stages, --seeds, ...).')
+    result[field] = parse_value(value)
+  return result
+
+
+def _epoch_value(x: float):
+  """An epoch count for the config: an int where it is one (to float precision)."""
+  return int(round(x)) if abs(x - round(x)) < 1e-9 else round(x, 4)
+
+
+def rescale_schedule(base, num_epochs: int, explicit: dict) -> dict:
+  """lr boundaries and warm-up of `base` keeping their share of a `num_epochs` run.
+
+  The paper's 150/225/275 of 300 epochs become 6/9/11 of 12. warmup_epochs is an integer field:
+  a warm-up is rounded to whole epochs but kept at least 1 (3 of 300 epochs -> 1 of 12).
+  Fields in `explicit` (given with --set) are left as given.
+  """
+  if num_epochs == base.num_epochs:
+    return {}
+  factor = num_epochs / base.num_epochs
+  out = {}
+  if 'lr_boundaries_epochs' not in explicit:
+    out['lr_boundaries_epochs'] = tuple(_epoch_value(b * factor)
+                                        for b in base.lr_boundaries_epochs)
+  if 'warmup_epochs' not in explicit and base.warmup_epochs:
+    out['warmup_epochs'] = max(1, int(round(base.warmup_epochs * factor)))
+  return out
+
+
+def make_cell(options: Options, config_file: str, *, method: str, seed: int,
+              num_stages: Optional[int] = None, beta: Optional[float] = None,
+              script_overrides: Optional[dict] = None) -> Cell:
+  """A cell of `config_file` at the options' scale, with every override checked.
+
+  Order: the scale, the data flags, the script's own defaults, `--set`, the rescaled schedule,
+  then the cell's fields. num_stages / beta default to the config file's; methods other than
+  FDG run with beta = 1 (DDG has no gradient shrinking, BP and DGL do not use it) and BP with
+  K = 1.
+  """
+  if options.scale not in SCALES:
+    raise GridError(f'--scale={options.scale!r}: choose one of {SCALES}.')
+  if method not in METHOD_LABELS:
+    raise GridError(f'unknown method {method!r}: choose one of {tuple(METHOD_LABELS)}.')
+  base = load_config(config_file)
+  overrides = dict(CPU_SCALE) if options.scale == 'cpu' else {}
+  if options.dataset:
+    overrides['dataset'] = options.dataset
+  if options.data_dir:
+    overrides['data_dir'] = options.data_dir
+  overrides.update(script_overrides or {})
+  explicit = parse_sets(options.sets)
+  overrides.update(explicit)
+  num_epochs = overrides.get('num_epochs', base.num_epochs)
+  overrides.update(rescale_schedule(base, num_epochs, explicit))
+  num_stages = 1 if method == 'bp' else (num_stages or base.num_stages)
+  beta = float(beta if beta is not None else base.beta) if method == 'fdg' else 1.0
+  overrides.update(method=method, model=base.model, num_stages=num_stages, beta=beta, seed=seed)
+  config = base
+  for field, value in overrides.items():   # the checks config_flags will make in the run
+    if field not in config:
+      raise GridError(f'config field {field!r} (from --set or the scale) does not exist in '
+                      f'{config_file}. See configs/default.py for the fields.')
+    try:
+      config[field] = value
+    except (TypeError, ValueError) as e:
+      raise GridError(f'config field {field!r} = {value!r}: {e}') from None
+  return Cell(method=method, model=base.model, num_stages=num_stages, beta=beta, seed=seed,
+              config_file=config_file, overrides=tuple(sorted(
+                  (k, tuple(v) if isinstance(v, list) else v) for k, v in overrides.items())))

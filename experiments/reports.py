@@ -1,0 +1,210 @@
+"""The reports of a grid: statistics over seeds, table formatting, CSV, plots and results.md.
+
+`aggregate` groups the runs' summaries by cell group (mean and sample standard deviation over
+seeds), `paired_difference` compares two groups seed by seed; `write_csv` writes one row per run,
+`plot_curves` test error against epoch, `markdown_table` and `write_results_md` the results.md.
+"""
+
+import csv
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import shlex
+from typing import Any, Optional, Sequence
+
+from experiments import cells as cells_lib
+from experiments import grid
+from fdg_jax import workdir as workdir_lib
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (n - 1; nan for one value)."""
+  values = [float(v) for v in values]
+  if not values:
+    return math.nan, math.nan
+  mean = sum(values) / len(values)
+  if len(values) < 2:
+    return mean, math.nan
+  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+@dataclasses.dataclass
+class Group:
+  """The runs of one cell group (all seeds) that have a summary."""
+  key: tuple          # (model, method, num_stages, beta)
+  label: str
+  summaries: list
+  seeds: list
+
+  @property
+  def n(self) -> int:
+    return len(self.summaries)
+
+  def stat(self, field: str) -> tuple[float, float]:
+    return mean_std([s[field] for s in self.summaries])
+
+  def curve(self) -> tuple[list, list, list]:
+    """(epochs, mean test error, std) over the seeds, at the evaluations they share."""
+    by_step = {}
+    for summary in self.summaries:
+      for point in summary.get('history', []):
+        by_step.setdefault(point['step'], (point['epoch'], []))[1].append(point['test_error'])
+    steps = sorted(s for s, (_, errors) in by_step.items() if len(errors) == self.n)
+    stats = [mean_std(by_step[s][1]) for s in steps]
+    return ([by_step[s][0] for s in steps], [m for m, _ in stats], [d for _, d in stats])
+
+
+def aggregate(results: Sequence[grid.Result]) -> list[Group]:
+  """One Group per cell group, in the order of the cells (groups with no summary included)."""
+  groups = {}
+  for result in results:
+    group = groups.setdefault(result.cell.group, Group(result.cell.group, result.cell.label,
+                                                       [], []))
+    if result.summary is not None:
+      group.summaries.append(result.summary)
+      group.seeds.append(result.cell.seed)
+  return list(groups.values())
+
+
+def paired_difference(group: Group, reference: Group,
+                      field: str = 'test_error') -> tuple[float, float, int]:
+  """Mean over their shared seeds of `group` minus `reference`, its standard error, and n.
+
+  A seed gives every cell the same initial weights, data subset and batch order (train.py), so
+  runs pair by seed and the spread of the per-seed differences is what a difference must beat.
+  Standard error = sample std of the differences / sqrt(n); nan for one pair.
+  """
+  by_seed = dict(zip(reference.seeds, reference.summaries))
+  diffs = [s[field] - by_seed[seed][field] for seed, s in zip(group.seeds, group.summaries)
+           if seed in by_seed]
+  mean, std = mean_std(diffs)
+  return mean, std / math.sqrt(len(diffs)) if diffs else math.nan, len(diffs)
+
+
+def fmt_difference(group: Group, reference: Optional[Group]) -> str:
+  """`group` - `reference` in points as '+1.87 ± 0.52' (± one standard error, paired by seed);
+  '–' for the reference itself or when they share no seed."""
+  if reference is None or group is reference:
+    return '–'
+  mean, se, n = paired_difference(group, reference)
+  if not n:
+    return '–'
+  return f'{100 * mean:+.2f}' + ('' if math.isnan(se) else f' ± {100 * se:.2f}')
+
+
+def fmt_pct(mean: float, std: float) -> str:
+  """An error as '7.12 ± 0.31' (percent); '7.12' for one seed; '–' for none."""
+  if math.isnan(mean):
+    return '–'
+  return f'{100 * mean:.2f}' + ('' if math.isnan(std) else f' ± {100 * std:.2f}')
+
+
+def fmt_num(mean: float, std: float = math.nan, digits: int = 0) -> str:
+  if math.isnan(mean):
+    return '–'
+  return f'{mean:.{digits}f}' + ('' if math.isnan(std) else f' ± {std:.{digits}f}')
+
+
+CSV_FIELDS = ('cell', 'model', 'method', 'num_stages', 'beta', 'seed', 'status', 'dataset',
+              'train_images', 'test_images', 'epochs', 'steps', 'batch_size', 'test_error',
+              'test_loss', 'train_time_s', 'images_per_sec', 'resumed_from_step',
+              'trainable_params', 'extra_params', 'stage_split', 'devices', 'params_digest',
+              'workdir')
+
+
+def write_csv(results: Sequence[grid.Result], path: str) -> None:
+  """One row per run (failed or missing runs too, with their status and no numbers)."""
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for r in results:
+      s = r.summary or {}
+      row = {field: s.get(field, '') for field in CSV_FIELDS}
+      row.update(cell=r.cell.name, model=r.cell.model, method=r.cell.method,
+                 num_stages=r.cell.num_stages, beta=r.cell.beta, seed=r.cell.seed,
+                 status=r.status, workdir=os.path.relpath(r.workdir, os.path.dirname(path)))
+      for field in ('stage_split', 'devices'):
+        if isinstance(row[field], list):
+          row[field] = ' '.join(str(x) for x in row[field])
+      writer.writerow(row)
+
+
+def pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot_curves(groups: Sequence[Group], path: str, title: str) -> None:
+  """Test error against epoch, mean over seeds (band: ± std), one panel per model."""
+  plt = pyplot()
+  models = list(dict.fromkeys(g.key[0] for g in groups))
+  fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+  for ax, model in zip(axes[0], models):
+    for group in (g for g in groups if g.key[0] == model and g.n):
+      epochs, mean, std = group.curve()
+      if not epochs:
+        continue
+      line, = ax.plot(epochs, [100 * m for m in mean], marker='o', markersize=3,
+                      label=f'{group.label} (n={group.n})')
+      if group.n > 1:
+        ax.fill_between(epochs, [100 * (m - s) for m, s in zip(mean, std)],
+                        [100 * (m + s) for m, s in zip(mean, std)], color=line.get_color(),
+                        alpha=0.15)
+    ax.set_title(f'{title}: {model}')
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('test error (%), mean over seeds')
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ['| ' + ' | '.join(headers) + ' |', '| ' + ' | '.join('---' for _ in headers) + ' |']
+  lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def describe_setup(results: Sequence[grid.Result], options: cells_lib.Options) -> str:
+  """The provenance lines of results.md: command, scale, data, machine, runs' state."""
+  done = [r for r in results if r.summary is not None]
+  first = results[0].cell if results else None
+  lines = [f'Written {datetime.datetime.now().isoformat(timespec="seconds")} by:',
+           '', '```bash', ' '.join(shlex.quote(a) for a in options.argv) or '(python API)',
+           '```', '']
+  lines.append("Scale `paper`: the config files' recipe (see configs/default.py)." if
+               options.scale == 'paper' else "Scale `cpu` (reduced, not the paper's; see "
+               'experiments/grid.py): lr boundaries and warm-up keep their share of the run.')
+  if first is not None:
+    shown = {k: v for k, v in first.override_dict().items() if k not in cells_lib.CELL_FIELDS}
+    lines.append(f'Config overrides of the first cell (beyond method, model, K, beta, seed): '
+                 f'`{shown}`; each run\'s full config is in its workdir '
+                 f'({workdir_lib.CONFIG_FILE}).')
+  if done:
+    s = done[0].summary
+    datasets = sorted({r.summary['dataset'] for r in done})
+    lines.append(f'Data: {", ".join(datasets)}, {s["train_images"]} training images, '
+                 f'{s["test_images"]} test images, batch {s["batch_size"]}, '
+                 f'{s["epochs"]:g} epochs ({s["steps"]} steps).')
+    devices = sorted({' '.join(r.summary['devices']) for r in done})
+    lines.append(f'Machine: {platform.node()}, {os.cpu_count()} CPU cores; stage devices of the '
+                 f'runs: {"; ".join(devices)}; jax {s.get("jax_version", "?")}.')
+  missing = [r.cell.name for r in results if r.summary is None]
+  lines.append(f'Runs: {len(done)} of {len(results)} finished' +
+               (f'; not finished: {", ".join(missing)}.' if missing else '.'))
+  lines.append('Test error of the composed network on the test split after the last epoch, in %, '
+               'mean ± sample standard deviation over seeds (n = number of seeds). One row per '
+               'run in results.csv.')
+  return '\n'.join(lines)
+
+
+def write_results_md(path: str, title: str, results: Sequence[grid.Result],
+                     options: cells_lib.Options, body: str) -> None:
+  with open(path, 'w') as f:
+    f.write(f'# {title}\n\n{describe_setup(results, options)}\n\n{body.strip()}\n')
