@@ -1,4 +1,4 @@
-"""The paper's CIFAR recipe (DESIGN.md section 2): FDG on ResNet-56, K = 2.
+"""The paper's CIFAR recipe (docs/algorithm.md): FDG on ResNet-56, K = 2.
 
 Every other config imports this one and changes only what differs.
 Override any field on the command line, e.g. `--config.beta=0.5`.
@@ -27,7 +27,8 @@ def get_config():
   config.num_stages = 2
   # Block index where each stage after the first starts, e.g. (15,); () = balance FLOPs.
   config.split = ()
-  # Device index of each stage, e.g. (0, 0) for a one-device simulation; () = stage k on device k.
+  # Global device index of each stage, e.g. (0, 1); one index puts every stage there, e.g. (0,)
+  # to simulate any K on one device; () = stage k on device k.
   config.stage_devices = ()
   # Gradient-shrinking factor in (0, 1]; each non-last stage scales its incoming cotangent.
   # The paper tunes it per row (Fig. 4a sweeps it on ResNet-20, K = 2); the row configs set the

@@ -1,13 +1,11 @@
 """What the experiments share: a pipeline built exactly as the trainer builds it, on random data.
 
-The experiments need no dataset: `train.build` only needs the number of classes and a few test
-images (for its check that the stages compose to the unsplit model), which random ones provide.
+The experiments need no dataset: `train.setup` only needs the number of classes.
 """
 
 import json
 import os
 import platform
-import types
 from typing import Optional, Sequence
 
 import jax
@@ -22,14 +20,6 @@ STEPS_PER_EPOCH = 50_000 // 128   # CIFAR-10 at batch 128: only the lr schedule'
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 
-def random_dataset(image_size: int, num_classes: int = NUM_CLASSES, seed: int = 0):
-  """Stands in for `input_pipeline.Dataset` where `train.build` reads it."""
-  rng = np.random.default_rng(seed)
-  return types.SimpleNamespace(
-      num_classes=num_classes, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-      test_images=rng.integers(0, 256, size=(8, image_size, image_size, 3), dtype=np.uint8))
-
-
 def make_config(model: str, method: str, num_stages: int, batch_size: int, image_size: int,
                 stash: str = 'vjp', stage_devices: Sequence[int] = ()):
   """The trainer's config for a benchmark; stash 'vjp+POLICY' sets config.residual_policy."""
@@ -41,17 +31,11 @@ def make_config(model: str, method: str, num_stages: int, batch_size: int, image
   return config
 
 
-def build_pipeline(config, seed: int = 0) -> tuple[pipeline.Pipeline, pipeline.PipelineState]:
-  """Stages, optimizer and initial state as `train.train_and_evaluate` makes them."""
-  rng = jax.random.key(seed)
-  dataset = random_dataset(config.image_size)
-  stages, stage_variables, _, placements = train.build(config, dataset, rng)
-  pipe = train.create_pipeline(config, stages, train.create_optimizer(config, STEPS_PER_EPOCH),
-                               placements, dataset.num_classes)
-  sample = jax.ShapeDtypeStruct((config.batch_size, config.image_size, config.image_size, 3),
-                                jax.numpy.float32)
-  state = pipe.init(jax.random.fold_in(rng, 1), sample, variables=stage_variables)
-  return pipe, state
+def build_pipeline(config) -> tuple[pipeline.Pipeline, pipeline.PipelineState]:
+  """Stages, optimizer and initial state (from config.seed) as `train.train_and_evaluate` makes
+  them."""
+  run = train.setup(config, NUM_CLASSES, STEPS_PER_EPOCH)
+  return run.pipe, run.state
 
 
 def random_batches(pipe: pipeline.Pipeline, batch_size: int, image_size: int, count: int,

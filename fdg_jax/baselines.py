@@ -1,4 +1,4 @@
-"""The comparison methods of DESIGN.md section 2, DDG and DGL, in the same engine as FDG.
+"""The comparison methods DDG and DGL (docs/algorithm.md), in the same engine as FDG.
 
 Both are subclasses of `pipeline.Pipeline`: same stages, same optimizer, same placements, same
 `PipelineState`, `Activation`, `Cotangent` and `Saved` records, same `drain` and `evaluate`, so

@@ -115,6 +115,12 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
+  def size_on_disk(self, step: int) -> int:
+    """Bytes of the files of the checkpoint at `step`."""
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(os.path.join(self.directory, str(step)))
+               for name in names)
+
   def save(self, step: int, state: pipeline_lib.PipelineState, extra: Optional[dict] = None):
     arrays, metadata = to_tree(state)
     metadata['extra'] = extra or {}

@@ -1,8 +1,10 @@
 """Command line: `python -m fdg_jax.main --config=configs/cifar10_resnet56.py --workdir=DIR`.
 
 Override any config field with `--config.FIELD=VALUE`, e.g. `--config.beta=0.5`.
+`--dry_run` validates the config, prints it and the stage table, and exits.
 """
 
+import os
 import sys
 
 from absl import app
@@ -10,21 +12,78 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fdg_jax import configuration
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for TensorBoard logs and summary.json.')
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs, log.txt and '
+                    'summary.json.')
+flags.DEFINE_bool('dry_run', False, 'Validate the config, print it and the stage table, exit.')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                 lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _fields_help() -> str:
+  """The config fields with their meaning and default, from configs/default.py."""
+  if not os.path.exists(configuration.DEFAULT_CONFIG_FILE):
+    return ''
+  import runpy  # pylint: disable=g-import-not-at-top
+  defaults = runpy.run_path(configuration.DEFAULT_CONFIG_FILE)['get_config']()
+  return ('\n\nConfig fields (override any with --config.FIELD=VALUE; defaults of '
+          'configs/default.py, a config file may change them):\n'
+          + configuration.describe_fields(defaults,
+                                          configuration.field_docs()))
+
+
+__doc__ += _fields_help()   # absl prints the main module's docstring for --help
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error for a misspelt or bad --config field."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}\nPass --help to see the flags and config fields.')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:   # from ml_collections
+    config_file = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+    lines = []
+    if config_file and os.path.exists(config_file):
+      import runpy  # pylint: disable=g-import-not-at-top
+      sys.path.insert(0, os.getcwd())   # config files import their siblings as `configs.X`
+      config = runpy.run_path(config_file)['get_config']()
+      lines = configuration.misspelt_fields(argv, config)
+    sys.exit('error: ' + (lines[0] if lines else ' '.join(str(e).split())))
+
+
+def _import_tensorflow_quietly():
+  """TensorFlow (for clu's TensorBoard writer and tfds), without the start-up banners its C++
+  side writes to stderr before any log setting applies. An import error still surfaces."""
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, 'w') as devnull:
+      os.dup2(devnull.fileno(), 2)
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+  return tf
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # TensorFlow only reads data here (tfds, TensorBoard); keep it off the accelerators.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
-  from fdg_jax import checkpoint, input_pipeline, train  # pylint: disable=g-import-not-at-top
+  tf = _import_tensorflow_quietly()
+  tf.config.set_visible_devices([], 'GPU')   # keep TensorFlow off the accelerators
+  # pylint: disable=g-import-not-at-top
+  from fdg_jax import checkpoint, input_pipeline, train, workdir
+  # pylint: enable=g-import-not-at-top
+  workdir.quiet_console()
   try:
+    if FLAGS.dry_run:
+      print(FLAGS.config)
+      train.dry_run(FLAGS.config)
+      return
+    if not FLAGS.workdir:
+      sys.exit('error: --workdir is required (except with --dry_run).')
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (train.ConfigError, input_pipeline.DataError, checkpoint.CheckpointError,
           train.DivergenceError, train.Preempted) as e:
@@ -33,4 +92,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flags.mark_flag_as_required('config')
+  app.run(main, flags_parser=_parse_flags)

@@ -1,7 +1,7 @@
 """The FDG pipeline engine: K stages, each with its own TrainState on its own device.
 
 One iteration calls every stage's jitted `update_then_forward` once, with what arrived from its
-neighbours in the previous iteration (DESIGN.md section 2):
+neighbours in the previous iteration (docs/algorithm.md has the exact schedule):
 
 * a non-last stage k scales the cotangent that arrived by beta, back-propagates it through the
   forward it saved 2(K-1-k) iterations ago, updates its parameters, and only then forwards the
@@ -15,6 +15,7 @@ stage is the last stage, and one iteration is exactly an ordinary back-propagati
 
 
 import dataclasses
+import inspect
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from clu import metrics as clu_metrics
@@ -141,6 +142,16 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def takes_train_argument(module: nn.Module) -> bool:
+  """Whether `module` is called as `module(x, train=...)`; a module without that argument (a
+  plain Dense MLP, say) is called as `module(x)`, and then has no train/eval difference."""
+  try:
+    parameters = inspect.signature(module.__call__).parameters
+  except (TypeError, ValueError):   # no signature to read: assume the library's convention
+    return True
+  return 'train' in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 def as_sharding(placement) -> jax.sharding.Sharding:
   if isinstance(placement, jax.sharding.Sharding):
     return placement
@@ -151,8 +162,9 @@ class Pipeline:
   """FDG over a list of Flax modules, one stage per module.
 
   Args:
-    stages: Flax modules called as `module.apply(variables, x, train=bool)`; stage k's output is
-      stage k+1's input and the last stage returns logits.
+    stages: Flax modules called as `module.apply(variables, x, train=bool)`, or as
+      `module.apply(variables, x)` if their `__call__` has no `train` argument; stage k's output
+      is stage k+1's input and the last stage returns logits.
     optimizer: an optax transformation; every stage gets its own state of it.
     loss_fn: `(logits, labels) -> per-example losses`; training uses their mean.
     beta: gradient-shrinking factor in (0, 1]; each non-last stage multiplies the cotangent it
@@ -191,6 +203,7 @@ class Pipeline:
     if len(placements) != len(stages):
       raise ValueError(f'{len(placements)} placements for {len(stages)} stages.')
     self.modules = tuple(stages)
+    self._takes_train = tuple(takes_train_argument(m) for m in stages)
     self.optimizer = optimizer
     self.loss_fn = loss_fn
     self.beta = float(beta)
@@ -212,10 +225,14 @@ class Pipeline:
 
   # ---------------------------------------------------------------- the stage functions
 
+  def _mode(self, k: int, train: bool) -> dict:
+    """The `train=` keyword for stage k's module, if it takes one."""
+    return {'train': train} if self._takes_train[k] else {}
+
   def _train_forward(self, k: int, params, batch_stats, x, key):
     """Stage k's forward in training mode: (output, updated BatchNorm statistics)."""
     y, mutated = self.modules[k].apply(
-        {'params': params, 'batch_stats': batch_stats}, x, train=True,
+        {'params': params, 'batch_stats': batch_stats}, x, **self._mode(k, True),
         mutable=['batch_stats'], rngs={'dropout': key})
     return y, mutated.get('batch_stats', batch_stats)
 
@@ -284,7 +301,7 @@ class Pipeline:
   def _make_predict_fn(self, k: int):
     def predict(params, batch_stats, x):
       return self.modules[k].apply({'params': params, 'batch_stats': batch_stats}, x,
-                                   train=False)
+                                   **self._mode(k, False))
     return predict
 
   def _residual_structure(self, k: int, state: TrainState, x: jax.Array) -> _Identity:
@@ -316,8 +333,8 @@ class Pipeline:
       for k, module in enumerate(self.modules):
         stage_variables = module.init(
             {'params': jax.random.fold_in(params_key, k),
-             'dropout': jax.random.fold_in(dropout_key, k)}, x, train=False)
-        x = module.apply(stage_variables, x, train=False)
+             'dropout': jax.random.fold_in(dropout_key, k)}, x, **self._mode(k, False))
+        x = module.apply(stage_variables, x, **self._mode(k, False))
         variables.append(stage_variables)
     if len(variables) != self.num_stages:
       raise ValueError(f'{len(variables)} variable dicts for {self.num_stages} stages.')
@@ -424,6 +441,12 @@ class Pipeline:
     return state, infos
 
   # ---------------------------------------------------------------- reading the pipeline
+
+  def stage_function_names(self) -> frozenset[str]:
+    """Names of the jitted stage functions (a profile names their XLA modules `jit_NAME`)."""
+    return frozenset(function.__name__ for functions in self.stage_functions
+                     for function in (functions.values() if isinstance(functions, dict)
+                                      else (functions,)))
 
   def stage_variables(self, state: PipelineState) -> list[dict]:
     """Each stage's current {'params', 'batch_stats'} (on its device)."""

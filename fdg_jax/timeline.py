@@ -1,12 +1,13 @@
 """When each stage's device work ran: a profiler-based timeline of the FDG pipeline.
 
-DESIGN.md section 3 asks that the stages' overlap be checked in a profile, not assumed.
+Whether the stages' device work overlaps is something to check in a profile, not to assume.
 `record_timeline` steps a pipeline under `jax.profiler.trace` and reads the Chrome-format trace
 (`*.trace.json.gz`) back; `draw_timeline` draws it as a Gantt chart, one row per stage.
 
-How a trace event is tied to a stage call. Every stage function is a closure named
-`update_then_forward`, so the XLA module name (`jit_update_then_forward`) is the same for all
-stages and phases and cannot tell them apart. What does tell them apart:
+How a trace event is tied to a stage call. The stage functions of a pipeline share one name
+(`update_then_forward` for FDG, DDG and BP, `train_then_send` for DGL: the engine's
+`stage_function_names()`), so the XLA module name (`jit_update_then_forward`) picks out the stage
+calls but is the same for all stages and phases and cannot tell them apart. What does:
 
 * every op event of an execution carries `run_id`, the launch id JAX gives each call of a
   compiled function: it starts at a per-executable value (derived from the executable's
@@ -42,8 +43,6 @@ import jax
 
 from fdg_jax import pipeline as pipeline_lib
 
-MODULE_NAME = 'jit_update_then_forward'
-HOST_DISPATCH_NAME = 'PjitFunction(update_then_forward)'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +139,7 @@ class TimelineRecorder:
     with gzip.open(traces[0], 'rt') as f:
       trace = json.load(f)
     devices = [_device_ids(s) for s in self.pipe.shardings]
-    return events_from_trace(trace, self._calls, devices)
+    return events_from_trace(trace, self._calls, devices, self.pipe.stage_function_names())
 
 
 def record_timeline(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
@@ -180,8 +179,13 @@ def _outermost(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def events_from_trace(trace: dict, calls: Sequence[_Call],
-                      stage_devices: Sequence[tuple[int, ...]]) -> list[StageEvent]:
-  """Ties the trace's executions of the stage functions to the host's calls (see module doc)."""
+                      stage_devices: Sequence[tuple[int, ...]],
+                      function_names: Iterable[str] = ('update_then_forward',)
+                      ) -> list[StageEvent]:
+  """Ties the trace's executions of the stage functions (jitted functions named one of
+  `function_names`) to the host's calls (see module doc)."""
+  module_names = {f'jit_{name}' for name in function_names}
+  dispatch_names = {f'PjitFunction({name})' for name in function_names}
   trace_events = trace['traceEvents'] if isinstance(trace, dict) else trace
   process_names = {e['pid']: e['args']['name'] for e in trace_events
                    if e.get('ph') == 'M' and e.get('name') == 'process_name'}
@@ -193,10 +197,10 @@ def events_from_trace(trace: dict, calls: Sequence[_Call],
       continue
     start, end = float(e['ts']), float(e['ts']) + float(e.get('dur', 0.0))
     args = e.get('args', {})
-    if e.get('name') == HOST_DISPATCH_NAME:
+    if e.get('name') in dispatch_names:
       host_spans.append((start, end))
       continue
-    if args.get('hlo_module') != MODULE_NAME or 'run_id' not in args:
+    if args.get('hlo_module') not in module_names or 'run_id' not in args:
       continue
     device = _device_of(e, process_names)
     if device is None:

@@ -1,4 +1,4 @@
-"""DDG and DGL against independent, naive, single-device references of DESIGN.md section 2."""
+"""DDG and DGL against independent, naive, single-device references of docs/algorithm.md."""
 
 import collections
 import functools
@@ -14,32 +14,10 @@ from fdg_jax import baselines
 from fdg_jax import checkpoint
 from fdg_jax import partition
 from fdg_jax import pipeline
-from tiny import tiny_batches, tiny_blocks
+from tiny import NUM_CLASSES, initial_variables, make_optimizer, mean_loss, tiny_batches
 
 BETA = 0.7
-NUM_CLASSES = 3
 NUM_BATCHES = 10
-
-
-# Copied from test_engine.py (kept separate so the two files can change independently).
-def make_optimizer():
-  # Coupled weight decay, momentum, and an lr drop at step 5: a stage that counted its steps
-  # wrongly would use the wrong learning rate.
-  schedule = optax.piecewise_constant_schedule(0.1, {5: 0.1})
-  return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9))
-
-
-def initial_variables(num_stages):
-  blocks = tiny_blocks(NUM_CLASSES)
-  split = partition.balanced_split([1.0] * len(blocks), num_stages)
-  full = partition.StageModule(tuple(blocks))
-  variables = full.init(jax.random.key(0), jnp.zeros((4, 6, 6, 2)), train=False)
-  return partition.build_stages(blocks, split), partition.split_variables(
-      variables, split, len(blocks))
-
-
-def mean_loss(logits, labels):
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
 def leaves_equal(a, b):
@@ -92,7 +70,7 @@ def applied_updates(infos):
 
 
 def naive_ddg(modules, variables, optimizer, batches, beta, stash):
-  """DDG as DESIGN section 2 and DDGPipeline's docstring describe it: one device, no jit.
+  """DDG as docs/algorithm.md and DDGPipeline's docstring describe it: one device, no jit.
 
   Iteration t forwards batch t through stages 0..K-1 in order. A non-last stage first applies
   the cotangent that stage k+1 sent in the previous iteration (scaled by beta, through the
@@ -210,7 +188,7 @@ def test_ddg_matches_naive_reference(num_stages, stash, devices):
 
 
 def naive_dgl(modules, heads, variables, aux_variables, optimizer, batches):
-  """DGL as DESIGN section 2 and DGLPipeline's docstring describe it: one device, no jit.
+  """DGL as docs/algorithm.md and DGLPipeline's docstring describe it: one device, no jit.
 
   Stage k trains on batch t-k at iteration t: one forward, the loss of its head's logits (the
   last stage: of its own output), one update; it sends the output of that forward (the

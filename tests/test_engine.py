@@ -1,8 +1,9 @@
-"""The engine against an independent, naive, single-device reference of DESIGN.md section 2."""
+"""The engine against an independent, naive, single-device reference of docs/algorithm.md."""
 
 import collections
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,33 +12,13 @@ import pytest
 
 from fdg_jax import partition
 from fdg_jax import pipeline
-from tiny import tiny_batches, tiny_blocks
+from tiny import initial_variables, make_optimizer, mean_loss, tiny_batches, tiny_blocks
 
 BETA = 0.7
 
 
-def make_optimizer():
-  # Coupled weight decay, momentum, and an lr drop at step 5: a stage that counted its steps
-  # wrongly would use the wrong learning rate.
-  schedule = optax.piecewise_constant_schedule(0.1, {5: 0.1})
-  return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9))
-
-
-def initial_variables(num_stages, split=None):
-  blocks = tiny_blocks()
-  split = split or partition.balanced_split([1.0] * len(blocks), num_stages)
-  full = partition.StageModule(tuple(blocks))
-  variables = full.init(jax.random.key(0), jnp.zeros((4, 6, 6, 2)), train=False)
-  stage_vars = partition.split_variables(variables, split, len(blocks))
-  return partition.build_stages(blocks, split), stage_vars
-
-
-def mean_loss(logits, labels):
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-
-
 def naive_fdg(modules, variables, optimizer, batches, beta, stash):
-  """DESIGN section 2 written as plainly as possible: one device, no jit, explicit queues.
+  """docs/algorithm.md written as plainly as possible: one device, no jit, explicit queues.
 
   Stage k forwards batch t-k at iteration t; the cotangent it receives at iteration t belongs to
   batch t-k-2(K-1-k). Returns every stage's final {'params', 'batch_stats'} and opt state, and
@@ -344,3 +325,53 @@ def test_more_stages_than_devices_needs_explicit_placement():
     pipeline.Pipeline(modules * 2, make_optimizer())
   pipe = pipeline.Pipeline(modules, make_optimizer(), placements=[jax.devices()[0]] * 5)
   assert len(pipe.shardings) == 5
+
+
+class PlainDense(nn.Module):
+  """A user's module with no `train` argument."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(self.features)(x.reshape(x.shape[0], -1))
+
+
+class DenseWithTrain(nn.Module):
+  """The same computation, called with `train` (which it ignores)."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    return PlainDense(self.features, name='PlainDense_0')(x)
+
+
+def test_modules_without_a_train_argument_are_called_without_it():
+  batches = tiny_batches(5)
+  plain_modules = [PlainDense(8), PlainDense(3)]
+  x, plain_variables = batches[0][0], []
+  for k, module in enumerate(plain_modules):
+    plain_variables.append(module.init(jax.random.key(k), x))
+    x = module.apply(plain_variables[-1], x)
+  wrapped_variables = [{'params': {'PlainDense_0': v['params']}} for v in plain_variables]
+
+  def run(modules, variables):
+    pipe = pipeline.Pipeline(modules, make_optimizer(), beta=0.5,
+                             placements=jax.devices()[:2])
+    state = pipe.init(jax.random.key(0), batches[0][0], variables=variables)
+    for images, labels in batches:
+      state, _ = pipe.step(state, images, labels)
+    state, _ = pipe.drain(state)
+    return jax.device_get(pipe.stage_variables(state)), pipe.predict(state, batches[0][0])
+
+  plain = run(plain_modules, plain_variables)
+  with_train = run([DenseWithTrain(8), DenseWithTrain(3)], wrapped_variables)
+  assert pipeline.takes_train_argument(DenseWithTrain(3))
+  assert not pipeline.takes_train_argument(PlainDense(3))
+  for k in range(2):
+    chex.assert_trees_all_close(plain[0][k]['params'],
+                                with_train[0][k]['params']['PlainDense_0'], rtol=1e-6)
+  chex.assert_trees_all_close(np.asarray(plain[1]), np.asarray(with_train[1]), rtol=1e-6)
+  # And without variables: init calls them without `train` too.
+  pipe = pipeline.Pipeline(plain_modules, make_optimizer(), placements=jax.devices()[:2])
+  assert pipe.predict(pipe.init(jax.random.key(1), batches[0][0]), batches[0][0]).shape == (4, 3)

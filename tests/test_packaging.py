@@ -50,3 +50,13 @@ def test_wheel_has_the_modules_and_declares_their_imports(tmp_path):
               for line in re.findall(r'^Requires-Dist: (.+)$', metadata, flags=re.M)}
   missing = imported_distributions() - declared
   assert not missing, f'fdg_jax imports {missing}: declare them in pyproject.toml'
+
+
+def test_readme_install_makes_the_package_importable_from_any_directory(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-c', 'import fdg_jax, os; print(os.path.dirname(fdg_jax.__file__))'],
+      cwd=tmp_path, capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': ''})
+  assert result.returncode == 0, (
+      "fdg_jax is not installed in this environment: run the README's set-up command "
+      '(pip install --no-deps --no-build-isolation -e .)\n' + result.stderr[-1000:])
+  assert os.path.samefile(result.stdout.strip(), os.path.join(REPO, 'fdg_jax'))

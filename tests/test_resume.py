@@ -11,6 +11,7 @@ import pytest
 
 from fdg_jax import checkpoint
 from fdg_jax import train
+from fdg_jax import workdir as workdir_lib
 from test_train import REPO, small_config, write_image_folder
 
 
@@ -108,7 +109,7 @@ def test_resuming_with_a_different_computation_is_refused(data, tmp_path):
   # A run saved before a field existed resumes as if it held the field's old-behaviour value.
   saved_config = tmp_path / 'work' / 'config.json'
   old = {k: v for k, v in json.loads(saved_config.read_text()).items()
-         if k not in train.ADDED_FIELDS}
+         if k not in workdir_lib.ADDED_FIELDS}
   saved_config.write_text(json.dumps(old))
   with pytest.raises(train.ConfigError, match="residual_policy: '' there, 'dots_saveable' here"):
     train.train_and_evaluate(config_for(data, tmp_path, num_train_steps=6,

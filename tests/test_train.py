@@ -11,9 +11,13 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from configs import cpu_quick
 from configs import default as default_config
+from fdg_jax import configuration
 from fdg_jax import input_pipeline
+from fdg_jax import timeline
 from fdg_jax import train
+from fdg_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = {
@@ -73,10 +77,13 @@ def test_train_and_evaluate_on_tfds_mock_data(tmp_path):
 def test_train_and_evaluate_other_methods_on_image_folder(method, num_stages, tmp_path):
   data = write_image_folder(tmp_path / 'data')
   config = small_config(dataset='imagefolder', data_dir=data, method=method, num_stages=3,
-                        aux_head='conv', cache_dir=str(tmp_path / 'cache'))
+                        aux_head='conv', cache_dir=str(tmp_path / 'cache'),
+                        timeline_start_step=2, timeline_num_steps=3)
   summary = train.train_and_evaluate(config, str(tmp_path / 'work'))
   check_summary(summary, str(tmp_path / 'work'), method=method, num_stages=num_stages,
                 extra_params=summary['extra_params'])
+  # The timeline works for every method (FDG's is drawn in test_cli_fdg_two_simulated_devices).
+  assert (tmp_path / 'work' / 'timeline.png').stat().st_size > 1000
   assert len(summary['stage_split']) == num_stages - 1
   # Only DGL adds parameters (its auxiliary heads); the network is the same for all methods.
   assert (summary['extra_params'] > 0) == (method == 'dgl')
@@ -110,6 +117,16 @@ def test_cli_fdg_two_simulated_devices(tmp_path):
   assert summary['num_stages'] == 2 and summary['steps'] == 8 and summary['beta'] == 0.5
   assert len(set(summary['devices'])) == 2   # one stage per simulated device
   assert (workdir / 'timeline.png').stat().st_size > 1000
+  # The console holds what is trained, progress, evaluation, checkpoint and the end; the
+  # libraries' INFO lines (orbax, clu's writer, TensorFlow's banners) only the log file.
+  console = (result.stdout + result.stderr).strip().splitlines()
+  assert len(console) <= 25, '\n'.join(console)
+  for noise in ('CheckpointManager', 'oneDNN', 'logging_writer', 'libtpu', 'Setting work unit'):
+    assert noise not in result.stdout + result.stderr, noise
+  assert sum('step 8/8' in line for line in console) == 1   # one progress line per log step
+  assert sum('checkpoint saved' in line for line in console) == 1
+  log = (workdir / workdir_lib.LOG_FILE).read_text()
+  assert 'CheckpointManager' in log and 'step 8/8' in log
 
 
 def test_cli_bad_config_is_one_clear_line(tmp_path):
@@ -196,3 +213,66 @@ def test_params_digest_is_order_independent_and_sensitive():
   assert train.params_digest(a) == train.params_digest(b)
   c = {'params': {'x': np.array([1, 1, 1.0000001], np.float32), 'y': np.zeros(2, np.float32)}}
   assert train.params_digest(a) != train.params_digest(c)
+
+
+def test_timeline_that_cannot_be_drawn_is_a_warning(tmp_path, monkeypatch, caplog):
+  def broken(*args, **kwargs):
+    raise RuntimeError('no such trace')
+  monkeypatch.setattr(timeline, 'events_from_trace', broken)
+  data = write_image_folder(tmp_path / 'data')
+  config = small_config(dataset='imagefolder', data_dir=data, method='bp', num_train_steps=4,
+                        cache_dir=str(tmp_path / 'cache'), timeline_start_step=2,
+                        timeline_num_steps=2)
+  summary = train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert summary['steps'] == 4 and not (tmp_path / 'work' / 'timeline.png').exists()
+  assert any('No timeline drawn' in r.getMessage() and 'no such trace' in r.getMessage()
+             for r in caplog.records if r.levelname == 'WARNING')
+
+
+@pytest.mark.parametrize('method, num_stages', [
+    ('bp', 1), ('fdg', 2), ('fdg', 3), ('ddg', 3), ('dgl', 2)])
+def test_quick_config_runs_every_method_and_k_on_one_device(method, num_stages):
+  config = cpu_quick.get_config()
+  config.update(method=method, num_stages=num_stages)
+  configuration.validate_config(config)
+  stages = 1 if method == 'bp' else num_stages
+  assert configuration.stage_device_indices(config) == (0,) * stages
+
+
+def test_quick_config_trains_with_bp(tmp_path):
+  """configs/cpu_quick.py as it is, with --config.method=bp, at test scale."""
+  config = cpu_quick.get_config()
+  config.update(method='bp', dataset='imagefolder', data_dir=write_image_folder(tmp_path / 'd'),
+                cache_dir=str(tmp_path / 'cache'), train_subset=-1, test_subset=-1,
+                image_size=16, batch_size=8, num_train_steps=3, eval_batch_size=12)
+  summary = train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert summary['method'] == 'bp' and summary['devices'] == [str(jax.devices()[0])]
+
+
+def test_every_config_field_is_documented():
+  docs = configuration.field_docs()
+  fields = default_config.get_config().keys()
+  assert set(fields) <= set(docs), set(fields) - set(docs)
+  assert all(len(docs[f]) > 10 for f in fields)
+
+
+def test_cli_help_dry_run_and_misspelt_field(tmp_path):
+  def cli(*args):
+    return subprocess.run([sys.executable, '-m', 'fdg_jax.main', *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  help_text = cli('--help').stdout
+  for field, doc in configuration.field_docs().items():
+    assert f'--config.{field}  (default ' in help_text, field
+  assert 'Gradient-shrinking factor' in help_text and '--dry_run' in help_text
+
+  misspelt = cli('--config=configs/cpu_quick.py', f'--workdir={tmp_path / "w"}',
+                 '--config.bata=0.5')
+  assert misspelt.returncode != 0
+  assert misspelt.stderr.strip().splitlines() == [
+      'error: --config.bata: no such config field; did you mean --config.beta? '
+      '(python -m fdg_jax.main --help lists the fields)']
+
+  dry = cli('--config=configs/cpu_quick.py', '--dry_run', '--config.num_stages=3')
+  assert dry.returncode == 0, dry.stderr[-2000:]
+  assert 'beta: 0.5' in dry.stdout and 'Stages of resnet20 (fdg, K=3)' in dry.stdout
+  assert not (tmp_path / 'w').exists()   # nothing trained, nothing written

@@ -1,0 +1,191 @@
+"""The trainer's config: its checks before any compute, and its fields' documentation.
+
+A config is an `ml_collections.ConfigDict` from a file in `configs/` (every field is documented
+by the comment above it in `configs/default.py`). `validate_config` refuses a config that cannot
+run, naming the field and the fix, before any data is read or anything compiled.
+`field_docs` reads those comments back, for `python -m fdg_jax.main --help`.
+"""
+
+import ast
+import difflib
+import os
+import textwrap
+
+import jax
+import ml_collections
+
+from fdg_jax import baselines
+from fdg_jax import models
+from fdg_jax import partition
+from fdg_jax import pipeline
+
+METHODS = ('fdg', 'bp', 'ddg', 'dgl')
+DATASETS = ('cifar10', 'cifar100', 'cifar_python', 'imagefolder')
+# configs/default.py, beside the package in a checkout (absent from an installed wheel).
+DEFAULT_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   'configs', 'default.py')
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the field and the fix."""
+
+
+def num_stages_of(config) -> int:
+  return 1 if config.method == 'bp' else config.num_stages
+
+
+def stage_device_indices(config) -> tuple[int, ...]:
+  """Global device index of each stage: config.stage_devices, one entry for all stages, or k."""
+  num_stages = num_stages_of(config)
+  if not config.stage_devices:
+    return tuple(range(num_stages))
+  if len(config.stage_devices) == 1:
+    return tuple(config.stage_devices) * num_stages
+  return tuple(config.stage_devices)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raise ConfigError for the first bad field, before any compute."""
+  def fail(field, problem, fix):
+    raise ConfigError(f'config.{field}: {problem}. {fix}')
+
+  if config.model not in models.MODEL_NAMES:
+    fail('model', f'unknown model {config.model!r}', f'Choose one of {models.MODEL_NAMES}.')
+  if config.method not in METHODS:
+    fail('method', f'unknown method {config.method!r}', f'Choose one of {METHODS}.')
+  if config.dataset not in DATASETS:
+    fail('dataset', f'unknown dataset {config.dataset!r}', f'Choose one of {DATASETS}.')
+  if config.dataset in ('imagefolder', 'cifar_python'):
+    if not config.data_dir:
+      fail('data_dir', f'dataset={config.dataset!r} needs data_dir',
+           'Set --config.data_dir to a folder or .tar/.tar.gz archive with train/<class>/* and '
+           'test/<class>/* images (imagefolder), or to an extracted cifar-10-batches-py or '
+           'cifar-100-python folder (cifar_python).')
+    if not os.path.exists(config.data_dir):
+      fail('data_dir', f'{config.data_dir!r} does not exist', 'Check the path.')
+  if config.method == 'dgl' and config.aux_head not in baselines.AUX_HEADS:
+    fail('aux_head', f'unknown auxiliary head {config.aux_head!r}',
+         f'Choose one of {tuple(baselines.AUX_HEADS)}.')
+  if not 0.0 < config.beta <= 1.0:
+    fail('beta', f'{config.beta} is outside (0, 1]', 'Use 0 < beta <= 1 (1 disables shrinking).')
+  if config.stash not in pipeline.STASH_MODES:
+    fail('stash', f'unknown stash {config.stash!r}', f'Choose one of {pipeline.STASH_MODES}.')
+  if config.residual_policy and config.residual_policy not in pipeline.RESIDUAL_POLICIES:
+    fail('residual_policy', f'unknown policy {config.residual_policy!r}',
+         f"Choose one of {pipeline.RESIDUAL_POLICIES}, or '' to keep every residual.")
+  if config.residual_policy and (config.stash != 'vjp' or config.method == 'dgl'):
+    fail('residual_policy', f"{config.residual_policy!r} needs stash 'vjp' and method fdg, "
+         f'ddg or bp (got stash {config.stash!r}, method {config.method!r})',
+         "Set --config.residual_policy=''.")
+  for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'image_size',
+                'timeline_num_steps'):
+    if config[field] <= 0:
+      fail(field, f'{config[field]} is not positive', 'Use a positive integer.')
+  if config.num_train_steps == 0 or config.num_train_steps < -1:
+    fail('num_train_steps', f'{config.num_train_steps} is not a length',
+         'Use a positive number of steps, or -1 to train num_epochs epochs.')
+  if config.num_train_steps == -1 and config.num_epochs <= 0:
+    fail('num_epochs', f'{config.num_epochs} is not positive', 'Use a positive number.')
+  if config.learning_rate <= 0 or config.warmup_lr <= 0:
+    fail('learning_rate', 'learning rates must be positive', 'Use lr > 0 and warmup_lr > 0.')
+  for field in ('warmup_epochs', 'eval_every_epochs', 'checkpoint_every_steps',
+                'timeline_start_step'):
+    if config[field] < 0:
+      fail(field, f'{config[field]} is negative', 'Use 0 or more (0 turns it off).')
+  num_stages = num_stages_of(config)
+  if num_stages < 1:
+    fail('num_stages', f'{config.num_stages} stages', 'Use at least 1.')
+  num_blocks = len(models.block_names(config.model))
+  if num_stages > num_blocks:
+    fail('num_stages', f'{num_stages} stages but {config.model} has only {num_blocks} blocks',
+         f'Use at most {num_blocks} stages.')
+  if config.method != 'bp' and config.split:
+    if len(config.split) != num_stages - 1:
+      fail('split', f'{tuple(config.split)} has {len(config.split)} entries for {num_stages} '
+           'stages', f'Give {num_stages - 1} block indices, or () to balance automatically.')
+    try:
+      partition.stage_ranges(config.split, num_blocks)
+    except ValueError as e:
+      fail('split', str(e), 'Fix the block indices.')
+  num_devices = len(jax.devices())
+  if config.stage_devices:
+    if len(config.stage_devices) not in (1, num_stages):
+      fail('stage_devices', f'{len(config.stage_devices)} entries for {num_stages} stages',
+           'Give one device index per stage, or one index for all stages.')
+    bad = [d for d in config.stage_devices if not 0 <= d < num_devices]
+    if bad:
+      fail('stage_devices', f'device indices {bad} do not exist ({num_devices} devices)',
+           f'Use indices in 0..{num_devices - 1}.')
+  elif num_stages > num_devices:
+    fail('num_stages', f'{num_stages} stages but JAX sees {num_devices} device(s)',
+         'Use fewer stages, put every stage on one device with --config.stage_devices=(0,) '
+         'to simulate, or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count'
+         f'={num_stages} before starting.')
+
+
+# ---------------------------------------------------------------- the fields' documentation
+
+
+def field_docs(path: str = DEFAULT_CONFIG_FILE) -> dict[str, str]:
+  """{field: the comment above `config.FIELD = ...` in a config file}.
+
+  A field written right below another with no comment of its own shares that field's comment
+  (e.g. `train_subset` and `test_subset`). Empty if the file is absent (an installed wheel).
+  """
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    source = f.read()
+  lines = source.splitlines()
+  docs, previous = {}, None
+  for node in ast.walk(ast.parse(source)):
+    if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Attribute)
+            and isinstance(node.targets[0].value, ast.Name)
+            and node.targets[0].value.id == 'config'):
+      continue
+    comment, row = [], node.lineno - 2
+    while row >= 0 and lines[row].strip().startswith('#'):
+      comment.insert(0, lines[row].strip().lstrip('#').strip())
+      row -= 1
+    if comment:
+      docs[node.targets[0].attr] = ' '.join(comment)
+    elif previous is not None and previous[1] == node.lineno - 1:
+      docs[node.targets[0].attr] = docs.get(previous[0], '')
+    previous = (node.targets[0].attr, node.end_lineno)
+  return docs
+
+
+def describe_fields(config: ml_collections.ConfigDict, docs: dict[str, str],
+                    width: int = 100) -> str:
+  """One entry per field: `--config.FIELD (default VALUE)` and its comment, wrapped."""
+  entries = []
+  for field, value in config.items():
+    entries.append(f'  --config.{field}  (default {value!r})')
+    text = docs.get(field, '(undocumented)')
+    entries.extend(textwrap.wrap(text, width, initial_indent='      ',
+                                 subsequent_indent='      '))
+  return '\n'.join(entries)
+
+
+def misspelt_fields(argv: list[str], config: ml_collections.ConfigDict) -> list[str]:
+  """One line per `--config.FIELD` override in argv that names no field of `config`, with the
+  closest valid field."""
+  lines = []
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--config.'):].split('=', 1)[0]
+    node, parts = config, path.split('.')
+    for depth, part in enumerate(parts):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, known, n=1)
+      prefix = '.'.join(parts[:depth] + [close[0]]) if close else ''
+      hint = f'; did you mean --config.{prefix}?' if close else ''
+      lines.append(f'--config.{path}: no such config field{hint} '
+                   '(python -m fdg_jax.main --help lists the fields)')
+      break
+  return lines
