@@ -1,11 +1,11 @@
 """The comparison methods DDG and DGL (docs/algorithm.md), in the same engine as FDG.
 
 Both are subclasses of `pipeline.Pipeline`: same stages, same optimizer, same placements, same
-`PipelineState`, `Activation`, `Cotangent` and `Saved` records, same `drain` and `evaluate`, so
-the trainer and the checkpoints handle them like FDG. DDG changes only the schedule of one
-iteration (`step`) and reuses FDG's stage functions; DGL has its own stage function, keeps its
-auxiliary heads inside each stage's TrainState, and its `stage_variables` and `predict` leave
-the heads out.
+`PipelineState`, same executor (`step`, `drain`) walking their own schedule
+(`schedule.Schedule`), same `evaluate`, so the trainer, the checkpoints and multi-process runs
+handle them like FDG. DDG changes only the schedule and reuses FDG's stage functions; DGL has
+its own stage function, keeps its auxiliary heads inside each stage's TrainState, and its
+`stage_variables` and `predict` leave the heads out.
 
 DDG (Huo et al. 2018, "Decoupled parallel backpropagation with convergence guarantee"): backward
 unlocking only. Iteration t forwards batch t through all stages in order, within the iteration
@@ -31,7 +31,7 @@ import optax
 
 from fdg_jax import partition
 from fdg_jax import pipeline
-from fdg_jax.pipeline import Activation, Cotangent, PipelineState, Saved, StepInfo, TrainState
+from fdg_jax.pipeline import PipelineState, StepInfo, TrainState
 
 
 # ==================================================================================== DDG
@@ -72,28 +72,14 @@ class DDGPipeline(pipeline.Pipeline):
   Fill and drain as FDG: stage k skips backward and update at iterations t < K-1-k (no
   cotangent yet); after the last batch, `drain` runs K-1 iterations without new batches in
   which stages only back-propagate, so a run of N batches takes N + K - 1 iterations and
-  applies exactly N updates per stage. The stage functions are the parent's
-  `update_then_forward` (phases 'fill', 'steady', 'drain'); only the host loop differs.
+  applies exactly N updates per stage. The stage functions and the executor are the parent's;
+  only the schedule differs (`schedule.Schedule` with method 'ddg').
   """
 
+  METHOD = 'ddg'
+
   def delay(self, stage: int) -> int:
-    return ddg_delay(stage, self.num_stages)
-
-  def step(self, state: PipelineState, images=None, labels=None
-           ) -> tuple[PipelineState, StepInfo]:
-    """One iteration: batch `images` through all stages, each stage's delayed backward.
-
-    `images=None` feeds no new batch (draining). The stage states are donated: `state` must not
-    be used after this call. Never waits on a device value.
-    """
-    activation = self._entering(state, images, labels)
-    calls = []
-    for k in range(self.num_stages):   # forward locked: each output is used at once
-      calls.append(self._run_stage(k, state.stages[k], state.saved[k], activation,
-                                   state.cotangents[k]))
-      activation = calls[-1].output
-    return self._next_state(state, calls, images is not None,
-                            activations=(None,) * self.num_stages)
+    return self.schedule.delay(stage)
 
 
 # ==================================================================================== DGL
@@ -182,7 +168,7 @@ class DGLPipeline(pipeline.Pipeline):
 
   * Stage k trains on batch t-k at iteration t (when 0 <= t-k < N), pipelined like FDG: its
     input is what stage k-1 produced at iteration t-1, and its output reaches stage k+1 for
-    iteration t+1. Labels travel with their batch, moved to each stage's device.
+    iteration t+1. Each stage gets the batch's labels on its own device when the batch enters.
   * Non-last stage k: one training-mode forward y = stage(x) (BatchNorm statistics updated
     once), logits = aux_head(y); local loss = mean(loss_fn(logits, labels)); gradient w.r.t.
     the stage's and the head's parameters only (x is a constant: no gradient crosses a stage
@@ -205,6 +191,8 @@ class DGLPipeline(pipeline.Pipeline):
       head) or a factory `(stage_index, num_classes) -> nn.Module` of modules called as
       `head.apply(variables, y, train=bool)`.
   """
+
+  METHOD = 'dgl'
 
   def __init__(self, stages: Sequence[nn.Module], optimizer: optax.GradientTransformation,
                loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = pipeline.cross_entropy_loss,
@@ -274,10 +262,13 @@ class DGLPipeline(pipeline.Pipeline):
     x = jax.ShapeDtypeStruct(sample_input.shape, sample_input.dtype)
     stages = []
     for k, (stage, sharding) in enumerate(zip(network.stages, self.shardings)):
+      if k < self.num_stages - 1:
+        x = jax.eval_shape(self._predict[k], *self._variable_specs[k], x)
+      if stage is None:   # another process's stage
+        stages.append(None)
+        continue
       params, batch_stats = {'stage': stage.params}, {'stage': stage.batch_stats}
       if k < self.num_stages - 1:
-        x = jax.eval_shape(lambda p, s, x: self._predict[k](p, s, x), stage.params,
-                           stage.batch_stats, x)
         key = jax.random.fold_in(aux_key, k)
         aux = self._aux_init[k]({'params': key, 'dropout': key}, jnp.zeros(x.shape, x.dtype))
         params['aux'] = aux['params']
@@ -287,44 +278,17 @@ class DGLPipeline(pipeline.Pipeline):
       stages.append(jax.device_put(state, sharding))
     return network.replace(stages=tuple(stages))
 
-  def step(self, state: PipelineState, images=None, labels=None
-           ) -> tuple[PipelineState, DGLStepInfo]:
-    """One iteration of every stage that has a batch. `images=None` feeds none (draining).
+  def _call_stage(self, k: int, call, stage: TrainState, queue, *, x, cotangent, entry,
+                  labels) -> pipeline.StageOutput:
+    """Stage k trains on its local loss and sends the output of its pre-update weights."""
+    del call, cotangent, entry   # DGL has neither cotangents nor saved forwards
+    stage, y, metrics = self.stage_functions[k](stage, x, labels)
+    return pipeline.StageOutput(stage, queue, activation=y, metrics=metrics)
 
-    The stage states are donated: `state` must not be used after this call. Never waits on a
-    device value.
-    """
-    K = self.num_stages
-    arriving = list(state.activations)
-    if images is not None:
-      arriving[0] = Activation(value=jax.device_put(images, self.shardings[0]),
-                               labels=jax.device_put(labels, self.shardings[0]),
-                               batch=state.batches_fed)
-    stages = list(state.stages)
-    next_activations = [None] * K
-    trained, local_metrics = [None] * K, [None] * K
-    for k, activation in enumerate(arriving):
-      if activation is None:
-        continue
-      # A no-op for labels sent by stage k-1; moves labels restored from a checkpoint, which
-      # waits for them on the last stage's device as FDG does.
-      labels_k = jax.device_put(activation.labels, self.shardings[k])
-      stages[k], y, local_metrics[k] = self.stage_functions[k](
-          stages[k], activation.value, labels_k)
-      trained[k] = activation.batch
-      if k < K - 1:
-        next_activations[k + 1] = Activation(
-            value=jax.device_put(y, self.shardings[k + 1]),
-            labels=jax.device_put(labels_k, self.shardings[k + 1]),
-            batch=activation.batch)
-    new_state = PipelineState(
-        stages=tuple(stages), saved=state.saved, activations=tuple(next_activations),
-        cotangents=state.cotangents, iteration=state.iteration + 1,
-        batches_fed=state.batches_fed + (images is not None))
-    info = DGLStepInfo(iteration=state.iteration, forwarded=tuple(trained),
-                       updated=tuple(trained), metrics=local_metrics[-1],
-                       local_metrics=tuple(local_metrics))
-    return new_state, info
+  def _step_info(self, iteration: int, forwarded, updated, metrics) -> DGLStepInfo:
+    return DGLStepInfo(iteration=iteration, forwarded=tuple(forwarded),
+                       updated=tuple(updated), metrics=metrics[-1],
+                       local_metrics=tuple(metrics))
 
   # ---------------------------------------------------------------- reading the pipeline
 

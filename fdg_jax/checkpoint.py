@@ -33,25 +33,35 @@ def _unindexed(tree: dict) -> list:
 
 
 def to_tree(state: pipeline_lib.PipelineState) -> tuple[dict, dict]:
-  """(arrays, metadata) of a pipeline state: nested dicts of arrays, and JSON-able bookkeeping."""
+  """(arrays, metadata) of a pipeline state: nested dicts of arrays, and JSON-able bookkeeping.
+
+  Only the stages this process holds are in it (all of them in a single-process run).
+  """
   arrays = {
-      'stages': {str(k): flax.serialization.to_state_dict(s) for k, s in enumerate(state.stages)},
+      'stages': {str(k): flax.serialization.to_state_dict(s)
+                 for k, s in enumerate(state.stages) if s is not None},
       'saved': {str(k): _indexed(_indexed(jax.tree_util.tree_leaves(entry.arrays))
                                  for entry in queue)
                 for k, queue in enumerate(state.saved) if queue},
-      'activations': {str(k): {'value': a.value, 'labels': a.labels}
+      'activations': {str(k): {'value': a.value}
                       for k, a in enumerate(state.activations) if a is not None},
       'cotangents': {str(k): c.value for k, c in enumerate(state.cotangents) if c is not None},
+      'labels': {str(k): _indexed(entry.value for entry in queue)
+                 for k, queue in enumerate(state.labels) if queue},
   }
   metadata = {
       'iteration': state.iteration,
       'batches_fed': state.batches_fed,
+      'stream_first_batch': state.stream_first_batch,
+      'stream_offset': state.stream_offset,
       'saved': {str(k): [{'batch': entry.batch,
                           'input_spec': entry.structure.input_spec if entry.structure else None}
                          for entry in queue]
                 for k, queue in enumerate(state.saved) if queue},
       'activations': {str(k): a.batch for k, a in enumerate(state.activations) if a is not None},
       'cotangents': {str(k): c.batch for k, c in enumerate(state.cotangents) if c is not None},
+      'labels': {str(k): [entry.batch for entry in queue]
+                 for k, queue in enumerate(state.labels) if queue},
   }
   return arrays, metadata
 
@@ -60,14 +70,28 @@ def _sharding_for(pipe: pipeline_lib.Pipeline, path) -> jax.sharding.Sharding:
   """Which device an array of the checkpoint tree belongs on, from its path."""
   group, stage = path[0].key, int(path[1].key)
   if group == 'activations' and path[2].key == 'labels':
-    return pipe.shardings[-1]   # labels wait on the last stage's device
+    return pipe.shardings[-1]   # a checkpoint from before labels had their own queues
   return pipe.shardings[stage]
+
+
+def _labels_from_old_activations(pipe: pipeline_lib.Pipeline, arrays: dict, metadata: dict):
+  """Checkpoints written before labels had their own queues kept each batch's labels in its
+  activation record (on the last stage's device). A batch arriving at stage j goes to the queue
+  of every stage from j on that will compute a loss on it: the last (FDG, DDG), or all (DGL)."""
+  queues = [[] for _ in range(pipe.num_stages)]
+  for j, batch in metadata['activations'].items():
+    for stage in range(int(j), pipe.num_stages):
+      if pipe.schedule.needs_labels(stage):
+        labels = jax.device_put(arrays['activations'][j]['labels'], pipe.shardings[stage])
+        queues[stage].append(pipeline_lib.Labels(value=labels, batch=batch))
+  return tuple(tuple(sorted(q, key=lambda entry: entry.batch)) for q in queues)
 
 
 def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, arrays: dict,
               metadata: dict) -> pipeline_lib.PipelineState:
   """Rebuild a PipelineState; `fresh` (from `pipe.init`) gives the TrainState structure."""
-  stages = tuple(flax.serialization.from_state_dict(fresh.stages[k], arrays['stages'][str(k)])
+  stages = tuple(None if fresh.stages[k] is None else
+                 flax.serialization.from_state_dict(fresh.stages[k], arrays['stages'][str(k)])
                  for k in range(pipe.num_stages))
   saved = []
   for k in range(pipe.num_stages):
@@ -84,16 +108,24 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
     saved.append(tuple(queue))
   activations = [None] * pipe.num_stages
   for k, batch in metadata['activations'].items():
-    a = arrays['activations'][k]
-    activations[int(k)] = pipeline_lib.Activation(value=a['value'], labels=a['labels'],
+    activations[int(k)] = pipeline_lib.Activation(value=arrays['activations'][k]['value'],
                                                   batch=batch)
   cotangents = [None] * pipe.num_stages
   for k, batch in metadata['cotangents'].items():
     cotangents[int(k)] = pipeline_lib.Cotangent(value=arrays['cotangents'][k], batch=batch)
+  if 'labels' in metadata:
+    labels = tuple(
+        tuple(pipeline_lib.Labels(value=value, batch=batch) for value, batch in zip(
+            _unindexed(arrays['labels'].get(str(k), {})), metadata['labels'].get(str(k), [])))
+        for k in range(pipe.num_stages))
+  else:
+    labels = _labels_from_old_activations(pipe, arrays, metadata)
   return pipeline_lib.PipelineState(
       stages=stages, saved=tuple(saved), activations=tuple(activations),
-      cotangents=tuple(cotangents), iteration=metadata['iteration'],
-      batches_fed=metadata['batches_fed'])
+      cotangents=tuple(cotangents), labels=labels, iteration=metadata['iteration'],
+      batches_fed=metadata['batches_fed'],
+      stream_first_batch=metadata.get('stream_first_batch', 0),
+      stream_offset=metadata.get('stream_offset', 0))
 
 
 class Checkpointer:
@@ -162,11 +194,13 @@ def _shapes(tree) -> dict:
 def _check_matches(fresh: pipeline_lib.PipelineState, target: dict, directory: str, step: int):
   """Refuse a checkpoint whose stage arrays do not match this pipeline's, naming the first."""
   fix = 'Use the config it was written with, or a new --workdir.'
-  if len(target['stages']) != len(fresh.stages):
+  local = sum(s is not None for s in fresh.stages)
+  if len(target['stages']) != local:
     raise CheckpointError(
         f'The checkpoint at step {step} in {directory} has {len(target["stages"])} stages; this '
-        f'run has {len(fresh.stages)}. {fix}')
-  want = _shapes({str(k): flax.serialization.to_state_dict(s) for k, s in enumerate(fresh.stages)})
+        f'run has {local} here. {fix}')
+  want = _shapes({str(k): flax.serialization.to_state_dict(s)
+                  for k, s in enumerate(fresh.stages) if s is not None})
   have = _shapes(target['stages'])
   for key, spec in want.items():
     if have.get(key) != spec:

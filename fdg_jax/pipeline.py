@@ -16,6 +16,7 @@ stage is the last stage, and one iteration is exactly an ordinary back-propagati
 
 import dataclasses
 import inspect
+import itertools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from clu import metrics as clu_metrics
@@ -25,6 +26,8 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import optax
+
+from fdg_jax import schedule as schedule_lib
 
 STASH_MODES = ('vjp', 'recompute')
 # Policies of jax.checkpoint_policies that a 'vjp' stash may use to keep fewer residuals: what a
@@ -54,9 +57,15 @@ class EvalMetrics(clu_metrics.Collection):
 
 @flax.struct.dataclass
 class Activation:
-  """A stage's output on its way to the next stage; the labels travel with their batch."""
+  """A stage's output on its way to the next stage (or a batch entering stage 0)."""
   value: jax.Array
-  labels: jax.Array   # already on the last stage's device
+  batch: int = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class Labels:
+  """A batch's labels, waiting on the device of a stage that computes a loss on that batch."""
+  value: jax.Array
   batch: int = flax.struct.field(pytree_node=False)
 
 
@@ -83,21 +92,27 @@ class PipelineState:
   """Everything the pipeline holds between iterations.
 
   `activations[k]` and `cotangents[k]` are what arrives at stage k in the next iteration;
-  `saved[k]` is stage k's queue of saved forwards, oldest first.
+  `saved[k]` is stage k's queue of saved forwards and `labels[k]` of labels it will compute a
+  loss with, oldest first. In a multi-process run a process holds only its own stages: the
+  others' entries are None or empty. The current stream's batch b entered at iteration
+  b + stream_offset (b >= stream_first_batch); see `schedule.Schedule.iteration`.
   """
-  stages: tuple[TrainState, ...]
+  stages: tuple[Optional[TrainState], ...]
   saved: tuple[tuple[Saved, ...], ...]
   activations: tuple[Optional[Activation], ...]
   cotangents: tuple[Optional[Cotangent], ...]
+  labels: tuple[tuple[Labels, ...], ...]
   iteration: int = flax.struct.field(pytree_node=False, default=0)
   batches_fed: int = flax.struct.field(pytree_node=False, default=0)
+  stream_first_batch: int = flax.struct.field(pytree_node=False, default=0)
+  stream_offset: int = flax.struct.field(pytree_node=False, default=0)
 
   @property
   def in_flight(self) -> bool:
-    """True while some batch has not yet reached every stage's update."""
+    """True while some batch this process holds has not yet reached every stage's update."""
     return (any(a is not None for a in self.activations)
             or any(c is not None for c in self.cotangents)
-            or any(self.saved))
+            or any(self.saved) or any(self.labels))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,15 +124,13 @@ class StepInfo:
   metrics: Optional[TrainMetrics]  # of the batch the last stage trained on, on its device
 
 
-class _StageCall(NamedTuple):
-  """What one stage call of an iteration produced (host-side bookkeeping only)."""
+class StageOutput(NamedTuple):
+  """What one stage call produced, on the stage's device (host-side bookkeeping only)."""
   stage: TrainState
   saved: tuple[Saved, ...]
-  output: Optional[Activation] = None       # on the next stage's device
-  cotangent: Optional[Cotangent] = None     # on the previous stage's device
-  forwarded: Optional[int] = None
-  updated: Optional[int] = None
-  metrics: Optional[TrainMetrics] = None
+  activation: Optional[jax.Array] = None       # the output for the next stage
+  cotangent: Optional[jax.Array] = None        # the input cotangent for the previous stage
+  metrics: Optional[TrainMetrics] = None       # of the loss this stage computed, if any
 
 
 class _Identity:
@@ -161,6 +174,11 @@ def as_sharding(placement) -> jax.sharding.Sharding:
 class Pipeline:
   """FDG over a list of Flax modules, one stage per module.
 
+  One executor (`step`) runs every method: it walks `self.schedule` (fdg_jax/schedule.py),
+  calls each local stage's jitted function with what arrived, and moves what it sends to the
+  neighbour's device. Subclasses change the method's schedule (`METHOD`) and, for DGL, the
+  stage call.
+
   Args:
     stages: Flax modules called as `module.apply(variables, x, train=bool)`, or as
       `module.apply(variables, x)` if their `__call__` has no `train` argument; stage k's output
@@ -177,6 +195,8 @@ class Pipeline:
       less memory, more compute.
     placements: one `jax.sharding.Sharding` or `jax.Device` per stage (default: device k).
   """
+
+  METHOD = 'fdg'
 
   def __init__(self, stages: Sequence[nn.Module], optimizer: optax.GradientTransformation,
                loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_loss, *,
@@ -211,6 +231,14 @@ class Pipeline:
     self.residual_policy = residual_policy
     self.shardings = tuple(as_sharding(p) for p in placements)
     self.num_stages = len(stages)
+    self.schedule = schedule_lib.Schedule(self.METHOD, self.num_stages)
+    # A multi-process run: each process runs only the stages on its devices (section "the
+    # executor" below); with one process every stage is local.
+    self.is_local = tuple(bool(s.addressable_devices) for s in self.shardings)
+    self.num_processes = jax.process_count()
+    self._batch_spec: Optional[jax.ShapeDtypeStruct] = None
+    self._variable_specs: Optional[list] = None
+    self._io_specs: dict[tuple, tuple[jax.ShapeDtypeStruct, ...]] = {}
     self._residual_structures: dict[tuple, _Identity] = {}
     # Per non-last stage, one compiled function per phase: 'fill' (forward only, before the
     # first cotangent), 'steady' (update then forward) and 'drain' (update only, at the end).
@@ -324,7 +352,11 @@ class Pipeline:
 
   def init(self, rng: jax.Array, sample_input: jax.Array,
            variables: Optional[Sequence[dict]] = None) -> PipelineState:
-    """Initialise every stage (or take `variables`, one dict per stage) on its device."""
+    """Initialise every stage (or take `variables`, one dict per stage) on its device.
+
+    In a multi-process run every process computes every stage's initial variables (the same
+    numbers everywhere) and keeps only its own stages.
+    """
     if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
       rng = jax.random.key_data(rng)   # raw uint32 keys: plain arrays in every checkpoint
     params_key, dropout_key = jax.random.split(rng)
@@ -338,104 +370,195 @@ class Pipeline:
         variables.append(stage_variables)
     if len(variables) != self.num_stages:
       raise ValueError(f'{len(variables)} variable dicts for {self.num_stages} stages.')
+    self._variable_specs = [jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+        (v['params'], v.get('batch_stats', {}))) for v in variables]
+    if sample_input is not None:
+      self._batch_spec = jax.ShapeDtypeStruct(tuple(sample_input.shape), sample_input.dtype)
     stages = []
     for k, (stage_variables, sharding) in enumerate(zip(variables, self.shardings)):
+      if not self.is_local[k]:
+        stages.append(None)
+        continue
       state = TrainState.create(
           apply_fn=self.modules[k].apply, params=stage_variables['params'], tx=self.optimizer,
           batch_stats=stage_variables.get('batch_stats', {}),
           dropout_key=jax.random.fold_in(dropout_key, k))
       # A copy: the stage state is donated at every step, and the caller's arrays must survive.
       stages.append(jax.device_put(state, sharding, may_alias=False))
-    none = (None,) * self.num_stages
-    return PipelineState(stages=tuple(stages), saved=((),) * self.num_stages,
-                         activations=none, cotangents=none)
+    none, empty = (None,) * self.num_stages, ((),) * self.num_stages
+    return PipelineState(stages=tuple(stages), saved=empty, activations=none, cotangents=none,
+                         labels=empty)
 
-  def _entering(self, state: PipelineState, images, labels) -> Optional[Activation]:
-    """The new batch as it enters stage 0; its labels go straight to the last stage."""
-    if images is None:
-      return None
-    return Activation(value=jax.device_put(images, self.shardings[0]),
-                      labels=jax.device_put(labels, self.shardings[-1]),
-                      batch=state.batches_fed)
+  # ---------------------------------------------------------------- the executor
 
-  def _run_stage(self, k: int, stage: TrainState, queue: tuple[Saved, ...],
-                 activation: Optional[Activation], cotangent: Optional[Cotangent]
-                 ) -> _StageCall:
-    """Stage k's one call of an iteration, with what arrived; nothing happens if nothing did.
+  def plan(self, state: PipelineState, feeding: bool) -> schedule_lib.Iteration:
+    """The calls and transfers of the next iteration (the same on every process)."""
+    return self.schedule.iteration(state.iteration, state.stream_first_batch,
+                                   state.stream_offset, state.batches_fed + feeding)
 
-    Its output goes to stage k+1's device and its input cotangent to stage k-1's.
-    """
-    if k == self.num_stages - 1:
-      if activation is None:
-        return _StageCall(stage, queue)
-      stage, input_cotangent, metrics = self.stage_functions[k]['steady'](
-          stage, activation.value, activation.labels)
-      batch = activation.batch
-      return _StageCall(stage, queue, forwarded=batch, updated=batch, metrics=metrics,
-                        cotangent=self._send_back(k, input_cotangent, batch))
-    if activation is None and cotangent is None:
-      return _StageCall(stage, queue)
-    entry, residuals = None, None
-    if cotangent is not None:
-      entry, queue = queue[0], queue[1:]
-      if entry.batch != cotangent.batch:  # a broken schedule must never train silently
-        raise AssertionError(f'stage {k}: cotangent of batch {cotangent.batch} met the '
-                             f'forward of batch {entry.batch}')
-      residuals = entry.structure
-    if activation is not None and self.stash == 'vjp':
-      residuals_out = self._residual_structure(k, stage, activation.value)
-      residuals = residuals or residuals_out
-    phase = 'fill' if cotangent is None else 'drain' if activation is None else 'steady'
-    stage, y, new_saved, input_cotangent = self.stage_functions[k][phase](
-        stage, entry.arrays if entry else None, cotangent.value if cotangent else None,
-        activation.value if activation else None, residuals=residuals)
-    output = None
-    if activation is not None:
-      structure = residuals_out if self.stash == 'vjp' else None
-      queue = queue + (Saved(arrays=new_saved, batch=activation.batch, structure=structure),)
-      output = Activation(value=jax.device_put(y, self.shardings[k + 1]),
-                          labels=activation.labels, batch=activation.batch)
-    updated = cotangent.batch if cotangent is not None else None
-    return _StageCall(stage, queue, output=output,
-                      forwarded=activation.batch if activation else None, updated=updated,
-                      cotangent=self._send_back(k, input_cotangent, updated))
-
-  def _send_back(self, k: int, input_cotangent, batch: Optional[int]) -> Optional[Cotangent]:
-    if k == 0 or input_cotangent is None:
-      return None
-    return Cotangent(value=jax.device_put(input_cotangent, self.shardings[k - 1]), batch=batch)
+  def _feed(self, state: PipelineState, images, labels) -> PipelineState:
+    """The batch entering now: its images for stage 0, its labels for the stages that compute a
+    loss on it, each on its own device and only where this process owns the stage."""
+    batch = state.batches_fed
+    if state.iteration != batch + state.stream_offset:   # fed again after empty iterations
+      if self.plan(state, feeding=False).calls:
+        raise ValueError(
+            f'Iteration {state.iteration}: a batch fed while the pipeline drains. Feed every '
+            'batch at consecutive iterations, or call drain() before feeding again.')
+      state = state.replace(stream_first_batch=batch,
+                            stream_offset=state.iteration - batch)   # a new stream
+    if self.num_processes > 1:
+      spec = jax.ShapeDtypeStruct(tuple(images.shape), images.dtype)
+      if self._batch_spec not in (None, spec):
+        raise ValueError(f'Batch {batch} is {spec}; earlier batches were {self._batch_spec}. '
+                         'A multi-process pipeline needs one batch shape.')
+      self._batch_spec = spec
+    activations = list(state.activations)
+    if self.is_local[0]:
+      activations[0] = Activation(value=jax.device_put(images, self.shardings[0]), batch=batch)
+    waiting = tuple(
+        queue + (Labels(value=jax.device_put(labels, self.shardings[k]), batch=batch),)
+        if self.is_local[k] and self.schedule.needs_labels(k) else queue
+        for k, queue in enumerate(state.labels))
+    return state.replace(activations=tuple(activations), labels=waiting)
 
   def step(self, state: PipelineState, images=None, labels=None
            ) -> tuple[PipelineState, StepInfo]:
-    """One iteration of every stage. `images=None` feeds no new batch (draining).
+    """One iteration of every stage, as the schedule says. `images=None` feeds no new batch
+    (draining).
 
-    The stage states are donated: `state` must not be used after this call.
+    In a multi-process run every process calls this with the same batch (a process that does
+    not own stage 0 may pass anything with the images' shape and dtype, e.g. a
+    `jax.ShapeDtypeStruct`; one that owns no loss stage, None for the labels' values is not
+    allowed: pass the labels, they say that a batch is fed). The stage states are donated:
+    `state` must not be used after this call. Never waits on a device value.
     """
-    K = self.num_stages
-    arriving = list(state.activations)
-    arriving[0] = self._entering(state, images, labels)
-    calls = [self._run_stage(k, state.stages[k], state.saved[k], arriving[k],
-                             state.cotangents[k]) for k in range(K)]
-    # What each stage sent arrives at its neighbour in the next iteration.
-    return self._next_state(state, calls, images is not None,
-                            activations=(None,) + tuple(c.output for c in calls[:-1]))
+    feeding = images is not None
+    if feeding:
+      state = self._feed(state, images, labels)
+    plan = self.plan(state, feeding)
+    stages, saved = list(state.stages), list(state.saved)
+    waiting_labels = list(state.labels)
+    arriving_now = list(state.activations)   # what each stage uses in this iteration
+    activations = [None] * self.num_stages   # what arrives for the next iteration
+    cotangents = [None] * self.num_stages
+    metrics = [None] * self.num_stages
+    for call, sends in zip(plan.calls, plan.sends):
+      k, output = call.stage, None
+      if self.is_local[k]:
+        inputs = self._take_inputs(call, arriving_now[k], state.cotangents[k], saved[k],
+                                   waiting_labels[k])
+        saved[k], waiting_labels[k] = inputs.pop('queue'), inputs.pop('labels_queue')
+        output = self._call_stage(k, call, stages[k], saved[k], **inputs)
+        stages[k], saved[k], metrics[k] = output.stage, output.saved, output.metrics
+      for send in sends:
+        value = None if output is None else (
+            output.activation if send.kind == 'activation' else output.cotangent)
+        value = self._transfer(value, send)
+        if value is None:
+          continue
+        if send.kind == 'cotangent':
+          cotangents[send.target] = Cotangent(value=value, batch=send.batch)
+        elif self.schedule.activation_latency == 0:
+          arriving_now[send.target] = Activation(value=value, batch=send.batch)
+        else:
+          activations[send.target] = Activation(value=value, batch=send.batch)
+    forwarded, updated = [None] * self.num_stages, [None] * self.num_stages
+    for call in plan.calls:
+      forwarded[call.stage], updated[call.stage] = call.forward, call.update
+    new_state = state.replace(
+        stages=tuple(stages), saved=tuple(saved), activations=tuple(activations),
+        cotangents=tuple(cotangents), labels=tuple(waiting_labels),
+        iteration=state.iteration + 1, batches_fed=state.batches_fed + feeding)
+    return new_state, self._step_info(state.iteration, forwarded, updated, metrics)
 
-  def _next_state(self, state: PipelineState, calls: Sequence[_StageCall], fed: bool,
-                  activations: tuple[Optional[Activation], ...]
-                  ) -> tuple[PipelineState, StepInfo]:
-    cotangents = tuple(c.cotangent for c in calls[1:]) + (None,)
-    new_state = PipelineState(
-        stages=tuple(c.stage for c in calls), saved=tuple(c.saved for c in calls),
-        activations=activations, cotangents=cotangents, iteration=state.iteration + 1,
-        batches_fed=state.batches_fed + fed)
-    info = StepInfo(iteration=state.iteration, forwarded=tuple(c.forwarded for c in calls),
-                    updated=tuple(c.updated for c in calls), metrics=calls[-1].metrics)
-    return new_state, info
+  def _step_info(self, iteration: int, forwarded, updated, metrics) -> StepInfo:
+    return StepInfo(iteration=iteration, forwarded=tuple(forwarded), updated=tuple(updated),
+                    metrics=metrics[-1])
+
+  def _take_inputs(self, call: schedule_lib.StageCall, activation: Optional[Activation],
+                   cotangent: Optional[Cotangent], queue: tuple[Saved, ...],
+                   labels_queue: tuple[Labels, ...]) -> dict:
+    """What stage `call.stage` uses in this call, checked against the schedule: a broken
+    schedule must never train silently."""
+    def check(kind, have, want):
+      if have != want:
+        raise AssertionError(f'iteration schedule broken at stage {call.stage}: {kind} of batch '
+                             f'{have} where the schedule has batch {want}')
+    inputs = {'x': None, 'cotangent': None, 'entry': None, 'labels': None}
+    if call.forward is not None:
+      check('activation', activation and activation.batch, call.forward)
+      inputs['x'] = activation.value
+    loss_batch = call.forward if self.schedule.delay(call.stage) == 0 else None
+    if self.schedule.needs_labels(call.stage) and loss_batch is not None:
+      check('labels', labels_queue[0].batch if labels_queue else None, loss_batch)
+      inputs['labels'], labels_queue = labels_queue[0].value, labels_queue[1:]
+    if call.update is not None and self.schedule.delay(call.stage) > 0:
+      check('cotangent', cotangent and cotangent.batch, call.update)
+      check('saved forward', queue[0].batch if queue else None, call.update)
+      inputs['cotangent'], inputs['entry'], queue = cotangent.value, queue[0], queue[1:]
+    return {**inputs, 'queue': queue, 'labels_queue': labels_queue}
+
+  def _call_stage(self, k: int, call: schedule_lib.StageCall, stage: TrainState,
+                  queue: tuple[Saved, ...], *, x, cotangent, entry, labels) -> StageOutput:
+    """Stage k's jitted function for this call; its forward is saved at the end of `queue`."""
+    if k == self.num_stages - 1:
+      stage, input_cotangent, metrics = self.stage_functions[k]['steady'](stage, x, labels)
+      return StageOutput(stage, queue, cotangent=input_cotangent, metrics=metrics)
+    residuals = entry.structure if entry is not None else None
+    if x is not None and self.stash == 'vjp':
+      residuals_out = self._residual_structure(k, stage, x)
+      residuals = residuals or residuals_out
+    stage, y, new_saved, input_cotangent = self.stage_functions[k][call.phase](
+        stage, entry.arrays if entry else None, cotangent, x, residuals=residuals)
+    if x is not None:
+      structure = residuals_out if self.stash == 'vjp' else None
+      queue = queue + (Saved(arrays=new_saved, batch=call.forward, structure=structure),)
+    return StageOutput(stage, queue, activation=y, cotangent=input_cotangent)
+
+  def _transfer(self, value: Optional[jax.Array], send: schedule_lib.Transfer
+                ) -> Optional[jax.Array]:
+    """Moves an array from stage `send.source`'s device to stage `send.target`'s.
+
+    Within a process this is a `jax.device_put`. Across processes both sides make the same call
+    at the same point of the schedule (JAX's cross-process transfer): the sender with the
+    array, the receiver with a stand-in that has the array's shape, dtype and source placement
+    (no data). Returns the array on the target's device, or None where this process does not
+    own the target.
+    """
+    source, target = self.shardings[send.source], self.shardings[send.target]
+    if not self.is_local[send.source]:
+      if not self.is_local[send.target]:
+        return None
+      spec = self._transfer_spec(send)
+      value = jax.make_array_from_single_device_arrays(spec.shape, source, [], dtype=spec.dtype)
+    moved = jax.device_put(value, target)
+    return moved if self.is_local[send.target] else None
+
+  def _transfer_spec(self, send: schedule_lib.Transfer) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of a transferred array: an activation is the output of its source
+    stage; a cotangent has the shape of its source stage's input."""
+    if self._batch_spec is None:
+      raise ValueError('A multi-process pipeline learns its batch shape from the first batch '
+                       'fed; none has been fed (or restored) in this process yet.')
+    return self.io_specs(self._batch_spec)[send.source + (send.kind == 'activation')]
+
+  def io_specs(self, batch_spec: jax.ShapeDtypeStruct) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Shape and dtype of each stage's input for a batch like `batch_spec`, then the logits'."""
+    key = (tuple(batch_spec.shape), jnp.dtype(batch_spec.dtype).name)
+    if key not in self._io_specs:
+      specs, x = [batch_spec], batch_spec
+      for k in range(self.num_stages):
+        x = jax.eval_shape(self._predict[k], *self._variable_specs[k], x)
+        specs.append(x)
+      self._io_specs[key] = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in specs)
+    return self._io_specs[key]
 
   def drain(self, state: PipelineState) -> tuple[PipelineState, list[StepInfo]]:
     """Run iterations without new batches until every batch has updated every stage."""
     infos = []
-    while state.in_flight:
+    while self.plan(state, feeding=False).calls:
       state, info = self.step(state)
       infos.append(info)
     return state, infos

@@ -42,6 +42,7 @@ from typing import Any, Iterable, Optional, Sequence
 import jax
 
 from fdg_jax import pipeline as pipeline_lib
+from fdg_jax import schedule as schedule_lib
 
 
 
@@ -74,17 +75,15 @@ class _Call:
 
 
 def _calls_of(info: pipeline_lib.StepInfo, num_stages: int) -> list[_Call]:
-  """The stage calls one `Pipeline.step` made, in the order it made them."""
+  """The stage calls one `Pipeline.step` made, in the order it made them, with the phase the
+  engine's schedule gives each."""
   calls = []
   for k in range(num_stages):
-    forwarded, updated = info.forwarded[k], info.updated[k]
-    if forwarded is None and updated is None:
+    call = schedule_lib.StageCall(k, info.forwarded[k], info.updated[k])
+    if call.forward is None and call.update is None:
       continue
-    if k == num_stages - 1:
-      phase = 'steady'
-    else:
-      phase = 'fill' if updated is None else 'drain' if forwarded is None else 'steady'
-    calls.append(_Call(k, info.iteration, phase, forwarded if forwarded is not None else updated))
+    calls.append(_Call(k, info.iteration, call.phase,
+                       call.forward if call.forward is not None else call.update))
   return calls
 
 

@@ -5,10 +5,11 @@ import jax
 import numpy as np
 import pytest
 
+from fdg_jax import baselines
 from fdg_jax import checkpoint
 from fdg_jax import pipeline
 from test_engine import BETA, initial_variables, make_optimizer
-from tiny import tiny_batches
+from tiny import NUM_CLASSES, tiny_batches
 
 
 def new_pipeline(num_stages, stash):
@@ -69,3 +70,33 @@ def test_checkpoint_of_another_model_is_refused_clearly(tmp_path):
   other, fresh = new_pipeline(3, 'vjp')
   with pytest.raises(checkpoint.CheckpointError, match='2 stages; this run has 3'):
     checkpoint.Checkpointer(str(tmp_path)).restore(other, fresh)
+
+
+@pytest.mark.parametrize('method', ['fdg', 'dgl'])
+def test_checkpoint_from_before_label_queues_restores_the_same_state(method):
+  """Earlier checkpoints carried each batch's labels in its activation record (on the last
+  stage's device); restoring one gives the same labels queues as today's layout."""
+  modules, variables = initial_variables(3)
+  if method == 'dgl':
+    pipe = baselines.DGLPipeline(modules, make_optimizer(), num_classes=NUM_CLASSES,
+                                 aux_head='conv', placements=jax.devices()[:3])
+  else:
+    pipe = pipeline.Pipeline(modules, make_optimizer(), placements=jax.devices()[:3])
+  batches = tiny_batches(5)
+  state = run(pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables), batches)
+  arrays, metadata = checkpoint.to_tree(state)
+  labels = {entry.batch: entry.value for queue in state.labels for entry in queue}
+  old_arrays = {**{k: v for k, v in arrays.items() if k != 'labels'}, 'activations': {
+      k: {'value': a['value'], 'labels': jax.device_put(labels[metadata['activations'][k]],
+                                                        pipe.shardings[-1])}
+      for k, a in arrays['activations'].items()}}
+  old_metadata = {k: v for k, v in metadata.items()
+                  if k not in ('labels', 'stream_first_batch', 'stream_offset')}
+  fresh = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  restored = checkpoint.from_tree(pipe, fresh, old_arrays, old_metadata)
+  assert [[e.batch for e in q] for q in restored.labels] == [
+      [e.batch for e in q] for q in state.labels]
+  for old, new in zip(restored.labels, state.labels):
+    for a, b in zip(old, new):
+      assert a.value.devices() == b.value.devices()
+      np.testing.assert_array_equal(a.value, b.value)
