@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fdg_jax import distributed
 from fdg_jax import partition
 from fdg_jax import pipeline
 from fdg_jax.pipeline import PipelineState, StepInfo, TrainState
@@ -292,9 +293,11 @@ class DGLPipeline(pipeline.Pipeline):
 
   # ---------------------------------------------------------------- reading the pipeline
 
-  def stage_variables(self, state: PipelineState) -> list[dict]:
-    """Each stage's network {'params', 'batch_stats'}, without the auxiliary heads."""
-    return [{'params': s.params['stage'], 'batch_stats': s.batch_stats['stage']}
+  def stage_variables(self, state: PipelineState) -> list[Optional[dict]]:
+    """Each stage's network {'params', 'batch_stats'}, without the auxiliary heads (None for a
+    stage another process owns)."""
+    return [None if s is None else {'params': s.params['stage'],
+                                    'batch_stats': s.batch_stats['stage']}
             for s in state.stages]
 
   def aux_variables(self, state: PipelineState) -> list[dict]:
@@ -303,9 +306,12 @@ class DGLPipeline(pipeline.Pipeline):
             for s in state.stages[:-1]]
 
   def aux_param_counts(self, state: PipelineState) -> list[int]:
-    """Parameters of each stage's auxiliary head (0 for the last stage)."""
-    return [partition.count_params(s.params.get('aux', {})) for s in state.stages]
+    """Parameters of each stage's auxiliary head (0 for the last stage, and for a stage that
+    another process owns)."""
+    return [0 if s is None else partition.count_params(s.params.get('aux', {}))
+            for s in state.stages]
 
   def num_extra_params(self, state: PipelineState) -> int:
-    """Trainable parameters DGL adds to the network: all auxiliary heads together."""
-    return sum(self.aux_param_counts(state))
+    """Trainable parameters DGL adds to the network: all auxiliary heads together (of every
+    process; all must call it in a multi-process run)."""
+    return int(distributed.all_processes([sum(self.aux_param_counts(state))]).sum())

@@ -7,6 +7,7 @@ is restored onto the device of the stage that owns it. The host-side bookkeeping
 each entry belongs to, the data position) goes into a JSON item beside the arrays.
 """
 
+import json
 import os
 from typing import Optional
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from fdg_jax import distributed
 from fdg_jax import pipeline as pipeline_lib
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -128,15 +130,65 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
       stream_offset=metadata.get('stream_offset', 0))
 
 
+class _ProcessFiles:
+  """One process's own checkpoints in a multi-process run: `STEP.msgpack` files (flax's
+  serialization of the arrays, from the host, and the JSON bookkeeping), each written to a
+  temporary name and renamed when complete.
+
+  Why not orbax here: orbax 0.12 saves jax.Arrays of a multi-process run only as global arrays
+  that every process writes together, refuses arrays of one process's own devices, and writes
+  numpy arrays from process 0 alone. A pipeline stage lives on one process's devices.
+  """
+
+  SUFFIX = '.msgpack'
+
+  def __init__(self, directory: str, max_to_keep: int):
+    self.directory = directory
+    self.max_to_keep = max_to_keep
+
+  def steps(self) -> list[int]:
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(name[:-len(self.SUFFIX)]) for name in os.listdir(self.directory)
+                  if name.endswith(self.SUFFIX) and name[:-len(self.SUFFIX)].isdigit())
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, f'{step}{self.SUFFIX}')
+
+  def save(self, step: int, arrays: dict, metadata: dict) -> None:
+    os.makedirs(self.directory, exist_ok=True)
+    data = flax.serialization.msgpack_serialize(
+        {'arrays': jax.device_get(arrays), 'meta': json.dumps(metadata)})
+    with open(self.path(step) + '.tmp', 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(self.path(step) + '.tmp', self.path(step))
+    for old in self.steps()[:-self.max_to_keep]:
+      os.remove(self.path(old))
+
+  def load(self, step: int) -> tuple[dict, dict]:
+    with open(self.path(step), 'rb') as f:
+      data = flax.serialization.msgpack_restore(f.read())
+    return data['arrays'], json.loads(data['meta'])
+
+
 class Checkpointer:
   """Saves and restores pipeline states under `workdir/checkpoints`, keeping the last few.
 
   Orbax writes each checkpoint to a temporary folder and renames it when complete, so a crash
-  mid-save leaves the previous checkpoints intact.
+  mid-save leaves the previous checkpoints intact. In a multi-process run each process saves and
+  restores its own stages in `checkpoints/process_I` (`_ProcessFiles`), and the step resumed
+  from is the latest that every process holds.
   """
 
   def __init__(self, workdir: str, max_to_keep: int = 3):
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self._process_files = None
+    if jax.process_count() > 1:
+      self.directory = os.path.join(self.directory, f'process_{jax.process_index()}')
+      self._process_files = _ProcessFiles(self.directory, max_to_keep)
+      return
     self._manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -145,10 +197,19 @@ class Checkpointer:
                                              enable_async_checkpointing=False))
 
   def latest_step(self) -> Optional[int]:
-    return self._manager.latest_step()
+    """The latest step saved (by every process, in a multi-process run; all must call it)."""
+    if self._process_files is None:
+      return self._manager.latest_step()
+    keep = self._process_files.max_to_keep
+    steps = self._process_files.steps()[-keep:]
+    rows = distributed.all_processes([-1] * (keep - len(steps)) + steps)
+    common = set(rows[0]).intersection(*map(set, rows[1:])) - {-1}
+    return int(max(common)) if common else None
 
   def size_on_disk(self, step: int) -> int:
     """Bytes of the files of the checkpoint at `step`."""
+    if self._process_files is not None:
+      return os.path.getsize(self._process_files.path(step))
     return sum(os.path.getsize(os.path.join(root, name))
                for root, _, names in os.walk(os.path.join(self.directory, str(step)))
                for name in names)
@@ -156,6 +217,9 @@ class Checkpointer:
   def save(self, step: int, state: pipeline_lib.PipelineState, extra: Optional[dict] = None):
     arrays, metadata = to_tree(state)
     metadata['extra'] = extra or {}
+    if self._process_files is not None:
+      self._process_files.save(step, arrays, metadata)
+      return
     os.makedirs(self.directory, exist_ok=True)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(metadata)), force=True)
@@ -168,22 +232,29 @@ class Checkpointer:
     if step is None:
       raise CheckpointError(f'No checkpoint in {self.directory}.')
     try:
-      tree_metadata = self._manager.item_metadata(step)['state'].tree
-      target = jax.tree_util.tree_map_with_path(
-          lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                               sharding=_sharding_for(pipe, path)),
-          tree_metadata)
-      _check_matches(fresh, target, self.directory, step)
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-      state = from_tree(pipe, fresh, restored['state'], restored['meta'])
+      if self._process_files is not None:
+        arrays, metadata = self._process_files.load(step)
+        _check_matches(fresh, arrays, self.directory, step)
+        arrays = jax.tree_util.tree_map_with_path(
+            lambda path, a: jax.device_put(a, _sharding_for(pipe, path)), arrays)
+      else:
+        tree_metadata = self._manager.item_metadata(step)['state'].tree
+        target = jax.tree_util.tree_map_with_path(
+            lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                 sharding=_sharding_for(pipe, path)),
+            tree_metadata)
+        _check_matches(fresh, target, self.directory, step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        arrays, metadata = restored['state'], restored['meta']
+      state = from_tree(pipe, fresh, arrays, metadata)
     except CheckpointError:
       raise
     except Exception as e:  # orbax/tensorstore raise many kinds; name the file and the fix
       raise CheckpointError(
           f'Cannot restore the checkpoint at step {step} in {self.directory}: {e}. If it comes '
           'from another model or config, start in a new --workdir.') from e
-    return state, restored['meta'].get('extra', {})
+    return state, metadata.get('extra', {})
 
 
 def _shapes(tree) -> dict:

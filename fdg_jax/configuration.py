@@ -121,6 +121,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          'Use fewer stages, put every stage on one device with --config.stage_devices=(0,) '
          'to simulate, or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count'
          f'={num_stages} before starting.')
+  num_processes = jax.process_count()
+  if num_processes > 1:
+    owners = {jax.devices()[i].process_index for i in stage_device_indices(config)}
+    idle = sorted(set(range(num_processes)) - owners)
+    if idle:
+      fail('stage_devices', f'process(es) {idle} of {num_processes} own no stage (stages on '
+           f'devices {list(stage_device_indices(config))})',
+           f'Start as many processes as stages ({num_stages}), or place a stage on every '
+           "process's devices with --config.stage_devices.")
+    if config.timeline_start_step:
+      fail('timeline_start_step', 'the timeline records one process',
+           'Record it in a single-process run (e.g. with simulated devices), or set it to 0.')
 
 
 # ---------------------------------------------------------------- the fields' documentation

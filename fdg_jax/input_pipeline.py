@@ -65,13 +65,15 @@ def _augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def train_batches(ds: Dataset, batch_size: int, seed: int,
-                  start_step: int = 0, augment: bool = True):
+                  start_step: int = 0, augment: bool = True, images: bool = True):
   """Infinite iterator of normalised (images f32 [B,H,W,3], labels i32 [B]).
 
   Epoch e uses the permutation `np.random.default_rng([seed, e])`; step s is
   batch s % steps_per_epoch of epoch s // steps_per_epoch, augmented with
   randomness from `np.random.default_rng([seed, e, i])`. Each step depends
   only on (seed, s), so `start_step` resumes exactly where a run stopped.
+  With images=False (a process whose stages need only the labels) the images
+  are a `jax.ShapeDtypeStruct`: the same labels, no image work.
   """
   num_steps = steps_per_epoch(ds, batch_size)
   if num_steps == 0:
@@ -88,10 +90,15 @@ def train_batches(ds: Dataset, batch_size: int, seed: int,
       permutation = np.random.default_rng([seed, e]).permutation(
           len(ds.train_images))
     idx = permutation[i * batch_size:(i + 1) * batch_size]
-    images = ds.train_images[idx]
+    if not images:
+      yield (jax.ShapeDtypeStruct((len(idx),) + ds.train_images.shape[1:], np.float32),
+             ds.train_labels[idx])
+      step += 1
+      continue
+    batch = ds.train_images[idx]
     if augment:
-      images = _augment(images, np.random.default_rng([seed, e, i]))
-    yield normalise(ds, images), ds.train_labels[idx]
+      batch = _augment(batch, np.random.default_rng([seed, e, i]))
+    yield normalise(ds, batch), ds.train_labels[idx]
     step += 1
 
 
@@ -134,8 +141,16 @@ class _ProducerError:
 _END = object()
 
 
+def _place(batch, sharding):
+  """`jax.device_put(batch, sharding)`; with a tuple of shardings, a None entry leaves that
+  element of the batch where it is (on the host, or a shape for another process's stage)."""
+  if isinstance(sharding, tuple):
+    return tuple(x if s is None else jax.device_put(x, s) for x, s in zip(batch, sharding))
+  return jax.device_put(batch, sharding)
+
+
 def prefetch_to_device(iterator, size: int, sharding):
-  """Yields `jax.device_put(batch, sharding)` with `size` batches queued.
+  """Yields `_place(batch, sharding)` (device_put) with `size` batches queued.
 
   A daemon thread reads `iterator` and transfers batches (pytrees of arrays)
   so host-side work overlaps the training step. Exceptions from `iterator`
@@ -144,7 +159,7 @@ def prefetch_to_device(iterator, size: int, sharding):
   """
   if size <= 0:  # No prefetching: transfer on demand.
     for batch in iterator:
-      yield jax.device_put(batch, sharding)
+      yield _place(batch, sharding)
     return
 
   ready: queue.Queue = queue.Queue(maxsize=size)
@@ -163,7 +178,7 @@ def prefetch_to_device(iterator, size: int, sharding):
   def produce():
     try:
       for batch in iterator:
-        if not put(jax.device_put(batch, sharding)):
+        if not put(_place(batch, sharding)):
           return
       put(_END)
     except BaseException as e:  # pylint: disable=broad-except

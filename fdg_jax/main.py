@@ -2,6 +2,10 @@
 
 Override any config field with `--config.FIELD=VALUE`, e.g. `--config.beta=0.5`.
 `--dry_run` validates the config, prints it and the stage table, and exits.
+
+Several processes (one per host, or per device): add `--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I` on each (or none of them where JAX detects the cluster, e.g.
+Slurm); stage k runs on global device k. `python -m fdg_jax.launch` starts N local processes.
 """
 
 import os
@@ -18,6 +22,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs, log.txt and '
                     'summary.json.')
 flags.DEFINE_bool('dry_run', False, 'Validate the config, print it and the stage table, exit.')
+flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0, for a multi-process '
+                    'run (jax.distributed); not a config field: it does not change the result.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+flags.DEFINE_integer('join_timeout_s', 120, 'How long a process waits for the others to join.')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                 lock_config=True)
 
@@ -71,12 +80,21 @@ def _import_tensorflow_quietly():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from fdg_jax import distributed, workdir
+  workdir.quiet_console()
+  try:   # before anything touches a device
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           timeout_s=FLAGS.join_timeout_s)
+  except distributed.DistributedError as e:
+    logging.error('%s', e)
+    sys.exit(f'error: {e}')
+  workdir.quiet_console(speaker=jax.process_index() == 0)   # process 0 speaks
   tf = _import_tensorflow_quietly()
   tf.config.set_visible_devices([], 'GPU')   # keep TensorFlow off the accelerators
-  # pylint: disable=g-import-not-at-top
-  from fdg_jax import checkpoint, input_pipeline, train, workdir
+  from fdg_jax import checkpoint, input_pipeline, train
   # pylint: enable=g-import-not-at-top
-  workdir.quiet_console()
   try:
     if FLAGS.dry_run:
       print(FLAGS.config)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fdg_jax import distributed
 from fdg_jax import schedule as schedule_lib
 
 STASH_MODES = ('vjp', 'recompute')
@@ -519,30 +520,35 @@ class Pipeline:
 
   def _transfer(self, value: Optional[jax.Array], send: schedule_lib.Transfer
                 ) -> Optional[jax.Array]:
-    """Moves an array from stage `send.source`'s device to stage `send.target`'s.
+    """Moves what stage `send.source` sends to stage `send.target`'s device (see `move`)."""
+    spec = None
+    if not self.is_local[send.source]:   # an activation is its source stage's output; a
+      if self._batch_spec is None:       # cotangent has the shape of its source stage's input
+        raise ValueError('A multi-process pipeline takes its batch shape from init(sample_input) '
+                         'or the first batch fed; it has neither.')
+      spec = self.io_specs(self._batch_spec)[send.source + (send.kind == 'activation')]
+    return self.move(value, self.shardings[send.source], self.shardings[send.target], spec)
 
-    Within a process this is a `jax.device_put`. Across processes both sides make the same call
-    at the same point of the schedule (JAX's cross-process transfer): the sender with the
-    array, the receiver with a stand-in that has the array's shape, dtype and source placement
-    (no data). Returns the array on the target's device, or None where this process does not
-    own the target.
+  @staticmethod
+  def move(value: Optional[jax.Array], source: jax.sharding.Sharding,
+           target: jax.sharding.Sharding, spec: Optional[jax.ShapeDtypeStruct]
+           ) -> Optional[jax.Array]:
+    """An array from `source`'s devices to `target`'s: returns it on `target`, or None where
+    this process does not own `target`.
+
+    Within a process this is a `jax.device_put`. Across processes it is JAX's cross-process
+    transfer, which every process makes at the same point of the schedule (JAX numbers the
+    transfers by counting them in every process): the sender with the array, the others with a
+    stand-in of the array's shape and dtype (`spec`) placed on `source`, holding no data.
     """
-    source, target = self.shardings[send.source], self.shardings[send.target]
-    if not self.is_local[send.source]:
-      if not self.is_local[send.target]:
-        return None
-      spec = self._transfer_spec(send)
+    target_local = bool(target.addressable_devices)
+    if ({d.process_index for d in source.device_set}
+        == {d.process_index for d in target.device_set}):   # within one process
+      return jax.device_put(value, target) if target_local else None
+    if not source.addressable_devices:
       value = jax.make_array_from_single_device_arrays(spec.shape, source, [], dtype=spec.dtype)
     moved = jax.device_put(value, target)
-    return moved if self.is_local[send.target] else None
-
-  def _transfer_spec(self, send: schedule_lib.Transfer) -> jax.ShapeDtypeStruct:
-    """Shape and dtype of a transferred array: an activation is the output of its source
-    stage; a cotangent has the shape of its source stage's input."""
-    if self._batch_spec is None:
-      raise ValueError('A multi-process pipeline learns its batch shape from the first batch '
-                       'fed; none has been fed (or restored) in this process yet.')
-    return self.io_specs(self._batch_spec)[send.source + (send.kind == 'activation')]
+    return moved if target_local else None
 
   def io_specs(self, batch_spec: jax.ShapeDtypeStruct) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Shape and dtype of each stage's input for a batch like `batch_spec`, then the logits'."""
@@ -571,34 +577,72 @@ class Pipeline:
                      for function in (functions.values() if isinstance(functions, dict)
                                       else (functions,)))
 
-  def stage_variables(self, state: PipelineState) -> list[dict]:
-    """Each stage's current {'params', 'batch_stats'} (on its device)."""
-    return [{'params': s.params, 'batch_stats': s.batch_stats} for s in state.stages]
+  def stage_variables(self, state: PipelineState) -> list[Optional[dict]]:
+    """Each stage's current {'params', 'batch_stats'} (on its device; None for a stage that
+    another process owns)."""
+    return [None if s is None else {'params': s.params, 'batch_stats': s.batch_stats}
+            for s in state.stages]
+
+  def gathered_variables(self, state: PipelineState, process: int = 0
+                         ) -> Optional[list[dict]]:
+    """Every stage's {'params', 'batch_stats'} as numpy arrays on process `process` (None on
+    the others, which send theirs). Every process must call it."""
+    if self.num_processes == 1:
+      return jax.device_get(self.stage_variables(state))
+    target = jax.sharding.SingleDeviceSharding(jax.local_devices(process_index=process)[0])
+    gathered = []
+    for k, variables in enumerate(self.stage_variables(state)):
+      params, batch_stats = self._variable_specs[k]
+      specs = {'params': params, 'batch_stats': batch_stats}
+      leaves, structure = jax.tree_util.tree_flatten(specs)
+      values = (jax.tree_util.tree_leaves(variables) if variables is not None
+                else [None] * len(leaves))
+      moved = [self.move(v, self.shardings[k], target, spec) for v, spec in zip(values, leaves)]
+      gathered.append(jax.tree_util.tree_unflatten(structure, moved))
+    return jax.device_get(gathered) if jax.process_index() == process else None
 
   def num_extra_params(self, state: PipelineState) -> int:
     """Trainable parameters outside the network (DGL's auxiliary heads): none for FDG."""
     del state
     return 0
 
-  def predict(self, state: PipelineState, images) -> jax.Array:
-    """Logits of the composed stages in inference mode; the pipeline in flight is untouched."""
-    y = images
+  def predict(self, state: PipelineState, images) -> Optional[jax.Array]:
+    """Logits of the composed stages in inference mode; the pipeline in flight is untouched.
+
+    In a multi-process run every process calls it with the same images (anything with their
+    shape and dtype where it does not own stage 0); the logits come back on the process of the
+    last stage, None elsewhere.
+    """
+    specs = self.io_specs(jax.ShapeDtypeStruct(tuple(images.shape), images.dtype))
+    y = jax.device_put(images, self.shardings[0]) if self.is_local[0] else None
     for k, variables in enumerate(self.stage_variables(state)):
-      y = self._predict[k](variables['params'], variables['batch_stats'],
-                           jax.device_put(y, self.shardings[k]))
+      if k > 0:
+        y = self.move(y, self.shardings[k - 1], self.shardings[k], specs[k])
+      if variables is not None:
+        y = self._predict[k](variables['params'], variables['batch_stats'], y)
     return y
 
   def evaluate(self, state: PipelineState, batches) -> dict[str, float]:
-    """Loss and accuracy over batches of (images, labels[, mask]); reads the device once."""
-    total = None
+    """Loss and accuracy over batches of (images, labels[, mask]); reads the device once.
+
+    In a multi-process run every process calls it with the same batches and gets the result
+    of the last stage's process.
+    """
+    total, count = None, 0
     for batch in batches:
       images, labels, *mask = batch
       logits = self.predict(state, images)
+      count += 1
+      if logits is None:   # another process computes the loss
+        continue
       labels = jax.device_put(labels, self.shardings[-1])
       mask = jax.device_put(mask[0], self.shardings[-1]) if mask else None
       update = EvalMetrics.single_from_model_output(
           loss=self.loss_fn(logits, labels), logits=logits, labels=labels, mask=mask)
       total = update if total is None else total.merge(update)
-    if total is None:
+    if not count:
       raise ValueError('evaluate() got no batches.')
-    return {name: float(value) for name, value in total.compute().items()}
+    result = (None if total is None else
+              {name: float(value) for name, value in total.compute().items()})
+    return distributed.broadcast_values(result, ('loss', 'accuracy'),
+                                        distributed.process_of(self.shardings[-1]))

@@ -24,6 +24,7 @@ import optax
 
 from fdg_jax import baselines
 from fdg_jax import checkpoint
+from fdg_jax import distributed
 from fdg_jax import input_pipeline
 from fdg_jax import models
 from fdg_jax import partition
@@ -102,7 +103,8 @@ def build(config, num_classes: int, rng: jax.Array, check_images: Optional[np.nd
   table = partition.stage_table(
       split, names, [partition.count_params(v['params']) for v in stage_variables], flops,
       placements)
-  print(f'Stages of {config.model} ({config.method}, K={num_stages}):\n{table}', flush=True)
+  if jax.process_index() == 0:
+    print(f'Stages of {config.model} ({config.method}, K={num_stages}):\n{table}', flush=True)
   if check_images is not None:
     partition.check_composition(full_model, full_variables, stages, stage_variables,
                                 jnp.asarray(check_images))
@@ -162,13 +164,19 @@ class _Clock:
 
 
 def log_train(writer, clock: _Clock, step: int, num_steps: int, steps_per_epoch: int,
-              metrics: Optional[pipeline.TrainMetrics], learning_rate: optax.Schedule,
-              batch_size: int) -> Optional[float]:
+              metrics: Optional[pipeline.TrainMetrics], trained: bool, loss_process: int,
+              learning_rate: optax.Schedule, batch_size: int) -> Optional[float]:
   """Writes the training metrics since the last line and prints one progress line; returns the
-  loss (None while nothing has reached the last stage: pipeline fill)."""
-  if metrics is None:
+  loss (None if the last stage has not `trained` since the last line: pipeline fill).
+
+  The metrics live on the last stage's process (`loss_process`); in a multi-process run every
+  process calls this and gets them from there.
+  """
+  if not trained:
     return None
-  values = {f'train_{k}': float(v) for k, v in metrics.compute().items()}
+  values = None if metrics is None else {
+      f'train_{k}': float(v) for k, v in metrics.compute().items()}
+  values = distributed.broadcast_values(values, ('train_accuracy', 'train_loss'), loss_process)
   now = time.time()
   seconds_per_step = (now - clock.time) / max(step - clock.step, 1)
   values.update(learning_rate=float(learning_rate(step - 1)),
@@ -245,6 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   A workdir with a checkpoint resumes from it (the config may change only in
   `workdir.RESUMABLE_FIELDS`); the result is bit-identical to a run that was never interrupted.
+  In a multi-process run (after `distributed.initialize`) every process calls this with the same
+  config and workdir; process 0 writes and returns the summary, the others return None.
   """
   validate_config(config)
   workdir_lib.check_config_matches(config, workdir)
@@ -280,17 +290,23 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
     start_step = state.batches_fed
     logging.info('Resumed from the checkpoint at step %d in %s.', start_step,
                  checkpointer.directory)
-  workdir_lib.keep_previous_summary(workdir, start_step)
-  workdir_lib.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE),
-                         workdir_lib.jsonable(config))
+  speaker = jax.process_index() == 0
+  if speaker:
+    workdir_lib.keep_previous_summary(workdir, start_step)
+    workdir_lib.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE),
+                           workdir_lib.jsonable(config))
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams({k: str(v) if isinstance(v, (tuple, list)) else v
                         for k, v in config.to_dict().items()})
 
+  # Images to the first stage, labels to the last, where this process owns them; a process
+  # without stage 0 takes only the labels (and the images' shape) from its copy of the stream.
   batches = input_pipeline.prefetch_to_device(
       input_pipeline.train_batches(dataset, config.batch_size, config.seed,
-                                   start_step=start_step), 2,
-      (pipe.shardings[0], pipe.shardings[-1]))   # images to the first stage, labels to the last
+                                   start_step=start_step, images=pipe.is_local[0]), 2,
+      tuple(s if local else None for s, local in zip((pipe.shardings[0], pipe.shardings[-1]),
+                                                     (pipe.is_local[0], pipe.is_local[-1]))))
+  loss_process = distributed.process_of(pipe.shardings[-1])
   eval_every = config.eval_every_epochs * steps_per_epoch
   report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
   history = list(progress['history'])
@@ -299,7 +315,7 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
                num_steps / steps_per_epoch, steps_per_epoch)
   start = time.time()
   clock = _Clock(time=start, step=start_step)
-  train_metrics, recorder = None, None
+  train_metrics, trained, recorder = None, False, None
 
   def checkpoint_extra():
     return {'history': history, 'train_time_s': progress['train_time_s'] + time.time() - start}
@@ -319,13 +335,14 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
       images, labels = next(batches)
       state, info = pipe.step(state, images, labels)
       train_metrics = _merge(train_metrics, info.metrics)
+      trained = trained or info.updated[-1] is not None
       if recorder:
         recorder.add(info)
         if step in (timeline_end, num_steps):
           draw_timeline(recorder, state, config, workdir)
           recorder = None
       report_progress(step)
-      if signals.received:
+      if signals.stop_now(step):
         save_checkpoint(checkpointer, state, step, checkpoint_extra())
         raise Preempted(f'Stopped by {signals.received} at step {step}; checkpoint saved in '
                         f'{checkpointer.directory}. Resume by running the same command again.')
@@ -333,10 +350,10 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
         break   # the last step's metrics are logged after the drain, its evaluation at the end
       if every(step, config.log_every_steps):
         loss = log_train(writer, clock, step, num_steps, steps_per_epoch, train_metrics,
-                         run.learning_rate, config.batch_size)
+                         trained, loss_process, run.learning_rate, config.batch_size)
         workdir_lib.check_finite(state, step, loss, checkpointer.directory,
                                  checkpointer.latest_step())
-        train_metrics = None
+        train_metrics, trained = None, False
       if every(step, eval_every):
         evaluate_now(step)
       if every(step, config.checkpoint_every_steps):
@@ -347,11 +364,12 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
   state, drained = pipe.drain(state)   # every batch's gradient reaches every stage
   for info in drained:
     train_metrics = _merge(train_metrics, info.metrics)
+    trained = trained or info.updated[-1] is not None
   loss = log_train(writer, clock, num_steps, num_steps, steps_per_epoch, train_metrics,
-                   run.learning_rate, config.batch_size)
+                   trained, loss_process, run.learning_rate, config.batch_size)
   workdir_lib.check_finite(state, num_steps, loss, checkpointer.directory,
                            checkpointer.latest_step())
-  jax.block_until_ready(state.stages)
+  jax.block_until_ready([s for s in state.stages if s is not None])
   train_time = progress['train_time_s'] + time.time() - start
   result = evaluate_now(num_steps)
   writer.flush()
@@ -359,6 +377,8 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
                          num_steps=num_steps, steps_per_epoch=steps_per_epoch,
                          start_step=start_step, train_time=train_time,
                          resumed_train_time=progress['train_time_s'], history=history)
+  if not speaker:
+    return None
   path = os.path.join(workdir, workdir_lib.SUMMARY_FILE)
   workdir_lib.write_json(path, summary)
   logging.info('Test error %.4f after %d steps; summary in %s', summary['test_error'],
@@ -371,8 +391,12 @@ def make_summary(config, dataset: input_pipeline.Dataset, pipe: pipeline.Pipelin
                  placements: Sequence[jax.Device], result: dict, *, num_steps: int,
                  steps_per_epoch: int, start_step: int, train_time: float,
                  resumed_train_time: float, history: list) -> dict[str, Any]:
-  """The run's summary.json: what ran, on what, its result, and a digest of its parameters."""
-  final_variables = jax.device_get(pipe.stage_variables(state))
+  """The run's summary.json: what ran, on what, its result, and a digest of its parameters
+  (on process 0, which gathers every stage's variables; None on the others)."""
+  final_variables = pipe.gathered_variables(state, process=0)
+  extra_params = pipe.num_extra_params(state)
+  if final_variables is None:
+    return None
   num_blocks = len(models.block_names(config.model))
   return {
       'model': config.model,
@@ -395,9 +419,10 @@ def make_summary(config, dataset: input_pipeline.Dataset, pipe: pipeline.Pipelin
           train_time - resumed_train_time),
       'resumed_from_step': start_step,
       'trainable_params': sum(partition.count_params(v['params']) for v in final_variables),
-      'extra_params': pipe.num_extra_params(state),
+      'extra_params': extra_params,
       'stage_split': list(split),
       'devices': [str(d) for d in placements],
+      'num_processes': jax.process_count(),
       'jax_version': jax.__version__,
       'params_digest': params_digest(
           partition.merge_variables(final_variables, split, num_blocks)),

@@ -15,9 +15,11 @@ import threading
 from typing import Optional
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from fdg_jax import distributed
 from fdg_jax import pipeline
 from fdg_jax.configuration import ConfigError
 
@@ -95,23 +97,41 @@ def keep_previous_summary(workdir: str, start_step: int) -> None:
 
 
 class PreemptionSignals:
-  """Turns SIGTERM and SIGINT into a flag the loop checks at the next iteration boundary."""
+  """Turns SIGTERM and SIGINT into a stop at an iteration boundary: `stop_now(step)`.
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  In one process, the flag is checked at the next boundary. In a multi-process run JAX's
+  preemption service owns SIGTERM: a SIGTERM to any process makes every process reach the same
+  sync step (`multihost_utils.reached_preemption_sync_point`), where all save and stop; SIGINT
+  is turned into a SIGTERM to this process so that it does the same.
+  """
 
   def __init__(self):
     self.received = None
     self._previous = {}
+    self._multi_process = jax.process_count() > 1
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      for sig in self.SIGNALS:
+      signals = (signal.SIGINT,) if self._multi_process else (signal.SIGTERM, signal.SIGINT)
+      for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del frame
-    self.received = signal.Signals(signum).name
+    if self._multi_process:
+      os.kill(os.getpid(), signal.SIGTERM)   # to JAX's preemption service
+    else:
+      self.received = signal.Signals(signum).name
+
+  def stop_now(self, step: int) -> bool:
+    """Whether to save and stop after `step` (every process agrees, in a multi-process run)."""
+    if self._multi_process:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.received = 'SIGTERM (to one of the processes)'
+        return True
+      return False
+    return self.received is not None
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -120,10 +140,13 @@ class PreemptionSignals:
 
 def check_finite(state: pipeline.PipelineState, step: int, loss: Optional[float],
                  checkpoint_dir: str, latest_step: Optional[int]) -> None:
-  """Raise DivergenceError for a non-finite loss or parameter (reads one bool per stage)."""
+  """Raise DivergenceError for a non-finite loss or parameter (reads one bool per stage; every
+  process of a multi-process run checks its own stages and all raise the same error)."""
   finite = jax.device_get([
+      True if stage is None else
       jax.tree_util.tree_reduce(jnp.logical_and, jax.tree_util.tree_map(
           lambda x: jnp.isfinite(x).all(), stage.params)) for stage in state.stages])
+  finite = distributed.all_processes([int(bool(ok)) for ok in finite]).all(axis=0)
   bad_stages = [k for k, ok in enumerate(finite) if not ok]
   problems = []
   if loss is not None and not np.isfinite(loss):
@@ -149,19 +172,25 @@ class _ConsoleFilter(logging.Filter):
     return os.sep + 'fdg_jax' + os.sep in record.pathname
 
 
-def quiet_console() -> None:
+def quiet_console(speaker: bool = True) -> None:
   """The console shows what is trained, progress, evaluations, checkpoints and warnings; the
-  libraries' INFO lines (orbax, clu's writer, JAX's backend probing) go only to the log file."""
+  libraries' INFO lines (orbax, clu's writer, JAX's backend probing) go only to the log file.
+  In a multi-process run only process 0 speaks: the others (speaker=False) show warnings and
+  errors."""
   for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
+    if not speaker:
+      handler.setLevel(logging.WARNING)
     if not any(isinstance(f, _ConsoleFilter) for f in handler.filters):
       handler.addFilter(_ConsoleFilter())
 
 
 @contextlib.contextmanager
 def log_file(workdir: str):
-  """Every INFO line of the run, ours and the libraries', appended to WORKDIR/log.txt."""
+  """Every INFO line of the run, ours and the libraries', appended to WORKDIR/log.txt (process
+  I > 0 of a multi-process run: log-processI.txt)."""
   os.makedirs(workdir, exist_ok=True)
-  handler = logging.FileHandler(os.path.join(workdir, LOG_FILE))
+  name = LOG_FILE if jax.process_index() == 0 else f'log-process{jax.process_index()}.txt'
+  handler = logging.FileHandler(os.path.join(workdir, name))
   handler.setFormatter(logging.Formatter(
       '%(asctime)s %(levelname).1s %(filename)s:%(lineno)d] %(message)s'))
   root = logging.getLogger()

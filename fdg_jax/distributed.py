@@ -1,0 +1,123 @@
+"""Multi-process runs on JAX's own distributed runtime.
+
+Processes join with `jax.distributed.initialize`; from then on `jax.devices()` lists every
+process's devices and each process runs only the stages on its own (the engine's executor).
+What crosses processes goes through JAX: stage-to-stage arrays by cross-process
+`jax.device_put` (native on GPU and TPU; on CPU over the transfer server that
+`jax_cross_host_transfer_socket_address` starts), and the few host values every process needs
+(metrics, finiteness, checkpoint steps) by collectives (`multihost_utils`, gloo on CPU).
+Preemption: a SIGTERM to any process reaches every process through JAX's preemption service,
+and all stop at the same iteration (`reached_preemption_sync_point`).
+"""
+
+import os
+import socket
+import time
+from typing import Optional, Sequence
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+
+class DistributedError(RuntimeError):
+  """The processes could not join, or disagree; the message says what to check."""
+
+
+def local_address_towards(host: str) -> str:
+  """This host's address on the interface that reaches `host` (127.0.0.1 for a local run)."""
+  if host in ('localhost', '127.0.0.1', '::1'):
+    return '127.0.0.1'
+  with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+    probe.connect((host, 9))   # UDP: no packet is sent, only a route chosen
+    return probe.getsockname()[0]
+
+
+def free_port(address: str) -> int:
+  """A port free on `address` now (another program could still take it before it is bound)."""
+  with socket.socket() as probe:
+    probe.bind((address, 0))
+    return probe.getsockname()[1]
+
+
+def _wait_for_coordinator(address: str, process_id: int, timeout_s: float) -> None:
+  host, port = address.rsplit(':', 1)
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip('[]'), int(port)), timeout=2):
+        return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise DistributedError(
+            f'Process {process_id} could not join the run at coordinator {address} within '
+            f'{timeout_s} s ({e}). Check that process 0 is running, that the address and port '
+            'are reachable from this host, and that every process got the same '
+            '--num_processes.') from e
+      time.sleep(0.5)
+
+
+def cluster_detected() -> bool:
+  """Whether this process was started as one of several by a cluster launcher JAX knows."""
+  return any(int(os.environ.get(name, '1') or 1) > 1
+             for name in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'PMI_SIZE'))
+
+
+def initialize(coordinator_address: Optional[str], num_processes: Optional[int],
+               process_id: Optional[int], *, timeout_s: int = 120,
+               heartbeat_timeout_s: int = 30) -> None:
+  """Join the run: explicit coordinator, process count and id, or (all None) what JAX detects
+  from the cluster environment (Slurm, Open MPI, TPU pods). Call before any JAX computation."""
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(v is None for v in explicit) and any(v is not None for v in explicit):
+    raise DistributedError('Give --coordinator_address, --num_processes and --process_id '
+                           'together (or none, to let JAX detect a cluster environment).')
+  if num_processes == 1 or (num_processes is None and not cluster_detected()):
+    return   # one process: nothing to join
+  host = (coordinator_address or '').rsplit(':', 1)[0] or socket.gethostname()
+  if coordinator_address and process_id:
+    # JAX aborts the process (no Python exception) when the coordinator never answers: see
+    # first that it listens, and fail with a message that says what to check.
+    _wait_for_coordinator(coordinator_address, process_id, timeout_s)
+  # CPU devices have no native cross-process transfers: JAX's transfer server does them. Its
+  # address is announced to the peers as given, so it needs a real port (0 is not resolved).
+  address = local_address_towards(host)
+  jax.config.update('jax_cross_host_transfer_socket_address', f'{address}:{free_port(address)}')
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DistributedError(
+        f'Process {process_id} could not join the run at coordinator {coordinator_address} '
+        f'within {timeout_s} s ({type(e).__name__}: {" ".join(str(e).split())[:300]}). Check '
+        'that process 0 is running, that the address and port are reachable from this host, '
+        'and that every process got the same --num_processes.') from e
+
+
+def process_of(sharding: jax.sharding.Sharding) -> int:
+  """The process that owns a single-process placement."""
+  processes = {d.process_index for d in sharding.device_set}
+  if len(processes) != 1:
+    raise DistributedError(f'{sharding} spans processes {sorted(processes)}.')
+  return processes.pop()
+
+
+def broadcast_values(values: Optional[dict[str, float]], keys: Sequence[str],
+                     source: int) -> dict[str, float]:
+  """`values` of process `source` (a dict with `keys`), on every process. All must call it."""
+  if jax.process_count() == 1:
+    return values
+  is_source = jax.process_index() == source
+  array = np.asarray([values[k] for k in keys] if is_source else np.zeros(len(keys)),
+                     np.float64 if jax.config.jax_enable_x64 else np.float32)
+  shared = multihost_utils.broadcast_one_to_all(array, is_source=is_source)
+  return {k: float(v) for k, v in zip(keys, np.asarray(shared))}
+
+
+def all_processes(values: Sequence[int]) -> np.ndarray:
+  """Each process's `values` (same length everywhere), as rows indexed by process."""
+  if jax.process_count() == 1:
+    return np.asarray([values])
+  return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int32)))

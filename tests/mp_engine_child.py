@@ -1,0 +1,65 @@
+"""One process of a multi-process engine run (tests/test_multiprocess.py starts them through
+fdg_jax.launch): the tiny pipeline of tests/tiny.py with stage k on process k, fed the same
+batches as the single-process reference, drained; process 0 writes every stage's variables."""
+
+import argparse
+
+import jax
+import numpy as np
+
+from fdg_jax import baselines
+from fdg_jax import distributed
+from fdg_jax import pipeline
+from tiny import NUM_CLASSES, initial_variables, make_optimizer, tiny_batches
+
+NUM_BATCHES = 12
+BETA = 0.7
+
+
+def make_pipeline(method, num_stages, stash, placements):
+  modules, variables = initial_variables(num_stages)
+  if method == 'dgl':
+    pipe = baselines.DGLPipeline(modules, make_optimizer(), num_classes=NUM_CLASSES,
+                                 aux_head='conv', placements=placements)
+  else:
+    engine = baselines.DDGPipeline if method == 'ddg' else pipeline.Pipeline
+    pipe = engine(modules, make_optimizer(), beta=BETA, stash=stash, placements=placements)
+  return pipe, variables
+
+
+def run(method, num_stages, stash, placements):
+  """Every stage's final variables (numpy, on process 0; None on the others)."""
+  pipe, variables = make_pipeline(method, num_stages, stash, placements)
+  batches = tiny_batches(NUM_BATCHES)
+  state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  for images, labels in batches:
+    state, _ = pipe.step(state, images, labels)
+  state, _ = pipe.drain(state)
+  logits = pipe.predict(state, batches[0][0])
+  gathered = pipe.gathered_variables(state)
+  return gathered, logits
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--placement', default='spread')   # or 'process0': every stage there
+  for name in ('coordinator_address', 'method', 'stash', 'out'):
+    parser.add_argument(f'--{name}')
+  for name in ('num_processes', 'process_id', 'num_stages'):
+    parser.add_argument(f'--{name}', type=int)
+  args = parser.parse_args()
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  placements = (jax.devices()[:args.num_stages] if args.placement == 'spread'
+                else [jax.devices()[0]] * args.num_stages)
+  gathered, logits = run(args.method, args.num_stages, args.stash, placements)
+  if jax.process_index() == 0:
+    leaves = {jax.tree_util.keystr(path): leaf
+              for path, leaf in jax.tree_util.tree_flatten_with_path(gathered)[0]}
+    np.savez(args.out, **leaves)
+  if logits is not None:   # the last stage's process: the composed model's logits
+    np.save(args.out.replace('.npz', '-logits.npy'), np.asarray(logits))
+  print(f'process {jax.process_index()} done', flush=True)
+
+
+if __name__ == '__main__':
+  main()
