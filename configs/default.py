@@ -25,8 +25,11 @@ def get_config():
   config.aux_head = 'mlp-sr'
   # K, the number of pipeline stages (ignored by 'bp', which is one stage).
   config.num_stages = 2
-  # Block index where each stage after the first starts, e.g. (15,); () = balance FLOPs.
+  # Block index where each stage after the first starts, e.g. (15,); () = balance by split_by.
   config.split = ()
+  # What an automatic split balances: 'flops' (XLA's count) or 'time' (each block's forward and
+  # backward measured at start on this device type; the stage table shows both shares).
+  config.split_by = 'flops'
   # Global device index of each stage, e.g. (0, 1); one index puts every stage there, e.g. (0,)
   # to simulate any K on one device; () = stage k on device k.
   config.stage_devices = ()

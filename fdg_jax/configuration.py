@@ -66,6 +66,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.method == 'dgl' and config.aux_head not in baselines.AUX_HEADS:
     fail('aux_head', f'unknown auxiliary head {config.aux_head!r}',
          f'Choose one of {tuple(baselines.AUX_HEADS)}.')
+  if config.split_by not in ('flops', 'time'):
+    fail('split_by', f'unknown balance {config.split_by!r}', "Choose 'flops' or 'time'.")
   if not 0.0 < config.beta <= 1.0:
     fail('beta', f'{config.beta} is outside (0, 1]', 'Use 0 < beta <= 1 (1 disables shrinking).')
   if config.stash not in pipeline.STASH_MODES:

@@ -8,6 +8,7 @@ stages' compute, measured with XLA's cost analysis of each block's training forw
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -78,6 +79,43 @@ def block_flops(blocks: Sequence[nn.Module], input_shape: Sequence[int],
   return flops
 
 
+def block_times(blocks: Sequence[nn.Module], input_shape: Sequence[int], dtype=jnp.float32,
+                repeats: int = 5) -> list[float]:
+  """Measured seconds of each block's training work (forward and backward, with respect to its
+  parameters and input, as a stage does it) on the default device: the median of `repeats`
+  runs after one compiling run. Identical blocks at identical input shapes are timed once."""
+  x = jax.ShapeDtypeStruct(tuple(input_shape), dtype)
+  times = []
+  for block in blocks:
+    seconds, x = _block_time(block, x.shape, x.dtype, repeats)
+    times.append(seconds)
+  return times
+
+
+@functools.lru_cache(maxsize=None)
+def _block_time(block: nn.Module, shape, dtype, repeats: int):
+  keys = {'params': jax.random.key(0), 'dropout': jax.random.key(0)}
+  x = jax.random.normal(jax.random.key(1), shape, dtype)
+  variables = jax.jit(functools.partial(block.init, train=False))(keys, x)
+
+  def work(variables, x):
+    def forward(params, x):
+      y, _ = block.apply({**variables, 'params': params}, x, train=True,
+                         mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)})
+      return y
+    y, pullback = jax.vjp(forward, variables['params'], x)
+    return y, pullback(jnp.ones_like(y))
+
+  work = jax.jit(work)
+  y, _ = jax.block_until_ready(work(variables, x))   # compiles
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(work(variables, x))
+    samples.append(time.perf_counter() - start)
+  return float(np.median(samples)), jax.ShapeDtypeStruct(y.shape, y.dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def _block_cost(block: nn.Module, shape, dtype):
   x = jax.ShapeDtypeStruct(shape, dtype)
@@ -127,15 +165,18 @@ def count_params(tree: Any) -> int:
 
 
 def stage_table(split: Sequence[int], block_names: Sequence[str], stage_params: Sequence[int],
-                flops: Sequence[float], devices: Sequence[Any]) -> str:
-  """The table printed at start: stage, blocks, parameters, share of FLOPs, device."""
+                flops: Sequence[float], devices: Sequence[Any],
+                times: Sequence[float] | None = None) -> str:
+  """The table printed at start: stage, blocks, parameters, share of FLOPs (and of measured
+  time, when `times` are given), device."""
   ranges = stage_ranges(split, len(block_names))
-  total = float(sum(flops)) or 1.0
-  rows = [('stage', 'blocks', 'params', 'FLOPs share', 'device')]
+  share = lambda values, start, stop: f'{sum(values[start:stop]) / (sum(values) or 1.0):.1%}'
+  rows = [('stage', 'blocks', 'params', 'FLOPs share') + (('time share',) if times else ())
+          + ('device',)]
   for k, ((start, stop), params, device) in enumerate(zip(ranges, stage_params, devices)):
     blocks = f'{start}-{stop - 1} ({block_names[start]} .. {block_names[stop - 1]})'
-    share = sum(flops[start:stop]) / total
-    rows.append((str(k), blocks, f'{params:,}', f'{share:.1%}', str(device)))
+    rows.append((str(k), blocks, f'{params:,}', share(flops, start, stop))
+                + ((share(times, start, stop),) if times else ()) + (str(device),))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = ['  '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
   lines.insert(1, '  '.join('-' * w for w in widths))

@@ -91,8 +91,15 @@ def build(config, num_classes: int, rng: jax.Array, check_images: Optional[np.nd
   num_stages = num_stages_of(config)
   sample_shape = (config.batch_size, config.image_size, config.image_size, 3)
   flops = partition.block_flops(blocks, sample_shape)
+  times = None
+  if config.split_by == 'time' and num_stages > 1:
+    # Measured here; in a multi-process run every process uses process 0's measurement.
+    times = partition.block_times(blocks, sample_shape)
+    times = list(distributed.broadcast_values(
+        {str(i): t for i, t in enumerate(times)}, [str(i) for i in range(len(times))],
+        0).values())
   split = tuple(config.split) if config.method != 'bp' and config.split else (
-      partition.balanced_split(flops, num_stages))
+      partition.balanced_split(times or flops, num_stages))
   full_model = partition.StageModule(tuple(blocks))
   full_variables = jax.jit(lambda key: full_model.init(
       {'params': key, 'dropout': key}, jnp.zeros(sample_shape[1:])[None], train=False))(rng)
@@ -102,7 +109,7 @@ def build(config, num_classes: int, rng: jax.Array, check_images: Optional[np.nd
   placements = [devices[i] for i in stage_device_indices(config)]
   table = partition.stage_table(
       split, names, [partition.count_params(v['params']) for v in stage_variables], flops,
-      placements)
+      placements, times)
   if jax.process_index() == 0:
     print(f'Stages of {config.model} ({config.method}, K={num_stages}):\n{table}', flush=True)
   if check_images is not None:

@@ -35,7 +35,7 @@ RESUMABLE_FIELDS = frozenset({
 
 # Fields added after runs could be checkpointed, with the value that computes what such a run
 # did: a saved config without one of them resumes as if it held that value.
-ADDED_FIELDS = {'residual_policy': ''}
+ADDED_FIELDS = {'residual_policy': '', 'split_by': 'flops'}
 
 
 class DivergenceError(FloatingPointError):

@@ -3,6 +3,7 @@ fdg_jax.launch): the tiny pipeline of tests/tiny.py with stage k on process k, f
 batches as the single-process reference, drained; process 0 writes every stage's variables."""
 
 import argparse
+import os
 
 import jax
 import numpy as np
@@ -42,22 +43,28 @@ def run(method, num_stages, stash, placements):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('--placement', default='spread')   # or 'process0': every stage there
-  for name in ('coordinator_address', 'method', 'stash', 'out'):
-    parser.add_argument(f'--{name}')
-  for name in ('num_processes', 'process_id', 'num_stages'):
-    parser.add_argument(f'--{name}', type=int)
+  parser.add_argument('--coordinator_address')
+  parser.add_argument('--num_processes', type=int)
+  parser.add_argument('--process_id', type=int)
+  parser.add_argument('--num_stages', type=int)
+  parser.add_argument('--out_dir')
+  # METHOD:STASH[:process0] runs, one after the other in the same processes; 'process0' puts
+  # every stage on process 0's device instead of stage k on process k.
+  parser.add_argument('--runs')
   args = parser.parse_args()
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-  placements = (jax.devices()[:args.num_stages] if args.placement == 'spread'
-                else [jax.devices()[0]] * args.num_stages)
-  gathered, logits = run(args.method, args.num_stages, args.stash, placements)
-  if jax.process_index() == 0:
-    leaves = {jax.tree_util.keystr(path): leaf
-              for path, leaf in jax.tree_util.tree_flatten_with_path(gathered)[0]}
-    np.savez(args.out, **leaves)
-  if logits is not None:   # the last stage's process: the composed model's logits
-    np.save(args.out.replace('.npz', '-logits.npy'), np.asarray(logits))
+  for name in args.runs.split(','):
+    method, stash, *placement = name.split(':')
+    placements = ([jax.devices()[0]] * args.num_stages if placement == ['process0']
+                  else jax.devices()[:args.num_stages])
+    gathered, logits = run(method, args.num_stages, stash, placements)
+    out = os.path.join(args.out_dir, name.replace(':', '-'))
+    if jax.process_index() == 0:
+      leaves = {jax.tree_util.keystr(path): leaf
+                for path, leaf in jax.tree_util.tree_flatten_with_path(gathered)[0]}
+      np.savez(out + '.npz', **leaves)
+    if logits is not None:   # the last stage's process: the composed model's logits
+      np.save(out + '-logits.npy', np.asarray(logits))
   print(f'process {jax.process_index()} done', flush=True)
 
 

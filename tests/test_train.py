@@ -159,6 +159,7 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
     (dict(split=(11,)), 'config.split'),
     (dict(stage_devices=(0, 8)), 'config.stage_devices'),
     (dict(num_train_steps=0), 'config.num_train_steps'),
+    (dict(split_by='memory'), 'config.split_by'),
 ])
 def test_bad_config_fails_before_any_compute(overrides, field, tmp_path, monkeypatch):
   def must_not_load(*args, **kwargs):
@@ -276,3 +277,17 @@ def test_cli_help_dry_run_and_misspelt_field(tmp_path):
   assert dry.returncode == 0, dry.stderr[-2000:]
   assert 'beta: 0.5' in dry.stdout and 'Stages of resnet20 (fdg, K=3)' in dry.stdout
   assert not (tmp_path / 'w').exists()   # nothing trained, nothing written
+
+
+def test_split_by_measured_time_balances_block_times_and_shows_both_shares():
+  from fdg_jax import models, partition  # pylint: disable=g-import-not-at-top
+  blocks = models.create_blocks('resnet20', 10)
+  times = partition.block_times(blocks, (8, 16, 16, 3), repeats=2)
+  assert len(times) == len(blocks) and all(t > 0 for t in times)
+  split = partition.balanced_split(times, 2)
+  table = partition.stage_table(split, models.block_names('resnet20'), [1, 1],
+                                partition.block_flops(blocks, (8, 16, 16, 3)), ['d0', 'd1'],
+                                times)
+  assert 'FLOPs share' in table and 'time share' in table
+  shares = [float(line.split('%')[1].split()[-1]) for line in table.splitlines()[2:]]
+  assert abs(sum(shares) - 100) < 0.2   # the time shares of the stages add up

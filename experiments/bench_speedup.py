@@ -1,0 +1,172 @@
+"""The real speed-up of FDG: stages in separate processes on separate cores, against BP.
+
+Simulated CPU devices share one thread pool, so only separate processes pinned to separate cores
+work in parallel on a CPU. Each configuration runs in a fresh set of processes, interleaved over
+`--repeats`; medians are reported:
+
+  bp_1core   BP, one process pinned to one core;
+  bp_2core   BP, one process on every core the benchmark may use;
+  fdg        FDG with K = 2 (FLOP-balanced split), two processes pinned to one core each
+             (`fdg_jax.launch`, stages exchanging activations and cotangents by cross-process
+             device_put);
+  fdg_time   the same with the split balanced by measured block times (config.split_by);
+  bp_pair    two copies of bp_1core at once, one per core: C = 2 t(bp_1core) / t(bp_pair)
+             is how much two concurrent single-core processes get done on this machine
+             (cores share caches and memory bandwidth, so C < 2).
+
+Not measured here: data-parallel BP in two processes (a stage on a mesh that spans processes,
+the data-parallel issue). Each process times its own
+loop of `--iters` iterations after `--warmup` (compilation and the pipeline's fill), with random
+data; the slowest process's time is the configuration's. The last stdout line is JSON.
+
+    python experiments/bench_speedup.py --model=resnet20 --batch_size=128
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('model', 'resnet20', 'Model of the zoo.')
+flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
+flags.DEFINE_integer('warmup', 4, 'Iterations before timing (compilation, pipeline fill).')
+flags.DEFINE_integer('iters', 8, 'Timed iterations per run.')
+flags.DEFINE_integer('repeats', 3, 'Interleaved repeats of every configuration.')
+flags.DEFINE_string('output', '', 'JSON file for the result (default: experiments/results/'
+                    'bench_speedup_MODEL_bBATCH.json).')
+# Set by the benchmark itself for its worker processes.
+flags.DEFINE_string('method', None, 'Worker: bp or fdg.')
+flags.DEFINE_string('split_by', 'flops', 'Worker: config.split_by.')
+flags.DEFINE_string('coordinator_address', None, 'Worker: set by fdg_jax.launch.')
+flags.DEFINE_integer('num_processes', None, 'Worker: set by fdg_jax.launch.')
+flags.DEFINE_integer('process_id', None, 'Worker: set by fdg_jax.launch.')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ('bp_1core', 'bp_2core', 'fdg', 'fdg_time', 'bp_pair')
+
+
+def worker() -> None:
+  """One process of one configuration: prints {'ms_per_iter': ...} (process 0)."""
+  # pylint: disable=g-import-not-at-top
+  from fdg_jax import distributed
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  import jax
+  import numpy as np
+  from experiments import common
+  # pylint: enable=g-import-not-at-top
+  num_stages = 2 if FLAGS.method == 'fdg' else 1
+  config = common.make_config(FLAGS.model, FLAGS.method, num_stages, FLAGS.batch_size, 32)
+  config.split_by = FLAGS.split_by
+  pipe, state = common.build_pipeline(config)
+  rng = np.random.default_rng(0)
+  batches = [(rng.normal(size=(FLAGS.batch_size, 32, 32, 3)).astype(np.float32),
+              rng.integers(0, 10, size=(FLAGS.batch_size,)).astype(np.int32))
+             for _ in range(2)]
+
+  def run(count, state):
+    for t in range(count):
+      state, _ = pipe.step(state, *batches[t % 2])
+    jax.block_until_ready([s for s in state.stages if s is not None])
+    return state
+
+  state = run(FLAGS.warmup, state)
+  distributed.all_processes([0])   # every process starts the clock together
+  start = time.perf_counter()
+  state = run(FLAGS.iters, state)
+  elapsed = time.perf_counter() - start
+  slowest = distributed.all_processes([int(elapsed * 1e6)]).max() / 1e6
+  if jax.process_index() == 0:
+    print(json.dumps({'ms_per_iter': 1e3 * slowest / FLAGS.iters}), flush=True)
+
+
+def _pinned(cores, argv):
+  """A command that runs `argv` (a Python module and its flags) pinned to `cores`."""
+  return [sys.executable, '-c',
+          'import os, runpy, sys; os.sched_setaffinity(0, %r); sys.argv = %r; '
+          'runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)'
+          % (sorted(cores), argv)]
+
+
+def _ms(output: str) -> float:
+  for line in reversed(output.splitlines()):
+    line = line.split('] ', 1)[-1] if line.startswith('[') else line
+    if line.startswith('{"ms_per_iter"'):
+      return json.loads(line)['ms_per_iter']
+  raise RuntimeError(f'no timing in the output:\n{output[-3000:]}')
+
+
+def measure(name: str, cores: list[int]) -> list[float]:
+  """Runs one configuration in fresh processes; its ms/iter (two values for bp_pair)."""
+  worker_flags = [f'--model={FLAGS.model}', f'--batch_size={FLAGS.batch_size}',
+                  f'--warmup={FLAGS.warmup}', f'--iters={FLAGS.iters}']
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             PYTHONPATH=REPO)
+  bp = ['experiments.bench_speedup', '--method=bp', *worker_flags]
+  if name in ('fdg', 'fdg_time'):
+    split_by = 'time' if name == 'fdg_time' else 'flops'
+    commands = [[sys.executable, '-m', 'fdg_jax.launch', '--num_processes=2', '--module',
+                 'experiments.bench_speedup', '--', '--method=fdg', f'--split_by={split_by}',
+                 *worker_flags]]
+  elif name == 'bp_2core':
+    commands = [_pinned(cores, bp)]
+  elif name == 'bp_1core':
+    commands = [_pinned(cores[:1], bp)]
+  else:   # bp_pair
+    commands = [_pinned(cores[:1], bp), _pinned(cores[1:2], bp)]
+  processes = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for c in commands]
+  try:
+    outputs = [p.communicate(timeout=1800)[0] for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.wait(timeout=10)
+  for p, output in zip(processes, outputs):
+    if p.returncode:
+      raise RuntimeError(f'{name} failed:\n{output[-3000:]}')
+  return [_ms(output) for output in outputs]
+
+
+def main(argv):
+  del argv
+  if FLAGS.method:
+    worker()
+    return
+  cores = sorted(os.sched_getaffinity(0))
+  if len(cores) < 2:
+    raise app.UsageError('The benchmark needs two cores.')
+  times = {name: [] for name in CONFIGS}
+  for repeat in range(FLAGS.repeats):
+    for name in CONFIGS:
+      ms = measure(name, cores)
+      times[name].append(statistics.mean(ms))
+      print(f'repeat {repeat}  {name:9s} {" ".join(f"{m:.0f}" for m in ms)} ms/iter', flush=True)
+  median = {name: statistics.median(values) for name, values in times.items()}
+  capacity = 2 * median['bp_1core'] / median['bp_pair']
+  best = min(('fdg', 'fdg_time'), key=median.get)   # the goals are for the better split
+  result = {
+      'model': FLAGS.model, 'batch_size': FLAGS.batch_size, 'iters': FLAGS.iters,
+      'repeats': FLAGS.repeats, 'cores': len(cores), 'ms_per_iter': median, 'runs': times,
+      'capacity': capacity,
+      'best_split': best,
+      'fdg_over_bp_1core': median['bp_1core'] / median[best],
+      'fdg_over_bp_2core': median['bp_2core'] / median[best],
+      'fdg_over_capacity': median['bp_1core'] / median[best] / capacity,
+      'load_average_1m': os.getloadavg()[0],
+  }
+  path = FLAGS.output or os.path.join(
+      REPO, 'experiments', 'results', f'bench_speedup_{FLAGS.model}_b{FLAGS.batch_size}.json')
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps(result, sort_keys=True), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
