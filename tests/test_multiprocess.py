@@ -2,6 +2,7 @@
 process computes: every method, K = 2 and 3, both stashes; the trainer in two processes repeats
 bit for bit, resumes bit-exactly, and ends cleanly when a process is killed."""
 
+import contextlib
 import json
 import os
 import signal
@@ -22,10 +23,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
 
 
-def launch(num_processes, args, module='mp_engine_child', timeout_s=TIMEOUT_S):
-  """Runs `module` in `num_processes` processes through fdg_jax.launch; returns its exit code
-  and output. The launcher and its children get a session of their own, ended whatever
-  happens, so that no process outlives the test."""
+@contextlib.contextmanager
+def launched(num_processes, args, module='mp_engine_child'):
+  """fdg_jax.launch running `module` in `num_processes` processes (a Popen). The launcher and its
+  children get a session of their own, ended on leaving, whatever happens, so that no process
+  outlives the test."""
   env = dict(os.environ, PYTHONPATH=os.path.join(REPO, 'tests'))
   launcher = subprocess.Popen(
       [sys.executable, '-m', 'fdg_jax.launch', f'--num_processes={num_processes}',
@@ -33,13 +35,19 @@ def launch(num_processes, args, module='mp_engine_child', timeout_s=TIMEOUT_S):
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       start_new_session=True)
   try:
-    output, _ = launcher.communicate(timeout=timeout_s)
+    yield launcher
   finally:
     try:
       os.killpg(launcher.pid, signal.SIGKILL)
     except ProcessLookupError:
       pass
     launcher.wait(timeout=10)
+
+
+def launch(num_processes, args, module='mp_engine_child'):
+  """Runs `launched(...)` to the end; its exit code and output."""
+  with launched(num_processes, args, module) as launcher:
+    output, _ = launcher.communicate(timeout=TIMEOUT_S)
   return launcher.returncode, output
 
 
@@ -142,12 +150,7 @@ def test_killed_process_ends_the_run_with_its_name_and_the_command_resumes(tmp_p
   workdir = tmp_path / 'work'
   args = trainer_args(data, workdir, 400, '--config.checkpoint_every_steps=40',
                       '--config.eval_every_epochs=0')
-  env = dict(os.environ, PYTHONPATH=os.path.join(REPO, 'tests'))
-  launcher = subprocess.Popen(
-      [sys.executable, '-m', 'fdg_jax.launch', '--num_processes=2', '--grace_s=5', '--',
-       *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      start_new_session=True)
-  try:
+  with launched(2, args, module='fdg_jax.main') as launcher:
     deadline = time.time() + TIMEOUT_S
     while not (workdir / 'checkpoints' / 'process_1' / '40.msgpack').exists():
       assert time.time() < deadline and launcher.poll() is None, 'no checkpoint in time'
@@ -157,12 +160,6 @@ def test_killed_process_ends_the_run_with_its_name_and_the_command_resumes(tmp_p
     killed_at = time.time()
     output, _ = launcher.communicate(timeout=90)
     assert time.time() - killed_at < 60
-  finally:
-    try:
-      os.killpg(launcher.pid, signal.SIGKILL)
-    except ProcessLookupError:
-      pass
-    launcher.wait(timeout=10)
   assert launcher.returncode != 0
   assert f'process 1 (pid {victim}) was killed by SIGKILL' in output, output[-3000:]
   assert child_pid(workdir, 0) is None and child_pid(workdir, 1) is None
