@@ -14,8 +14,11 @@ work in parallel on a CPU. Each configuration runs in a fresh set of processes, 
              is how much two concurrent single-core processes get done on this machine
              (cores share caches and memory bandwidth, so C < 2).
 
-Not measured here: data-parallel BP in two processes (a stage on a mesh that spans processes,
-the data-parallel issue). Each process times its own
+For the FDG configurations also: `exchange_ms`, one activation forward and one array of its
+shape back between the two processes alone (round trip, median), and each stage's compute alone
+(`stage_compute_ms`: its blocks' forward and backward, `partition.block_times`) with its share
+of the iteration (`busy_share`). Not measured here: data-parallel BP in two processes (a stage
+on a mesh that spans processes, the data-parallel issue). Each process times its own
 loop of `--iters` iterations after `--warmup` (compilation and the pipeline's fill), with random
 data; the slowest process's time is the configuration's. The last stdout line is JSON.
 
@@ -59,11 +62,13 @@ def worker() -> None:
   import jax
   import numpy as np
   from experiments import common
+  from fdg_jax import models, partition, train
   # pylint: enable=g-import-not-at-top
   num_stages = 2 if FLAGS.method == 'fdg' else 1
   config = common.make_config(FLAGS.model, FLAGS.method, num_stages, FLAGS.batch_size, 32)
   config.split_by = FLAGS.split_by
-  pipe, state = common.build_pipeline(config)
+  run_setup = train.setup(config, common.NUM_CLASSES, common.STEPS_PER_EPOCH)
+  pipe, state = run_setup.pipe, run_setup.state
   rng = np.random.default_rng(0)
   batches = [(rng.normal(size=(FLAGS.batch_size, 32, 32, 3)).astype(np.float32),
               rng.integers(0, 10, size=(FLAGS.batch_size,)).astype(np.int32))
@@ -81,8 +86,36 @@ def worker() -> None:
   state = run(FLAGS.iters, state)
   elapsed = time.perf_counter() - start
   slowest = distributed.all_processes([int(elapsed * 1e6)]).max() / 1e6
+  result = {'ms_per_iter': 1e3 * slowest / FLAGS.iters}
+  if num_stages == 2:
+    result['exchange_ms'] = exchange_ms(pipe, jax, np)
+    # Each stage's work alone (its blocks' forward and backward, measured on process 0's core)
+    # against the iteration: the share of the iteration the stage is busy.
+    times = partition.block_times(models.create_blocks(FLAGS.model, common.NUM_CLASSES),
+                                  (FLAGS.batch_size, 32, 32, 3))
+    ranges = partition.stage_ranges(run_setup.split, len(times))
+    result['stage_compute_ms'] = [1e3 * sum(times[a:b]) for a, b in ranges]
+    result['busy_share'] = [ms / result['ms_per_iter'] for ms in result['stage_compute_ms']]
   if jax.process_index() == 0:
-    print(json.dumps({'ms_per_iter': 1e3 * slowest / FLAGS.iters}), flush=True)
+    print(json.dumps(result), flush=True)
+
+
+def exchange_ms(pipe, jax, np) -> float:
+  """One iteration's exchange alone: the activation to stage 1 and an array of its shape back
+  (the cotangent), as cross-process device_puts, round trip, ms (median of --iters)."""
+  from fdg_jax import distributed  # pylint: disable=g-import-not-at-top
+  spec = pipe.io_specs(jax.ShapeDtypeStruct((FLAGS.batch_size, 32, 32, 3), np.float32))[1]
+  first, second = pipe.shardings
+  x = (jax.device_put(np.zeros(spec.shape, spec.dtype), first) if pipe.is_local[0] else None)
+  samples = []
+  for _ in range(FLAGS.iters + 1):   # the first round trip opens the connections
+    distributed.all_processes([0])
+    start = time.perf_counter()
+    y = pipe.move(x, first, second, spec)
+    z = pipe.move(y, second, first, spec)
+    jax.block_until_ready(z if z is not None else y)
+    samples.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(samples[1:])
 
 
 def _pinned(cores, argv):
@@ -93,16 +126,16 @@ def _pinned(cores, argv):
           % (sorted(cores), argv)]
 
 
-def _ms(output: str) -> float:
+def _result(output: str) -> dict:
   for line in reversed(output.splitlines()):
     line = line.split('] ', 1)[-1] if line.startswith('[') else line
     if line.startswith('{"ms_per_iter"'):
-      return json.loads(line)['ms_per_iter']
+      return json.loads(line)
   raise RuntimeError(f'no timing in the output:\n{output[-3000:]}')
 
 
-def measure(name: str, cores: list[int]) -> list[float]:
-  """Runs one configuration in fresh processes; its ms/iter (two values for bp_pair)."""
+def measure(name: str, cores: list[int]) -> list[dict]:
+  """Runs one configuration in fresh processes; its results (two for bp_pair)."""
   worker_flags = [f'--model={FLAGS.model}', f'--batch_size={FLAGS.batch_size}',
                   f'--warmup={FLAGS.warmup}', f'--iters={FLAGS.iters}']
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
@@ -131,7 +164,7 @@ def measure(name: str, cores: list[int]) -> list[float]:
   for p, output in zip(processes, outputs):
     if p.returncode:
       raise RuntimeError(f'{name} failed:\n{output[-3000:]}')
-  return [_ms(output) for output in outputs]
+  return [_result(output) for output in outputs]
 
 
 def main(argv):
@@ -143,11 +176,17 @@ def main(argv):
   if len(cores) < 2:
     raise app.UsageError('The benchmark needs two cores.')
   times = {name: [] for name in CONFIGS}
+  details = {name: [] for name in ('fdg', 'fdg_time')}
   for repeat in range(FLAGS.repeats):
     for name in CONFIGS:
-      ms = measure(name, cores)
+      results = measure(name, cores)
+      ms = [r['ms_per_iter'] for r in results]
       times[name].append(statistics.mean(ms))
-      print(f'repeat {repeat}  {name:9s} {" ".join(f"{m:.0f}" for m in ms)} ms/iter', flush=True)
+      if name in details:
+        details[name].append(results[0])
+      extra = ''.join(f'  {k} {v}' for k, v in results[0].items() if k != 'ms_per_iter')
+      print(f'repeat {repeat}  {name:9s} {" ".join(f"{m:.0f}" for m in ms)} ms/iter{extra}',
+            flush=True)
   median = {name: statistics.median(values) for name, values in times.items()}
   capacity = 2 * median['bp_1core'] / median['bp_pair']
   best = min(('fdg', 'fdg_time'), key=median.get)   # the goals are for the better split
@@ -159,6 +198,11 @@ def main(argv):
       'fdg_over_bp_1core': median['bp_1core'] / median[best],
       'fdg_over_bp_2core': median['bp_2core'] / median[best],
       'fdg_over_capacity': median['bp_1core'] / median[best] / capacity,
+      'exchange_ms': {name: statistics.median(r['exchange_ms'] for r in runs)
+                      for name, runs in details.items()},
+      'stage_compute_ms': {name: runs[0]['stage_compute_ms'] for name, runs in details.items()},
+      'busy_share': {name: [statistics.median(r['busy_share'][k] for r in runs)
+                            for k in range(2)] for name, runs in details.items()},
       'load_average_1m': os.getloadavg()[0],
   }
   path = FLAGS.output or os.path.join(

@@ -16,7 +16,6 @@ stage is the last stage, and one iteration is exactly an ordinary back-propagati
 
 import dataclasses
 import inspect
-import itertools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from clu import metrics as clu_metrics
@@ -429,11 +428,11 @@ class Pipeline:
     """One iteration of every stage, as the schedule says. `images=None` feeds no new batch
     (draining).
 
-    In a multi-process run every process calls this with the same batch (a process that does
-    not own stage 0 may pass anything with the images' shape and dtype, e.g. a
-    `jax.ShapeDtypeStruct`; one that owns no loss stage, None for the labels' values is not
-    allowed: pass the labels, they say that a batch is fed). The stage states are donated:
-    `state` must not be used after this call. Never waits on a device value.
+    In a multi-process run every process calls this with the same batch: a process that does
+    not own stage 0 may pass anything with the images' shape and dtype instead of the images
+    (e.g. a `jax.ShapeDtypeStruct`), and the labels are used only where a stage computes a loss.
+    The stage states are donated: `state` must not be used after this call. Never waits on a
+    device value.
     """
     feeding = images is not None
     if feeding:
