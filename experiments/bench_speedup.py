@@ -32,8 +32,18 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402  (after the path set-up above)
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import common  # noqa: E402
+from fdg_jax import distributed  # noqa: E402
+from fdg_jax import models  # noqa: E402
+from fdg_jax import partition  # noqa: E402
+from fdg_jax import train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'resnet20', 'Model of the zoo.')
@@ -56,14 +66,7 @@ CONFIGS = ('bp_1core', 'bp_2core', 'fdg', 'fdg_time', 'bp_pair')
 
 def worker() -> None:
   """One process of one configuration: prints {'ms_per_iter': ...} (process 0)."""
-  # pylint: disable=g-import-not-at-top
-  from fdg_jax import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  import jax
-  import numpy as np
-  from experiments import common
-  from fdg_jax import models, partition, train
-  # pylint: enable=g-import-not-at-top
   num_stages = 2 if FLAGS.method == 'fdg' else 1
   config = common.make_config(FLAGS.model, FLAGS.method, num_stages, FLAGS.batch_size, 32)
   config.split_by = FLAGS.split_by
@@ -88,7 +91,7 @@ def worker() -> None:
   slowest = distributed.all_processes([int(elapsed * 1e6)]).max() / 1e6
   result = {'ms_per_iter': 1e3 * slowest / FLAGS.iters}
   if num_stages == 2:
-    result['exchange_ms'] = exchange_ms(pipe, jax, np)
+    result['exchange_ms'] = exchange_ms(pipe)
     # Each stage's work alone (its blocks' forward and backward, measured on process 0's core)
     # against the iteration: the share of the iteration the stage is busy.
     times = partition.block_times(models.create_blocks(FLAGS.model, common.NUM_CLASSES),
@@ -100,10 +103,9 @@ def worker() -> None:
     print(json.dumps(result), flush=True)
 
 
-def exchange_ms(pipe, jax, np) -> float:
+def exchange_ms(pipe) -> float:
   """One iteration's exchange alone: the activation to stage 1 and an array of its shape back
   (the cotangent), as cross-process device_puts, round trip, ms (median of --iters)."""
-  from fdg_jax import distributed  # pylint: disable=g-import-not-at-top
   spec = pipe.io_specs(jax.ShapeDtypeStruct((FLAGS.batch_size, 32, 32, 3), np.float32))[1]
   first, second = pipe.shardings
   x = (jax.device_put(np.zeros(spec.shape, spec.dtype), first) if pipe.is_local[0] else None)
@@ -116,14 +118,6 @@ def exchange_ms(pipe, jax, np) -> float:
     jax.block_until_ready(z if z is not None else y)
     samples.append(time.perf_counter() - start)
   return 1e3 * statistics.median(samples[1:])
-
-
-def _pinned(cores, argv):
-  """A command that runs `argv` (a Python module and its flags) pinned to `cores`."""
-  return [sys.executable, '-c',
-          'import os, runpy, sys; os.sched_setaffinity(0, %r); sys.argv = %r; '
-          'runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)'
-          % (sorted(cores), argv)]
 
 
 def _result(output: str) -> dict:
@@ -147,11 +141,12 @@ def measure(name: str, cores: list[int]) -> list[dict]:
                  'experiments.bench_speedup', '--', '--method=fdg', f'--split_by={split_by}',
                  *worker_flags]]
   elif name == 'bp_2core':
-    commands = [_pinned(cores, bp)]
+    commands = [distributed.module_command(bp[0], bp[1:], cores)]
   elif name == 'bp_1core':
-    commands = [_pinned(cores[:1], bp)]
+    commands = [distributed.module_command(bp[0], bp[1:], cores[:1])]
   else:   # bp_pair
-    commands = [_pinned(cores[:1], bp), _pinned(cores[1:2], bp)]
+    commands = [distributed.module_command(bp[0], bp[1:], cores[:1]),
+                distributed.module_command(bp[0], bp[1:], cores[1:2])]
   processes = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for c in commands]
   try:

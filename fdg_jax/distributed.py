@@ -12,6 +12,7 @@ and all stop at the same iteration (`reached_preemption_sync_point`).
 
 import os
 import socket
+import sys
 import time
 from typing import Optional, Sequence
 
@@ -31,6 +32,20 @@ def local_address_towards(host: str) -> str:
   with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
     probe.connect((host, 9))   # UDP: no packet is sent, only a route chosen
     return probe.getsockname()[0]
+
+
+# Runs in a child before the real module: the affinity is set before any thread starts (so
+# every thread inherits it) and exec keeps the pid, which the parent signals and waits for.
+_PINNED_START = ('import os, sys; os.sched_setaffinity(0, {cores}); '
+                 "os.execv(sys.executable, [sys.executable, '-m', *sys.argv[1:]])")
+
+
+def module_command(module: str, args: list[str], cores: Optional[list[int]] = None) -> list[str]:
+  """`python -m module args` (a process of a local run), pinned to `cores` (if given) before it
+  starts any thread."""
+  if cores is None:
+    return [sys.executable, '-m', module, *args]
+  return [sys.executable, '-c', _PINNED_START.format(cores=list(cores)), module, *args]
 
 
 def free_port(address: str) -> int:

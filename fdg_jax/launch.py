@@ -16,7 +16,6 @@ when killed by signal S), or 128+S when the launcher itself got signal S.
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,8 @@ import time
 
 from absl import app
 from absl import flags
+
+from fdg_jax import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('num_processes', None, 'How many processes to start.', lower_bound=1)
@@ -41,17 +42,6 @@ POLL_S = 0.2
 KILL_WAIT_S = 5   # after SIGKILL a process is gone at once, unless stuck in the kernel
 _DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
-# Runs in the child before the real module: the affinity is set before any thread starts (so
-# every thread inherits it) and exec keeps the pid, which the launcher signals and waits for.
-_PINNED_START = ('import os, sys; os.sched_setaffinity(0, {cores}); '
-                 "os.execv(sys.executable, [sys.executable, '-m', *sys.argv[1:]])")
-
-
-def free_port() -> int:
-  """A port on 127.0.0.1 that nothing listens on now (the OS picks it for port 0)."""
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind((HOST, 0))
-    return s.getsockname()[1]
 
 
 def available_cores() -> list[int] | None:
@@ -151,7 +141,7 @@ def launch(child_args: list[str], num_processes: int, *, devices_per_process: in
            env: dict[str, str] | None = None) -> int:
   """Runs `python -m module *child_args` plus the distributed flags in num_processes local
   processes until all exit; returns the exit status (see the module docstring)."""
-  port = port or free_port()
+  port = port or distributed.free_port(HOST)
   environment = child_env(dict(os.environ if env is None else env), devices_per_process)
   cores = available_cores()
   blocks = core_blocks(cores, num_processes) if cores else None
@@ -177,11 +167,8 @@ def launch(child_args: list[str], num_processes: int, *, devices_per_process: in
     for process_id in range(num_processes):
       args = [*child_args, f'--coordinator_address={HOST}:{port}',
               f'--num_processes={num_processes}', f'--process_id={process_id}']
-      if blocks:
-        command = [sys.executable, '-c', _PINNED_START.format(cores=blocks[process_id]),
-                   module, *args]
-      else:
-        command = [sys.executable, '-m', module, *args]
+      command = distributed.module_command(module, args,
+                                           blocks[process_id] if blocks else None)
       child = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
       children.append(child)

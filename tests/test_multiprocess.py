@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from fdg_jax import launch as launch_lib
+from fdg_jax import distributed
 from mp_engine_child import run
 from test_train import write_image_folder
 
@@ -169,7 +169,7 @@ def test_killed_process_ends_the_run_with_its_name_and_the_command_resumes(tmp_p
 
 
 def test_unreachable_coordinator_is_one_clear_line(tmp_path):
-  port = launch_lib.free_port()
+  port = distributed.free_port('127.0.0.1')
   started = time.time()
   result = subprocess.run(
       [sys.executable, '-m', 'fdg_jax.main', '--config=configs/cpu_quick.py',
