@@ -211,8 +211,7 @@ def evaluate(pipe: pipeline.Pipeline, state: pipeline.PipelineState,
 def save_checkpoint(checkpointer: checkpoint.Checkpointer, state: pipeline.PipelineState,
                     step: int, extra: dict) -> None:
   """Checkpoint the pipeline as it is (in flight); never a diverged state. One line each."""
-  workdir_lib.check_finite(state, step, None, checkpointer.directory,
-                           checkpointer.latest_step())
+  workdir_lib.check_finite(state, step, None, checkpointer)
   start = time.time()
   checkpointer.save(step, state, extra=extra)
   logging.info('step %d  checkpoint saved (%s, %.1f s) in %s', step,
@@ -358,8 +357,7 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
       if every(step, config.log_every_steps):
         loss = log_train(writer, clock, step, num_steps, steps_per_epoch, train_metrics,
                          trained, loss_process, run.learning_rate, config.batch_size)
-        workdir_lib.check_finite(state, step, loss, checkpointer.directory,
-                                 checkpointer.latest_step())
+        workdir_lib.check_finite(state, step, loss, checkpointer)
         train_metrics, trained = None, False
       if every(step, eval_every):
         evaluate_now(step)
@@ -374,8 +372,7 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
     trained = trained or info.updated[-1] is not None
   loss = log_train(writer, clock, num_steps, num_steps, steps_per_epoch, train_metrics,
                    trained, loss_process, run.learning_rate, config.batch_size)
-  workdir_lib.check_finite(state, num_steps, loss, checkpointer.directory,
-                           checkpointer.latest_step())
+  workdir_lib.check_finite(state, num_steps, loss, checkpointer)
   jax.block_until_ready([s for s in state.stages if s is not None])
   train_time = progress['train_time_s'] + time.time() - start
   result = evaluate_now(num_steps)

@@ -139,9 +139,11 @@ class PreemptionSignals:
 
 
 def check_finite(state: pipeline.PipelineState, step: int, loss: Optional[float],
-                 checkpoint_dir: str, latest_step: Optional[int]) -> None:
+                 checkpointer) -> None:
   """Raise DivergenceError for a non-finite loss or parameter (reads one bool per stage; every
-  process of a multi-process run checks its own stages and all raise the same error)."""
+  process of a multi-process run checks its own stages and all raise the same error). The
+  `checkpoint.Checkpointer` is asked for its latest step only when there is an error to
+  report: in a multi-process run that is a collective."""
   finite = jax.device_get([
       True if stage is None else
       jax.tree_util.tree_reduce(jnp.logical_and, jax.tree_util.tree_map(
@@ -155,7 +157,8 @@ def check_finite(state: pipeline.PipelineState, step: int, loss: Optional[float]
     problems.append(f'parameters in stage(s) {bad_stages}')
   if not problems:
     return
-  kept = (f'the last good checkpoint (step {latest_step}) in {checkpoint_dir} is intact'
+  latest_step = checkpointer.latest_step()
+  kept = (f'the last good checkpoint (step {latest_step}) in {checkpointer.directory} is intact'
           if latest_step is not None else 'no checkpoint was written')
   raise DivergenceError(
       f'Training diverged at step {step}: non-finite {" and ".join(problems)}. Nothing was '
