@@ -262,7 +262,7 @@ class DGLPipeline(pipeline.Pipeline):
     aux_key = jax.random.fold_in(rng, 1)
     x = jax.ShapeDtypeStruct(sample_input.shape, sample_input.dtype)
     stages = []
-    for k, (stage, sharding) in enumerate(zip(network.stages, self.shardings)):
+    for k, (stage, sharding) in enumerate(zip(network.stages, self.state_shardings)):
       if k < self.num_stages - 1:
         x = jax.eval_shape(self._predict[k], *self._variable_specs[k], x)
       if stage is None:   # another process's stage
@@ -276,7 +276,7 @@ class DGLPipeline(pipeline.Pipeline):
         batch_stats['aux'] = aux.get('batch_stats', {})
       state = TrainState.create(apply_fn=stage.apply_fn, params=params, tx=self.optimizer,
                                 batch_stats=batch_stats, dropout_key=stage.dropout_key)
-      stages.append(jax.device_put(state, sharding))
+      stages.append(distributed.put(state, sharding))
     return network.replace(stages=tuple(stages))
 
   def _call_stage(self, k: int, call, stage: TrainState, queue, *, x, cotangent, entry,
@@ -314,4 +314,5 @@ class DGLPipeline(pipeline.Pipeline):
   def num_extra_params(self, state: PipelineState) -> int:
     """Trainable parameters DGL adds to the network: all auxiliary heads together (of every
     process; all must call it in a multi-process run)."""
-    return int(distributed.all_processes([sum(self.aux_param_counts(state))]).sum())
+    counts = distributed.all_processes(self.aux_param_counts(state))
+    return int(counts.max(axis=0).sum())   # a stage on several processes counts once

@@ -7,6 +7,7 @@ is restored onto the device of the stage that owns it. The host-side bookkeeping
 each entry belongs to, the data position) goes into a JSON item beside the arrays.
 """
 
+import functools
 import json
 import os
 from typing import Optional
@@ -14,6 +15,7 @@ from typing import Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fdg_jax import distributed
@@ -57,7 +59,9 @@ def to_tree(state: pipeline_lib.PipelineState) -> tuple[dict, dict]:
       'stream_first_batch': state.stream_first_batch,
       'stream_offset': state.stream_offset,
       'saved': {str(k): [{'batch': entry.batch,
-                          'input_spec': entry.structure.input_spec if entry.structure else None}
+                          'input_spec': entry.structure.input_spec if entry.structure else None,
+                          'partition_specs': [_partition_spec(leaf) for leaf in
+                                              jax.tree_util.tree_leaves(entry.arrays)]}
                          for entry in queue]
                 for k, queue in enumerate(state.saved) if queue},
       'activations': {str(k): a.batch for k, a in enumerate(state.activations) if a is not None},
@@ -68,11 +72,30 @@ def to_tree(state: pipeline_lib.PipelineState) -> tuple[dict, dict]:
   return arrays, metadata
 
 
-def _sharding_for(pipe: pipeline_lib.Pipeline, path) -> jax.sharding.Sharding:
-  """Which device an array of the checkpoint tree belongs on, from its path."""
-  group, stage = path[0].key, int(path[1].key)
-  if group == 'activations' and path[2].key == 'labels':
+def _partition_spec(array: jax.Array) -> Optional[list]:
+  """How an array of a stage on several devices is split (JSON), None on one device."""
+  if not isinstance(array.sharding, jax.sharding.NamedSharding):
+    return None
+  return [list(axes) if isinstance(axes, tuple) else axes for axes in array.sharding.spec]
+
+
+def _sharding_for(pipe: pipeline_lib.Pipeline, keys: tuple[str, ...], metadata: dict
+                  ) -> jax.sharding.Sharding:
+  """Where an array of the checkpoint tree belongs, from its path: a stage's state on all its
+  devices, batch-shaped arrays split over them, a saved forward's arrays as they were saved."""
+  group, stage = keys[0], int(keys[1])
+  if group == 'activations' and keys[2] == 'labels':
     return pipe.shardings[-1]   # a checkpoint from before labels had their own queues
+  if group == 'stages':
+    return pipe.state_shardings[stage]
+  if group == 'saved':
+    entry = metadata['saved'][keys[1]][int(keys[2])]
+    spec = entry.get('partition_specs', [None] * (int(keys[3]) + 1))[int(keys[3])]
+    if spec is None:
+      return pipe.state_shardings[stage]
+    return jax.sharding.NamedSharding(
+        pipe.state_shardings[stage].mesh,
+        jax.sharding.PartitionSpec(*(tuple(a) if isinstance(a, list) else a for a in spec)))
   return pipe.shardings[stage]
 
 
@@ -130,14 +153,20 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
       stream_offset=metadata.get('stream_offset', 0))
 
 
+def _index_key(index: tuple, shape: tuple) -> str:
+  """A shard's place in its array, as text: 'start:stop' per axis."""
+  return ','.join('{}:{}'.format(*i.indices(n)[:2]) for i, n in zip(index, shape))
+
+
 class _ProcessFiles:
   """One process's own checkpoints in a multi-process run: `STEP.msgpack` files (flax's
   serialization of the arrays, from the host, and the JSON bookkeeping), each written to a
-  temporary name and renamed when complete.
+  temporary name and renamed when complete. An array of a stage whose devices span several
+  processes is saved by each of them as its own distinct shards.
 
   Why not orbax here: orbax 0.12 saves jax.Arrays of a multi-process run only as global arrays
   that every process writes together, refuses arrays of one process's own devices, and writes
-  numpy arrays from process 0 alone. A pipeline stage lives on one process's devices.
+  numpy arrays from process 0 alone. A pipeline stage lives on its own processes' devices.
   """
 
   SUFFIX = '.msgpack'
@@ -156,9 +185,17 @@ class _ProcessFiles:
     return os.path.join(self.directory, f'{step}{self.SUFFIX}')
 
   def save(self, step: int, arrays: dict, metadata: dict) -> None:
+    local, spanning = {}, {}
+    for keys, array in flax.traverse_util.flatten_dict(arrays, sep='/').items():
+      if array.is_fully_addressable:
+        local[keys] = jax.device_get(array)
+      else:
+        spanning[keys] = {'shape': np.asarray(array.shape, np.int64), 'shards': {
+            _index_key(shard.index, array.shape): np.asarray(shard.data)
+            for shard in array.addressable_shards}}
     os.makedirs(self.directory, exist_ok=True)
     data = flax.serialization.msgpack_serialize(
-        {'arrays': jax.device_get(arrays), 'meta': json.dumps(metadata)})
+        {'local': local, 'spanning': spanning, 'meta': json.dumps(metadata)})
     with open(self.path(step) + '.tmp', 'wb') as f:
       f.write(data)
       f.flush()
@@ -167,10 +204,24 @@ class _ProcessFiles:
     for old in self.steps()[:-self.max_to_keep]:
       os.remove(self.path(old))
 
-  def load(self, step: int) -> tuple[dict, dict]:
+  def load(self, step: int, sharding_for) -> tuple[dict, dict]:
+    """The arrays saved at `step`, each placed on `sharding_for(metadata)(path keys)`."""
     with open(self.path(step), 'rb') as f:
       data = flax.serialization.msgpack_restore(f.read())
-    return data['arrays'], json.loads(data['meta'])
+    metadata = json.loads(data['meta'])
+    if 'local' not in data:   # written before stages could span processes
+      data['local'], data['spanning'] = flax.traverse_util.flatten_dict(
+          data['arrays'], sep='/'), {}
+    placed = {}
+    for keys, array in data['local'].items():
+      placed[keys] = jax.device_put(array, sharding_for(metadata)(tuple(keys.split('/'))))
+    for keys, saved in data['spanning'].items():
+      shape = tuple(int(n) for n in saved['shape'])
+      sharding = sharding_for(metadata)(tuple(keys.split('/')))
+      placed[keys] = jax.make_array_from_single_device_arrays(shape, sharding, [
+          jax.device_put(saved['shards'][_index_key(index, shape)], device)
+          for device, index in sharding.addressable_devices_indices_map(shape).items()])
+    return flax.traverse_util.unflatten_dict(placed, sep='/'), metadata
 
 
 class Checkpointer:
@@ -233,20 +284,19 @@ class Checkpointer:
       raise CheckpointError(f'No checkpoint in {self.directory}.')
     try:
       if self._process_files is not None:
-        arrays, metadata = self._process_files.load(step)
+        arrays, metadata = self._process_files.load(
+            step, lambda metadata: functools.partial(_sharding_for, pipe, metadata=metadata))
         _check_matches(fresh, arrays, self.directory, step)
-        arrays = jax.tree_util.tree_map_with_path(
-            lambda path, a: jax.device_put(a, _sharding_for(pipe, path)), arrays)
       else:
-        tree_metadata = self._manager.item_metadata(step)['state'].tree
+        metadata = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
         target = jax.tree_util.tree_map_with_path(
-            lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                                 sharding=_sharding_for(pipe, path)),
-            tree_metadata)
+            lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_sharding_for(
+                pipe, tuple(str(p.key) for p in path), metadata)),
+            self._manager.item_metadata(step)['state'].tree)
         _check_matches(fresh, target, self.directory, step)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        arrays, metadata = restored['state'], restored['meta']
+        arrays = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))['state']
       state = from_tree(pipe, fresh, arrays, metadata)
     except CheckpointError:
       raise

@@ -112,11 +112,38 @@ def initialize(coordinator_address: Optional[str], num_processes: Optional[int],
 
 
 def process_of(sharding: jax.sharding.Sharding) -> int:
-  """The process that owns a single-process placement."""
-  processes = {d.process_index for d in sharding.device_set}
-  if len(processes) != 1:
-    raise DistributedError(f'{sharding} spans processes {sorted(processes)}.')
-  return processes.pop()
+  """The first process that owns devices of `sharding` (the one that speaks for a stage)."""
+  return min(d.process_index for d in sharding.device_set)
+
+
+def processes_of(sharding: jax.sharding.Sharding) -> frozenset[int]:
+  return frozenset(d.process_index for d in sharding.device_set)
+
+
+def put(value, sharding: jax.sharding.Sharding):
+  """`jax.device_put(value, sharding)` of host or local values that every process owning part
+  of `sharding` holds in full (the same numbers everywhere): each process places only the
+  shards of its own devices, so `sharding` may span processes."""
+  if sharding.is_fully_addressable:
+    return jax.device_put(value, sharding)
+  def place(leaf):
+    if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+      return leaf
+    leaf = np.asarray(leaf)
+    return jax.make_array_from_callback(leaf.shape, sharding, lambda index: leaf[index])
+  return jax.tree_util.tree_map(place, value)
+
+
+def fetch(tree):
+  """`jax.device_get(tree)` where every array is fully replicated over its devices (metrics,
+  stage parameters): each process reads its own copy, also of arrays that span processes."""
+  def get(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      if not leaf.sharding.is_fully_replicated:
+        raise DistributedError(f'fetch() of an array split across processes ({leaf.sharding}).')
+      return np.asarray(leaf.addressable_data(0))
+    return jax.device_get(leaf)
+  return jax.tree_util.tree_map(get, tree)
 
 
 def broadcast_values(values: Optional[dict[str, float]], keys: Sequence[str],

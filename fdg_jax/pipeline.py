@@ -24,6 +24,7 @@ import flax.linen as nn
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fdg_jax import distributed
@@ -165,10 +166,57 @@ def takes_train_argument(module: nn.Module) -> bool:
   return 'train' in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
-def as_sharding(placement) -> jax.sharding.Sharding:
-  if isinstance(placement, jax.sharding.Sharding):
-    return placement
-  return jax.sharding.SingleDeviceSharding(placement)
+DATA_AXIS = 'data'
+
+
+def stage_shardings(placement) -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
+  """(batch, state) shardings of a stage placed on `placement`.
+
+  `placement` is a `jax.Device`, a sequence of devices (a one-axis mesh named DATA_AXIS), or a
+  sharding: a `SingleDeviceSharding`, or a `NamedSharding` whose spec splits the leading (batch)
+  axis over mesh axes, like `PartitionSpec('data')`. Arrays with a batch axis (stage inputs,
+  outputs, cotangents, labels) take the batch sharding; the stage's parameters, optimizer state
+  and statistics are replicated on all its devices. A jitted function of a split batch then
+  computes what it computes on one device (BatchNorm normalises over the whole batch, the
+  gradients are summed over it): the stage is data parallel.
+  """
+  if isinstance(placement, jax.Device):
+    placement = jax.sharding.SingleDeviceSharding(placement)
+  elif not isinstance(placement, jax.sharding.Sharding):
+    devices = list(placement)
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+      raise ValueError(f'A stage placement must be a device, a list of devices or a sharding; '
+                       f'got {placement!r}.')
+    if len(devices) == 1:
+      placement = jax.sharding.SingleDeviceSharding(devices[0])
+    else:
+      mesh = jax.sharding.Mesh(np.array(devices), (DATA_AXIS,))
+      placement = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+  if isinstance(placement, jax.sharding.SingleDeviceSharding):
+    return placement, placement
+  if not isinstance(placement, jax.sharding.NamedSharding) or len(placement.spec) > 1:
+    raise ValueError(
+        f'A stage placement {placement} must split at most the batch axis: give a device, a list '
+        'of devices, or NamedSharding(mesh, PartitionSpec(axis)) with the batch axis on mesh '
+        'axis (or axes) `axis`.')
+  return placement, jax.sharding.NamedSharding(placement.mesh, jax.sharding.PartitionSpec())
+
+
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return sharding
+
+
+def _same_layout(a: jax.sharding.Sharding, b: jax.sharding.Sharding) -> bool:
+  """Whether shard i of an array on `a` is shard i on `b` (what JAX moves across processes)."""
+  if a.num_devices != b.num_devices:
+    return False
+  if a.num_devices == 1:
+    return True
+  return (isinstance(a, jax.sharding.NamedSharding) and isinstance(b, jax.sharding.NamedSharding)
+          and a.mesh.axis_names == b.mesh.axis_names and a.mesh.axis_sizes == b.mesh.axis_sizes
+          and a.spec == b.spec)
 
 
 class Pipeline:
@@ -193,7 +241,9 @@ class Pipeline:
       RESIDUAL_POLICIES: keep only what that `jax.checkpoint` policy saves and recompute the
       rest in the delayed backward from the saved input and old weights. The same gradient,
       less memory, more compute.
-    placements: one `jax.sharding.Sharding` or `jax.Device` per stage (default: device k).
+    placements: where each stage runs (default: device k): a `jax.Device`, a list of devices
+      or a sharding (see `stage_shardings`). A stage on several devices splits its batch over
+      them and keeps its state replicated (data parallelism inside the stage).
   """
 
   METHOD = 'fdg'
@@ -229,7 +279,8 @@ class Pipeline:
     self.beta = float(beta)
     self.stash = stash
     self.residual_policy = residual_policy
-    self.shardings = tuple(as_sharding(p) for p in placements)
+    # shardings[k]: of stage k's batch-shaped arrays; state_shardings[k]: of its state.
+    self.shardings, self.state_shardings = zip(*(stage_shardings(p) for p in placements))
     self.num_stages = len(stages)
     self.schedule = schedule_lib.Schedule(self.METHOD, self.num_stages)
     # A multi-process run: each process runs only the stages on its devices (section "the
@@ -376,7 +427,7 @@ class Pipeline:
     if sample_input is not None:
       self._batch_spec = jax.ShapeDtypeStruct(tuple(sample_input.shape), sample_input.dtype)
     stages = []
-    for k, (stage_variables, sharding) in enumerate(zip(variables, self.shardings)):
+    for k, (stage_variables, sharding) in enumerate(zip(variables, self.state_shardings)):
       if not self.is_local[k]:
         stages.append(None)
         continue
@@ -384,8 +435,10 @@ class Pipeline:
           apply_fn=self.modules[k].apply, params=stage_variables['params'], tx=self.optimizer,
           batch_stats=stage_variables.get('batch_stats', {}),
           dropout_key=jax.random.fold_in(dropout_key, k))
-      # A copy: the stage state is donated at every step, and the caller's arrays must survive.
-      stages.append(jax.device_put(state, sharding, may_alias=False))
+      # A copy: the stage state is donated at every step, and the caller's arrays must survive
+      # (a replicated device_put may alias them whatever may_alias says: copy through the host).
+      stages.append(jax.device_put(state, sharding, may_alias=False) if sharding.num_devices == 1
+                    else distributed.put(jax.device_get(state), sharding))
     none, empty = (None,) * self.num_stages, ((),) * self.num_stages
     return PipelineState(stages=tuple(stages), saved=empty, activations=none, cotangents=none,
                          labels=empty)
@@ -416,9 +469,9 @@ class Pipeline:
       self._batch_spec = spec
     activations = list(state.activations)
     if self.is_local[0]:
-      activations[0] = Activation(value=jax.device_put(images, self.shardings[0]), batch=batch)
+      activations[0] = Activation(value=distributed.put(images, self.shardings[0]), batch=batch)
     waiting = tuple(
-        queue + (Labels(value=jax.device_put(labels, self.shardings[k]), batch=batch),)
+        queue + (Labels(value=distributed.put(labels, self.shardings[k]), batch=batch),)
         if self.is_local[k] and self.schedule.needs_labels(k) else queue
         for k, queue in enumerate(state.labels))
     return state.replace(activations=tuple(activations), labels=waiting)
@@ -533,21 +586,46 @@ class Pipeline:
            target: jax.sharding.Sharding, spec: Optional[jax.ShapeDtypeStruct]
            ) -> Optional[jax.Array]:
     """An array from `source`'s devices to `target`'s: returns it on `target`, or None where
-    this process does not own `target`.
+    this process owns no device of `target`. Every process calls it at the same point of the
+    schedule; `value` is None where this process owns no device of `source`, and `spec` (the
+    array's shape and dtype) is needed there.
 
-    Within a process this is a `jax.device_put`. Across processes it is JAX's cross-process
-    transfer, which every process makes at the same point of the schedule (JAX numbers the
-    transfers by counting them in every process): the sender with the array, the others with a
-    stand-in of the array's shape and dtype (`spec`) placed on `source`, holding no data.
+    Within one process, or between shardings of the same devices, this is a `jax.device_put`
+    by the processes that own them. Across processes it is JAX's cross-process transfer, which
+    every process makes (JAX numbers the transfers by counting them in every process): the
+    owners of `source` with the array, the others with a stand-in of its shape and dtype that
+    holds no data. JAX moves arrays across processes only between equal layouts (shard i to
+    shard i); between different ones, each shard of `target` is sent from one source device.
     """
     target_local = bool(target.addressable_devices)
-    if ({d.process_index for d in source.device_set}
-        == {d.process_index for d in target.device_set}):   # within one process
-      return jax.device_put(value, target) if target_local else None
-    if not source.addressable_devices:
+    source_processes = distributed.processes_of(source)
+    if source.device_set == target.device_set or (
+        len(source_processes) == 1 and source_processes == distributed.processes_of(target)):
+      return jax.device_put(value, target) if target_local else None   # no process boundary
+    if value is None:
       value = jax.make_array_from_single_device_arrays(spec.shape, source, [], dtype=spec.dtype)
-    moved = jax.device_put(value, target)
-    return moved if target_local else None
+    if _same_layout(source, target):
+      moved = jax.device_put(value, target)
+      return moved if target_local else None
+    shape, dtype = value.shape, value.dtype
+    first = next(iter(source.devices_indices_map(shape)))   # the source device that sends
+    whole = None
+    if first.process_index == jax.process_index():
+      whole = next(shard.data for shard in jax.device_put(value, _replicated(source)
+                                                          ).addressable_shards
+                   if shard.device == first)
+    elif source.addressable_devices:   # the other owners of `source` take part in replicating
+      jax.device_put(value, _replicated(source))
+    pieces = []
+    for device, index in target.devices_indices_map(shape).items():
+      piece_shape = tuple(len(range(*i.indices(n))) for i, n in zip(index, shape))
+      piece = Pipeline.move(
+          None if whole is None else whole[index], jax.sharding.SingleDeviceSharding(first),
+          jax.sharding.SingleDeviceSharding(device), jax.ShapeDtypeStruct(piece_shape, dtype))
+      if piece is not None:
+        pieces.append(piece)
+    return (jax.make_array_from_single_device_arrays(shape, target, pieces) if target_local
+            else None)
 
   def io_specs(self, batch_spec: jax.ShapeDtypeStruct) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Shape and dtype of each stage's input for a batch like `batch_spec`, then the logits'."""
@@ -596,7 +674,8 @@ class Pipeline:
       leaves, structure = jax.tree_util.tree_flatten(specs)
       values = (jax.tree_util.tree_leaves(variables) if variables is not None
                 else [None] * len(leaves))
-      moved = [self.move(v, self.shardings[k], target, spec) for v, spec in zip(values, leaves)]
+      moved = [self.move(v, self.state_shardings[k], target, spec)
+               for v, spec in zip(values, leaves)]
       gathered.append(jax.tree_util.tree_unflatten(structure, moved))
     return jax.device_get(gathered) if jax.process_index() == process else None
 
@@ -613,7 +692,7 @@ class Pipeline:
     last stage, None elsewhere.
     """
     specs = self.io_specs(jax.ShapeDtypeStruct(tuple(images.shape), images.dtype))
-    y = jax.device_put(images, self.shardings[0]) if self.is_local[0] else None
+    y = distributed.put(images, self.shardings[0]) if self.is_local[0] else None
     for k, variables in enumerate(self.stage_variables(state)):
       if k > 0:
         y = self.move(y, self.shardings[k - 1], self.shardings[k], specs[k])
@@ -634,14 +713,14 @@ class Pipeline:
       count += 1
       if logits is None:   # another process computes the loss
         continue
-      labels = jax.device_put(labels, self.shardings[-1])
-      mask = jax.device_put(mask[0], self.shardings[-1]) if mask else None
+      labels = distributed.put(labels, self.shardings[-1])
+      mask = distributed.put(mask[0], self.shardings[-1]) if mask else None
       update = EvalMetrics.single_from_model_output(
           loss=self.loss_fn(logits, labels), logits=logits, labels=labels, mask=mask)
       total = update if total is None else total.merge(update)
     if not count:
       raise ValueError('evaluate() got no batches.')
-    result = (None if total is None else
-              {name: float(value) for name, value in total.compute().items()})
+    result = (None if total is None else {
+        name: float(value) for name, value in distributed.fetch(total).compute().items()})
     return distributed.broadcast_values(result, ('loss', 'accuracy'),
                                         distributed.process_of(self.shardings[-1]))
