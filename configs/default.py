@@ -31,8 +31,13 @@ def get_config():
   # backward measured at start on this device type; the stage table shows both shares).
   config.split_by = 'flops'
   # Global device index of each stage, e.g. (0, 1); one index puts every stage there, e.g. (0,)
-  # to simulate any K on one device; () = stage k on device k.
+  # to simulate any K on one device; () = stage k on device k. With data_parallel D, the
+  # index of each stage's first device: stage k uses it and the next D - 1 devices.
   config.stage_devices = ()
+  # D, devices per stage: each stage splits its batch over D devices and keeps its state on all
+  # of them (K x D devices in all; BatchNorm still normalises over the whole batch, so the
+  # numbers are those of D = 1 up to float rounding). 'bp' with D > 1 is data-parallel BP.
+  config.data_parallel = 1
   # Gradient-shrinking factor in (0, 1]; each non-last stage scales its incoming cotangent.
   # The paper tunes it per row (Fig. 4a sweeps it on ResNet-20, K = 2); the row configs set the
   # paper's best beta (experiments/paper.py holds the paper's numbers and their source).

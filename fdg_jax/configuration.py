@@ -34,14 +34,14 @@ def num_stages_of(config) -> int:
   return 1 if config.method == 'bp' else config.num_stages
 
 
-def stage_device_indices(config) -> tuple[int, ...]:
-  """Global device index of each stage: config.stage_devices, one entry for all stages, or k."""
-  num_stages = num_stages_of(config)
-  if not config.stage_devices:
-    return tuple(range(num_stages))
-  if len(config.stage_devices) == 1:
-    return tuple(config.stage_devices) * num_stages
-  return tuple(config.stage_devices)
+def stage_device_indices(config) -> tuple[tuple[int, ...], ...]:
+  """Global device indices of each stage: D = config.data_parallel consecutive devices from
+  config.stage_devices[k] (one entry: the same for all stages), or from k * D."""
+  num_stages, width = num_stages_of(config), config.data_parallel
+  firsts = (tuple(range(0, num_stages * width, width)) if not config.stage_devices else
+            tuple(config.stage_devices) * num_stages if len(config.stage_devices) == 1 else
+            tuple(config.stage_devices))
+  return tuple(tuple(range(first, first + width)) for first in firsts)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -109,23 +109,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       partition.stage_ranges(config.split, num_blocks)
     except ValueError as e:
       fail('split', str(e), 'Fix the block indices.')
-  num_devices = len(jax.devices())
+  num_devices, width = len(jax.devices()), config.data_parallel
+  if width < 1:
+    fail('data_parallel', f'{width} devices per stage', 'Use 1 or more.')
+  for field in ('batch_size', 'eval_batch_size'):
+    if config[field] % width:
+      fail(field, f'{config[field]} does not split over data_parallel={width} devices',
+           f'Use a multiple of {width}.')
   if config.stage_devices:
     if len(config.stage_devices) not in (1, num_stages):
       fail('stage_devices', f'{len(config.stage_devices)} entries for {num_stages} stages',
            'Give one device index per stage, or one index for all stages.')
-    bad = [d for d in config.stage_devices if not 0 <= d < num_devices]
+    bad = sorted({d for stage in stage_device_indices(config) for d in stage
+                  if not 0 <= d < num_devices})
     if bad:
-      fail('stage_devices', f'device indices {bad} do not exist ({num_devices} devices)',
-           f'Use indices in 0..{num_devices - 1}.')
-  elif num_stages > num_devices:
-    fail('num_stages', f'{num_stages} stages but JAX sees {num_devices} device(s)',
-         'Use fewer stages, put every stage on one device with --config.stage_devices=(0,) '
-         'to simulate, or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count'
-         f'={num_stages} before starting.')
+      fail('stage_devices', f'device indices {bad} do not exist ({num_devices} devices, '
+           f'{width} per stage from each index)', f'Use indices in 0..{num_devices - width}.')
+  elif num_stages * width > num_devices:
+    fail('num_stages' if width == 1 else 'data_parallel',
+         f'{num_stages} stage(s) x {width} device(s) need {num_stages * width} devices but JAX '
+         f'sees {num_devices}',
+         'Use fewer stages or devices per stage, put every stage on the same devices with '
+         '--config.stage_devices=(0,) to simulate, or on CPU set XLA_FLAGS='
+         f'--xla_force_host_platform_device_count={num_stages * width} before starting.')
   num_processes = jax.process_count()
   if num_processes > 1:
-    owners = {jax.devices()[i].process_index for i in stage_device_indices(config)}
+    owners = {jax.devices()[i].process_index
+              for stage in stage_device_indices(config) for i in stage}
     idle = sorted(set(range(num_processes)) - owners)
     if idle:
       fail('stage_devices', f'process(es) {idle} of {num_processes} own no stage (stages on '

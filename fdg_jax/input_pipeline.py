@@ -14,6 +14,8 @@ import threading
 import jax
 import numpy as np
 
+from fdg_jax import distributed
+
 # Re-exported: the trainer, the CLI and users import these from input_pipeline.
 from fdg_jax.datasets import (  # pylint: disable=unused-import
     DataError, Dataset, describe, load_dataset)
@@ -142,11 +144,12 @@ _END = object()
 
 
 def _place(batch, sharding):
-  """`jax.device_put(batch, sharding)`; with a tuple of shardings, a None entry leaves that
-  element of the batch where it is (on the host, or a shape for another process's stage)."""
+  """`jax.device_put(batch, sharding)` (`distributed.put`: `sharding` may span processes);
+  with a tuple of shardings, a None entry leaves that element of the batch where it is (on the
+  host, or a shape for another process's stage)."""
   if isinstance(sharding, tuple):
-    return tuple(x if s is None else jax.device_put(x, s) for x, s in zip(batch, sharding))
-  return jax.device_put(batch, sharding)
+    return tuple(x if s is None else distributed.put(x, s) for x, s in zip(batch, sharding))
+  return distributed.put(batch, sharding)
 
 
 def prefetch_to_device(iterator, size: int, sharding):

@@ -168,15 +168,16 @@ def stage_table(split: Sequence[int], block_names: Sequence[str], stage_params: 
                 flops: Sequence[float], devices: Sequence[Any],
                 times: Sequence[float] | None = None) -> str:
   """The table printed at start: stage, blocks, parameters, share of FLOPs (and of measured
-  time, when `times` are given), device."""
+  time, when `times` are given), devices."""
   ranges = stage_ranges(split, len(block_names))
   share = lambda values, start, stop: f'{sum(values[start:stop]) / (sum(values) or 1.0):.1%}'
   rows = [('stage', 'blocks', 'params', 'FLOPs share') + (('time share',) if times else ())
-          + ('device',)]
+          + ('devices',)]
   for k, ((start, stop), params, device) in enumerate(zip(ranges, stage_params, devices)):
     blocks = f'{start}-{stop - 1} ({block_names[start]} .. {block_names[stop - 1]})'
+    device = ', '.join(map(str, device)) if isinstance(device, (list, tuple)) else str(device)
     rows.append((str(k), blocks, f'{params:,}', share(flops, start, stop))
-                + ((share(times, start, stop),) if times else ()) + (str(device),))
+                + ((share(times, start, stop),) if times else ()) + (device,))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = ['  '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
   lines.insert(1, '  '.join('-' * w for w in widths))

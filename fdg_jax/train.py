@@ -106,7 +106,7 @@ def build(config, num_classes: int, rng: jax.Array, check_images: Optional[np.nd
   stages = partition.build_stages(blocks, split)
   stage_variables = partition.split_variables(full_variables, split, len(blocks))
   devices = jax.devices()
-  placements = [devices[i] for i in stage_device_indices(config)]
+  placements = [[devices[i] for i in stage] for stage in stage_device_indices(config)]
   table = partition.stage_table(
       split, names, [partition.count_params(v['params']) for v in stage_variables], flops,
       placements, times)
@@ -124,7 +124,7 @@ class Setup:
   pipe: pipeline.Pipeline
   state: pipeline.PipelineState
   split: tuple[int, ...]
-  placements: list[jax.Device]
+  placements: list[list[jax.Device]]   # each stage's devices
   learning_rate: optax.Schedule
 
 
@@ -182,7 +182,7 @@ def log_train(writer, clock: _Clock, step: int, num_steps: int, steps_per_epoch:
   if not trained:
     return None
   values = None if metrics is None else {
-      f'train_{k}': float(v) for k, v in metrics.compute().items()}
+      f'train_{k}': float(v) for k, v in distributed.fetch(metrics).compute().items()}
   values = distributed.broadcast_values(values, ('train_accuracy', 'train_loss'), loss_process)
   now = time.time()
   seconds_per_step = (now - clock.time) / max(step - clock.step, 1)
@@ -392,7 +392,7 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
 
 def make_summary(config, dataset: input_pipeline.Dataset, pipe: pipeline.Pipeline,
                  state: pipeline.PipelineState, split: Sequence[int],
-                 placements: Sequence[jax.Device], result: dict, *, num_steps: int,
+                 placements: Sequence[Sequence[jax.Device]], result: dict, *, num_steps: int,
                  steps_per_epoch: int, start_step: int, train_time: float,
                  resumed_train_time: float, history: list) -> dict[str, Any]:
   """The run's summary.json: what ran, on what, its result, and a digest of its parameters
@@ -425,7 +425,8 @@ def make_summary(config, dataset: input_pipeline.Dataset, pipe: pipeline.Pipelin
       'trainable_params': sum(partition.count_params(v['params']) for v in final_variables),
       'extra_params': extra_params,
       'stage_split': list(split),
-      'devices': [str(d) for d in placements],
+      'devices': [str(d) for stage in placements for d in stage],
+      'data_parallel': config.data_parallel,
       'num_processes': jax.process_count(),
       'jax_version': jax.__version__,
       'params_digest': params_digest(

@@ -35,7 +35,7 @@ RESUMABLE_FIELDS = frozenset({
 
 # Fields added after runs could be checkpointed, with the value that computes what such a run
 # did: a saved config without one of them resumes as if it held that value.
-ADDED_FIELDS = {'residual_policy': '', 'split_by': 'flops'}
+ADDED_FIELDS = {'residual_policy': '', 'split_by': 'flops', 'data_parallel': 1}
 
 
 class DivergenceError(FloatingPointError):
@@ -144,7 +144,7 @@ def check_finite(state: pipeline.PipelineState, step: int, loss: Optional[float]
   process of a multi-process run checks its own stages and all raise the same error). The
   `checkpoint.Checkpointer` is asked for its latest step only when there is an error to
   report: in a multi-process run that is a collective."""
-  finite = jax.device_get([
+  finite = distributed.fetch([
       True if stage is None else
       jax.tree_util.tree_reduce(jnp.logical_and, jax.tree_util.tree_map(
           lambda x: jnp.isfinite(x).all(), stage.params)) for stage in state.stages])

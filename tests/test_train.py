@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from configs import cifar10_resnet20
 from configs import cpu_quick
 from configs import default as default_config
 from fdg_jax import configuration
@@ -129,6 +130,32 @@ def test_cli_fdg_two_simulated_devices(tmp_path):
   assert 'CheckpointManager' in log and 'step 8/8' in log
 
 
+def test_cli_stages_on_two_devices_each_compute_what_one_device_computes(tmp_path):
+  """K = 2 x D = 2 on 4 simulated devices from the CLI: the same test loss (float tolerance)
+  as K = 2 on one device each, in this process; the summary lists the four devices."""
+  data = write_image_folder(tmp_path / 'data')
+  flags = dict(dataset='imagefolder', data_dir=data, num_stages=2, num_train_steps=6,
+               batch_size=8, image_size=16, log_every_steps=3, eval_batch_size=16)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             FDG_JAX_CACHE=str(tmp_path / 'cache'))
+  result = subprocess.run(
+      [sys.executable, '-m', 'fdg_jax.main', '--config=configs/cifar10_resnet20.py',
+       f'--workdir={tmp_path / "spread"}', '--config.data_parallel=2',
+       *(f'--config.{k}={v}' for k, v in flags.items())],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'cpu:0, cpu:1' in result.stdout and 'cpu:2, cpu:3' in result.stdout   # stage table
+  with open(tmp_path / 'spread' / 'summary.json') as f:
+    spread = json.load(f)
+  config = cifar10_resnet20.get_config()
+  config.update(cache_dir=str(tmp_path / 'cache'), **flags)
+  single = train.train_and_evaluate(config, str(tmp_path / 'single'))
+  assert spread['data_parallel'] == 2 and single['data_parallel'] == 1
+  assert len(set(spread['devices'])) == 4 and len(set(single['devices'])) == 2
+  assert spread['test_loss'] == pytest.approx(single['test_loss'], rel=1e-4)
+  assert spread['test_accuracy'] == single['test_accuracy']
+
+
 def test_cli_bad_config_is_one_clear_line(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'fdg_jax.main', '--config=configs/cpu_quick.py',
@@ -160,6 +187,11 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
     (dict(stage_devices=(0, 8)), 'config.stage_devices'),
     (dict(num_train_steps=0), 'config.num_train_steps'),
     (dict(split_by='memory'), 'config.split_by'),
+    (dict(data_parallel=0), 'config.data_parallel'),
+    (dict(data_parallel=3), 'config.batch_size'),                  # 8 does not split over 3
+    (dict(data_parallel=2, eval_batch_size=15), 'config.eval_batch_size'),
+    (dict(data_parallel=8), 'config.data_parallel'),               # 2 x 8 > 8 devices
+    (dict(data_parallel=4, stage_devices=(0, 6)), 'config.stage_devices'),   # 6..9
 ])
 def test_bad_config_fails_before_any_compute(overrides, field, tmp_path, monkeypatch):
   def must_not_load(*args, **kwargs):
@@ -237,7 +269,7 @@ def test_quick_config_runs_every_method_and_k_on_one_device(method, num_stages):
   config.update(method=method, num_stages=num_stages)
   configuration.validate_config(config)
   stages = 1 if method == 'bp' else num_stages
-  assert configuration.stage_device_indices(config) == (0,) * stages
+  assert configuration.stage_device_indices(config) == ((0,),) * stages
 
 
 def test_quick_config_trains_with_bp(tmp_path):
