@@ -170,6 +170,7 @@ class _ProcessFiles:
   """
 
   SUFFIX = '.msgpack'
+  SPANNING = 'spanning_array_shape'   # marks this process's shards of an array across processes
 
   def __init__(self, directory: str, max_to_keep: int):
     self.directory = directory
@@ -185,17 +186,15 @@ class _ProcessFiles:
     return os.path.join(self.directory, f'{step}{self.SUFFIX}')
 
   def save(self, step: int, arrays: dict, metadata: dict) -> None:
-    local, spanning = {}, {}
-    for keys, array in flax.traverse_util.flatten_dict(arrays, sep='/').items():
+    def to_host(array):
       if array.is_fully_addressable:
-        local[keys] = jax.device_get(array)
-      else:
-        spanning[keys] = {'shape': np.asarray(array.shape, np.int64), 'shards': {
-            _index_key(shard.index, array.shape): np.asarray(shard.data)
-            for shard in array.addressable_shards}}
+        return jax.device_get(array)
+      return {self.SPANNING: np.asarray(array.shape, np.int64), 'shards': {
+          _index_key(shard.index, array.shape): np.asarray(shard.data)
+          for shard in array.addressable_shards}}
     os.makedirs(self.directory, exist_ok=True)
     data = flax.serialization.msgpack_serialize(
-        {'local': local, 'spanning': spanning, 'meta': json.dumps(metadata)})
+        {'arrays': jax.tree_util.tree_map(to_host, arrays), 'meta': json.dumps(metadata)})
     with open(self.path(step) + '.tmp', 'wb') as f:
       f.write(data)
       f.flush()
@@ -209,19 +208,20 @@ class _ProcessFiles:
     with open(self.path(step), 'rb') as f:
       data = flax.serialization.msgpack_restore(f.read())
     metadata = json.loads(data['meta'])
-    if 'local' not in data:   # written before stages could span processes
-      data['local'], data['spanning'] = flax.traverse_util.flatten_dict(
-          data['arrays'], sep='/'), {}
-    placed = {}
-    for keys, array in data['local'].items():
-      placed[keys] = jax.device_put(array, sharding_for(metadata)(tuple(keys.split('/'))))
-    for keys, saved in data['spanning'].items():
-      shape = tuple(int(n) for n in saved['shape'])
-      sharding = sharding_for(metadata)(tuple(keys.split('/')))
-      placed[keys] = jax.make_array_from_single_device_arrays(shape, sharding, [
-          jax.device_put(saved['shards'][_index_key(index, shape)], device)
-          for device, index in sharding.addressable_devices_indices_map(shape).items()])
-    return flax.traverse_util.unflatten_dict(placed, sep='/'), metadata
+    sharding_of = sharding_for(metadata)
+
+    def place(node, keys):
+      if isinstance(node, dict) and self.SPANNING in node:
+        shape = tuple(int(n) for n in node[self.SPANNING])
+        sharding = sharding_of(keys)
+        return jax.make_array_from_single_device_arrays(shape, sharding, [
+            jax.device_put(node['shards'][_index_key(index, shape)], device)
+            for device, index in sharding.addressable_devices_indices_map(shape).items()])
+      if isinstance(node, dict):
+        return {key: place(value, keys + (key,)) for key, value in node.items()}
+      return jax.device_put(node, sharding_of(keys))
+
+    return place(data['arrays'], ()), metadata
 
 
 class Checkpointer:

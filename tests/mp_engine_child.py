@@ -41,6 +41,14 @@ def run(method, num_stages, stash, placements):
   return gathered, logits
 
 
+def placements_of(layout, num_stages):
+  if layout == 'process0':
+    return [jax.devices()[0]] * num_stages
+  if layout.startswith('on'):
+    return [[jax.devices()[int(i)] for i in group] for group in layout[2:].split('-')]
+  return jax.devices()[:num_stages]
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--coordinator_address')
@@ -48,22 +56,23 @@ def main():
   parser.add_argument('--process_id', type=int)
   parser.add_argument('--num_stages', type=int)
   parser.add_argument('--out_dir')
-  # METHOD:STASH[:process0] runs, one after the other in the same processes; 'process0' puts
-  # every stage on process 0's device instead of stage k on process k.
+  # METHOD:STASH[:LAYOUT] runs, one after the other in the same processes. Without a layout,
+  # stage k is on process k; 'process0' puts every stage on process 0's device; 'onA-B-..'
+  # puts stage k on the devices whose indices are the digits of its group, e.g. 'on01-2':
+  # stage 0 split over devices 0 and 1 (processes 0 and 1), stage 1 on device 2.
   parser.add_argument('--runs')
   args = parser.parse_args()
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   for name in args.runs.split(','):
     method, stash, *placement = name.split(':')
-    placements = ([jax.devices()[0]] * args.num_stages if placement == ['process0']
-                  else jax.devices()[:args.num_stages])
-    gathered, logits = run(method, args.num_stages, stash, placements)
+    placements = placements_of(placement[0] if placement else '', args.num_stages)
+    gathered, logits = run(method, len(placements), stash, placements)
     out = os.path.join(args.out_dir, name.replace(':', '-'))
     if jax.process_index() == 0:
       leaves = {jax.tree_util.keystr(path): leaf
                 for path, leaf in jax.tree_util.tree_flatten_with_path(gathered)[0]}
       np.savez(out + '.npz', **leaves)
-    if logits is not None:   # the last stage's process: the composed model's logits
+    if logits is not None and logits.is_fully_addressable:   # the last stage's process
       np.save(out + '-logits.npy', np.asarray(logits))
   print(f'process {jax.process_index()} done', flush=True)
 
