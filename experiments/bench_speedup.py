@@ -6,6 +6,9 @@ work in parallel on a CPU. Each configuration runs in a fresh set of processes, 
 
   bp_1core   BP, one process pinned to one core;
   bp_2core   BP, one process on every core the benchmark may use;
+  bp_dp      data-parallel BP: two processes pinned to one core each, each with half of the
+             batch, the gradients (and BatchNorm statistics) reduced across them by XLA's
+             collectives (one stage on a mesh of both processes' devices, config.data_parallel);
   fdg        FDG with K = 2 (FLOP-balanced split), two processes pinned to one core each
              (`fdg_jax.launch`, stages exchanging activations and cotangents by cross-process
              device_put);
@@ -17,8 +20,7 @@ work in parallel on a CPU. Each configuration runs in a fresh set of processes, 
 For the FDG configurations also: `exchange_ms`, one activation forward and one array of its
 shape back between the two processes alone (round trip, median), and each stage's compute alone
 (`stage_compute_ms`: its blocks' forward and backward, `partition.block_times`) with its share
-of the iteration (`busy_share`). Not measured here: data-parallel BP in two processes (a stage
-on a mesh that spans processes, the data-parallel issue). Each process times its own
+of the iteration (`busy_share`). Each process times its own
 loop of `--iters` iterations after `--warmup` (compilation and the pipeline's fill), with random
 data; the slowest process's time is the configuration's. The last stdout line is JSON.
 
@@ -56,12 +58,13 @@ flags.DEFINE_string('output', '', 'JSON file for the result (default: experiment
 # Set by the benchmark itself for its worker processes.
 flags.DEFINE_string('method', None, 'Worker: bp or fdg.')
 flags.DEFINE_string('split_by', 'flops', 'Worker: config.split_by.')
+flags.DEFINE_integer('data_parallel', 1, 'Worker: config.data_parallel.')
 flags.DEFINE_string('coordinator_address', None, 'Worker: set by fdg_jax.launch.')
 flags.DEFINE_integer('num_processes', None, 'Worker: set by fdg_jax.launch.')
 flags.DEFINE_integer('process_id', None, 'Worker: set by fdg_jax.launch.')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ('bp_1core', 'bp_2core', 'fdg', 'fdg_time', 'bp_pair')
+CONFIGS = ('bp_1core', 'bp_2core', 'bp_dp', 'fdg', 'fdg_time', 'bp_pair')
 
 
 def worker() -> None:
@@ -70,6 +73,7 @@ def worker() -> None:
   num_stages = 2 if FLAGS.method == 'fdg' else 1
   config = common.make_config(FLAGS.model, FLAGS.method, num_stages, FLAGS.batch_size, 32)
   config.split_by = FLAGS.split_by
+  config.data_parallel = FLAGS.data_parallel
   run_setup = train.setup(config, common.NUM_CLASSES, common.STEPS_PER_EPOCH)
   pipe, state = run_setup.pipe, run_setup.state
   rng = np.random.default_rng(0)
@@ -140,6 +144,9 @@ def measure(name: str, cores: list[int]) -> list[dict]:
     commands = [[sys.executable, '-m', 'fdg_jax.launch', '--num_processes=2', '--module',
                  'experiments.bench_speedup', '--', '--method=fdg', f'--split_by={split_by}',
                  *worker_flags]]
+  elif name == 'bp_dp':
+    commands = [[sys.executable, '-m', 'fdg_jax.launch', '--num_processes=2', '--module',
+                 'experiments.bench_speedup', '--', '--data_parallel=2', *bp[1:]]]
   elif name == 'bp_2core':
     commands = [distributed.module_command(bp[0], bp[1:], cores)]
   elif name == 'bp_1core':
@@ -192,6 +199,7 @@ def main(argv):
       'best_split': best,
       'fdg_over_bp_1core': median['bp_1core'] / median[best],
       'fdg_over_bp_2core': median['bp_2core'] / median[best],
+      'fdg_over_dp': median['bp_dp'] / median[best],
       'fdg_over_capacity': median['bp_1core'] / median[best] / capacity,
       'exchange_ms': {name: statistics.median(r['exchange_ms'] for r in runs)
                       for name, runs in details.items()},

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from fdg_jax import baselines
+from fdg_jax import checkpoint
 from fdg_jax import distributed
 from fdg_jax import pipeline
 from tiny import NUM_CLASSES, initial_variables, make_optimizer, tiny_batches
@@ -28,12 +29,19 @@ def make_pipeline(method, num_stages, stash, placements):
   return pipe, variables
 
 
-def run(method, num_stages, stash, placements):
-  """Every stage's final variables (numpy, on process 0; None on the others)."""
+def run(method, num_stages, stash, placements, checkpoint_dir=None):
+  """Every stage's final variables (numpy, on process 0; None on the others). With
+  `checkpoint_dir`, the pipeline is checkpointed half-way, rebuilt and restored, and goes on."""
   pipe, variables = make_pipeline(method, num_stages, stash, placements)
   batches = tiny_batches(NUM_BATCHES)
   state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
-  for images, labels in batches:
+  for t, (images, labels) in enumerate(batches):
+    if checkpoint_dir and t == NUM_BATCHES // 2:
+      checkpoint.Checkpointer(checkpoint_dir).save(t, state)
+      del state
+      pipe, variables = make_pipeline(method, num_stages, stash, placements)
+      fresh = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+      state, _ = checkpoint.Checkpointer(checkpoint_dir).restore(pipe, fresh)
     state, _ = pipe.step(state, images, labels)
   state, _ = pipe.drain(state)
   logits = pipe.predict(state, batches[0][0])
@@ -59,15 +67,17 @@ def main():
   # METHOD:STASH[:LAYOUT] runs, one after the other in the same processes. Without a layout,
   # stage k is on process k; 'process0' puts every stage on process 0's device; 'onA-B-..'
   # puts stage k on the devices whose indices are the digits of its group, e.g. 'on01-2':
-  # stage 0 split over devices 0 and 1 (processes 0 and 1), stage 1 on device 2.
+  # stage 0 split over devices 0 and 1 (processes 0 and 1), stage 1 on device 2. A fourth
+  # part, 'resume', checkpoints the run half-way and restores it into a new pipeline.
   parser.add_argument('--runs')
   args = parser.parse_args()
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   for name in args.runs.split(','):
     method, stash, *placement = name.split(':')
     placements = placements_of(placement[0] if placement else '', args.num_stages)
-    gathered, logits = run(method, len(placements), stash, placements)
     out = os.path.join(args.out_dir, name.replace(':', '-'))
+    gathered, logits = run(method, len(placements), stash, placements,
+                           checkpoint_dir=out + '-checkpoints' if 'resume' in placement else None)
     if jax.process_index() == 0:
       leaves = {jax.tree_util.keystr(path): leaf
                 for path, leaf in jax.tree_util.tree_flatten_with_path(gathered)[0]}
