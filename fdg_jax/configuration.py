@@ -130,8 +130,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f'{num_stages} stage(s) x {width} device(s) need {num_stages * width} devices but JAX '
          f'sees {num_devices}',
          'Use fewer stages or devices per stage, put every stage on the same devices with '
-         '--config.stage_devices=(0,) to simulate, or on CPU set XLA_FLAGS='
-         f'--xla_force_host_platform_device_count={num_stages * width} before starting.')
+         '--config.stage_devices=(0,) to simulate, ' + (
+             f'or start {num_stages * width} processes of one device each.'
+             if jax.process_count() > 1 else
+             'or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count='
+             f'{num_stages * width} before starting.'))
   num_processes = jax.process_count()
   if num_processes > 1:
     owners = {jax.devices()[i].process_index
@@ -142,9 +145,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f'devices {list(stage_device_indices(config))})',
            f'Start as many processes as stages ({num_stages}), or place a stage on every '
            "process's devices with --config.stage_devices.")
-    if config.timeline_start_step:
-      fail('timeline_start_step', 'the timeline records one process',
-           'Record it in a single-process run (e.g. with simulated devices), or set it to 0.')
 
 
 # ---------------------------------------------------------------- the fields' documentation

@@ -10,6 +10,7 @@ Preemption: a SIGTERM to any process reaches every process through JAX's preempt
 and all stop at the same iteration (`reached_preemption_sync_point`).
 """
 
+import json
 import os
 import socket
 import sys
@@ -156,6 +157,19 @@ def broadcast_values(values: Optional[dict[str, float]], keys: Sequence[str],
                      np.float64 if jax.config.jax_enable_x64 else np.float32)
   shared = multihost_utils.broadcast_one_to_all(array, is_source=is_source)
   return {k: float(v) for k, v in zip(keys, np.asarray(shared))}
+
+
+def all_processes_json(value) -> list:
+  """Each process's JSON-able `value`, as a list indexed by process, on every process (a few
+  host values, e.g. timeline events; all must call it)."""
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = all_processes([len(data)])[:, 0]
+  padded = np.zeros(int(lengths.max()), np.int32)
+  padded[:len(data)] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:n].astype(np.uint8))) for row, n in zip(rows, lengths)]
 
 
 def all_processes(values: Sequence[int]) -> np.ndarray:

@@ -37,10 +37,12 @@ import glob
 import gzip
 import json
 import os
+import time
 from typing import Any, Iterable, Optional, Sequence
 
 import jax
 
+from fdg_jax import distributed
 from fdg_jax import pipeline as pipeline_lib
 from fdg_jax import schedule as schedule_lib
 
@@ -106,6 +108,9 @@ class TimelineRecorder:
                profiler_options: Optional[jax.profiler.ProfileOptions] = None):
     self.pipe = pipe
     self.out_dir = out_dir
+    if pipe.num_processes > 1:   # each process profiles its own devices, into its own folder
+      self.out_dir = os.path.join(out_dir, f'process_{jax.process_index()}')
+    self._clock_start = 0.0
     if profiler_options is None:
       profiler_options = jax.profiler.ProfileOptions()
       profiler_options.python_tracer_level = 0
@@ -117,14 +122,50 @@ class TimelineRecorder:
     jax.block_until_ready(state)
     self._before = set(glob.glob(os.path.join(self.out_dir, 'plugins', 'profile', '*')))
     self._calls = []
+    if self.pipe.num_processes > 1:
+      distributed.all_processes([0])   # every process starts tracing at once
+    self._clock_start = time.time()    # the trace's time 0, on this host's clock
     jax.profiler.start_trace(self.out_dir, create_perfetto_trace=True,
                              profiler_options=self.profiler_options)
 
   def add(self, info: pipeline_lib.StepInfo) -> None:
-    self._calls.extend(_calls_of(info, self.pipe.num_stages))
+    self._calls.extend(call for call in _calls_of(info, self.pipe.num_stages)
+                       if self.pipe.is_local[call.stage])
 
   def stop(self, state: pipeline_lib.PipelineState) -> list[StageEvent]:
-    """Waits for the recorded work (inside the trace), stops it, returns one event per call."""
+    """Waits for the recorded work (inside the trace), stops it, returns one event per call.
+
+    In a multi-process run every process must call it: each reads its own trace, and every
+    process gets the events of all, on one clock (each host's wall clock at the moment all
+    started tracing together, so a few ms apart at most on one host).
+    """
+    if self.pipe.num_processes == 1:
+      return self._local_events(state)
+    try:
+      local, error = self._local_events(state), None
+    except Exception as e:  # pylint: disable=broad-except  (every process must reach the gather)
+      local, error = [], f'{type(e).__name__}: {e}'
+    shared = distributed.all_processes_json(
+        {'clock_start': self._clock_start, 'error': error,
+         'events': [dataclasses.asdict(e) for e in local]})
+    errors = [f'process {i}: {s["error"]}' for i, s in enumerate(shared) if s['error']]
+    if errors:
+      raise RuntimeError('; '.join(errors))
+    # On the earliest process's clock, from the first call's device work; the host dispatches
+    # (one row per host) are left out.
+    first = min(s['clock_start'] for s in shared)
+    events = [StageEvent(**{**e, 'devices': tuple(e['devices']), 'dispatch_start_ms': None,
+                            'dispatch_end_ms': None},)
+              for s in shared for e in s['events']]
+    shifts = [1e3 * (s['clock_start'] - first) for s in shared for _ in s['events']]
+    origin = min((e.start_ms + shift for e, shift in zip(events, shifts)), default=0.0)
+    return sorted((dataclasses.replace(e, start_ms=e.start_ms + shift - origin,
+                                       end_ms=e.end_ms + shift - origin)
+                   for e, shift in zip(events, shifts)), key=lambda e: (e.start_ms, e.stage))
+
+  def _local_events(self, state: pipeline_lib.PipelineState) -> list[StageEvent]:
+    """This process's stage calls, in ms of its trace (from the first call's device work, or
+    in a multi-process run from the start of tracing)."""
     try:
       jax.block_until_ready(state)
     finally:
@@ -137,8 +178,9 @@ class TimelineRecorder:
           f'The profiler wrote no *.trace.json.gz under {self.out_dir}/plugins/profile.')
     with gzip.open(traces[0], 'rt') as f:
       trace = json.load(f)
-    devices = [_device_ids(s) for s in self.pipe.shardings]
-    return events_from_trace(trace, self._calls, devices, self.pipe.stage_function_names())
+    devices = [_device_ids(s) for s in self.pipe.shardings]   # the trace's device_ordinals
+    return events_from_trace(trace, self._calls, devices, self.pipe.stage_function_names(),
+                             origin_us=0.0 if self.pipe.num_processes > 1 else None)
 
 
 def record_timeline(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
@@ -179,10 +221,11 @@ def _outermost(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def events_from_trace(trace: dict, calls: Sequence[_Call],
                       stage_devices: Sequence[tuple[int, ...]],
-                      function_names: Iterable[str] = ('update_then_forward',)
-                      ) -> list[StageEvent]:
+                      function_names: Iterable[str] = ('update_then_forward',),
+                      origin_us: Optional[float] = None) -> list[StageEvent]:
   """Ties the trace's executions of the stage functions (jitted functions named one of
-  `function_names`) to the host's calls (see module doc)."""
+  `function_names`) to the host's calls (see module doc). Times are in ms from `origin_us` of
+  the trace's clock (default: the first matched device op)."""
   module_names = {f'jit_{name}' for name in function_names}
   dispatch_names = {f'PjitFunction({name})' for name in function_names}
   trace_events = trace['traceEvents'] if isinstance(trace, dict) else trace
@@ -243,7 +286,8 @@ def events_from_trace(trace: dict, calls: Sequence[_Call],
   host_spans = _outermost(host_spans)
   if len(host_spans) != len(calls):   # host events are optional; only use them if they fit
     host_spans = [None] * len(calls)
-  origin = min((s for s, _ in matched.values()), default=0.0)
+  origin = (min((s for s, _ in matched.values()), default=0.0) if origin_us is None
+            else origin_us)
   to_ms = lambda t: None if t is None else (t - origin) / 1e3
   events = []
   for index, call in enumerate(calls):

@@ -225,11 +225,12 @@ def draw_timeline(recorder: timeline.TimelineRecorder, state: pipeline.PipelineS
   warning, never the end of a run."""
   path = os.path.join(workdir, 'timeline.png')
   try:
-    events = recorder.stop(state)
-    timeline.draw_timeline(events, path, title=(
-        f'{config.model} {config.method} K={num_stages_of(config)}, batch {config.batch_size}, '
-        f'steps {config.timeline_start_step}..'
-        f'{config.timeline_start_step + config.timeline_num_steps - 1}'))
+    events = recorder.stop(state)   # every process's stage calls (all processes call it)
+    if jax.process_index() == 0:
+      timeline.draw_timeline(events, path, title=(
+          f'{config.model} {config.method} K={num_stages_of(config)}, batch '
+          f'{config.batch_size}, steps {config.timeline_start_step}..'
+          f'{config.timeline_start_step + config.timeline_num_steps - 1}'))
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('No timeline drawn (training goes on): %s: %s', type(e).__name__, e)
     return

@@ -12,7 +12,7 @@ from fdg_jax import checkpoint
 from fdg_jax import pipeline
 from test_baselines import naive_ddg, naive_dgl, run as run_fed
 from test_engine import BETA, naive_fdg
-from tiny import NUM_CLASSES, initial_variables, make_optimizer, tiny_batches
+from tiny import NUM_CLASSES, assert_matches, initial_variables, make_optimizer, tiny_batches
 
 NUM_BATCHES = 8
 
@@ -50,10 +50,7 @@ def test_fdg_on_two_by_two_devices_matches_the_single_device_reference(stash):
   state, _, _ = run_fed(pipe, batches, variables)
   expected, expected_opt, _ = naive_fdg(modules, variables, make_optimizer(), batches, BETA,
                                         stash)
-  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
-                              rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(jax.device_get([s.opt_state for s in state.stages]),
-                              expected_opt, rtol=1e-5, atol=1e-6)
+  assert_matches(pipe, state, expected, expected_opt)
 
 
 def test_spread_stages_keep_their_arrays_on_their_devices():
@@ -78,8 +75,7 @@ def test_uneven_meshes_between_stages_match_the_reference(layout):
   pipe, modules, variables = fdg([devices(*d) for d in layout])
   state, _, _ = run_fed(pipe, batches, variables)
   expected, _, _ = naive_fdg(modules, variables, make_optimizer(), batches, BETA, 'vjp')
-  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
-                              rtol=1e-5, atol=1e-6)
+  assert_matches(pipe, state, expected)
   logits = pipe.predict(state, batches[0][0])
   assert logits.sharding == pipe.shardings[-1]
 
@@ -90,10 +86,7 @@ def test_ddg_on_two_by_two_devices_matches_the_reference():
   state, _, _ = run_fed(pipe, batches, variables)
   expected, expected_opt, _ = naive_ddg(modules, variables, make_optimizer(), batches, BETA,
                                         'vjp')
-  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
-                              rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(jax.device_get([s.opt_state for s in state.stages]),
-                              expected_opt, rtol=1e-5, atol=1e-6)
+  assert_matches(pipe, state, expected, expected_opt)
 
 
 def test_dgl_on_two_by_two_devices_matches_the_reference():

@@ -131,10 +131,18 @@ def summary_of(workdir):
 
 def test_trainer_in_two_processes_resumes_bit_exactly_and_equals_one_process(tmp_path):
   data = write_image_folder(tmp_path / 'data')
+  # Run 'a' also draws the timeline of both processes' stage calls (steps 14-16): it only
+  # observes, the numbers stay the same.
+  timeline = ('--config.timeline_start_step=14', '--config.timeline_num_steps=3')
   for name, lengths in (('a', (24,)), ('resumed', (12, 24))):
     for steps in lengths:
-      code, output = launch(2, trainer_args(data, tmp_path / name, steps), module='fdg_jax.main')
+      code, output = launch(2, trainer_args(data, tmp_path / name, steps,
+                                            *(timeline if name == 'a' else ())),
+                            module='fdg_jax.main')
       assert code == 0, output[-5000:]
+      if name == 'a':
+        assert 'Timeline of 6 stage calls' in output   # 2 stages x 3 steps, from 2 processes
+        assert (tmp_path / 'a' / 'timeline.png').stat().st_size > 1000
   a, resumed = summary_of(tmp_path / 'a'), summary_of(tmp_path / 'resumed')
   assert a['num_processes'] == 2 and a['steps'] == 24 and len(set(a['devices'])) == 2
   assert resumed['resumed_from_step'] == 12

@@ -3,6 +3,7 @@ and the set-up that the engine and baseline tests share: their optimizer, initia
 loss. The naive references they are checked against stay in each test file.
 """
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,3 +66,12 @@ def initial_variables(num_stages: int, split=None, num_classes: int = NUM_CLASSE
 
 def mean_loss(logits, labels):
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def assert_matches(pipe, state, expected_variables, expected_opt_states=None):
+  """Every stage's variables (and optimizer state) equal a reference's, to rel 1e-5."""
+  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected_variables,
+                              rtol=1e-5, atol=1e-6)
+  if expected_opt_states is not None:
+    chex.assert_trees_all_close(jax.device_get([s.opt_state for s in state.stages]),
+                                expected_opt_states, rtol=1e-5, atol=1e-6)
