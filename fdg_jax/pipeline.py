@@ -607,15 +607,13 @@ class Pipeline:
     if _same_layout(source, target):
       moved = jax.device_put(value, target)
       return moved if target_local else None
+    # The owners of `source` replicate the array on its devices; the first of them sends.
     shape, dtype = value.shape, value.dtype
-    first = next(iter(source.devices_indices_map(shape)))   # the source device that sends
-    whole = None
-    if first.process_index == jax.process_index():
-      whole = next(shard.data for shard in jax.device_put(value, _replicated(source)
-                                                          ).addressable_shards
-                   if shard.device == first)
-    elif source.addressable_devices:   # the other owners of `source` take part in replicating
-      jax.device_put(value, _replicated(source))
+    first = next(iter(source.devices_indices_map(shape)))
+    replicated = (jax.device_put(value, _replicated(source)) if source.addressable_devices
+                  else None)
+    whole = (next(shard.data for shard in replicated.addressable_shards if shard.device == first)
+             if first.process_index == jax.process_index() else None)
     pieces = []
     for device, index in target.devices_indices_map(shape).items():
       piece_shape = tuple(len(range(*i.indices(n))) for i, n in zip(index, shape))

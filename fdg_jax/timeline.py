@@ -155,7 +155,7 @@ class TimelineRecorder:
     # (one row per host) are left out.
     first = min(s['clock_start'] for s in shared)
     events = [StageEvent(**{**e, 'devices': tuple(e['devices']), 'dispatch_start_ms': None,
-                            'dispatch_end_ms': None},)
+                            'dispatch_end_ms': None})
               for s in shared for e in s['events']]
     shifts = [1e3 * (s['clock_start'] - first) for s in shared for _ in s['events']]
     origin = min((e.start_ms + shift for e, shift in zip(events, shifts)), default=0.0)
