@@ -18,9 +18,11 @@ work in parallel on a CPU. Each configuration runs in a fresh set of processes, 
              (cores share caches and memory bandwidth, so C < 2).
 
 For the FDG configurations also: `exchange_ms`, one activation forward and one array of its
-shape back between the two processes alone (round trip, median), and each stage's compute alone
-(`stage_compute_ms`: its blocks' forward and backward, `partition.block_times`) with its share
-of the iteration (`busy_share`). Each process times its own
+shape back between the two processes alone (round trip, median), and each stage's device time per
+call in the running pipeline (`stage_compute_ms`, the median steady call of a profiler timeline
+of both processes over `--timeline_iters` iterations after the timed ones) with its share of
+the iteration (`busy_share`); the first FDG run of each split draws that timeline to
+`experiments/results/bench_speedup_MODEL_bBATCH_SPLIT_timeline.png`. Each process times its own
 loop of `--iters` iterations after `--warmup` (compilation and the pipeline's fill), with random
 data; the slowest process's time is the configuration's. The last stdout line is JSON.
 
@@ -32,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,8 +46,7 @@ import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
 from fdg_jax import distributed  # noqa: E402
-from fdg_jax import models  # noqa: E402
-from fdg_jax import partition  # noqa: E402
+from fdg_jax import timeline  # noqa: E402
 from fdg_jax import train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -53,12 +55,14 @@ flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
 flags.DEFINE_integer('warmup', 4, 'Iterations before timing (compilation, pipeline fill).')
 flags.DEFINE_integer('iters', 8, 'Timed iterations per run.')
 flags.DEFINE_integer('repeats', 3, 'Interleaved repeats of every configuration.')
+flags.DEFINE_integer('timeline_iters', 4, 'FDG: iterations recorded for the stage times.')
 flags.DEFINE_string('output', '', 'JSON file for the result (default: experiments/results/'
                     'bench_speedup_MODEL_bBATCH.json).')
 # Set by the benchmark itself for its worker processes.
 flags.DEFINE_string('method', None, 'Worker: bp or fdg.')
 flags.DEFINE_string('split_by', 'flops', 'Worker: config.split_by.')
 flags.DEFINE_integer('data_parallel', 1, 'Worker: config.data_parallel.')
+flags.DEFINE_string('timeline_png', '', 'Worker: where to draw the FDG timeline, if anywhere.')
 flags.DEFINE_string('coordinator_address', None, 'Worker: set by fdg_jax.launch.')
 flags.DEFINE_integer('num_processes', None, 'Worker: set by fdg_jax.launch.')
 flags.DEFINE_integer('process_id', None, 'Worker: set by fdg_jax.launch.')
@@ -81,9 +85,11 @@ def worker() -> None:
               rng.integers(0, 10, size=(FLAGS.batch_size,)).astype(np.int32))
              for _ in range(2)]
 
-  def run(count, state):
+  def run(count, state, recorder=None):
     for t in range(count):
-      state, _ = pipe.step(state, *batches[t % 2])
+      state, info = pipe.step(state, *batches[t % 2])
+      if recorder:
+        recorder.add(info)
     jax.block_until_ready([s for s in state.stages if s is not None])
     return state
 
@@ -96,13 +102,21 @@ def worker() -> None:
   result = {'ms_per_iter': 1e3 * slowest / FLAGS.iters}
   if num_stages == 2:
     result['exchange_ms'] = exchange_ms(pipe)
-    # Each stage's work alone (its blocks' forward and backward, measured on process 0's core)
-    # against the iteration: the share of the iteration the stage is busy.
-    times = partition.block_times(models.create_blocks(FLAGS.model, common.NUM_CLASSES),
-                                  (FLAGS.batch_size, 32, 32, 3))
-    ranges = partition.stage_ranges(run_setup.split, len(times))
-    result['stage_compute_ms'] = [1e3 * sum(times[a:b]) for a, b in ranges]
+    # Each stage's device time per call in the running pipeline, from a timeline of both
+    # processes, against the iteration: the share of the iteration the stage is busy.
+    with tempfile.TemporaryDirectory() as trace_dir:
+      recorder = timeline.TimelineRecorder(pipe, trace_dir)
+      recorder.start(state)
+      state = run(FLAGS.timeline_iters, state, recorder)
+      events = recorder.stop(state)
+    result['stage_compute_ms'] = [
+        statistics.median(e.end_ms - e.start_ms for e in events
+                          if e.stage == k and e.phase == 'steady') for k in range(num_stages)]
     result['busy_share'] = [ms / result['ms_per_iter'] for ms in result['stage_compute_ms']]
+    if FLAGS.timeline_png and jax.process_index() == 0:
+      timeline.draw_timeline(events, FLAGS.timeline_png, title=(
+          f'{FLAGS.model} FDG K=2, batch {FLAGS.batch_size}, two processes on one core each, '
+          f'split by {FLAGS.split_by}'))
   if jax.process_index() == 0:
     print(json.dumps(result), flush=True)
 
@@ -132,8 +146,9 @@ def _result(output: str) -> dict:
   raise RuntimeError(f'no timing in the output:\n{output[-3000:]}')
 
 
-def measure(name: str, cores: list[int]) -> list[dict]:
-  """Runs one configuration in fresh processes; its results (two for bp_pair)."""
+def measure(name: str, cores: list[int], draw_timeline: bool = False) -> list[dict]:
+  """Runs one configuration in fresh processes; its results (two for bp_pair). FDG draws its
+  timeline if `draw_timeline`."""
   worker_flags = [f'--model={FLAGS.model}', f'--batch_size={FLAGS.batch_size}',
                   f'--warmup={FLAGS.warmup}', f'--iters={FLAGS.iters}']
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
@@ -141,8 +156,12 @@ def measure(name: str, cores: list[int]) -> list[dict]:
   bp = ['experiments.bench_speedup', '--method=bp', *worker_flags]
   if name in ('fdg', 'fdg_time'):
     split_by = 'time' if name == 'fdg_time' else 'flops'
+    png = '' if not draw_timeline else os.path.join(
+        REPO, 'experiments', 'results',
+        f'bench_speedup_{FLAGS.model}_b{FLAGS.batch_size}_{split_by}_timeline.png')
     commands = [[sys.executable, '-m', 'fdg_jax.launch', '--num_processes=2', '--module',
                  'experiments.bench_speedup', '--', '--method=fdg', f'--split_by={split_by}',
+                 f'--timeline_png={png}', f'--timeline_iters={FLAGS.timeline_iters}',
                  *worker_flags]]
   elif name == 'bp_dp':
     commands = [[sys.executable, '-m', 'fdg_jax.launch', '--num_processes=2', '--module',
@@ -181,7 +200,7 @@ def main(argv):
   details = {name: [] for name in ('fdg', 'fdg_time')}
   for repeat in range(FLAGS.repeats):
     for name in CONFIGS:
-      results = measure(name, cores)
+      results = measure(name, cores, draw_timeline=repeat == 0)
       ms = [r['ms_per_iter'] for r in results]
       times[name].append(statistics.mean(ms))
       if name in details:
