@@ -89,8 +89,8 @@ def _sharding_for(pipe: pipeline_lib.Pipeline, keys: tuple[str, ...], metadata: 
   if group == 'stages':
     return pipe.state_shardings[stage]
   if group == 'saved':
-    entry = metadata['saved'][keys[1]][int(keys[2])]
-    spec = entry.get('partition_specs', [None] * (int(keys[3]) + 1))[int(keys[3])]
+    specs = metadata['saved'][keys[1]][int(keys[2])].get('partition_specs')   # None: older
+    spec = specs[int(keys[3])] if specs else None
     if spec is None:
       return pipe.state_shardings[stage]
     return jax.sharding.NamedSharding(
