@@ -199,7 +199,7 @@ def stage_shardings(placement) -> tuple[jax.sharding.Sharding, jax.sharding.Shar
         f'A stage placement {placement} must split at most the batch axis: give a device, a list '
         'of devices, or NamedSharding(mesh, PartitionSpec(axis)) with the batch axis on mesh '
         'axis (or axes) `axis`.')
-  return placement, jax.sharding.NamedSharding(placement.mesh, jax.sharding.PartitionSpec())
+  return placement, _replicated(placement)
 
 
 def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
