@@ -50,6 +50,23 @@ def get_config():
   # policy saves and recompute the rest from the saved input and old weights (same gradient,
   # less memory, more compute; see WORKSPACE.md for the measured trade-off).
   config.residual_policy = ''
+  # Stale-gradient compensation of the stages with a delayed gradient (fdg, ddg; the last stage
+  # is never changed; docs/algorithm.md has the formulas): 'none' (the paper),
+  # 'weight_prediction' (forward with the parameters extrapolated to the update the gradient
+  # will be applied at; needs stash 'vjp'), 'delay_compensation' (DC-ASGD's correction
+  # g + lambda * g * g * (theta_now - theta_forward); needs stash 'vjp') or 'lr_reschedule'
+  # (PipeMare: learning rate divided by the delay early on, annealed to the schedule).
+  config.compensation = 'none'
+  # delay_compensation: lambda0 of DC-ASGD-a (adaptive: divided by the root of the gradient's
+  # running mean square), or lambda of DC-ASGD-c with dc_adaptive False (the paper: 0.04).
+  config.dc_lambda = 2.0
+  # delay_compensation: True = DC-ASGD-a (adaptive lambda), False = DC-ASGD-c (constant).
+  config.dc_adaptive = True
+  # delay_compensation, adaptive: decay of the gradient's running mean square (the paper: 0.95).
+  config.dc_decay = 0.95
+  # lr_reschedule: fraction of the training steps over which each stage's learning rate is
+  # annealed from schedule / delay to the schedule (our default; PipeMare tunes its length).
+  config.lr_reschedule_fraction = 0.25
   # Images per training batch.
   config.batch_size = 128
   # Length of training in epochs (used when num_train_steps is -1).

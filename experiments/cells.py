@@ -112,11 +112,12 @@ class Cell:
   seed: int
   config_file: str     # relative to the repository, e.g. 'configs/cifar10_resnet20.py'
   overrides: tuple = ()   # ((field, value), ...): everything set on top of config_file
+  variant: str = ''       # a name for the script's own settings of the cell ('' = none)
 
   @property
   def group(self) -> tuple:
     """The cell without its seed: what results are averaged over."""
-    return (self.model, self.method, self.num_stages, self.beta)
+    return (self.model, self.method, self.num_stages, self.beta, self.variant)
 
   @property
   def name(self) -> str:
@@ -126,6 +127,8 @@ class Cell:
       parts.append(f'k{self.num_stages}')
     if self.method == 'fdg':
       parts.append(f'beta{self.beta:g}')
+    if self.variant:
+      parts.append(self.variant)
     parts.append(f'seed{self.seed}')
     return '_'.join(parts)
 
@@ -138,13 +141,13 @@ class Cell:
 
 
 def group_label(group: tuple) -> str:
-  _, method, num_stages, beta = group
+  _, method, num_stages, beta, variant = group
   label = METHOD_LABELS.get(method, method)
   if method != 'bp':
     label += f' K={num_stages}'
   if method == 'fdg':
     label += f' β={beta:g}'
-  return label
+  return f'{label} {variant}' if variant else label
 
 
 def load_config(config_file: str):
@@ -207,11 +210,12 @@ def rescale_schedule(base, num_epochs: int, explicit: dict) -> dict:
 
 def make_cell(options: Options, config_file: str, *, method: str, seed: int,
               num_stages: Optional[int] = None, beta: Optional[float] = None,
-              script_overrides: Optional[dict] = None) -> Cell:
+              script_overrides: Optional[dict] = None, variant: str = '') -> Cell:
   """A cell of `config_file` at the options' scale, with every override checked.
 
   Order: the scale, the data flags, the script's own defaults, `--set`, the rescaled schedule,
-  then the cell's fields. num_stages / beta default to the config file's; methods other than
+  then the cell's fields. `variant` names what `script_overrides` make of the cell (it goes
+  into the cell's name and label). num_stages / beta default to the config file's; methods other than
   FDG run with beta = 1 (DDG has no gradient shrinking, BP and DGL do not use it) and BP with
   K = 1.
   """
@@ -243,5 +247,5 @@ def make_cell(options: Options, config_file: str, *, method: str, seed: int,
     except (TypeError, ValueError) as e:
       raise GridError(f'config field {field!r} = {value!r}: {e}') from None
   return Cell(method=method, model=base.model, num_stages=num_stages, beta=beta, seed=seed,
-              config_file=config_file, overrides=tuple(sorted(
+              config_file=config_file, variant=variant, overrides=tuple(sorted(
                   (k, tuple(v) if isinstance(v, list) else v) for k, v in overrides.items())))

@@ -94,7 +94,7 @@ def report(results, options: cells_lib.Options) -> None:
   reports.plot_curves(groups, os.path.join(out_dir, 'curves.png'), 'Fig. 4a')
   bp = next((g for g in groups if g.key[1] == 'bp'), None)
   rows = [[g.label, reports.fmt_pct(*g.stat('test_error')), reports.fmt_difference(g, bp),
-           g.n, paper.describe('Table 2', *g.key)] for g in groups]
+           g.n, paper.describe('Table 2', *g.key[:4])] for g in groups]
   body = reports.markdown_table(
       ['method', 'test error (%)', 'vs BP (points, ± s.e. paired by seed)', 'n',
        'paper Table 2 row (%)'], rows)

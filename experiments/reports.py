@@ -33,7 +33,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 @dataclasses.dataclass
 class Group:
   """The runs of one cell group (all seeds) that have a summary."""
-  key: tuple          # (model, method, num_stages, beta)
+  key: tuple          # (model, method, num_stages, beta, variant)
   label: str
   summaries: list
   seeds: list

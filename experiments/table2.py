@@ -71,7 +71,7 @@ def report(results, options: cells_lib.Options, table: str = 'Table 2',
     rows.append([g.key[0], g.label, reports.fmt_pct(mean, std),
                  reports.fmt_difference(g, bp.get(g.key[0])), g.n,
                  f'{extra:,}' if extra else ('0' if g.n else '–'),
-                 paper.describe(table, *g.key)])
+                 paper.describe(table, *g.key[:4])])
   for model in dict.fromkeys(g.key[0] for g in groups):
     fdg = [g for g in groups if g.key[0] == model and g.key[1] == 'fdg' and g.n]
     if len(fdg) > 1:

@@ -75,7 +75,7 @@ def report(results, options: cells_lib.Options) -> None:
     devices = ' '.join(g.summaries[0]['devices']) if g.n else '–'
     rows.append([g.label, reports.fmt_pct(*g.stat('test_error')), reports.fmt_difference(g, bp),
                  g.n, reports.fmt_num(time_mean, time_std), reports.fmt_num(ips_mean, ips_std, 1),
-                 speedup, devices, paper.describe('Table 4', *g.key),
+                 speedup, devices, paper.describe('Table 4', *g.key[:4]),
                  f'{1 / paper.TABLE4_TIME_SHARE[g.key[2]]:.2f}x'
                  if g.key[2] in paper.TABLE4_TIME_SHARE else '–'])
   body = reports.markdown_table(

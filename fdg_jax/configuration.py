@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from fdg_jax import baselines
+from fdg_jax import compensation
 from fdg_jax import models
 from fdg_jax import partition
 from fdg_jax import pipeline
@@ -79,6 +80,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('residual_policy', f"{config.residual_policy!r} needs stash 'vjp' and method fdg, "
          f'ddg or bp (got stash {config.stash!r}, method {config.method!r})',
          "Set --config.residual_policy=''.")
+  if config.compensation not in compensation.NAMES:
+    fail('compensation', f'unknown compensation {config.compensation!r}',
+         f'Choose one of {compensation.NAMES}.')
+  if config.compensation != 'none':
+    if config.method not in ('fdg', 'ddg') or num_stages_of(config) < 2:
+      fail('compensation', f'{config.compensation!r} compensates delayed gradients, which '
+           f'method {config.method!r} with {num_stages_of(config)} stage(s) does not have',
+           "Use method 'fdg' or 'ddg' with num_stages >= 2, or --config.compensation=none.")
+    if (config.compensation in compensation.NEEDS_FORWARD_PARAMETERS
+        and config.stash != 'vjp'):
+      fail('compensation', f"{config.compensation!r} acts on the parameters of each forward, "
+           f"which stash {config.stash!r} does not keep (it redoes the forward at the current "
+           'parameters)', "Use --config.stash=vjp, or compensation 'lr_reschedule'.")
+  if config.dc_lambda < 0 or not 0 <= config.dc_decay < 1:
+    fail('dc_lambda' if config.dc_lambda < 0 else 'dc_decay',
+         f'dc_lambda={config.dc_lambda}, dc_decay={config.dc_decay}',
+         'Use dc_lambda >= 0 and 0 <= dc_decay < 1.')
+  if not 0 < config.lr_reschedule_fraction <= 1:
+    fail('lr_reschedule_fraction', f'{config.lr_reschedule_fraction} is outside (0, 1]',
+         'Use a fraction of the training steps, e.g. 0.25.')
   for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'image_size',
                 'timeline_num_steps'):
     if config[field] <= 0:

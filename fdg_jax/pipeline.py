@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fdg_jax import compensation as compensation_lib
 from fdg_jax import distributed
 from fdg_jax import schedule as schedule_lib
 
@@ -151,6 +152,13 @@ def delay(stage: int, num_stages: int) -> int:
   return 2 * (num_stages - 1 - stage)
 
 
+def apply_gradients(state: TrainState, grads, **extra_args) -> TrainState:
+  """`state.apply_gradients`, passing extra arguments to an optimizer that takes them."""
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       opt_state=opt_state)
+
+
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example softmax cross-entropy with integer labels."""
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
@@ -244,6 +252,8 @@ class Pipeline:
     placements: where each stage runs (default: device k): a `jax.Device`, a list of devices
       or a sharding (see `stage_shardings`). A stage on several devices splits its batch over
       them and keeps its state replicated (data parallelism inside the stage).
+    compensation: a name in `compensation.NAMES` or a `compensation.Compensation`: what a
+      stage with a delayed gradient does about its staleness (default 'none': the paper).
   """
 
   METHOD = 'fdg'
@@ -251,7 +261,8 @@ class Pipeline:
   def __init__(self, stages: Sequence[nn.Module], optimizer: optax.GradientTransformation,
                loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy_loss, *,
                beta: float = 1.0, stash: str = 'vjp', residual_policy: Optional[str] = None,
-               placements: Optional[Sequence[Any]] = None):
+               placements: Optional[Sequence[Any]] = None,
+               compensation: Any = 'none'):
     if not stages:
       raise ValueError('A pipeline needs at least one stage.')
     if not 0.0 < beta <= 1.0:
@@ -264,6 +275,12 @@ class Pipeline:
     if residual_policy is not None and stash != 'vjp':
       raise ValueError(f"residual_policy={residual_policy!r} applies to stash='vjp' only; "
                        f"stash={stash!r} keeps no residuals.")
+    if isinstance(compensation, str):
+      compensation = compensation_lib.Compensation(compensation)
+    if compensation.name in compensation_lib.NEEDS_FORWARD_PARAMETERS and stash != 'vjp':
+      raise ValueError(
+          f"compensation={compensation.name!r} needs stash='vjp': it acts on the parameters "
+          f"of the forward, and stash={stash!r} redoes the forward at the current ones.")
     if placements is None:
       if len(jax.devices()) < len(stages):
         raise ValueError(
@@ -283,6 +300,11 @@ class Pipeline:
     self.shardings, self.state_shardings = zip(*(stage_shardings(p) for p in placements))
     self.num_stages = len(stages)
     self.schedule = schedule_lib.Schedule(self.METHOD, self.num_stages)
+    self.compensation = compensation
+    # Each stage's optimizer: the user's, with the stage's compensation chained in.
+    self.stage_optimizers = tuple(
+        compensation.stage_optimizer(optimizer, self.schedule.delay(k))
+        for k in range(self.num_stages))
     # A multi-process run: each process runs only the stages on its devices (section "the
     # executor" below); with one process every stage is local.
     self.is_local = tuple(bool(s.addressable_devices) for s in self.shardings)
@@ -328,27 +350,43 @@ class Pipeline:
 
   def _make_stage_fn(self, k: int):
     """update_then_forward of non-last stage k. Saved, cotangent or x may be None (fill, drain)."""
+    compensating = self.compensation.active(self.schedule.delay(k))
+    predicting = compensating and self.compensation.name == 'weight_prediction'
+    # Delay compensation keeps each forward's parameters after its residuals.
+    keeps_parameters = compensating and self.compensation.name == 'delay_compensation'
 
     def update_then_forward(state: TrainState, saved, cotangent, x, *, residuals=None):
       input_cotangent = None
       if cotangent is not None:
         cotangent = cotangent * jnp.asarray(self.beta, cotangent.dtype)
         if self.stash == 'vjp':
-          pullback = jax.tree_util.tree_unflatten(residuals.value, saved)
+          count = residuals.value.num_leaves
+          pullback = jax.tree_util.tree_unflatten(residuals.value, saved[:count])
         else:  # recompute the forward with the current weights; running stats are not touched
           saved_x, saved_key = saved
           _, pullback, _ = self._vjp(k, state.params, state.batch_stats, saved_x, saved_key)
         grads, *rest = pullback(cotangent)
         input_cotangent = rest[0] if rest else None
-        state = state.apply_gradients(grads=grads)
+        if keeps_parameters:
+          stale = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.params),
+                                               saved[count:])
+          state = apply_gradients(state, grads, stale_params=stale)
+        else:
+          state = state.apply_gradients(grads=grads)
       y = new_saved = None
       if x is not None:
         dropout_key, key = jax.random.split(state.dropout_key)
+        params = state.params
+        if predicting:
+          params = compensation_lib.predicted_parameters(
+              params, state.opt_state, compensation_lib.staleness(self.schedule.delay(k)))
         if self.stash == 'vjp':
-          y, pullback, batch_stats = self._vjp(k, state.params, state.batch_stats, x, key)
+          y, pullback, batch_stats = self._vjp(k, params, state.batch_stats, x, key)
           new_saved = jax.tree_util.tree_leaves(pullback)
+          if keeps_parameters:
+            new_saved += jax.tree_util.tree_leaves(params)
         else:
-          y, batch_stats = self._train_forward(k, state.params, state.batch_stats, x, key)
+          y, batch_stats = self._train_forward(k, params, state.batch_stats, x, key)
           new_saved = (x, key)
         state = state.replace(batch_stats=batch_stats, dropout_key=dropout_key)
       return state, y, new_saved, input_cotangent
@@ -432,7 +470,8 @@ class Pipeline:
         stages.append(None)
         continue
       state = TrainState.create(
-          apply_fn=self.modules[k].apply, params=stage_variables['params'], tx=self.optimizer,
+          apply_fn=self.modules[k].apply, params=stage_variables['params'],
+          tx=self.stage_optimizers[k],
           batch_stats=stage_variables.get('batch_stats', {}),
           dropout_key=jax.random.fold_in(dropout_key, k))
       # A copy: the stage state is donated at every step, and the caller's arrays must survive

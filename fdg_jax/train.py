@@ -10,6 +10,7 @@ does, for the benchmarks too.
 import dataclasses
 import hashlib
 import os
+import resource
 import time
 from typing import Any, Optional, Sequence
 
@@ -24,6 +25,7 @@ import optax
 
 from fdg_jax import baselines
 from fdg_jax import checkpoint
+from fdg_jax import compensation
 from fdg_jax import distributed
 from fdg_jax import input_pipeline
 from fdg_jax import models
@@ -57,8 +59,22 @@ def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformati
                 momentum=config.momentum or None))
 
 
-def create_pipeline(config, stages, optimizer, placements, num_classes: int
-                    ) -> pipeline.Pipeline:
+def total_train_steps(config, steps_per_epoch: int) -> int:
+  """Length of training in steps: num_train_steps, or num_epochs epochs."""
+  return (config.num_train_steps if config.num_train_steps > 0
+          else config.num_epochs * steps_per_epoch)
+
+
+def create_compensation(config, steps_per_epoch: int) -> compensation.Compensation:
+  """The config's stale-gradient compensation (fdg_jax/compensation.py)."""
+  return compensation.Compensation(
+      config.compensation, dc_lambda=config.dc_lambda, dc_adaptive=config.dc_adaptive,
+      dc_decay=config.dc_decay, reschedule_steps=max(1, round(
+          config.lr_reschedule_fraction * total_train_steps(config, steps_per_epoch))))
+
+
+def create_pipeline(config, stages, optimizer, placements, num_classes: int,
+                    steps_per_epoch: int) -> pipeline.Pipeline:
   """The engine of config.method on these stages (BP is the single stage of FDG's engine)."""
   loss = pipeline.cross_entropy_loss
   if config.method == 'dgl':
@@ -66,7 +82,8 @@ def create_pipeline(config, stages, optimizer, placements, num_classes: int
                                  aux_head=config.aux_head, placements=placements)
   engine = baselines.DDGPipeline if config.method == 'ddg' else pipeline.Pipeline
   return engine(stages, optimizer, loss, beta=config.beta, stash=config.stash,
-                residual_policy=config.residual_policy or None, placements=placements)
+                residual_policy=config.residual_policy or None, placements=placements,
+                compensation=create_compensation(config, steps_per_epoch))
 
 
 def params_digest(variables: dict) -> str:
@@ -134,7 +151,7 @@ def setup(config, num_classes: int, steps_per_epoch: int,
   rng = jax.random.key(config.seed)
   stages, stage_variables, split, placements = build(config, num_classes, rng, check_images)
   pipe = create_pipeline(config, stages, create_optimizer(config, steps_per_epoch), placements,
-                         num_classes)
+                         num_classes, steps_per_epoch)
   sample = jax.ShapeDtypeStruct(
       (config.batch_size, config.image_size, config.image_size, 3), jnp.float32)
   state = pipe.init(jax.random.fold_in(rng, 1), sample, variables=stage_variables)
@@ -273,8 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if steps_per_epoch == 0:
     raise ConfigError(f'config.batch_size: {config.batch_size} is larger than the '
                       f'{len(dataset.train_labels)} training images. Use a smaller batch.')
-  num_steps = (config.num_train_steps if config.num_train_steps > 0
-               else config.num_epochs * steps_per_epoch)
+  num_steps = total_train_steps(config, steps_per_epoch)
   checkpointer = checkpoint.Checkpointer(workdir)
   workdir_lib.check_resumable(workdir, checkpointer.latest_step(), num_steps)
   with workdir_lib.log_file(workdir):
@@ -411,6 +427,7 @@ def make_summary(config, dataset: input_pipeline.Dataset, pipe: pipeline.Pipelin
       'beta': config.beta,
       'stash': config.stash,
       'residual_policy': config.residual_policy,
+      'compensation': config.compensation,
       'steps': num_steps,
       'epochs': num_steps / steps_per_epoch,
       'batch_size': config.batch_size,
@@ -423,6 +440,8 @@ def make_summary(config, dataset: input_pipeline.Dataset, pipe: pipeline.Pipelin
       'images_per_sec': (num_steps - start_step) * config.batch_size / (
           train_time - resumed_train_time),
       'resumed_from_step': start_step,
+      # This process's peak resident memory (on CPU it holds the devices' arrays too).
+      'peak_host_memory_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       'trainable_params': sum(partition.count_params(v['params']) for v in final_variables),
       'extra_params': extra_params,
       'stage_split': list(split),

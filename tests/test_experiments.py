@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from experiments import cells as cells_lib
+from experiments import compensation
 from experiments import fig4a_beta
 from experiments import grid
 from experiments import paper
@@ -222,6 +223,36 @@ def test_reports_are_written_from_summaries(tmp_path, script):
     assert '| 7.92 |' in md and '| 7.23 |' in md and '| 7.78 |' in md   # ResNet-20 row
   if script == 'fig4a_beta':   # β = 0.5 is not in the paper's row: its reported betas instead
     assert '| β=0.2: 7.23, β=1: 7.92 |' in md and '| 7.78 |' in md
+
+
+def test_compensation_grid_shares_fig4a_cells_and_reports(tmp_path):
+  opts = options(tmp_path)
+  cells = compensation.build_cells(opts, num_stages=(2, 4), betas=(0.25, 0.5))
+  names = [c.name for c in cells]
+  assert names[:6] == [
+      'resnet20_bp_seed0', 'resnet20_fdg_k2_beta0.25_seed0',
+      'resnet20_fdg_k2_beta0.25_recompute_seed0', 'resnet20_fdg_k2_beta0.25_wp_seed0',
+      'resnet20_fdg_k2_beta0.25_dc_seed0', 'resnet20_fdg_k2_beta0.25_lr_seed0']
+  assert len(cells) == len(opts.seeds) * (1 + 5 + 5)   # BP once, five FDG methods per K
+  # BP and plain FDG are fig4a_beta.py's cells: a finished run of that grid is read as is.
+  fig4a = {c.name: c for c in fig4a_beta.build_cells(opts, betas=(0.25,))}
+  for cell in cells[:2]:
+    assert grid.cell_record(cell) == grid.cell_record(fig4a[cell.name])
+  wp = cells[3].override_dict()
+  assert wp['compensation'] == 'weight_prediction' and cells[3].label.endswith(' wp')
+  assert cells[2].override_dict()['stash'] == 'recompute'
+  with pytest.raises(cells_lib.GridError, match='one beta per K'):
+    compensation.build_cells(opts, num_stages=(2, 4), betas=(0.25,))
+  with pytest.raises(cells_lib.GridError, match='unknown'):
+    compensation.build_cells(opts, methods=('bp', 'momentum'))
+  results = grid.run_grid(cells, opts.output_dir, runner=FakeRunner(), log=lambda _: None)
+  compensation.report(results, opts)
+  for name in ('bars.png', 'curves.png'):
+    with open(os.path.join(opts.output_dir, name), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with open(os.path.join(opts.output_dir, 'results.md')) as f:
+    md = f.read()
+  assert 'FDG K=4 β=0.5 dc' in md and 'vs plain FDG of its K' in md
 
 
 def test_paper_lookup():

@@ -22,7 +22,8 @@ from fdg_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = {
-    'model', 'dataset', 'method', 'num_stages', 'beta', 'stash', 'residual_policy', 'steps',
+    'model', 'dataset', 'method', 'num_stages', 'beta', 'stash', 'residual_policy',
+    'compensation', 'peak_host_memory_mib', 'steps',
     'epochs', 'test_error', 'test_accuracy', 'train_time_s', 'images_per_sec', 'trainable_params',
     'extra_params', 'stage_split', 'devices', 'jax_version', 'params_digest'}
 
@@ -65,11 +66,12 @@ def check_summary(summary, workdir, **expected):
 
 
 def test_train_and_evaluate_on_tfds_mock_data(tmp_path):
-  config = small_config(dataset='cifar10', image_size=32, num_stages=2)
+  config = small_config(dataset='cifar10', image_size=32, num_stages=2,
+                        compensation='delay_compensation')
   with tfds.testing.mock_data(num_examples=48):
     summary = train.train_and_evaluate(config, str(tmp_path))
   check_summary(summary, str(tmp_path), method='fdg', num_stages=2, steps=6, model='resnet20',
-                extra_params=0)
+                extra_params=0, compensation='delay_compensation')
   assert summary['devices'] == [str(d) for d in jax.devices()[:2]]
   assert summary['stage_split'] and len(summary['stage_split']) == 1
 
@@ -79,7 +81,8 @@ def test_train_and_evaluate_other_methods_on_image_folder(method, num_stages, tm
   data = write_image_folder(tmp_path / 'data')
   config = small_config(dataset='imagefolder', data_dir=data, method=method, num_stages=3,
                         aux_head='conv', cache_dir=str(tmp_path / 'cache'),
-                        timeline_start_step=2, timeline_num_steps=3)
+                        timeline_start_step=2, timeline_num_steps=3,
+                        compensation='weight_prediction' if method == 'ddg' else 'none')
   summary = train.train_and_evaluate(config, str(tmp_path / 'work'))
   check_summary(summary, str(tmp_path / 'work'), method=method, num_stages=num_stages,
                 extra_params=summary['extra_params'])
@@ -192,6 +195,13 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
     (dict(data_parallel=2, eval_batch_size=15), 'config.eval_batch_size'),
     (dict(data_parallel=8), 'config.data_parallel'),               # 2 x 8 > 8 devices
     (dict(data_parallel=4, stage_devices=(0, 6)), 'config.stage_devices'),   # 6..9
+    (dict(compensation='momentum'), 'config.compensation'),
+    (dict(method='bp', compensation='lr_reschedule'), 'config.compensation'),
+    (dict(method='dgl', compensation='weight_prediction'), 'config.compensation'),
+    (dict(stash='recompute', compensation='delay_compensation'), 'config.compensation'),
+    (dict(compensation='delay_compensation', dc_decay=1.0), 'config.dc_decay'),
+    (dict(compensation='lr_reschedule', lr_reschedule_fraction=0.0),
+     'config.lr_reschedule_fraction'),
 ])
 def test_bad_config_fails_before_any_compute(overrides, field, tmp_path, monkeypatch):
   def must_not_load(*args, **kwargs):

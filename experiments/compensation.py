@@ -1,0 +1,169 @@
+r"""Stale-gradient compensation: which option closes FDG's gap to BP (issue 15).
+
+ResNet-20 on CIFAR-10: BP, and at each K of `--num_stages` FDG as in the paper (stash 'vjp'),
+FDG with stash 'recompute' (the delayed gradient taken at the current weights, close to what the
+authors' code did inside a stage) and FDG with each compensation of fdg_jax/compensation.py;
+every cell once per seed, each method against BP as a paired difference (same seed: same
+initial weights and batches). Writes OUT_DIR/results.md, results.csv, bars.png (mean test error
+per method and K, error bars one standard error of the paired difference to BP) and curves.png.
+
+The small scale of the recorded Fig. 4a grid (WORKSPACE.md), on the CIFAR-10 JPEG copy:
+
+    python experiments/compensation.py --scale=cpu --dataset=imagefolder \
+        --data_dir=/work/shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache \
+        --set train_subset=5000 --set num_epochs=4 --seeds=0,1,2,3,4,5 \
+        --out_dir=experiments/results/compensation_cpu_small
+
+BP's and plain FDG's cells are named and configured as fig4a_beta.py's, so finished runs of
+that grid (same settings) can be copied into OUT_DIR/runs and are read, not rerun. Run it again
+to resume; `--dry_run` lists the cells, `--report_only` reports the runs finished so far;
+`--methods` picks a subset (e.g. the best compensation at `--scale=cpu`). Common flags: see
+experiments/cells.py.
+"""
+
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import cells as cells_lib  # noqa: E402  (after the path set-up above)
+from experiments import grid  # noqa: E402
+from experiments import reports  # noqa: E402
+
+NAME = 'compensation'
+# method name -> (variant tag in the cell name, the config fields it sets). 'fdg' is the paper's
+# FDG with the config's defaults, so its cells are fig4a_beta.py's.
+METHODS = {
+    'bp': ('', {}),
+    'fdg': ('', {}),
+    'recompute': ('recompute', {'stash': 'recompute'}),
+    'weight_prediction': ('wp', {'compensation': 'weight_prediction'}),
+    'delay_compensation': ('dc', {'compensation': 'delay_compensation'}),
+    'lr_reschedule': ('lr', {'compensation': 'lr_reschedule'}),
+}
+
+
+def build_cells(options: cells_lib.Options, methods=tuple(METHODS), num_stages=(2, 4),
+                betas=(0.25, 0.5), model: str = 'resnet20') -> list:
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise cells_lib.GridError(f'--methods: unknown {unknown}; choose from {tuple(METHODS)}.')
+  if len(betas) != len(num_stages):
+    raise cells_lib.GridError(f'--betas has {len(betas)} values for {len(num_stages)} values '
+                              'of --num_stages: give one beta per K.')
+  if any(k < 2 for k in num_stages):
+    raise cells_lib.GridError('--num_stages: FDG needs K >= 2 (BP is its own method).')
+  config_file = f'configs/cifar10_{model}.py'
+  cells = []
+  for k, beta in zip(num_stages, betas):
+    for seed in options.seeds:
+      for method in methods:
+        if method == 'bp':
+          if k == num_stages[0]:
+            cells.append(cells_lib.make_cell(options, config_file, method='bp', seed=seed))
+          continue
+        variant, fields = METHODS[method]
+        cells.append(cells_lib.make_cell(options, config_file, method='fdg', num_stages=k,
+                                         beta=beta, seed=seed, script_overrides=fields,
+                                         variant=variant))
+  return cells
+
+
+def plot_bars(groups, path: str, title: str) -> None:
+  """Mean test error per method, one panel per K, with BP as a line (its band: ± 1 std)."""
+  plt = reports.pyplot()
+  bp = next((g for g in groups if g.key[1] == 'bp' and g.n), None)
+  ks = sorted({g.key[2] for g in groups if g.key[1] != 'bp'})
+  fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4.5), squeeze=False)
+  for ax, k in zip(axes[0], ks):
+    fdg = [g for g in groups if g.key[1] != 'bp' and g.key[2] == k and g.n]
+    means = [100 * g.stat('test_error')[0] for g in fdg]
+    errors = []
+    for g in fdg:
+      _, se, n = reports.paired_difference(g, bp) if bp else (math.nan, math.nan, 0)
+      errors.append(0 if math.isnan(se) else 100 * se)
+    ax.bar(range(len(fdg)), means, yerr=errors, capsize=4, color='tab:blue', alpha=0.8)
+    for x, m, g in zip(range(len(fdg)), means, fdg):
+      ax.annotate(f'{m:.2f}\n(n={g.n})', (x, m), ha='center', va='bottom', fontsize=7,
+                  xytext=(0, 4), textcoords='offset points')
+    values = list(means)
+    if bp:
+      mean, std = (100 * v for v in bp.stat('test_error'))
+      ax.axhline(mean, color='tab:red', label=f'BP {mean:.2f}% (n={bp.n})')
+      if not math.isnan(std):
+        ax.axhspan(mean - std, mean + std, color='tab:red', alpha=0.12)
+      values.append(mean)
+      ax.legend(fontsize=8, loc='lower right')
+    ax.set_xticks(range(len(fdg)), [g.key[4] or 'FDG' for g in fdg], fontsize=8)
+    if values:
+      low, high = min(values), max(values)
+      ax.set_ylim(max(0.0, low - max(1.0, high - low)), high + max(1.0, 0.5 * (high - low)))
+    ax.set_title(f'K = {k}, β = {fdg[0].key[3]:g}' if fdg else f'K = {k}', fontsize=10)
+    ax.set_ylabel('test error (%), mean over seeds')
+    ax.grid(axis='y', alpha=0.3)
+  fig.suptitle(title + ' (error bars: ± 1 s.e. of the paired difference to BP; y axis does '
+               'not start at 0)', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def report(results, options: cells_lib.Options) -> None:
+  out_dir = options.output_dir
+  os.makedirs(out_dir, exist_ok=True)
+  groups = reports.aggregate(results)
+  title = f'{results[0].cell.model}, stale-gradient compensation' if results else NAME
+  reports.write_csv(results, os.path.join(out_dir, 'results.csv'))
+  plot_bars(groups, os.path.join(out_dir, 'bars.png'), title)
+  reports.plot_curves(groups, os.path.join(out_dir, 'curves.png'), 'Compensation')
+  bp = next((g for g in groups if g.key[1] == 'bp'), None)
+  plain = {g.key[2]: g for g in groups if g.key[1] == 'fdg' and not g.key[4]}
+  rows = []
+  for g in groups:
+    time_s = g.stat('train_time_s')[0] if g.n else math.nan
+    memory = [s['peak_host_memory_mib'] for s in g.summaries if 'peak_host_memory_mib' in s]
+    rows.append([g.label, reports.fmt_pct(*g.stat('test_error')), reports.fmt_difference(g, bp),
+                 reports.fmt_difference(g, plain.get(g.key[2])) if g.key[4] else '–', g.n,
+                 f'{time_s:.0f}', f'{max(memory):.0f}' if memory else '–'])
+  body = reports.markdown_table(
+      ['method', 'test error (%)', 'vs BP (points, ± s.e. paired)',
+       'vs plain FDG of its K (points, ± s.e. paired)', 'n', 'train time (s, mean)',
+       'peak host memory (MiB, max)'], rows)
+  body += ('\n\nPaired differences: the mean over seeds of (method - reference) test error, ± '
+           'its standard error; a seed gives every method the same initial weights and batches. '
+           'Methods: FDG = the paper (stash vjp); recompute = stash recompute; wp = weight '
+           'prediction; dc = delay compensation (DC-ASGD-a); lr = learning-rate rescheduling '
+           '(PipeMare); formulas in docs/algorithm.md. Time: the trainer\'s train_time_s '
+           '(compilation included); memory: the trainer process\'s peak resident set.\n'
+           'Figures: `bars.png` (test error per method and K), `curves.png` (test error '
+           'against epoch, mean over seeds).\n')
+  reports.write_results_md(os.path.join(out_dir, 'results.md'),
+                           f'Stale-gradient compensation, {title}, {options.scale} scale',
+                           results, options, body)
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  try:
+    betas = cells_lib.parse_floats(f.betas, 'betas')
+    num_stages = tuple(int(k) for k in f.num_stages)
+  except (cells_lib.GridError, ValueError) as e:
+    sys.exit(f'error: {e}')
+  sys.exit(grid.main(NAME, lambda options: build_cells(options, tuple(f.methods), num_stages,
+                                                       betas, f.model), report))
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  cells_lib.define_flags(NAME)
+  flags.adopt_module_key_flags(cells_lib)   # listed by --help
+  flags.DEFINE_list('methods', list(METHODS), f'Methods to run, from {list(METHODS)}.')
+  flags.DEFINE_list('num_stages', ['2', '4'], 'K values of the FDG methods.')
+  flags.DEFINE_list('betas', ['0.25', '0.5'], 'beta of FDG at each K of --num_stages (0.25: the '
+                    "best of the small Fig. 4a grid at K = 2; 0.5 at K = 4, as the small Table 4 "
+                    'grid: beta compounds per stage, 0.25 ** 3 would all but stop stage 0).')
+  flags.DEFINE_string('model', 'resnet20', 'Model (configs/cifar10_<model>.py).')
+  app.run(main)

@@ -1,0 +1,246 @@
+"""Stale-gradient compensation against a naive reference of each paper's formula.
+
+The reference is FDG written plainly (one device, no jit, explicit queues) with SGD, momentum,
+coupled weight decay and a learning-rate drop written out by hand, so it checks the formulas,
+not the optax chain the engine builds: weight prediction (theta + s * last update), DC-ASGD's
+g + lambda * g * g * (theta_now - theta_forward) (adaptive and constant lambda) and PipeMare's
+learning rate divided by tau ** p, p annealed from 1 to 0.
+"""
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fdg_jax import baselines
+from fdg_jax import checkpoint
+from fdg_jax import compensation as compensation_lib
+from fdg_jax import pipeline
+from tiny import initial_variables, make_optimizer, mean_loss, tiny_batches
+
+BETA = 0.7
+WEIGHT_DECAY, MOMENTUM = 5e-4, 0.9
+
+
+def arrays(stages):
+  """Every array of the stage states (their optimizers are functions, compared elsewhere)."""
+  return jax.device_get([flax.serialization.to_state_dict(s) for s in stages])
+
+
+def learning_rate(step):   # tiny.make_optimizer's schedule
+  return 0.1 if step < 5 else 0.01
+
+
+def naive_compensated_fdg(modules, variables, batches, comp: compensation_lib.Compensation):
+  """FDG with `comp`, every stage on one device, the optimizer by hand. Returns each stage's
+  final {'params', 'batch_stats'}."""
+  K, N = len(modules), len(batches)
+  tree_map = jax.tree_util.tree_map
+  params = [v['params'] for v in variables]
+  stats = [v['batch_stats'] for v in variables]
+  velocity = [tree_map(jnp.zeros_like, p) for p in params]
+  last_update = [tree_map(jnp.zeros_like, p) for p in params]
+  mean_square = [tree_map(jnp.zeros_like, p) for p in params]
+  steps = [0] * K
+  saved = [dict() for _ in range(K)]   # batch -> (vjp, parameters of that forward)
+  inbox_x, inbox_ct = {}, {}
+
+  def delay(k):
+    return 2 * (K - 1 - k)
+
+  def forward(k, p, s, x):
+    y, new = modules[k].apply({'params': p, 'batch_stats': s}, x, train=True,
+                              mutable=['batch_stats'])
+    return y, new['batch_stats']
+
+  def sgd(k, grads, forward_params):
+    compensating = comp.name != 'none' and delay(k) > 0
+    if compensating and comp.name == 'delay_compensation':
+      if comp.dc_adaptive:
+        mean_square[k] = tree_map(lambda m, g: comp.dc_decay * m + (1 - comp.dc_decay) * g ** 2,
+                                  mean_square[k], grads)
+        lam = tree_map(lambda m: comp.dc_lambda / jnp.sqrt(m + comp.dc_epsilon), mean_square[k])
+      else:
+        lam = tree_map(lambda g: comp.dc_lambda, grads)
+      grads = tree_map(lambda g, l, now, old: g + l * g * g * (now - old),
+                       grads, lam, params[k], forward_params)
+    lr = learning_rate(steps[k])
+    if compensating and comp.name == 'lr_reschedule':
+      p = max(0.0, 1.0 - steps[k] / comp.reschedule_steps)
+      lr = lr / max(1, delay(k)) ** p
+    velocity[k] = tree_map(lambda v, g, w: MOMENTUM * v + g + WEIGHT_DECAY * w,
+                           velocity[k], grads, params[k])
+    last_update[k] = tree_map(lambda v: -lr * v, velocity[k])
+    params[k] = tree_map(lambda w, u: w + u, params[k], last_update[k])
+    steps[k] += 1
+
+  for t in range(N + 2 * (K - 1)):
+    out_x, out_ct = {}, {}
+    for k in range(K):
+      b = t - k
+      if k == K - 1:
+        if not 0 <= b < N:
+          continue
+        x = inbox_x.pop(k)[1]
+
+        def loss(p, x):
+          logits, new_stats = forward(k, p, stats[k], x)
+          return mean_loss(logits, batches[b][1]), new_stats
+
+        (_, stats[k]), (g, x_ct) = jax.value_and_grad(loss, (0, 1), has_aux=True)(params[k], x)
+        sgd(k, g, params[k])
+        out_ct[k - 1] = (b, x_ct)
+        continue
+      if k in inbox_ct:
+        cb, ct = inbox_ct.pop(k)
+        vjp, forward_params = saved[k].pop(cb)
+        g, *x_ct = vjp(BETA * ct)
+        sgd(k, g, forward_params)
+        if k > 0:
+          out_ct[k - 1] = (cb, x_ct[0])
+      if 0 <= b < N:
+        x = batches[b][0] if k == 0 else inbox_x.pop(k)[1]
+        forward_params = params[k]
+        if comp.name == 'weight_prediction':
+          horizon = max(0, delay(k) - 1)
+          forward_params = tree_map(lambda w, u: w + horizon * u, params[k], last_update[k])
+        if k == 0:
+          y, vjp, stats[k] = jax.vjp(lambda p: forward(k, p, stats[k], x), forward_params,
+                                     has_aux=True)
+        else:
+          y, vjp, stats[k] = jax.vjp(lambda p, x: forward(k, p, stats[k], x), forward_params,
+                                     x, has_aux=True)
+        saved[k][b] = (vjp, forward_params)
+        out_x[k + 1] = (b, y)
+    inbox_x, inbox_ct = out_x, out_ct
+  return [{'params': p, 'batch_stats': s} for p, s in zip(params, stats)]
+
+
+COMPENSATIONS = [
+    compensation_lib.Compensation('weight_prediction'),
+    compensation_lib.Compensation('delay_compensation'),
+    compensation_lib.Compensation('delay_compensation', dc_lambda=100.0, dc_adaptive=False),
+    compensation_lib.Compensation('lr_reschedule', reschedule_steps=8),
+]
+
+
+def run_engine(num_stages, batches, comp, **kwargs):
+  modules, variables = initial_variables(num_stages)
+  pipe = pipeline.Pipeline(modules, make_optimizer(), beta=BETA, compensation=comp,
+                           placements=jax.devices()[:num_stages], **kwargs)
+  state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  for images, labels in batches:
+    state, _ = pipe.step(state, images, labels)
+  return pipe, pipe.drain(state)[0]
+
+
+@pytest.mark.parametrize('comp', COMPENSATIONS, ids=lambda c: f'{c.name}-{c.dc_adaptive}')
+def test_compensation_matches_naive_formula(comp):
+  """K = 3: stage 0 with delay 4 (horizon 3), stage 1 with delay 2, the last stage."""
+  num_stages, batches = 3, tiny_batches(12)
+  pipe, state = run_engine(num_stages, batches, comp)
+  modules, variables = initial_variables(num_stages)
+  expected = naive_compensated_fdg(modules, variables, batches, comp)
+  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
+                              rtol=1e-5, atol=1e-6)
+  # Not a no-op: stage 0 ends far (beyond the tolerance above) from the paper's FDG.
+  plain = naive_compensated_fdg(modules, variables, batches, compensation_lib.Compensation())
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()),
+                                 expected[0]['params'], plain[0]['params'])
+  assert max(jax.tree_util.tree_leaves(moved)) > 1e-4, moved
+
+
+def test_none_is_the_plain_engine_bit_for_bit():
+  batches = tiny_batches(8)
+  pipe, state = run_engine(3, batches, 'none')
+  modules, variables = initial_variables(3)
+  plain = pipeline.Pipeline(modules, make_optimizer(), beta=BETA,
+                            placements=jax.devices()[:3])
+  plain_state = plain.init(jax.random.key(1), batches[0][0], variables=variables)
+  for images, labels in batches:
+    plain_state, _ = plain.step(plain_state, images, labels)
+  plain_state = plain.drain(plain_state)[0]
+  chex.assert_trees_all_equal(arrays(state.stages), arrays(plain_state.stages))
+
+
+def test_naive_reference_without_compensation_is_the_engine():
+  """The hand-written optimizer of the reference is make_optimizer's: with 'none' it gives the
+  engine's result, so the comparisons above test the compensation alone."""
+  batches = tiny_batches(12)
+  pipe, state = run_engine(2, batches, 'none')
+  modules, variables = initial_variables(2)
+  chex.assert_trees_all_close(
+      jax.device_get(pipe.stage_variables(state)),
+      naive_compensated_fdg(modules, variables, batches, compensation_lib.Compensation()),
+      rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['weight_prediction', 'delay_compensation', 'lr_reschedule'])
+def test_last_stage_and_single_stage_are_untouched(name):
+  """K = 1 is plain BP whatever the compensation; the last stage keeps the user's optimizer."""
+  batches = tiny_batches(6)
+  pipe, state = run_engine(1, batches, name)
+  plain, plain_state = run_engine(1, batches, 'none')
+  chex.assert_trees_all_equal(arrays(state.stages), arrays(plain_state.stages))
+  two = pipeline.Pipeline(initial_variables(2)[0], make_optimizer(), compensation=name,
+                          placements=jax.devices()[:2])
+  assert two.stage_optimizers[-1] is two.optimizer
+  assert two.stage_optimizers[0] is not two.optimizer
+
+
+def test_ddg_takes_a_compensation():
+  """DDG's stage 0 at K = 3 has delay 2: weight prediction and rescheduling change its run."""
+  batches = tiny_batches(8)
+  modules, variables = initial_variables(3)
+  results = {}
+  for name in ('none', 'weight_prediction', 'lr_reschedule'):
+    pipe = baselines.DDGPipeline(modules, make_optimizer(), compensation=name,
+                                 placements=jax.devices()[:3])
+    state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+    for images, labels in batches:
+      state, _ = pipe.step(state, images, labels)
+    results[name] = jax.device_get(pipe.stage_variables(pipe.drain(state)[0]))
+  for name in ('weight_prediction', 'lr_reschedule'):
+    assert not np.allclose(jax.tree_util.tree_leaves(results[name][0]['params'])[0],
+                           jax.tree_util.tree_leaves(results['none'][0]['params'])[0])
+
+
+@pytest.mark.parametrize('name', ['weight_prediction', 'delay_compensation'])
+def test_resume_mid_stream_is_bit_exact(tmp_path, name):
+  """A checkpoint holds the compensation's state (last update, mean square, the forwards'
+  parameters): 5 steps, save, restore into a new pipeline, 5 more equal 10 straight."""
+  batches = tiny_batches(10)
+  modules, variables = initial_variables(3)
+
+  def make():
+    pipe = pipeline.Pipeline(modules, make_optimizer(), beta=BETA, compensation=name,
+                             placements=jax.devices()[:3])
+    return pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+
+  pipe, state = make()
+  for i, (images, labels) in enumerate(batches):
+    if i == 5:
+      checkpoint.Checkpointer(str(tmp_path)).save(5, state)
+    state, _ = pipe.step(state, images, labels)
+  straight = arrays(pipe.drain(state)[0].stages)
+  pipe, fresh = make()
+  state, _ = checkpoint.Checkpointer(str(tmp_path)).restore(pipe, fresh)
+  for images, labels in batches[5:]:
+    state, _ = pipe.step(state, images, labels)
+  chex.assert_trees_all_equal(arrays(pipe.drain(state)[0].stages), straight)
+
+
+@pytest.mark.parametrize('settings, kwargs, message', [
+    (dict(name='momentum'), {}, 'is not one of'),
+    (dict(name='weight_prediction'), dict(stash='recompute'), "needs stash='vjp'"),
+    (dict(name='delay_compensation'), dict(stash='recompute'), "needs stash='vjp'"),
+    (dict(name='delay_compensation', dc_decay=1.0), {}, 'dc_decay'),
+    (dict(name='lr_reschedule', reschedule_steps=0), {}, 'reschedule_steps'),
+])
+def test_bad_compensations_are_refused(settings, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    pipeline.Pipeline(initial_variables(2)[0], make_optimizer(),
+                      compensation=compensation_lib.Compensation(**settings),
+                      placements=jax.devices()[:2], **kwargs)
