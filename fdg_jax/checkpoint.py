@@ -36,17 +36,36 @@ def _unindexed(tree: dict) -> list:
   return [tree[str(i)] for i in range(len(tree))]
 
 
-def to_tree(state: pipeline_lib.PipelineState) -> tuple[dict, dict]:
+def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState
+            ) -> tuple[dict, dict]:
   """(arrays, metadata) of a pipeline state: nested dicts of arrays, and JSON-able bookkeeping.
 
-  Only the stages this process holds are in it (all of them in a single-process run).
+  Only the stages this process holds are in it (all of them in a single-process run). A saved
+  forward is stored in its compact form, what determines its residuals (`Saved.inputs`), where
+  `pipe` rebuilds them from that bit for bit; otherwise (or without inputs) as it is.
   """
+  saved, saved_metadata = {}, {}
+  for k, queue in enumerate(state.saved):
+    entries, records = {}, []
+    for i, entry in enumerate(queue):
+      compact = pipe.rebuilds_exactly(k, entry)
+      entries[str(i)] = {'inputs': entry.inputs} if compact else _indexed(
+          jax.tree_util.tree_leaves(entry.arrays))
+      if not compact and entry.inputs is not None:
+        entries[str(i)] = {'residuals': entries[str(i)], 'inputs': entry.inputs}
+      records.append({
+          'batch': entry.batch,
+          'input_spec': entry.structure.input_spec if entry.structure else None,
+          'form': 'compact' if compact else 'full',
+          'partition_specs': {
+              '/'.join(str(p.key) for p in path): _partition_spec(leaf)
+              for path, leaf in jax.tree_util.tree_flatten_with_path(entries[str(i)])[0]}})
+    if queue:
+      saved[str(k)], saved_metadata[str(k)] = entries, records
   arrays = {
       'stages': {str(k): flax.serialization.to_state_dict(s)
                  for k, s in enumerate(state.stages) if s is not None},
-      'saved': {str(k): _indexed(_indexed(jax.tree_util.tree_leaves(entry.arrays))
-                                 for entry in queue)
-                for k, queue in enumerate(state.saved) if queue},
+      'saved': saved,
       'activations': {str(k): {'value': a.value}
                       for k, a in enumerate(state.activations) if a is not None},
       'cotangents': {str(k): c.value for k, c in enumerate(state.cotangents) if c is not None},
@@ -58,12 +77,7 @@ def to_tree(state: pipeline_lib.PipelineState) -> tuple[dict, dict]:
       'batches_fed': state.batches_fed,
       'stream_first_batch': state.stream_first_batch,
       'stream_offset': state.stream_offset,
-      'saved': {str(k): [{'batch': entry.batch,
-                          'input_spec': entry.structure.input_spec if entry.structure else None,
-                          'partition_specs': [_partition_spec(leaf) for leaf in
-                                              jax.tree_util.tree_leaves(entry.arrays)]}
-                         for entry in queue]
-                for k, queue in enumerate(state.saved) if queue},
+      'saved': saved_metadata,
       'activations': {str(k): a.batch for k, a in enumerate(state.activations) if a is not None},
       'cotangents': {str(k): c.batch for k, c in enumerate(state.cotangents) if c is not None},
       'labels': {str(k): [entry.batch for entry in queue]
@@ -89,8 +103,10 @@ def _sharding_for(pipe: pipeline_lib.Pipeline, keys: tuple[str, ...], metadata: 
   if group == 'stages':
     return pipe.state_shardings[stage]
   if group == 'saved':
-    specs = metadata['saved'][keys[1]][int(keys[2])].get('partition_specs')   # None: older
-    spec = specs[int(keys[3])] if specs else None
+    record = metadata['saved'][keys[1]][int(keys[2])]
+    specs = record.get('partition_specs')   # None: older checkpoints; a list: residuals only
+    spec = (specs.get('/'.join(keys[3:])) if isinstance(specs, dict) else
+            specs[int(keys[3])] if specs else None)
     if spec is None:
       return pipe.state_shardings[stage]
     return jax.sharding.NamedSharding(
@@ -122,12 +138,24 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
   for k in range(pipe.num_stages):
     queue = []
     for i, entry in enumerate(metadata['saved'].get(str(k), [])):
-      leaves = _unindexed(arrays['saved'][str(k)][str(i)])
+      stored = arrays['saved'][str(k)][str(i)]
+      form = entry.get('form')   # None: before compact forms, the residual leaves
+      inputs = stored.get('inputs') if form else None
+      if inputs is None and pipe.compensation.name == 'delay_compensation':
+        raise CheckpointError(
+            f'Delay compensation needs the parameters of each saved forward, and stage {k}\'s '
+            'entries in this checkpoint do not hold them (another stash or residual policy wrote '
+            'it): resume with the config it was written with, or start in a new --workdir.')
+      if form == 'compact':
+        leaves = pipe.rebuild_residuals(k, inputs)
+      else:
+        leaves = _unindexed(stored['residuals'] if inputs is not None else stored)
       if pipe.stash == 'vjp':
         shape, dtype = entry['input_spec']
         structure = pipe._residual_structure(  # pylint: disable=protected-access
             k, stages[k], jax.ShapeDtypeStruct(tuple(shape), dtype))
-        queue.append(pipeline_lib.Saved(arrays=leaves, batch=entry['batch'], structure=structure))
+        queue.append(pipeline_lib.Saved(arrays=leaves, batch=entry['batch'], structure=structure,
+                                        inputs=inputs if pipe.keeps_inputs else None))
       else:
         queue.append(pipeline_lib.Saved(arrays=tuple(leaves), batch=entry['batch']))
     saved.append(tuple(queue))
@@ -265,8 +293,9 @@ class Checkpointer:
                for root, _, names in os.walk(os.path.join(self.directory, str(step)))
                for name in names)
 
-  def save(self, step: int, state: pipeline_lib.PipelineState, extra: Optional[dict] = None):
-    arrays, metadata = to_tree(state)
+  def save(self, step: int, pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
+           extra: Optional[dict] = None):
+    arrays, metadata = to_tree(pipe, state)
     metadata['extra'] = extra or {}
     if self._process_files is not None:
       self._process_files.save(step, arrays, metadata)

@@ -81,12 +81,16 @@ class Cotangent:
 class Saved:
   """What a stage keeps from a forward for its delayed backward.
 
-  stash='vjp': the residuals of `jax.vjp` (old activations and old weights);
+  stash='vjp': the residuals of `jax.vjp` (old activations and old weights), and in `inputs`
+  what determines them: {'x': the stage input, 'params' and 'batch_stats' that forward used,
+  'key': its dropout key} (`Pipeline.keeps_inputs`); a checkpoint stores only those and rebuilds
+  the residuals (`Pipeline.rebuild_residuals`).
   stash='recompute': the stage input and dropout key, to redo the forward at backward time.
   """
   arrays: Any
   batch: int = flax.struct.field(pytree_node=False)
   structure: Any = flax.struct.field(pytree_node=False, default=None)  # of vjp residuals
+  inputs: Any = None
 
 
 @flax.struct.dataclass
@@ -301,6 +305,12 @@ class Pipeline:
     self.num_stages = len(stages)
     self.schedule = schedule_lib.Schedule(self.METHOD, self.num_stages)
     self.compensation = compensation
+    # With stash='vjp' each saved forward also keeps what determines its residuals (a few
+    # percent of them), so that a checkpoint can store that instead; 'nothing_saveable' keeps
+    # little else, so its residuals are stored as they are, unless delay compensation needs the
+    # forward's parameters.
+    self.keeps_inputs = stash == 'vjp' and (residual_policy != 'nothing_saveable'
+                                            or compensation.name == 'delay_compensation')
     # Each stage's optimizer: the user's, with the stage's compensation chained in.
     self.stage_optimizers = tuple(
         compensation.stage_optimizer(optimizer, self.schedule.delay(k))
@@ -323,6 +333,7 @@ class Pipeline:
         {'steady': jax.jit(self._make_last_stage_fn(), donate_argnums=0)}
         for k in range(self.num_stages))
     self._predict = tuple(jax.jit(self._make_predict_fn(k)) for k in range(self.num_stages))
+    self._rebuild = tuple(jax.jit(self._make_rebuild_fn(k)) for k in range(self.num_stages))
 
   # ---------------------------------------------------------------- the stage functions
 
@@ -352,28 +363,26 @@ class Pipeline:
     """update_then_forward of non-last stage k. Saved, cotangent or x may be None (fill, drain)."""
     compensating = self.compensation.active(self.schedule.delay(k))
     predicting = compensating and self.compensation.name == 'weight_prediction'
-    # Delay compensation keeps each forward's parameters after its residuals.
+    # Delay compensation corrects with each forward's parameters (its saved inputs).
     keeps_parameters = compensating and self.compensation.name == 'delay_compensation'
 
-    def update_then_forward(state: TrainState, saved, cotangent, x, *, residuals=None):
+    def update_then_forward(state: TrainState, saved, forward_params, cotangent, x, *,
+                            residuals=None):
       input_cotangent = None
       if cotangent is not None:
         cotangent = cotangent * jnp.asarray(self.beta, cotangent.dtype)
         if self.stash == 'vjp':
-          count = residuals.value.num_leaves
-          pullback = jax.tree_util.tree_unflatten(residuals.value, saved[:count])
+          pullback = jax.tree_util.tree_unflatten(residuals.value, saved)
         else:  # recompute the forward with the current weights; running stats are not touched
           saved_x, saved_key = saved
           _, pullback, _ = self._vjp(k, state.params, state.batch_stats, saved_x, saved_key)
         grads, *rest = pullback(cotangent)
         input_cotangent = rest[0] if rest else None
         if keeps_parameters:
-          stale = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state.params),
-                                               saved[count:])
-          state = apply_gradients(state, grads, stale_params=stale)
+          state = apply_gradients(state, grads, stale_params=forward_params)
         else:
           state = state.apply_gradients(grads=grads)
-      y = new_saved = None
+      y = new_saved = inputs = None
       if x is not None:
         dropout_key, key = jax.random.split(state.dropout_key)
         params = state.params
@@ -383,13 +392,13 @@ class Pipeline:
         if self.stash == 'vjp':
           y, pullback, batch_stats = self._vjp(k, params, state.batch_stats, x, key)
           new_saved = jax.tree_util.tree_leaves(pullback)
-          if keeps_parameters:
-            new_saved += jax.tree_util.tree_leaves(params)
+          if self.keeps_inputs:   # the stage input is kept by the caller
+            inputs = {'params': params, 'batch_stats': state.batch_stats, 'key': key}
         else:
           y, batch_stats = self._train_forward(k, params, state.batch_stats, x, key)
           new_saved = (x, key)
         state = state.replace(batch_stats=batch_stats, dropout_key=dropout_key)
-      return state, y, new_saved, input_cotangent
+      return state, y, new_saved, inputs, input_cotangent
 
     return update_then_forward
 
@@ -420,6 +429,40 @@ class Pipeline:
       return self.modules[k].apply({'params': params, 'batch_stats': batch_stats}, x,
                                    **self._mode(k, False))
     return predict
+
+  def _make_rebuild_fn(self, k: int):
+    def rebuild(inputs):
+      pullback = self._vjp(k, inputs['params'], inputs['batch_stats'], inputs['x'],
+                           inputs['key'])[1]
+      return jax.tree_util.tree_leaves(pullback)
+    return rebuild
+
+  def rebuild_residuals(self, k: int, inputs: dict) -> list[jax.Array]:
+    """The residual leaves of stage k's forward from its saved `inputs` (see `Saved`)."""
+    return self._rebuild[k](inputs)
+
+  @staticmethod
+  @jax.jit
+  def _bit_equal(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
+    def bits(x):
+      if jnp.issubdtype(x.dtype, jnp.floating):
+        return jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * x.dtype.itemsize}'))
+      return x
+    return jnp.all(jnp.stack([jnp.all(bits(x) == bits(y)) for x, y in zip(a, b)]))
+
+  def rebuilds_exactly(self, k: int, entry: Saved) -> bool:
+    """Whether `rebuild_residuals` gives `entry`'s residuals bit for bit (False without inputs).
+
+    It does where XLA compiles the standalone forward like the forward inside the stage
+    function (checked on this CPU for the zoo's ResNets); a checkpoint asks before relying on it.
+    """
+    if entry.inputs is None:
+      return False
+    rebuilt = self.rebuild_residuals(k, entry.inputs)
+    return (len(rebuilt) == len(entry.arrays)
+            and all(a.shape == b.shape and a.dtype == b.dtype
+                    for a, b in zip(rebuilt, entry.arrays))
+            and bool(distributed.fetch(self._bit_equal(rebuilt, list(entry.arrays)))))
 
   def _residual_structure(self, k: int, state: TrainState, x: jax.Array) -> _Identity:
     """The tree structure of stage k's vjp residuals for inputs like x (traced once, cached).
@@ -602,11 +645,15 @@ class Pipeline:
     if x is not None and self.stash == 'vjp':
       residuals_out = self._residual_structure(k, stage, x)
       residuals = residuals or residuals_out
-    stage, y, new_saved, input_cotangent = self.stage_functions[k][call.phase](
-        stage, entry.arrays if entry else None, cotangent, x, residuals=residuals)
+    forward_params = (entry.inputs['params'] if entry is not None and entry.inputs is not None
+                      and self.compensation.name == 'delay_compensation' else None)
+    stage, y, new_saved, inputs, input_cotangent = self.stage_functions[k][call.phase](
+        stage, entry.arrays if entry else None, forward_params, cotangent, x,
+        residuals=residuals)
     if x is not None:
       structure = residuals_out if self.stash == 'vjp' else None
-      queue = queue + (Saved(arrays=new_saved, batch=call.forward, structure=structure),)
+      queue = queue + (Saved(arrays=new_saved, batch=call.forward, structure=structure,
+                             inputs=None if inputs is None else {**inputs, 'x': x}),)
     return StageOutput(stage, queue, activation=y, cotangent=input_cotangent)
 
   def _transfer(self, value: Optional[jax.Array], send: schedule_lib.Transfer

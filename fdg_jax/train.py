@@ -225,12 +225,12 @@ def evaluate(pipe: pipeline.Pipeline, state: pipeline.PipelineState,
   return result
 
 
-def save_checkpoint(checkpointer: checkpoint.Checkpointer, state: pipeline.PipelineState,
-                    step: int, extra: dict) -> None:
+def save_checkpoint(checkpointer: checkpoint.Checkpointer, pipe: pipeline.Pipeline,
+                    state: pipeline.PipelineState, step: int, extra: dict) -> None:
   """Checkpoint the pipeline as it is (in flight); never a diverged state. One line each."""
   workdir_lib.check_finite(state, step, None, checkpointer)
   start = time.time()
-  checkpointer.save(step, state, extra=extra)
+  checkpointer.save(step, pipe, state, extra=extra)
   logging.info('step %d  checkpoint saved (%s, %.1f s) in %s', step,
                _format_bytes(checkpointer.size_on_disk(step)), time.time() - start,
                checkpointer.directory)
@@ -366,7 +366,7 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
           recorder = None
       report_progress(step)
       if signals.stop_now(step):
-        save_checkpoint(checkpointer, state, step, checkpoint_extra())
+        save_checkpoint(checkpointer, pipe, state, step, checkpoint_extra())
         raise Preempted(f'Stopped by {signals.received} at step {step}; checkpoint saved in '
                         f'{checkpointer.directory}. Resume by running the same command again.')
       if step == num_steps:
@@ -379,10 +379,10 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
       if every(step, eval_every):
         evaluate_now(step)
       if every(step, config.checkpoint_every_steps):
-        save_checkpoint(checkpointer, state, step, checkpoint_extra())
+        save_checkpoint(checkpointer, pipe, state, step, checkpoint_extra())
     if checkpointer.latest_step() != num_steps:
       # Before the drain: a longer run continues this stream.
-      save_checkpoint(checkpointer, state, num_steps, checkpoint_extra())
+      save_checkpoint(checkpointer, pipe, state, num_steps, checkpoint_extra())
   state, drained = pipe.drain(state)   # every batch's gradient reaches every stage
   for info in drained:
     train_metrics = _merge(train_metrics, info.metrics)

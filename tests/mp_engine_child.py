@@ -37,7 +37,7 @@ def run(method, num_stages, stash, placements, checkpoint_dir=None):
   state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
   for t, (images, labels) in enumerate(batches):
     if checkpoint_dir and t == NUM_BATCHES // 2:
-      checkpoint.Checkpointer(checkpoint_dir).save(t, state)
+      checkpoint.Checkpointer(checkpoint_dir).save(t, pipe, state)
       del state
       pipe, variables = make_pipeline(method, num_stages, stash, placements)
       fresh = pipe.init(jax.random.key(1), batches[0][0], variables=variables)

@@ -462,7 +462,7 @@ def test_checkpoint_resume_mid_stream_is_bit_exact(method, dgl3, tmp_path):
   for images, labels in batches[:4]:
     state, _ = pipe.step(state, images, labels)
   assert state.in_flight
-  checkpoint.Checkpointer(str(tmp_path)).save(4, state)
+  checkpoint.Checkpointer(str(tmp_path)).save(4, pipe, state)
   fresh = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
   state, _ = checkpoint.Checkpointer(str(tmp_path)).restore(pipe, fresh)
   for images, labels in batches[4:]:

@@ -28,9 +28,17 @@ def run(pipe, state, batches):
   return state
 
 
+def saved_forms(pipe, state):
+  return {entry['form'] for records in checkpoint.to_tree(pipe, state)[1]['saved'].values()
+          for entry in records}
+
+
 @pytest.mark.parametrize('num_stages, stash', [
-    (2, 'vjp'), (3, 'vjp'), (2, 'recompute'), (3, 'recompute'), (3, 'vjp+dots_saveable')])
+    (2, 'vjp'), (3, 'vjp'), (2, 'recompute'), (3, 'recompute'), (3, 'vjp+dots_saveable'),
+    (2, 'vjp+nothing_saveable')])
 def test_resume_mid_stream_is_bit_exact(num_stages, stash, tmp_path):
+  """With stash 'vjp' (except 'nothing_saveable', whose residuals are already little more than
+  the inputs) the checkpoint holds each saved forward's inputs and rebuilds its residuals."""
   batches = tiny_batches(10)
   pipe, state = new_pipeline(num_stages, stash)
   straight, _ = pipe.drain(run(pipe, state, batches))
@@ -39,8 +47,10 @@ def test_resume_mid_stream_is_bit_exact(num_stages, stash, tmp_path):
   pipe, state = new_pipeline(num_stages, stash)
   state = run(pipe, state, batches[:5])
   assert state.in_flight   # saved forwards, activations and cotangents are all in the checkpoint
+  compact = stash in ('vjp', 'vjp+dots_saveable')
+  assert saved_forms(pipe, state) == {'compact' if compact else 'full'}
   saver = checkpoint.Checkpointer(str(tmp_path))
-  saver.save(5, state, extra={'step': 5})
+  saver.save(5, pipe, state, extra={'step': 5})
   del state
   # A new pipeline object: fresh compilation caches and residual structures, as in a new process.
   pipe, fresh = new_pipeline(num_stages, stash)
@@ -53,12 +63,59 @@ def test_resume_mid_stream_is_bit_exact(num_stages, stash, tmp_path):
   chex.assert_trees_all_equal(jax.device_get(pipe.stage_variables(resumed)), expected)
 
 
+def test_compact_checkpoint_is_smaller_and_falls_back_to_the_full_form(tmp_path, monkeypatch):
+  """Where the residuals would not be rebuilt bit for bit, an entry is stored in full (with its
+  inputs); both forms restore to the same state."""
+  batches = tiny_batches(6)
+  pipe, state = new_pipeline(3, 'vjp')
+  state = run(pipe, state, batches)
+  checkpoint.Checkpointer(str(tmp_path / 'compact')).save(6, pipe, state)
+  with monkeypatch.context() as patch:
+    patch.setattr(pipe, 'rebuilds_exactly', lambda k, entry: False)
+    assert saved_forms(pipe, state) == {'full'}
+    checkpoint.Checkpointer(str(tmp_path / 'full')).save(6, pipe, state)
+
+  def size(name):
+    return checkpoint.Checkpointer(str(tmp_path / name)).size_on_disk(6)
+  assert size('compact') < size('full')
+  def entries(saved):
+    return jax.device_get([(e.batch, e.arrays, e.inputs) for queue in saved for e in queue])
+  restored = []
+  for name in ('compact', 'full'):
+    other, fresh = new_pipeline(3, 'vjp')
+    restored.append(entries(
+        checkpoint.Checkpointer(str(tmp_path / name)).restore(other, fresh)[0].saved))
+  chex.assert_trees_all_equal(restored[0], restored[1], entries(state.saved))
+
+
+def test_checkpoint_without_compact_forms_still_resumes():
+  """Checkpoints written before compact forms (residual leaves only, their partition specs as
+  a list) restore, and the run goes on bit for bit."""
+  batches = tiny_batches(10)
+  pipe, state = new_pipeline(3, 'vjp')
+  straight, _ = pipe.drain(run(pipe, state, batches))
+  expected = jax.device_get(pipe.stage_variables(straight))
+  pipe, state = new_pipeline(3, 'vjp')
+  state = run(pipe, state, batches[:5])
+  pipe.rebuilds_exactly = lambda k, entry: False
+  arrays, metadata = checkpoint.to_tree(pipe, state)
+  for k, records in metadata['saved'].items():   # today's full form, written the old way
+    for i, record in enumerate(records):
+      arrays['saved'][k][str(i)] = arrays['saved'][k][str(i)]['residuals']
+      del record['form']
+      record['partition_specs'] = [None] * len(arrays['saved'][k][str(i)])
+  pipe, fresh = new_pipeline(3, 'vjp')
+  restored = checkpoint.from_tree(pipe, fresh, arrays, metadata)
+  resumed, _ = pipe.drain(run(pipe, restored, batches[5:]))
+  chex.assert_trees_all_equal(jax.device_get(pipe.stage_variables(resumed)), expected)
+
+
 def test_checkpoints_keep_the_last_few(tmp_path):
   pipe, state = new_pipeline(2, 'vjp')
   saver = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2)
   for step, (images, labels) in enumerate(tiny_batches(4), start=1):
     state, _ = pipe.step(state, images, labels)
-    saver.save(step, state)
+    saver.save(step, pipe, state)
   assert saver.latest_step() == 4
   assert sorted(int(d.name) for d in (tmp_path / 'checkpoints').iterdir() if d.name.isdigit()) == [3, 4]
 
@@ -66,7 +123,7 @@ def test_checkpoints_keep_the_last_few(tmp_path):
 def test_checkpoint_of_another_model_is_refused_clearly(tmp_path):
   pipe, state = new_pipeline(2, 'vjp')
   state, _ = pipe.step(state, *tiny_batches(1)[0])
-  checkpoint.Checkpointer(str(tmp_path)).save(1, state)
+  checkpoint.Checkpointer(str(tmp_path)).save(1, pipe, state)
   other, fresh = new_pipeline(3, 'vjp')
   with pytest.raises(checkpoint.CheckpointError, match='2 stages; this run has 3'):
     checkpoint.Checkpointer(str(tmp_path)).restore(other, fresh)
@@ -84,7 +141,7 @@ def test_checkpoint_from_before_label_queues_restores_the_same_state(method):
     pipe = pipeline.Pipeline(modules, make_optimizer(), placements=jax.devices()[:3])
   batches = tiny_batches(5)
   state = run(pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables), batches)
-  arrays, metadata = checkpoint.to_tree(state)
+  arrays, metadata = checkpoint.to_tree(pipe, state)
   labels = {entry.batch: entry.value for queue in state.labels for entry in queue}
   old_arrays = {**{k: v for k, v in arrays.items() if k != 'labels'}, 'activations': {
       k: {'value': a['value'], 'labels': jax.device_put(labels[metadata['activations'][k]],

@@ -222,7 +222,7 @@ def test_resume_mid_stream_is_bit_exact(tmp_path, name):
   pipe, state = make()
   for i, (images, labels) in enumerate(batches):
     if i == 5:
-      checkpoint.Checkpointer(str(tmp_path)).save(5, state)
+      checkpoint.Checkpointer(str(tmp_path)).save(5, pipe, state)
     state, _ = pipe.step(state, images, labels)
   straight = arrays(pipe.drain(state)[0].stages)
   pipe, fresh = make()

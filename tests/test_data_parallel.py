@@ -139,7 +139,7 @@ def test_resume_with_spread_stages_is_bit_exact(stash, tmp_path):
   def shardings(state):
     return [leaf.sharding for leaf in jax.tree_util.tree_leaves((state.stages, state.saved))]
   saved_shardings = shardings(state)
-  checkpoint.Checkpointer(str(tmp_path)).save(3, state)
+  checkpoint.Checkpointer(str(tmp_path)).save(3, pipe, state)
   del state
   pipe, _, variables = fdg(placements, stash)
   fresh = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
