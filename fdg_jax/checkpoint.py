@@ -256,12 +256,16 @@ class Checkpointer:
   """Saves and restores pipeline states under `workdir/checkpoints`, keeping the last few.
 
   Orbax writes each checkpoint to a temporary folder and renames it when complete, so a crash
-  mid-save leaves the previous checkpoints intact. In a multi-process run each process saves and
-  restores its own stages in `checkpoints/process_I` (`_ProcessFiles`), and the step resumed
-  from is the latest that every process holds.
+  mid-save leaves the previous checkpoints intact. With `asynchronous=True` (the trainer's
+  choice) `save` returns once the arrays are copied off the devices (training may then donate
+  them) and the files are written in a background thread; every other method, and `close`,
+  waits for that first. In a
+  multi-process run each process saves and restores its own stages in `checkpoints/process_I`
+  (`_ProcessFiles`, synchronous), and the step resumed from is the latest that every process
+  holds.
   """
 
-  def __init__(self, workdir: str, max_to_keep: int = 3):
+  def __init__(self, workdir: str, max_to_keep: int = 3, asynchronous: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
     self._process_files = None
     if jax.process_count() > 1:
@@ -273,11 +277,22 @@ class Checkpointer:
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=asynchronous))
+
+  def wait(self) -> None:
+    """Until the last save is on disk."""
+    if self._process_files is None:
+      self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Wait for the last save and release orbax's threads."""
+    if self._process_files is None:
+      self._manager.close()
 
   def latest_step(self) -> Optional[int]:
     """The latest step saved (by every process, in a multi-process run; all must call it)."""
     if self._process_files is None:
+      self.wait()
       return self._manager.latest_step()
     keep = self._process_files.max_to_keep
     steps = self._process_files.steps()[-keep:]
@@ -287,6 +302,7 @@ class Checkpointer:
 
   def size_on_disk(self, step: int) -> int:
     """Bytes of the files of the checkpoint at `step`."""
+    self.wait()
     if self._process_files is not None:
       return os.path.getsize(self._process_files.path(step))
     return sum(os.path.getsize(os.path.join(root, name))
@@ -295,19 +311,24 @@ class Checkpointer:
 
   def save(self, step: int, pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
            extra: Optional[dict] = None):
+    """Start writing the checkpoint of `state` at `step`; returns its arrays' bytes (this
+    process's). Returns once `state` may be changed or donated."""
     arrays, metadata = to_tree(pipe, state)
     metadata['extra'] = extra or {}
+    size = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(arrays))
     if self._process_files is not None:
       self._process_files.save(step, arrays, metadata)
-      return
+      return size
     os.makedirs(self.directory, exist_ok=True)
+    self.wait()   # one save at a time
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(metadata)), force=True)
-    self._manager.wait_until_finished()
+    return size
 
   def restore(self, pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState,
               step: Optional[int] = None) -> tuple[pipeline_lib.PipelineState, dict]:
     """The pipeline state saved at `step` (default: the latest), and its `extra` dict."""
+    self.wait()
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'No checkpoint in {self.directory}.')

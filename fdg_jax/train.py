@@ -230,10 +230,9 @@ def save_checkpoint(checkpointer: checkpoint.Checkpointer, pipe: pipeline.Pipeli
   """Checkpoint the pipeline as it is (in flight); never a diverged state. One line each."""
   workdir_lib.check_finite(state, step, None, checkpointer)
   start = time.time()
-  checkpointer.save(step, pipe, state, extra=extra)
-  logging.info('step %d  checkpoint saved (%s, %.1f s) in %s', step,
-               _format_bytes(checkpointer.size_on_disk(step)), time.time() - start,
-               checkpointer.directory)
+  size = checkpointer.save(step, pipe, state, extra=extra)
+  logging.info('step %d  checkpoint saved (%s, training held %.2f s; written in the background) '
+               'in %s', step, _format_bytes(size), time.time() - start, checkpointer.directory)
 
 
 def draw_timeline(recorder: timeline.TimelineRecorder, state: pipeline.PipelineState, config,
@@ -291,10 +290,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ConfigError(f'config.batch_size: {config.batch_size} is larger than the '
                       f'{len(dataset.train_labels)} training images. Use a smaller batch.')
   num_steps = total_train_steps(config, steps_per_epoch)
-  checkpointer = checkpoint.Checkpointer(workdir)
+  checkpointer = checkpoint.Checkpointer(workdir, asynchronous=True)
   workdir_lib.check_resumable(workdir, checkpointer.latest_step(), num_steps)
   with workdir_lib.log_file(workdir):
-    return _train(config, workdir, dataset, steps_per_epoch, num_steps, checkpointer)
+    try:
+      return _train(config, workdir, dataset, steps_per_epoch, num_steps, checkpointer)
+    finally:
+      checkpointer.close()   # the last checkpoint is on disk before the run ends, however
 
 
 def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoch: int,

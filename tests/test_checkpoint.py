@@ -110,6 +110,23 @@ def test_checkpoint_without_compact_forms_still_resumes():
   chex.assert_trees_all_equal(jax.device_get(pipe.stage_variables(resumed)), expected)
 
 
+def test_asynchronous_save_holds_the_state_of_its_step(tmp_path):
+  """Training goes on (donating the stage states) while orbax writes: the checkpoint still
+  holds the state of the step it was asked for."""
+  batches = tiny_batches(10)
+  pipe, state = new_pipeline(3, 'vjp')
+  state = run(pipe, state, batches[:5])
+  expected = jax.device_get(checkpoint.to_tree(pipe, state)[0])
+  saver = checkpoint.Checkpointer(str(tmp_path), asynchronous=True)
+  saver.save(5, pipe, state)
+  state = run(pipe, state, batches[5:])   # the saved stage states are donated here
+  assert saver.latest_step() == 5         # waits for the write
+  other, fresh = new_pipeline(3, 'vjp')
+  restored, _ = saver.restore(other, fresh)
+  chex.assert_trees_all_equal(jax.device_get(checkpoint.to_tree(other, restored)[0]), expected)
+  saver.close()
+
+
 def test_checkpoints_keep_the_last_few(tmp_path):
   pipe, state = new_pipeline(2, 'vjp')
   saver = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2)

@@ -1,0 +1,116 @@
+r"""Checkpoint size and save / restore time: every residual (before) against the compact form.
+
+FDG's checkpoint holds the pipeline in flight. Before issue 16 each saved forward went to disk as
+all its `jax.vjp` residuals ('full'); now a checkpoint stores what determines them (the stage
+input, the parameters and BatchNorm statistics of that forward, its dropout key) and rebuilds the
+residuals on restore ('compact', `Pipeline.rebuild_residuals`). For each K this script runs the
+real engine (all stages on device 0, stash 'vjp', random data) into its steady state, 2(K-1)+1
+iterations, then for each form saves a checkpoint synchronously with orbax, restores it into a
+new pipeline, and checks that the restored saved forwards are bit-equal to the ones in flight.
+'full' is the state of a pipeline that keeps no inputs (`keeps_inputs = False`), which is
+exactly what checkpoints held before.
+
+    python experiments/bench_checkpoint.py                  # ResNet-56, batch 128, K = 2, 4
+
+Prints a markdown table; the last stdout line is one JSON object, also written to
+experiments/results/bench_checkpoint_<model>_b<batch>.json. Restore time includes compiling the
+rebuild (a new process restores the same way); save time includes checking that the rebuild is
+exact.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402  (after the path set-up above)
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+
+from experiments import common  # noqa: E402
+from fdg_jax import checkpoint  # noqa: E402
+
+flags.DEFINE_string('model', 'resnet56', 'Model of the zoo (fdg_jax.models.MODEL_NAMES).')
+flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
+flags.DEFINE_list('num_stages', ['2', '4'], 'K values.')
+flags.DEFINE_string('stash', 'vjp', "'vjp' or 'vjp+POLICY' (a residual policy).")
+flags.DEFINE_string('output', '', "File name under experiments/results/ (or an absolute path); "
+                    "'' = bench_checkpoint_<model>_b<batch>.json.")
+FLAGS = flags.FLAGS
+
+MIB = 2 ** 20
+IMAGE_SIZE = 32
+
+
+def build(num_stages: int, keeps_inputs: bool):
+  config = common.make_config(FLAGS.model, 'fdg', num_stages, FLAGS.batch_size, IMAGE_SIZE,
+                              FLAGS.stash, stage_devices=(0,) * num_stages)
+  pipe, state = common.build_pipeline(config)
+  pipe.keeps_inputs = pipe.keeps_inputs and keeps_inputs
+  return pipe, state
+
+
+def measure(num_stages: int, form: str, directory: str) -> dict:
+  pipe, state = build(num_stages, keeps_inputs=form == 'compact')
+  for images, labels in common.random_batches(pipe, FLAGS.batch_size, IMAGE_SIZE,
+                                              2 * (num_stages - 1) + 1):
+    state, _ = pipe.step(state, images, labels)
+  jax.block_until_ready(state)
+  saver = checkpoint.Checkpointer(directory)
+  start = time.perf_counter()
+  logical = saver.save(1, pipe, state)
+  save_s = time.perf_counter() - start
+  on_disk = saver.size_on_disk(1)
+  other, fresh = build(num_stages, keeps_inputs=form == 'compact')
+  start = time.perf_counter()
+  restored, _ = saver.restore(other, fresh)
+  jax.block_until_ready(restored)
+  restore_s = time.perf_counter() - start
+  exact = all(
+      a.batch == b.batch and bool(pipe._bit_equal(list(a.arrays), list(b.arrays)))  # pylint: disable=protected-access
+      for queue_a, queue_b in zip(state.saved, restored.saved)
+      for a, b in zip(queue_a, queue_b, strict=True))
+  forms = sorted({e['form'] for records in checkpoint.to_tree(pipe, state)[1]['saved'].values()
+                  for e in records})
+  return {'num_stages': num_stages, 'form': form, 'stored_forms': forms,
+          'saved_entries': sum(len(q) for q in state.saved), 'bytes_on_disk': on_disk,
+          'array_bytes': logical, 'save_s': round(save_s, 3), 'restore_s': round(restore_s, 3),
+          'restored_bit_exact': exact}
+
+
+def main(argv):
+  del argv
+  rows = []
+  for k in (int(k) for k in FLAGS.num_stages):
+    for form in ('full', 'compact'):
+      directory = tempfile.mkdtemp(prefix='bench_checkpoint_')
+      try:
+        rows.append(measure(k, form, directory))
+      finally:
+        shutil.rmtree(directory, ignore_errors=True)
+      print(rows[-1], flush=True)
+  print(f'\n{FLAGS.model}, batch {FLAGS.batch_size}, stash {FLAGS.stash}, steady state:\n')
+  print('| K | form | saved forwards | on disk (MiB) | save (s) | restore (s) | bit-exact |')
+  print('| --- | --- | --- | --- | --- | --- | --- |')
+  ratios = {}
+  for row in rows:
+    print(f"| {row['num_stages']} | {row['form']} ({'/'.join(row['stored_forms'])}) | "
+          f"{row['saved_entries']} | {row['bytes_on_disk'] / MIB:.1f} | {row['save_s']:.2f} | "
+          f"{row['restore_s']:.2f} | {row['restored_bit_exact']} |")
+  for k in {row['num_stages'] for row in rows}:
+    full, compact = (next(r for r in rows if r['num_stages'] == k and r['form'] == f)
+                     for f in ('full', 'compact'))
+    ratios[str(k)] = round(full['bytes_on_disk'] / compact['bytes_on_disk'], 1)
+  print(f'\nfull / compact bytes on disk, per K: {ratios}\n')
+  output = FLAGS.output or f'bench_checkpoint_{FLAGS.model}_b{FLAGS.batch_size}.json'
+  common.print_json({'model': FLAGS.model, 'batch_size': FLAGS.batch_size,
+                     'stash': FLAGS.stash, 'rows': rows, 'full_over_compact': ratios,
+                     'machine': common.machine()},
+                    output if os.path.isabs(output) else os.path.join(common.RESULTS_DIR, output))
+
+
+if __name__ == '__main__':
+  app.run(main)
