@@ -3,7 +3,9 @@ r"""Checkpoint size and save / restore time: every residual (before) against the
 FDG's checkpoint holds the pipeline in flight. Before issue 16 each saved forward went to disk as
 all its `jax.vjp` residuals ('full'); now a checkpoint stores what determines them (the stage
 input, the parameters and BatchNorm statistics of that forward, its dropout key) and rebuilds the
-residuals on restore ('compact', `Pipeline.rebuild_residuals`). For each K this script runs the
+residuals on restore ('compact', `Pipeline.rebuild_forward`), taking stage inputs and
+activations in flight from the previous stage's rebuilt forward and stage 0's inputs from the
+data stream (here: the random batches, as the trainer passes its stream). For each K this script runs the
 real engine (all stages on device 0, stash 'vjp', random data) into its steady state, 2(K-1)+1
 iterations, then for each form saves a checkpoint synchronously with orbax, restores it into a
 new pipeline, and checks that the restored saved forwards are bit-equal to the ones in flight.
@@ -29,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402  (after the path set-up above)
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
 from fdg_jax import checkpoint  # noqa: E402
@@ -55,22 +58,25 @@ def build(num_stages: int, keeps_inputs: bool):
 
 def measure(num_stages: int, form: str, directory: str) -> dict:
   pipe, state = build(num_stages, keeps_inputs=form == 'compact')
-  for images, labels in common.random_batches(pipe, FLAGS.batch_size, IMAGE_SIZE,
-                                              2 * (num_stages - 1) + 1):
+  batches = common.random_batches(pipe, FLAGS.batch_size, IMAGE_SIZE, 2 * (num_stages - 1) + 1)
+  for images, labels in batches:
     state, _ = pipe.step(state, images, labels)
   jax.block_until_ready(state)
+  # The trainer gives the checkpoint its data stream, so stage 0's inputs are not stored.
+  stream = [np.asarray(images) for images, _ in batches]
+  batch_images = stream.__getitem__ if form == 'compact' else None
   saver = checkpoint.Checkpointer(directory)
   start = time.perf_counter()
-  logical = saver.save(1, pipe, state)
+  logical = saver.save(1, pipe, state, batch_images=batch_images)
   save_s = time.perf_counter() - start
   on_disk = saver.size_on_disk(1)
   other, fresh = build(num_stages, keeps_inputs=form == 'compact')
   start = time.perf_counter()
-  restored, _ = saver.restore(other, fresh)
+  restored, _ = saver.restore(other, fresh, batch_images=batch_images)
   jax.block_until_ready(restored)
   restore_s = time.perf_counter() - start
   exact = all(
-      a.batch == b.batch and bool(pipe._bit_equal(list(a.arrays), list(b.arrays)))  # pylint: disable=protected-access
+      a.batch == b.batch and pipe.bits_equal(a.arrays, b.arrays)
       for queue_a, queue_b in zip(state.saved, restored.saved)
       for a, b in zip(queue_a, queue_b, strict=True))
   forms = sorted({e['form'] for records in checkpoint.to_tree(pipe, state)[1]['saved'].values()

@@ -10,7 +10,7 @@ each entry belongs to, the data position) goes into a JSON item beside the array
 import functools
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import flax
 import jax
@@ -36,43 +36,72 @@ def _unindexed(tree: dict) -> list:
   return [tree[str(i)] for i in range(len(tree))]
 
 
-def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState
-            ) -> tuple[dict, dict]:
+def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
+            batch_images: Optional[Callable[[int], np.ndarray]] = None) -> tuple[dict, dict]:
   """(arrays, metadata) of a pipeline state: nested dicts of arrays, and JSON-able bookkeeping.
 
   Only the stages this process holds are in it (all of them in a single-process run). A saved
   forward is stored in its compact form, what determines its residuals (`Saved.inputs`), where
-  `pipe` rebuilds them from that bit for bit; otherwise (or without inputs) as it is.
+  `pipe` rebuilds them from that bit for bit; otherwise (or without inputs) as it is. In one
+  process, a stage input or an activation in flight that the previous stage's rebuilt forward of
+  the same batch reproduces bit for bit is not stored either ('from_previous'): a batch in
+  flight then costs each stage's parameters, not its activations. With `batch_images` (batch
+  index -> its images, as fed: the trainer's data stream), stage 0's inputs that it reproduces
+  are not stored either ('x_from_stream'); restoring then needs the same function.
   """
+  outputs = {}   # (stage, batch) -> the output of a forward stored compactly, rebuilt
+  chain = pipe.num_processes == 1
+
+  def from_previous(k: int, batch: int, value: jax.Array) -> bool:
+    if k == 0:
+      return chain and batch_images is not None and pipe.bits_equal(
+          [jax.device_put(batch_images(batch), pipe.shardings[0])], [value])
+    previous = outputs.get((k - 1, batch))
+    return previous is not None and chain and pipe.bits_equal(
+        [jax.device_put(previous, pipe.shardings[k])], [value])
+
   saved, saved_metadata = {}, {}
   for k, queue in enumerate(state.saved):
     entries, records = {}, []
     for i, entry in enumerate(queue):
-      compact = pipe.rebuilds_exactly(k, entry)
-      entries[str(i)] = {'inputs': entry.inputs} if compact else _indexed(
-          jax.tree_util.tree_leaves(entry.arrays))
-      if not compact and entry.inputs is not None:
-        entries[str(i)] = {'residuals': entries[str(i)], 'inputs': entry.inputs}
-      records.append({
-          'batch': entry.batch,
-          'input_spec': entry.structure.input_spec if entry.structure else None,
-          'form': 'compact' if compact else 'full',
-          'partition_specs': {
-              '/'.join(str(p.key) for p in path): _partition_spec(leaf)
-              for path, leaf in jax.tree_util.tree_flatten_with_path(entries[str(i)])[0]}})
+      output = pipe.rebuilt_output(k, entry)
+      record = {'batch': entry.batch,
+                'input_spec': entry.structure.input_spec if entry.structure else None,
+                'form': 'full' if output is None else 'compact'}
+      if output is None:
+        stored = _indexed(jax.tree_util.tree_leaves(entry.arrays))
+        if entry.inputs is not None:
+          stored = {'residuals': stored, 'inputs': entry.inputs}
+      else:
+        outputs[(k, entry.batch)] = output
+        inputs = dict(entry.inputs)
+        source = 'x_from_stream' if k == 0 else 'x_from_previous'
+        record[source] = from_previous(k, entry.batch, inputs['x'])
+        if record[source]:
+          del inputs['x']
+        stored = {'inputs': inputs}
+      record['partition_specs'] = {
+          '/'.join(str(p.key) for p in path): _partition_spec(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+      entries[str(i)] = stored
+      records.append(record)
     if queue:
       saved[str(k)], saved_metadata[str(k)] = entries, records
+  activations_from_previous = [
+      str(k) for k, a in enumerate(state.activations)
+      if a is not None and from_previous(k, a.batch, a.value)]
   arrays = {
       'stages': {str(k): flax.serialization.to_state_dict(s)
                  for k, s in enumerate(state.stages) if s is not None},
       'saved': saved,
-      'activations': {str(k): {'value': a.value}
-                      for k, a in enumerate(state.activations) if a is not None},
+      'activations': {str(k): {'value': a.value} for k, a in enumerate(state.activations)
+                      if a is not None and str(k) not in activations_from_previous},
       'cotangents': {str(k): c.value for k, c in enumerate(state.cotangents) if c is not None},
       'labels': {str(k): _indexed(entry.value for entry in queue)
                  for k, queue in enumerate(state.labels) if queue},
   }
   metadata = {
+      'activations_from_previous': activations_from_previous,
       'iteration': state.iteration,
       'batches_fed': state.batches_fed,
       'stream_first_batch': state.stream_first_batch,
@@ -129,12 +158,14 @@ def _labels_from_old_activations(pipe: pipeline_lib.Pipeline, arrays: dict, meta
 
 
 def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, arrays: dict,
-              metadata: dict) -> pipeline_lib.PipelineState:
-  """Rebuild a PipelineState; `fresh` (from `pipe.init`) gives the TrainState structure."""
+              metadata: dict, batch_images: Optional[Callable[[int], np.ndarray]] = None
+              ) -> pipeline_lib.PipelineState:
+  """Rebuild a PipelineState; `fresh` (from `pipe.init`) gives the TrainState structure, and
+  `batch_images` the images of stage 0's saved forwards that `to_tree` took from it."""
   stages = tuple(None if fresh.stages[k] is None else
                  flax.serialization.from_state_dict(fresh.stages[k], arrays['stages'][str(k)])
                  for k in range(pipe.num_stages))
-  saved = []
+  saved, outputs = [], {}   # outputs: (stage, batch) -> output of a rebuilt forward
   for k in range(pipe.num_stages):
     queue = []
     for i, entry in enumerate(metadata['saved'].get(str(k), [])):
@@ -147,7 +178,17 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
             'entries in this checkpoint do not hold them (another stash or residual policy wrote '
             'it): resume with the config it was written with, or start in a new --workdir.')
       if form == 'compact':
-        leaves = pipe.rebuild_residuals(k, inputs)
+        if entry.get('x_from_stream'):
+          if batch_images is None:
+            raise CheckpointError(
+                "This checkpoint takes stage 0's inputs from the training data stream; restore "
+                'it through the trainer, or pass batch_images to Checkpointer.restore.')
+          inputs = {**inputs, 'x': jax.device_put(batch_images(entry['batch']),
+                                                  pipe.shardings[0])}
+        if entry.get('x_from_previous'):
+          inputs = {**inputs, 'x': jax.device_put(outputs[(k - 1, entry['batch'])],
+                                                  pipe.shardings[k])}
+        outputs[(k, entry['batch'])], leaves = pipe.rebuild_forward(k, inputs)
       else:
         leaves = _unindexed(stored['residuals'] if inputs is not None else stored)
       if pipe.stash == 'vjp':
@@ -161,8 +202,10 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
     saved.append(tuple(queue))
   activations = [None] * pipe.num_stages
   for k, batch in metadata['activations'].items():
-    activations[int(k)] = pipeline_lib.Activation(value=arrays['activations'][k]['value'],
-                                                  batch=batch)
+    value = (jax.device_put(outputs[(int(k) - 1, batch)], pipe.shardings[int(k)])
+             if k in metadata.get('activations_from_previous', ()) else
+             arrays['activations'][k]['value'])
+    activations[int(k)] = pipeline_lib.Activation(value=value, batch=batch)
   cotangents = [None] * pipe.num_stages
   for k, batch in metadata['cotangents'].items():
     cotangents[int(k)] = pipeline_lib.Cotangent(value=arrays['cotangents'][k], batch=batch)
@@ -310,10 +353,11 @@ class Checkpointer:
                for name in names)
 
   def save(self, step: int, pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
-           extra: Optional[dict] = None):
-    """Start writing the checkpoint of `state` at `step`; returns its arrays' bytes (this
-    process's). Returns once `state` may be changed or donated."""
-    arrays, metadata = to_tree(pipe, state)
+           extra: Optional[dict] = None,
+           batch_images: Optional[Callable[[int], np.ndarray]] = None) -> int:
+    """Start writing the checkpoint of `state` at `step` (`to_tree` says what it holds); returns
+    its arrays' bytes. Returns once `state` may be changed or donated."""
+    arrays, metadata = to_tree(pipe, state, batch_images)
     metadata['extra'] = extra or {}
     size = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(arrays))
     if self._process_files is not None:
@@ -326,8 +370,11 @@ class Checkpointer:
     return size
 
   def restore(self, pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState,
-              step: Optional[int] = None) -> tuple[pipeline_lib.PipelineState, dict]:
-    """The pipeline state saved at `step` (default: the latest), and its `extra` dict."""
+              step: Optional[int] = None,
+              batch_images: Optional[Callable[[int], np.ndarray]] = None
+              ) -> tuple[pipeline_lib.PipelineState, dict]:
+    """The pipeline state saved at `step` (default: the latest), and its `extra` dict;
+    `batch_images` as given to `save`."""
     self.wait()
     step = self.latest_step() if step is None else step
     if step is None:
@@ -347,7 +394,7 @@ class Checkpointer:
         _check_matches(fresh, target, self.directory, step)
         arrays = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))['state']
-      state = from_tree(pipe, fresh, arrays, metadata)
+      state = from_tree(pipe, fresh, arrays, metadata, batch_images)
     except CheckpointError:
       raise
     except Exception as e:  # orbax/tensorstore raise many kinds; name the file and the fix

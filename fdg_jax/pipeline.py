@@ -84,7 +84,7 @@ class Saved:
   stash='vjp': the residuals of `jax.vjp` (old activations and old weights), and in `inputs`
   what determines them: {'x': the stage input, 'params' and 'batch_stats' that forward used,
   'key': its dropout key} (`Pipeline.keeps_inputs`); a checkpoint stores only those and rebuilds
-  the residuals (`Pipeline.rebuild_residuals`).
+  the residuals (`Pipeline.rebuild_forward`).
   stash='recompute': the stage input and dropout key, to redo the forward at backward time.
   """
   arrays: Any
@@ -161,6 +161,15 @@ def apply_gradients(state: TrainState, grads, **extra_args) -> TrainState:
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
   return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                        opt_state=opt_state)
+
+
+@jax.jit
+def _bits_equal(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
+  def bits(x):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      return jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * x.dtype.itemsize}'))
+    return x
+  return jnp.all(jnp.stack([jnp.all(bits(x) == bits(y)) for x, y in zip(a, b)]))
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -432,37 +441,34 @@ class Pipeline:
 
   def _make_rebuild_fn(self, k: int):
     def rebuild(inputs):
-      pullback = self._vjp(k, inputs['params'], inputs['batch_stats'], inputs['x'],
-                           inputs['key'])[1]
-      return jax.tree_util.tree_leaves(pullback)
+      y, pullback, _ = self._vjp(k, inputs['params'], inputs['batch_stats'], inputs['x'],
+                                 inputs['key'])
+      return y, jax.tree_util.tree_leaves(pullback)
     return rebuild
 
-  def rebuild_residuals(self, k: int, inputs: dict) -> list[jax.Array]:
-    """The residual leaves of stage k's forward from its saved `inputs` (see `Saved`)."""
+  def rebuild_forward(self, k: int, inputs: dict) -> tuple[jax.Array, list[jax.Array]]:
+    """Stage k's forward from a saved entry's `inputs` (see `Saved`): (output, residual leaves)."""
     return self._rebuild[k](inputs)
 
   @staticmethod
-  @jax.jit
-  def _bit_equal(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
-    def bits(x):
-      if jnp.issubdtype(x.dtype, jnp.floating):
-        return jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * x.dtype.itemsize}'))
-      return x
-    return jnp.all(jnp.stack([jnp.all(bits(x) == bits(y)) for x, y in zip(a, b)]))
+  def bits_equal(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> bool:
+    """Whether two lists of arrays (pairwise on the same devices) are equal bit for bit."""
+    a, b = list(a), list(b)
+    return (len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype
+                                     for x, y in zip(a, b))
+            and bool(distributed.fetch(_bits_equal(a, b))))
 
-  def rebuilds_exactly(self, k: int, entry: Saved) -> bool:
-    """Whether `rebuild_residuals` gives `entry`'s residuals bit for bit (False without inputs).
+  def rebuilt_output(self, k: int, entry: Saved) -> Optional[jax.Array]:
+    """The output of `entry`'s forward rebuilt from its inputs, if the rebuild gives its
+    residuals bit for bit; None if not (or if it has no inputs).
 
-    It does where XLA compiles the standalone forward like the forward inside the stage
-    function (checked on this CPU for the zoo's ResNets); a checkpoint asks before relying on it.
+    The rebuild is exact where XLA compiles the standalone forward like the forward inside the
+    stage function (so far everywhere on this CPU); a checkpoint asks before relying on it.
     """
     if entry.inputs is None:
-      return False
-    rebuilt = self.rebuild_residuals(k, entry.inputs)
-    return (len(rebuilt) == len(entry.arrays)
-            and all(a.shape == b.shape and a.dtype == b.dtype
-                    for a, b in zip(rebuilt, entry.arrays))
-            and bool(distributed.fetch(self._bit_equal(rebuilt, list(entry.arrays)))))
+      return None
+    y, leaves = self.rebuild_forward(k, entry.inputs)
+    return y if self.bits_equal(leaves, entry.arrays) else None
 
   def _residual_structure(self, k: int, state: TrainState, x: jax.Array) -> _Identity:
     """The tree structure of stage k's vjp residuals for inputs like x (traced once, cached).

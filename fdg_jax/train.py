@@ -12,7 +12,7 @@ import hashlib
 import os
 import resource
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
 from clu import metric_writers
@@ -226,11 +226,12 @@ def evaluate(pipe: pipeline.Pipeline, state: pipeline.PipelineState,
 
 
 def save_checkpoint(checkpointer: checkpoint.Checkpointer, pipe: pipeline.Pipeline,
-                    state: pipeline.PipelineState, step: int, extra: dict) -> None:
+                    state: pipeline.PipelineState, step: int, extra: dict,
+                    batch_images: Callable[[int], np.ndarray]) -> None:
   """Checkpoint the pipeline as it is (in flight); never a diverged state. One line each."""
   workdir_lib.check_finite(state, step, None, checkpointer)
   start = time.time()
-  size = checkpointer.save(step, pipe, state, extra=extra)
+  size = checkpointer.save(step, pipe, state, extra=extra, batch_images=batch_images)
   logging.info('step %d  checkpoint saved (%s, training held %.2f s; written in the background) '
                'in %s', step, _format_bytes(size), time.time() - start, checkpointer.directory)
 
@@ -310,8 +311,14 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
     logging.info('%s: %s extra trainable parameters outside the network (auxiliary heads), not '
                  'counted in the table above.', config.method, f'{extra_params:,}')
   start_step, progress = 0, {'history': [], 'train_time_s': 0.0}
+
+  def batch_images(batch: int) -> np.ndarray:
+    """The images of the stream's batch `batch` (a checkpoint stores its index, not them)."""
+    return next(input_pipeline.train_batches(dataset, config.batch_size, config.seed,
+                                             start_step=batch))[0]
+
   if checkpointer.latest_step() is not None:
-    state, progress = checkpointer.restore(pipe, state)
+    state, progress = checkpointer.restore(pipe, state, batch_images=batch_images)
     start_step = state.batches_fed
     logging.info('Resumed from the checkpoint at step %d in %s.', start_step,
                  checkpointer.directory)
@@ -368,7 +375,7 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
           recorder = None
       report_progress(step)
       if signals.stop_now(step):
-        save_checkpoint(checkpointer, pipe, state, step, checkpoint_extra())
+        save_checkpoint(checkpointer, pipe, state, step, checkpoint_extra(), batch_images)
         raise Preempted(f'Stopped by {signals.received} at step {step}; checkpoint saved in '
                         f'{checkpointer.directory}. Resume by running the same command again.')
       if step == num_steps:
@@ -381,10 +388,10 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
       if every(step, eval_every):
         evaluate_now(step)
       if every(step, config.checkpoint_every_steps):
-        save_checkpoint(checkpointer, pipe, state, step, checkpoint_extra())
+        save_checkpoint(checkpointer, pipe, state, step, checkpoint_extra(), batch_images)
     if checkpointer.latest_step() != num_steps:
       # Before the drain: a longer run continues this stream.
-      save_checkpoint(checkpointer, pipe, state, num_steps, checkpoint_extra())
+      save_checkpoint(checkpointer, pipe, state, num_steps, checkpoint_extra(), batch_images)
   state, drained = pipe.drain(state)   # every batch's gradient reaches every stage
   for info in drained:
     train_metrics = _merge(train_metrics, info.metrics)

@@ -49,6 +49,11 @@ def test_resume_mid_stream_is_bit_exact(num_stages, stash, tmp_path):
   assert state.in_flight   # saved forwards, activations and cotangents are all in the checkpoint
   compact = stash in ('vjp', 'vjp+dots_saveable')
   assert saved_forms(pipe, state) == {'compact' if compact else 'full'}
+  if compact:   # stage inputs and activations in flight come from the stage before
+    metadata = checkpoint.to_tree(pipe, state)[1]
+    for k, records in metadata['saved'].items():
+      assert all(e.get('x_from_previous', False) == (k != '0') for e in records), k
+    assert metadata['activations_from_previous'] == [str(k) for k in range(1, num_stages)]
   saver = checkpoint.Checkpointer(str(tmp_path))
   saver.save(5, pipe, state, extra={'step': 5})
   del state
@@ -71,7 +76,7 @@ def test_compact_checkpoint_is_smaller_and_falls_back_to_the_full_form(tmp_path,
   state = run(pipe, state, batches)
   checkpoint.Checkpointer(str(tmp_path / 'compact')).save(6, pipe, state)
   with monkeypatch.context() as patch:
-    patch.setattr(pipe, 'rebuilds_exactly', lambda k, entry: False)
+    patch.setattr(pipe, 'rebuilt_output', lambda k, entry: None)
     assert saved_forms(pipe, state) == {'full'}
     checkpoint.Checkpointer(str(tmp_path / 'full')).save(6, pipe, state)
 
@@ -88,6 +93,29 @@ def test_compact_checkpoint_is_smaller_and_falls_back_to_the_full_form(tmp_path,
   chex.assert_trees_all_equal(restored[0], restored[1], entries(state.saved))
 
 
+def test_stage_inputs_from_the_data_stream(tmp_path):
+  """Given the stream's images by batch index (as the trainer does), a checkpoint stores no
+  stage-0 inputs; restoring needs the stream and gives the state back bit for bit."""
+  batches = tiny_batches(10)
+  pipe, state = new_pipeline(3, 'vjp')
+  state = run(pipe, state, batches[:5])
+  stream = [images for images, _ in batches]
+  metadata = checkpoint.to_tree(pipe, state, stream.__getitem__)[1]
+  assert all(e['x_from_stream'] for e in metadata['saved']['0'])
+  saver = checkpoint.Checkpointer(str(tmp_path))
+  saver.save(5, pipe, state, batch_images=stream.__getitem__)
+  other, fresh = new_pipeline(3, 'vjp')
+  with pytest.raises(checkpoint.CheckpointError, match='data stream'):
+    saver.restore(other, fresh)
+  restored, _ = saver.restore(other, fresh, batch_images=stream.__getitem__)
+  chex.assert_trees_all_equal(jax.device_get(checkpoint.to_tree(other, restored)[0]),
+                              jax.device_get(checkpoint.to_tree(pipe, state)[0]))
+  # Another stream (a changed data set, say) is not trusted: the inputs are stored.
+  other_stream = [images + 1 for images in stream]
+  metadata = checkpoint.to_tree(pipe, state, other_stream.__getitem__)[1]
+  assert not any(e['x_from_stream'] for e in metadata['saved']['0'])
+
+
 def test_checkpoint_without_compact_forms_still_resumes():
   """Checkpoints written before compact forms (residual leaves only, their partition specs as
   a list) restore, and the run goes on bit for bit."""
@@ -97,7 +125,7 @@ def test_checkpoint_without_compact_forms_still_resumes():
   expected = jax.device_get(pipe.stage_variables(straight))
   pipe, state = new_pipeline(3, 'vjp')
   state = run(pipe, state, batches[:5])
-  pipe.rebuilds_exactly = lambda k, entry: False
+  pipe.rebuilt_output = lambda k, entry: None
   arrays, metadata = checkpoint.to_tree(pipe, state)
   for k, records in metadata['saved'].items():   # today's full form, written the old way
     for i, record in enumerate(records):
@@ -158,7 +186,9 @@ def test_checkpoint_from_before_label_queues_restores_the_same_state(method):
     pipe = pipeline.Pipeline(modules, make_optimizer(), placements=jax.devices()[:3])
   batches = tiny_batches(5)
   state = run(pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables), batches)
+  pipe.rebuilt_output = lambda k, entry: None   # as then: every array stored
   arrays, metadata = checkpoint.to_tree(pipe, state)
+  del pipe.rebuilt_output
   labels = {entry.batch: entry.value for queue in state.labels for entry in queue}
   old_arrays = {**{k: v for k, v in arrays.items() if k != 'labels'}, 'activations': {
       k: {'value': a['value'], 'labels': jax.device_put(labels[metadata['activations'][k]],
