@@ -96,17 +96,13 @@ def plot_bars(groups, path: str, title: str) -> None:
       values.append(mean)
       ax.legend(fontsize=8, loc='lower right')
     ax.set_xticks(range(len(fdg)), [g.key[4] or 'FDG' for g in fdg], fontsize=8)
-    if values:
-      low, high = min(values), max(values)
-      ax.set_ylim(max(0.0, low - max(1.0, high - low)), high + max(1.0, 0.5 * (high - low)))
+    reports.zoom_to(ax, values)
     ax.set_title(f'K = {k}, β = {fdg[0].key[3]:g}' if fdg else f'K = {k}', fontsize=10)
     ax.set_ylabel('test error (%), mean over seeds')
     ax.grid(axis='y', alpha=0.3)
   fig.suptitle(title + ' (error bars: ± 1 s.e. of the paired difference to BP; y axis does '
                'not start at 0)', fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  reports.save_figure(fig, path)
 
 
 def report(results, options: cells_lib.Options) -> None:

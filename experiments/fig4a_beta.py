@@ -73,15 +73,11 @@ def plot_betas(groups, path: str, title: str) -> None:
   ax.set_xticks(list(positions), [f'{g.key[3]:g}' for g in fdg])
   ax.set_xlabel('gradient-shrinking factor β')
   ax.set_ylabel('test error (%)')
-  if values:   # zoom in: the differences are a few points of a large error
-    low, high = min(values), max(values)
-    ax.set_ylim(max(0.0, low - max(1.0, high - low)), high + max(1.0, 0.5 * (high - low)))
+  reports.zoom_to(ax, values)
   ax.set_title(title + ' (y axis does not start at 0)', fontsize=10)
   ax.grid(axis='y', alpha=0.3)
   ax.legend(fontsize=8, loc='lower right')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  reports.save_figure(fig, path)
 
 
 def report(results, options: cells_lib.Options) -> None:

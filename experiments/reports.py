@@ -138,6 +138,20 @@ def pyplot():
   return plt
 
 
+def zoom_to(ax, values: Sequence[float]) -> None:
+  """A y range around `values` (bar tops, reference lines): the differences are a few points of
+  a large error, so the axis does not start at 0."""
+  if values:
+    low, high = min(values), max(values)
+    ax.set_ylim(max(0.0, low - max(1.0, high - low)), high + max(1.0, 0.5 * (high - low)))
+
+
+def save_figure(fig, path: str) -> None:
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  pyplot().close(fig)
+
+
 def plot_curves(groups: Sequence[Group], path: str, title: str) -> None:
   """Test error against epoch, mean over seeds (band: ± std), one panel per model."""
   plt = pyplot()
@@ -160,9 +174,7 @@ def plot_curves(groups: Sequence[Group], path: str, title: str) -> None:
     ax.grid(alpha=0.3)
     if ax.lines:
       ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -129,7 +129,9 @@ def summary_of(workdir):
     return json.load(f)
 
 
-def test_trainer_in_two_processes_resumes_bit_exactly_and_equals_one_process(tmp_path):
+def test_trainer_in_two_processes_resumes_bit_exactly(tmp_path):
+  """12 + 12 steps with a restart equal 24, bit for bit. (That two processes compute what one
+  computes, the engine tests above check: the trainer adds no arithmetic.)"""
   data = write_image_folder(tmp_path / 'data')
   # Run 'a' also draws the timeline of both processes' stage calls (steps 14-16): it only
   # observes, the numbers stay the same.
@@ -148,20 +150,6 @@ def test_trainer_in_two_processes_resumes_bit_exactly_and_equals_one_process(tmp
   assert resumed['resumed_from_step'] == 12
   assert resumed['params_digest'] == a['params_digest']   # two runs, 12 + 12 == 24, bit for bit
   assert 'Stages of resnet20' in output and '[1] Stages' not in output   # process 0 speaks
-  # One process with a device per stage: the same numbers to float tolerance. Not bit for bit:
-  # XLA's CPU client of a distributed run computes slightly differently (all stages on process
-  # 0 of a two-process run give the two-process numbers exactly: test above), and this tiny
-  # problem amplifies rounding quickly (0.4% in the test loss by step 8), so the comparison is
-  # the evaluation at step 4.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  result = subprocess.run([sys.executable, '-m', 'fdg_jax.main',
-                           *trainer_args(data, tmp_path / 'one', 24)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-  assert result.returncode == 0, result.stderr[-3000:]
-  one = summary_of(tmp_path / 'one')
-  assert one['num_processes'] == 1 and one['history'][0]['step'] == a['history'][0]['step'] == 4
-  np.testing.assert_allclose(a['history'][0]['test_loss'], one['history'][0]['test_loss'],
-                             rtol=1e-4)
 
 
 def test_trainer_runs_data_parallel_bp_in_two_processes(tmp_path):
@@ -198,7 +186,8 @@ def child_pid(workdir, process_id):
 def test_killed_process_ends_the_run_with_its_name_and_the_command_resumes(tmp_path):
   data = write_image_folder(tmp_path / 'data')
   workdir = tmp_path / 'work'
-  args = trainer_args(data, workdir, 400, '--config.checkpoint_every_steps=40',
+  # 80 steps left after the checkpoint at 40: the kill comes long before the end.
+  args = trainer_args(data, workdir, 120, '--config.checkpoint_every_steps=40',
                       '--config.eval_every_epochs=0')
   with launched(2, args, module='fdg_jax.main') as launcher:
     deadline = time.time() + TIMEOUT_S
