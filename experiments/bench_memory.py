@@ -7,7 +7,8 @@ they were computed with), with stash='vjp+POLICY' only what that `jax.checkpoint
 stage input and a dropout key. This
 script runs the real engine (every stage on device 0) for 2(K-1)+1 iterations, which reaches the
 steady state, and sums the `nbytes` of the leaves of every `Saved.arrays` in `state.saved[k]`;
-it checks that stage k holds d_k entries, i.e. saved bytes = d_k x one entry.
+it checks that stage k holds d_k entries, i.e. saved bytes = d_k x one entry. It also reports
+what the entries keep for compact checkpoints (`Saved.inputs`), on top of those bytes.
 
 Each (stash, K) runs in its own process (`--isolate`, the default) so that the peak RSS reported
 (`resource.getrusage`, includes compilation) belongs to that configuration alone.
@@ -74,6 +75,10 @@ def measure(mode: str, num_stages: int) -> dict:
         'stage': k, 'delay': pipeline.delay(k, num_stages), 'entries': len(entries),
         'saved_bytes': saved_bytes, 'entry_bytes': entry_bytes,
         'delay_times_entry_bytes': pipeline.delay(k, num_stages) * entry_bytes,
+        # What each entry keeps for compact checkpoints (Saved.inputs: the forward's input,
+        # parameters, statistics and key), beside its residuals.
+        'kept_inputs_bytes': sum(tree_bytes(entry.inputs) for entry in entries
+                                 if entry.inputs is not None),
         'input_bytes': tree_bytes(stage_input),
         'params_bytes': tree_bytes(state.stages[k].params),
     })
@@ -124,11 +129,14 @@ def main(argv):
             f'{s["entries"]} | {s["entry_bytes"] / MIB:.2f} | {s["saved_bytes"] / MIB:.2f} | '
             f'{s["delay_times_entry_bytes"] / MIB:.2f} | {s["input_bytes"] / MIB:.2f} | '
             f'{s["params_bytes"] / MIB:.3f} |')
-  print('\n| stash | K | saved MiB (all stages) | live arrays MiB | peak RSS MiB |')
-  print('|---|---|---|---|---|')
+  print('\n| stash | K | saved MiB (all stages) | kept inputs MiB | live arrays MiB | '
+        'peak RSS MiB |')
+  print('|---|---|---|---|---|---|')
   for row in rows:
+    kept = sum(s['kept_inputs_bytes'] for s in row['stages'])
     print(f'| {row["stash"]} | {row["num_stages"]} | {row["saved_bytes"] / MIB:.1f} | '
-          f'{row["live_array_bytes"] / MIB:.1f} | {row["peak_rss_bytes"] / MIB:.0f} |')
+          f'{kept / MIB:.1f} | {row["live_array_bytes"] / MIB:.1f} | '
+          f'{row["peak_rss_bytes"] / MIB:.0f} |')
 
   result = {
       'benchmark': 'memory', 'model': FLAGS.model, 'batch_size': FLAGS.batch_size,
