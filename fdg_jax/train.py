@@ -128,7 +128,9 @@ def build(config, num_classes: int, rng: jax.Array, check_images: Optional[np.nd
       split, names, [partition.count_params(v['params']) for v in stage_variables], flops,
       placements, times)
   if jax.process_index() == 0:
-    print(f'Stages of {config.model} ({config.method}, K={num_stages}):\n{table}', flush=True)
+    method = config.method + (f', compensation {config.compensation}'
+                              if config.compensation != 'none' else '')
+    print(f'Stages of {config.model} ({method}, K={num_stages}):\n{table}', flush=True)
   if check_images is not None:
     partition.check_composition(full_model, full_variables, stages, stage_variables,
                                 jnp.asarray(check_images))
