@@ -52,7 +52,9 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
   outputs = {}   # (stage, batch) -> the output of a forward stored compactly, rebuilt
   chain = pipe.num_processes == 1
 
-  def from_previous(k: int, batch: int, value: jax.Array) -> bool:
+  def reproduced(k: int, batch: int, value: jax.Array) -> bool:
+    """Whether stage k's input `value` of `batch` is rebuilt on restore: from the data stream
+    (stage 0) or from the previous stage's rebuilt forward."""
     if k == 0:
       return chain and batch_images is not None and pipe.bits_equal(
           [jax.device_put(batch_images(batch), pipe.shardings[0])], [value])
@@ -76,7 +78,7 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
         outputs[(k, entry.batch)] = output
         inputs = dict(entry.inputs)
         source = 'x_from_stream' if k == 0 else 'x_from_previous'
-        record[source] = from_previous(k, entry.batch, inputs['x'])
+        record[source] = reproduced(k, entry.batch, inputs['x'])
         if record[source]:
           del inputs['x']
         stored = {'inputs': inputs}
@@ -89,7 +91,7 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
       saved[str(k)], saved_metadata[str(k)] = entries, records
   activations_from_previous = [
       str(k) for k, a in enumerate(state.activations)
-      if a is not None and from_previous(k, a.batch, a.value)]
+      if a is not None and k > 0 and reproduced(k, a.batch, a.value)]
   arrays = {
       'stages': {str(k): flax.serialization.to_state_dict(s)
                  for k, s in enumerate(state.stages) if s is not None},
