@@ -312,6 +312,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int = 3, asynchronous: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.asynchronous = asynchronous and jax.process_count() == 1
     self._process_files = None
     if jax.process_count() > 1:
       self.directory = os.path.join(self.directory, f'process_{jax.process_index()}')

@@ -234,8 +234,10 @@ def save_checkpoint(checkpointer: checkpoint.Checkpointer, pipe: pipeline.Pipeli
   workdir_lib.check_finite(state, step, None, checkpointer)
   start = time.time()
   size = checkpointer.save(step, pipe, state, extra=extra, batch_images=batch_images)
-  logging.info('step %d  checkpoint saved (%s, training held %.2f s; written in the background) '
-               'in %s', step, _format_bytes(size), time.time() - start, checkpointer.directory)
+  logging.info('step %d  checkpoint saved (%s, training held %.2f s%s) in %s', step,
+               _format_bytes(size), time.time() - start,
+               '; written in the background' if checkpointer.asynchronous else '',
+               checkpointer.directory)
 
 
 def draw_timeline(recorder: timeline.TimelineRecorder, state: pipeline.PipelineState, config,
