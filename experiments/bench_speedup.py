@@ -26,11 +26,19 @@ the iteration (`busy_share`); the first FDG run of each split draws that timelin
 loop of `--iters` iterations after `--warmup` (compilation and the pipeline's fill), with random
 data; the slowest process's time is the configuration's. The last stdout line is JSON.
 
+`--probe` looks inside FDG's timed loop itself, without a profiler: a thread polls when each
+array a stage sends is ready and when it has arrived at the other process, which gives each
+stage's compute in the running pipeline, how long it waited for its input, and each transfer's
+latency (`in_loop`, see experiments/transfer_probe.py). `--configs` runs a subset (the speed-up factors need
+all six).
+
     python experiments/bench_speedup.py --model=resnet20 --batch_size=128
+    python experiments/bench_speedup.py --configs=bp_1core,fdg --repeats=5 --probe
 """
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -45,6 +53,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
+from experiments import transfer_probe  # noqa: E402
 from fdg_jax import distributed  # noqa: E402
 from fdg_jax import timeline  # noqa: E402
 from fdg_jax import train  # noqa: E402
@@ -56,6 +65,10 @@ flags.DEFINE_integer('warmup', 4, 'Iterations before timing (compilation, pipeli
 flags.DEFINE_integer('iters', 8, 'Timed iterations per run.')
 flags.DEFINE_integer('repeats', 3, 'Interleaved repeats of every configuration.')
 flags.DEFINE_integer('timeline_iters', 4, 'FDG: iterations recorded for the stage times.')
+flags.DEFINE_list('configs', ['bp_1core', 'bp_2core', 'bp_dp', 'fdg', 'fdg_time', 'bp_pair'],
+                  'Configurations to run (the speed-up factors need all of them).')
+flags.DEFINE_bool('probe', False, 'FDG: also time, inside the timed loop, when each stage '
+                  "output is ready and when it arrives at the other process (`in_loop`).")
 flags.DEFINE_string('output', '', 'JSON file for the result (default: experiments/results/'
                     'bench_speedup_MODEL_bBATCH.json).')
 # Set by the benchmark itself for its worker processes.
@@ -69,6 +82,17 @@ flags.DEFINE_integer('process_id', None, 'Worker: set by fdg_jax.launch.')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ('bp_1core', 'bp_2core', 'bp_dp', 'fdg', 'fdg_time', 'bp_pair')
+
+
+def kernel_share(before, after) -> dict:
+  """Per timed iteration, every process's CPU time in the kernel and in user space (ms) and its
+  minor page faults: fresh buffers are faulted in page by page, which costs kernel time."""
+  mine = [1e3 * (after.ru_stime - before.ru_stime) / FLAGS.iters,
+          1e3 * (after.ru_utime - before.ru_utime) / FLAGS.iters,
+          (after.ru_minflt - before.ru_minflt) / FLAGS.iters]
+  every = distributed.all_processes([int(round(v)) for v in mine])
+  return {'system_ms': every[:, 0].tolist(), 'user_ms': every[:, 1].tolist(),
+          'minor_faults': every[:, 2].tolist()}
 
 
 def worker() -> None:
@@ -94,12 +118,18 @@ def worker() -> None:
     return state
 
   state = run(FLAGS.warmup, state)
+  probe = transfer_probe.TransferProbe(pipe) if FLAGS.probe and num_stages == 2 else None
   distributed.all_processes([0])   # every process starts the clock together
+  usage = resource.getrusage(resource.RUSAGE_SELF)
   start = time.perf_counter()
   state = run(FLAGS.iters, state)
   elapsed = time.perf_counter() - start
   slowest = distributed.all_processes([int(elapsed * 1e6)]).max() / 1e6
-  result = {'ms_per_iter': 1e3 * slowest / FLAGS.iters}
+  result = {'ms_per_iter': 1e3 * slowest / FLAGS.iters,
+            'kernel': kernel_share(usage, resource.getrusage(resource.RUSAGE_SELF))}
+  if probe:
+    ready = sum(distributed.all_processes_json(probe.stop()), [])
+    result['in_loop'] = transfer_probe.in_loop_times([tuple(r) for r in ready])
   if num_stages == 2:
     result['exchange_ms'] = exchange_ms(pipe)
     # Each stage's device time per call in the running pipeline, from a timeline of both
@@ -150,7 +180,7 @@ def measure(name: str, cores: list[int], draw_timeline: bool = False) -> list[di
   """Runs one configuration in fresh processes; its results (two for bp_pair). FDG draws its
   timeline if `draw_timeline`."""
   worker_flags = [f'--model={FLAGS.model}', f'--batch_size={FLAGS.batch_size}',
-                  f'--warmup={FLAGS.warmup}', f'--iters={FLAGS.iters}']
+                  f'--warmup={FLAGS.warmup}', f'--iters={FLAGS.iters}', f'--probe={FLAGS.probe}']
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              PYTHONPATH=REPO)
   bp = ['experiments.bench_speedup', '--method=bp', *worker_flags]
@@ -196,37 +226,51 @@ def main(argv):
   cores = sorted(os.sched_getaffinity(0))
   if len(cores) < 2:
     raise app.UsageError('The benchmark needs two cores.')
-  times = {name: [] for name in CONFIGS}
-  details = {name: [] for name in ('fdg', 'fdg_time')}
+  unknown = set(FLAGS.configs) - set(CONFIGS)
+  if unknown:
+    raise app.UsageError(f'--configs: unknown {sorted(unknown)}; choose from {CONFIGS}.')
+  times = {name: [] for name in FLAGS.configs}
+  details = {name: [] for name in ('fdg', 'fdg_time') if name in FLAGS.configs}
   for repeat in range(FLAGS.repeats):
-    for name in CONFIGS:
-      results = measure(name, cores, draw_timeline=repeat == 0)
+    for name in FLAGS.configs:
+      results = measure(name, cores, draw_timeline=repeat == 0 and not FLAGS.probe)
       ms = [r['ms_per_iter'] for r in results]
       times[name].append(statistics.mean(ms))
       if name in details:
         details[name].append(results[0])
-      extra = ''.join(f'  {k} {v}' for k, v in results[0].items() if k != 'ms_per_iter')
+      extra = ''.join(f'  {k} {v}' for k, v in results[0].items()
+                      if k not in ('ms_per_iter', 'in_loop'))
+      if 'in_loop' in results[0]:
+        in_loop = results[0]['in_loop']
+        extra += '  in loop: ' + ', '.join(
+            f'{k} {json.dumps(in_loop[k])}' for k in ('period_ms', 'busy_ms', 'idle_ms',
+                                                      'latency_ms'))
       print(f'repeat {repeat}  {name:9s} {" ".join(f"{m:.0f}" for m in ms)} ms/iter{extra}',
             flush=True)
   median = {name: statistics.median(values) for name, values in times.items()}
-  capacity = 2 * median['bp_1core'] / median['bp_pair']
-  best = min(('fdg', 'fdg_time'), key=median.get)   # the goals are for the better split
   result = {
       'model': FLAGS.model, 'batch_size': FLAGS.batch_size, 'iters': FLAGS.iters,
       'repeats': FLAGS.repeats, 'cores': len(cores), 'ms_per_iter': median, 'runs': times,
-      'capacity': capacity,
-      'best_split': best,
-      'fdg_over_bp_1core': median['bp_1core'] / median[best],
-      'fdg_over_bp_2core': median['bp_2core'] / median[best],
-      'fdg_over_dp': median['bp_dp'] / median[best],
-      'fdg_over_capacity': median['bp_1core'] / median[best] / capacity,
       'exchange_ms': {name: statistics.median(r['exchange_ms'] for r in runs)
                       for name, runs in details.items()},
       'stage_compute_ms': {name: runs[0]['stage_compute_ms'] for name, runs in details.items()},
       'busy_share': {name: [statistics.median(r['busy_share'][k] for r in runs)
                             for k in range(2)] for name, runs in details.items()},
-      'load_average_1m': os.getloadavg()[0],
+      'machine': common.machine(),
   }
+  if FLAGS.probe:
+    result['in_loop'] = {name: [r['in_loop'] for r in runs] for name, runs in details.items()}
+  if set(FLAGS.configs) == set(CONFIGS):
+    capacity = 2 * median['bp_1core'] / median['bp_pair']
+    best = min(('fdg', 'fdg_time'), key=median.get)   # the goals are for the better split
+    result.update({
+        'capacity': capacity,
+        'best_split': best,
+        'fdg_over_bp_1core': median['bp_1core'] / median[best],
+        'fdg_over_bp_2core': median['bp_2core'] / median[best],
+        'fdg_over_dp': median['bp_dp'] / median[best],
+        'fdg_over_capacity': median['bp_1core'] / median[best] / capacity,
+    })
   path = FLAGS.output or os.path.join(
       REPO, 'experiments', 'results', f'bench_speedup_{FLAGS.model}_b{FLAGS.batch_size}.json')
   with open(path, 'w') as f:

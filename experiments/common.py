@@ -52,11 +52,23 @@ def random_batches(pipe: pipeline.Pipeline, batch_size: int, image_size: int, co
   return batches
 
 
+def cpu_model() -> str:
+  """The processor's name (XLA's CPU code, and so every CPU time, depends on it)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown'
+
+
 def machine() -> dict:
   device = jax.devices()[0]
   return {'device': f'{device.platform}:{device.device_kind}', 'num_devices': jax.device_count(),
-          'host': platform.node(), 'cpu_count': os.cpu_count(), 'jax_version': jax.__version__,
-          'load_average_1m': os.getloadavg()[0]}
+          'host': platform.node(), 'cpu_model': cpu_model(), 'cpu_count': os.cpu_count(),
+          'jax_version': jax.__version__, 'load_average_1m': os.getloadavg()[0]}
 
 
 def print_json(result: dict, path: Optional[str] = None) -> None:

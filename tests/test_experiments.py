@@ -23,6 +23,7 @@ from experiments import reports
 from experiments import runner as runner_lib
 from experiments import table2
 from experiments import table4
+from experiments import transfer_probe
 from fdg_jax import checkpoint as checkpoint_lib
 from fdg_jax import workdir as workdir_lib
 
@@ -307,3 +308,23 @@ def test_bench_memory_sizes_a_residual_policy(tmp_path):
   # Nothing saveable: an entry is only what the backward recomputes from, input and old weights.
   assert stage['entries'] == 2 and stage['entry_bytes'] == (stage['input_bytes'] +
                                                             stage['params_bytes'])
+
+
+def test_in_loop_times_reads_each_stage_s_compute_wait_and_transfers():
+  """A two-stage loop written by hand: stage 0 computes 500 ms per call and never waits; stage 1
+  computes 300 ms, then waits for the next activation (20 ms after stage 0's output is ready);
+  cotangents take 10 ms. `in_loop_times` must read exactly that back."""
+  ready = []
+  for i in range(6):
+    act_ready = 0.5 * (i + 1)                     # stage 0's call of iteration i ends
+    cot_ready = 0.5 * i + 0.02 + 0.3              # stage 1's call starts at act i - 1's arrival
+    ready += [('activation', i, 'sent', act_ready), ('activation', i, 'arrived', act_ready + 0.02),
+              ('cotangent', i, 'sent', cot_ready), ('cotangent', i, 'arrived', cot_ready + 0.01)]
+  got = transfer_probe.in_loop_times(ready[::-1])   # the order of the events does not matter
+  assert got['period_ms'] == pytest.approx(500)
+  assert got['busy_ms'] == pytest.approx([500, 300])
+  assert got['idle_ms'] == pytest.approx([0, 200])
+  assert got['latency_ms'] == pytest.approx([20, 10])
+  # An event the thread had not seen (a missing arrival) drops that iteration, not the run.
+  partial = [r for r in ready if r[:3] != ('cotangent', 2, 'arrived')]
+  assert len(transfer_probe.in_loop_times(partial)['per_iteration']['busy_ms'][0]) == 4

@@ -1,0 +1,99 @@
+"""What happens inside a running two-stage pipeline, without a profiler (bench_speedup.py).
+
+A profiler changes what it observes (it was never on during bench_speedup's timed loops), so
+this watches the loop itself: `Pipeline.move` is wrapped to note every array a stage sends, and a
+thread polls `jax.Array.is_ready` (which never blocks) for the moment each is ready on its
+stage's device and the moment it has arrived on the other process. Host wall-clock times, which
+the processes of one host share. `in_loop_times` turns them into each stage's compute and wait
+per iteration and each transfer's latency.
+"""
+
+import statistics
+import threading
+import time
+
+
+class TransferProbe:
+  """When each array a stage sends is ready on its device, and when it has arrived at the other
+  process: `Pipeline.move` wrapped, and a thread that polls `jax.Array.is_ready` (never blocks
+  the host loop). Host wall-clock times, which all processes of one host share."""
+
+  def __init__(self, pipe, poll_s: float = 0.001):
+    self._watched, self.ready = [], []     # (kind, index, 'sent' | 'arrived', array), times
+    self._counts = {'activation': 0, 'cotangent': 0}
+    self._lock, self._stop = threading.Lock(), threading.Event()
+    self._poll_s = poll_s
+    move, first = pipe.move, pipe.shardings[0]
+
+    def probed_move(value, source, target, spec):
+      kind = 'activation' if source == first else 'cotangent'
+      index = self._counts[kind]
+      self._counts[kind] += 1
+      moved = move(value, source, target, spec)
+      with self._lock:
+        for role, array in (('sent', value), ('arrived', moved)):
+          if array is not None:
+            self._watched.append((kind, index, role, array))
+      return moved
+
+    pipe.move = probed_move
+    self._thread = threading.Thread(target=self._poll, daemon=True)
+    self._thread.start()
+
+  def _poll(self):
+    while not self._stop.is_set():
+      now = time.time()
+      with self._lock:
+        pending = []
+        for kind, index, role, array in self._watched:
+          if array.is_ready():
+            self.ready.append((kind, index, role, now))
+          else:
+            pending.append((kind, index, role, array))
+        self._watched = pending
+      time.sleep(self._poll_s)
+
+  def stop(self) -> list:
+    while True:
+      with self._lock:
+        if not self._watched:
+          break
+      time.sleep(self._poll_s)
+    self._stop.set()
+    self._thread.join()
+    return self.ready
+
+
+def in_loop_times(ready: list) -> dict:
+  """What every process's `TransferProbe.ready` says of the timed loop (ms, medians over its
+  iterations). Activation i leaves stage 0's call of loop iteration i and is stage 1's input at
+  i + 1; cotangent i leaves stage 1's call at i and is stage 0's input at i + 1. So a stage's
+  call at i + 1 starts when both its previous call and its input are there: `busy_ms` is from
+  then to its output being ready (its compute in the running pipeline), `idle_ms` how long it
+  had been waiting for the input (0 when the input came first), `latency_ms` each transfer's
+  arrival minus the moment its array was ready, and `period_ms` stage 0's iteration."""
+  times = {(kind, index, role): t for kind, index, role, t in ready}
+  def series(kind, role):
+    return [times.get((kind, i, role)) for i in range(1 + max(
+        (i for k, i, _ in times if k == kind), default=-1))]
+  own = {0: series('activation', 'sent'), 1: series('cotangent', 'sent')}
+  arriving = {0: series('cotangent', 'arrived'), 1: series('activation', 'arrived')}
+  busy, idle = {0: [], 1: []}, {0: [], 1: []}
+  for k in (0, 1):
+    for i in range(1, len(own[k])):
+      previous, arrived, done = own[k][i - 1], arriving[k][i - 1], own[k][i]
+      if None in (previous, arrived, done):
+        continue
+      busy[k].append(1e3 * (done - max(previous, arrived)))
+      idle[k].append(1e3 * max(0.0, arrived - previous))
+  latency = {kind: [1e3 * (times[(kind, i, 'arrived')] - t)
+                    for (k, i, role), t in times.items()
+                    if k == kind and role == 'sent' and (kind, i, 'arrived') in times]
+             for kind in ('activation', 'cotangent')}
+  period = [1e3 * (b - a) for a, b in zip(own[0], own[0][1:]) if None not in (a, b)]
+  median = lambda values: statistics.median(values) if values else None
+  return {'period_ms': median(period), 'busy_ms': [median(busy[0]), median(busy[1])],
+          'idle_ms': [median(idle[0]), median(idle[1])],
+          'latency_ms': [median(latency['activation']), median(latency['cotangent'])],
+          'per_iteration': {'period_ms': period, 'busy_ms': busy, 'idle_ms': idle,
+                            'latency_ms': latency}}
