@@ -67,6 +67,9 @@ flags.DEFINE_integer('repeats', 3, 'Interleaved repeats of every configuration.'
 flags.DEFINE_integer('timeline_iters', 4, 'FDG: iterations recorded for the stage times.')
 flags.DEFINE_list('configs', ['bp_1core', 'bp_2core', 'bp_dp', 'fdg', 'fdg_time', 'bp_pair'],
                   'Configurations to run (the speed-up factors need all of them).')
+flags.DEFINE_list('variant_env', [], 'NAME=VALUE,...: every configuration also runs with these '
+                  'environment variables (as CONFIG+env), interleaved with the plain runs; e.g. '
+                  'LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.')
 flags.DEFINE_bool('probe', False, 'FDG: also time, inside the timed loop, when each stage '
                   "output is ready and when it arrives at the other process (`in_loop`).")
 flags.DEFINE_string('output', '', 'JSON file for the result (default: experiments/results/'
@@ -176,13 +179,14 @@ def _result(output: str) -> dict:
   raise RuntimeError(f'no timing in the output:\n{output[-3000:]}')
 
 
-def measure(name: str, cores: list[int], draw_timeline: bool = False) -> list[dict]:
-  """Runs one configuration in fresh processes; its results (two for bp_pair). FDG draws its
-  timeline if `draw_timeline`."""
+def measure(name: str, cores: list[int], extra_env: dict, draw_timeline: bool = False
+            ) -> list[dict]:
+  """Runs one configuration in fresh processes, with `extra_env` in their environment; its
+  results (two for bp_pair). FDG draws its timeline if `draw_timeline`."""
   worker_flags = [f'--model={FLAGS.model}', f'--batch_size={FLAGS.batch_size}',
                   f'--warmup={FLAGS.warmup}', f'--iters={FLAGS.iters}', f'--probe={FLAGS.probe}']
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             PYTHONPATH=REPO)
+             PYTHONPATH=REPO, **extra_env)
   bp = ['experiments.bench_speedup', '--method=bp', *worker_flags]
   if name in ('fdg', 'fdg_time'):
     split_by = 'time' if name == 'fdg_time' else 'flops'
@@ -229,11 +233,20 @@ def main(argv):
   unknown = set(FLAGS.configs) - set(CONFIGS)
   if unknown:
     raise app.UsageError(f'--configs: unknown {sorted(unknown)}; choose from {CONFIGS}.')
-  times = {name: [] for name in FLAGS.configs}
-  details = {name: [] for name in ('fdg', 'fdg_time') if name in FLAGS.configs}
+  variants = [('', {})]
+  if FLAGS.variant_env:
+    pairs = [item.partition('=') for item in FLAGS.variant_env]
+    if any(not name or not sep for name, sep, _ in pairs):
+      raise app.UsageError(f'--variant_env={",".join(FLAGS.variant_env)}: give NAME=VALUE pairs.')
+    variants.append(('+env', {name: value for name, _, value in pairs}))
+  runs = [(name, suffix, env) for name in FLAGS.configs for suffix, env in variants]
+  times = {name + suffix: [] for name, suffix, _ in runs}
+  details = {name + suffix: [] for name, suffix, _ in runs if name in ('fdg', 'fdg_time')}
   for repeat in range(FLAGS.repeats):
-    for name in FLAGS.configs:
-      results = measure(name, cores, draw_timeline=repeat == 0 and not FLAGS.probe)
+    for config, suffix, extra_env in runs:
+      name = config + suffix
+      results = measure(config, cores, extra_env,
+                        draw_timeline=repeat == 0 and not FLAGS.probe and not suffix)
       ms = [r['ms_per_iter'] for r in results]
       times[name].append(statistics.mean(ms))
       if name in details:
@@ -245,7 +258,7 @@ def main(argv):
         extra += '  in loop: ' + ', '.join(
             f'{k} {json.dumps(in_loop[k])}' for k in ('period_ms', 'busy_ms', 'idle_ms',
                                                       'latency_ms'))
-      print(f'repeat {repeat}  {name:9s} {" ".join(f"{m:.0f}" for m in ms)} ms/iter{extra}',
+      print(f'repeat {repeat}  {name:13s} {" ".join(f"{m:.0f}" for m in ms)} ms/iter{extra}',
             flush=True)
   median = {name: statistics.median(values) for name, values in times.items()}
   result = {
@@ -257,6 +270,7 @@ def main(argv):
       'busy_share': {name: [statistics.median(r['busy_share'][k] for r in runs)
                             for k in range(2)] for name, runs in details.items()},
       'machine': common.machine(),
+      'variant_env': FLAGS.variant_env,
   }
   if FLAGS.probe:
     result['in_loop'] = {name: [r['in_loop'] for r in runs] for name, runs in details.items()}
