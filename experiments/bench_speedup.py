@@ -29,8 +29,9 @@ data; the slowest process's time is the configuration's. The last stdout line is
 `--probe` looks inside FDG's timed loop itself, without a profiler: a thread polls when each
 array a stage sends is ready and when it has arrived at the other process, which gives each
 stage's compute in the running pipeline, how long it waited for its input, and each transfer's
-latency (`in_loop`, see experiments/transfer_probe.py). `--configs` runs a subset (the speed-up factors need
-all six).
+latency (`in_loop`, see experiments/transfer_probe.py). `--configs` runs a subset (the speed-up
+factors need all six); `--variant_env` runs each configuration also under other environment
+variables (e.g. another allocator), interleaved.
 
     python experiments/bench_speedup.py --model=resnet20 --batch_size=128
     python experiments/bench_speedup.py --configs=bp_1core,fdg --repeats=5 --probe

@@ -23,6 +23,7 @@ class TransferProbe:
     self._counts = {'activation': 0, 'cotangent': 0}
     self._lock, self._stop = threading.Lock(), threading.Event()
     self._poll_s = poll_s
+    self._pipe = pipe
     move, first = pipe.move, pipe.shardings[0]
 
     def probed_move(value, source, target, spec):
@@ -36,7 +37,7 @@ class TransferProbe:
             self._watched.append((kind, index, role, array))
       return moved
 
-    pipe.move = probed_move
+    pipe.move = probed_move   # shadows the class's method until stop()
     self._thread = threading.Thread(target=self._poll, daemon=True)
     self._thread.start()
 
@@ -54,6 +55,9 @@ class TransferProbe:
       time.sleep(self._poll_s)
 
   def stop(self) -> list:
+    """Waits until every watched array is ready, ends the thread, unwraps `Pipeline.move`;
+    every (kind, index, role, time) seen."""
+    del self._pipe.move
     while True:
       with self._lock:
         if not self._watched:
@@ -91,7 +95,9 @@ def in_loop_times(ready: list) -> dict:
                     if k == kind and role == 'sent' and (kind, i, 'arrived') in times]
              for kind in ('activation', 'cotangent')}
   period = [1e3 * (b - a) for a, b in zip(own[0], own[0][1:]) if None not in (a, b)]
-  median = lambda values: statistics.median(values) if values else None
+
+  def median(values):
+    return statistics.median(values) if values else None
   return {'period_ms': median(period), 'busy_ms': [median(busy[0]), median(busy[1])],
           'idle_ms': [median(idle[0]), median(idle[1])],
           'latency_ms': [median(latency['activation']), median(latency['cotangent'])],
