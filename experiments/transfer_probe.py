@@ -54,14 +54,19 @@ class TransferProbe:
         self._watched = pending
       time.sleep(self._poll_s)
 
-  def stop(self) -> list:
-    """Waits until every watched array is ready, ends the thread, unwraps `Pipeline.move`;
-    every (kind, index, role, time) seen."""
+  def stop(self, timeout_s: float = 120) -> list:
+    """Waits (at most `timeout_s`) until every watched array is ready, ends the thread, unwraps
+    `Pipeline.move`; every (kind, index, role, time) seen."""
     del self._pipe.move
+    deadline = time.monotonic() + timeout_s
     while True:
       with self._lock:
         if not self._watched:
           break
+        if time.monotonic() > deadline:
+          self._stop.set()
+          raise TimeoutError(f'{len(self._watched)} sent or arriving arrays not ready after '
+                             f'{timeout_s} s: a transfer never completed.')
       time.sleep(self._poll_s)
     self._stop.set()
     self._thread.join()
