@@ -50,6 +50,7 @@ class Options:
   dry_run: bool = False
   report_only: bool = False
   keep_checkpoints: bool = False
+  processes: bool = False  # FDG/DDG/DGL cells: one process per stage (runner.py)
   argv: tuple = ()         # the command line, recorded in results.md
 
   @property
@@ -77,6 +78,11 @@ def define_flags(name: str) -> None:
                     'have finished.')
   flags.DEFINE_bool('keep_checkpoints', False, "Keep a finished run's checkpoints (deleted by "
                     'default: they hold the pipeline in flight, up to GiBs per run).')
+  flags.DEFINE_bool('processes', False, 'On CPU, train a cell of K > 1 stages in K processes, '
+                    'stage k in process k pinned to its own cores (fdg_jax.launch), instead of '
+                    'one process with K simulated devices: the same computation, faster when '
+                    'the stages can run on separate cores. A cell resumes in the layout its '
+                    'checkpoint was written in.')
 
 
 def options_from_flags(name: str) -> Options:
@@ -89,7 +95,7 @@ def options_from_flags(name: str) -> Options:
   return Options(name=name, scale=f.scale, seeds=seeds, dataset=f.dataset, data_dir=f.data_dir,
                  sets=tuple(f.set), out_dir=f.out_dir, dry_run=f.dry_run,
                  report_only=f.report_only, keep_checkpoints=f.keep_checkpoints,
-                 argv=tuple(sys.argv))
+                 processes=f.processes, argv=tuple(sys.argv))
 
 
 def parse_floats(values: Sequence[str], flag: str) -> tuple:

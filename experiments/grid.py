@@ -20,7 +20,10 @@ report made from the runs' `summary.json` files. This module runs a grid and res
   subprocess (`python -m fdg_jax.main ...`, output appended to `train.log`, the exact command in
   `command.sh`), so each run gets its own `XLA_FLAGS`: on CPU, a run with K > 1 stages gets
   `--xla_force_host_platform_device_count=K` simulated devices. On an accelerator with fewer than
-  K devices, stages share them round-robin (`stage_devices`), with a warning.
+  K devices, stages share them round-robin (`stage_devices`), with a warning. With `--processes` (CPU) a
+  cell of K > 1 stages trains in K processes instead, one stage each on its own cores
+  (`python -m fdg_jax.launch --num_processes=K -- ...`): the same computation up to float
+  rounding, with the stages really in parallel.
 - **Resuming** (here). A cell whose `summary.json` exists is read, not rerun; a cell with a
   checkpoint but no summary is started again and the trainer resumes it from the checkpoint. Each
   workdir records the cell's config file and overrides (`grid_cell.json`); a workdir made with
@@ -98,8 +101,7 @@ def check_cell_record(cell: cells_lib.Cell, workdir: str) -> None:
 
 
 def has_checkpoint(workdir: str) -> bool:
-  directory = os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)
-  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+  return runner_lib.checkpoint_layout(workdir) is not None
 
 
 def read_summary(workdir: str) -> Optional[dict]:
@@ -129,7 +131,8 @@ def cell_status(cell: cells_lib.Cell, workdir: str) -> str:
 
 def run_grid(cells: Sequence[cells_lib.Cell], out_dir: str,
              runner: Optional[runner_lib.Runner] = None, keep_checkpoints: bool = False,
-             report_only: bool = False, log: Callable[[str], None] = print) -> list[Result]:
+             report_only: bool = False, log: Callable[[str], None] = print,
+             processes: bool = False) -> list[Result]:
   """Run every cell without a summary (in order), read the others; one Result per cell.
 
   Every workdir is checked against its cell before anything runs. A cell whose run fails is
@@ -145,7 +148,7 @@ def run_grid(cells: Sequence[cells_lib.Cell], out_dir: str,
   workdirs = [os.path.join(out_dir, 'runs', c.name) for c in cells]
   for cell, workdir in zip(cells, workdirs):
     check_cell_record(cell, workdir)
-  runner = runner or runner_lib.SubprocessRunner(log=log)
+  runner = runner or runner_lib.SubprocessRunner(log=log, processes=processes)
   results = []
   for i, (cell, workdir) in enumerate(zip(cells, workdirs)):
     summary = read_summary(workdir)
@@ -176,8 +179,9 @@ def run_grid(cells: Sequence[cells_lib.Cell], out_dir: str,
   return results
 
 
-def print_grid(cells: Sequence[cells_lib.Cell], out_dir: str) -> None:
-  runner = runner_lib.SubprocessRunner(platform_info=('cpu', 1), log=lambda _: None)
+def print_grid(cells: Sequence[cells_lib.Cell], out_dir: str, processes: bool = False) -> None:
+  runner = runner_lib.SubprocessRunner(platform_info=('cpu', 1), log=lambda _: None,
+                                       processes=processes)
   print(f'{len(cells)} cells in {out_dir}/runs (commands as on CPU):')
   for cell in cells:
     workdir = os.path.join(out_dir, 'runs', cell.name)
@@ -202,13 +206,13 @@ def main(name: str, build_cells: Callable[[cells_lib.Options], list],
       raise cells_lib.GridError('the grid has no cells (no seeds, betas or K values?).')
     out_dir = options.output_dir
     if options.dry_run:
-      print_grid(cells, out_dir)
+      print_grid(cells, out_dir, options.processes)
       return 0
     lock = None if options.report_only else runner_lib.acquire_lock(out_dir)
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
       results = run_grid(cells, out_dir, keep_checkpoints=options.keep_checkpoints,
-                         report_only=options.report_only)
+                         report_only=options.report_only, processes=options.processes)
     finally:
       signal.signal(signal.SIGTERM, previous)
       if lock:

@@ -1,4 +1,5 @@
-"""How one cell trains: `python -m fdg_jax.main` in a subprocess of its own, with its XLA_FLAGS.
+"""How one cell trains: `python -m fdg_jax.main` in a subprocess of its own, with its XLA_FLAGS
+(or, with `processes`, `python -m fdg_jax.launch`: one process per stage).
 
 `SubprocessRunner` is the grid's default `Runner`; `acquire_lock` keeps a second grid process out
 of an output directory.
@@ -14,12 +15,16 @@ import sys
 from typing import Callable, Optional
 
 from experiments import cells as cells_lib
+from fdg_jax import checkpoint as checkpoint_lib
 from fdg_jax import workdir as workdir_lib
 
 COMMAND_FILE = 'command.sh'
 # The run's console output, appended (the trainer's own full log is workdir_lib.LOG_FILE).
 OUTPUT_FILE = 'train.log'
 LOCK_FILE = '.grid.lock'
+# The two kinds of checkpoint a trainer writes (fdg_jax/checkpoint.py): orbax's numbered folders
+# from one process, or `process_I/STEP.msgpack` files from each process of a multi-process run.
+ONE_PROCESS, PROCESSES = 'one process', 'processes'
 
 # Trains `cell` in `workdir`, leaving its summary there (workdir_lib.SUMMARY_FILE).
 Runner = Callable[[cells_lib.Cell, str], None]
@@ -50,6 +55,20 @@ def xla_flags(existing: str, platform_name: str, num_stages: int) -> str:
   return ' '.join(flags)
 
 
+def checkpoint_layout(workdir: str) -> Optional[str]:
+  """ONE_PROCESS or PROCESSES: who wrote the checkpoints in `workdir`; None if there are none."""
+  directory = os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  if any(name.isdigit() for name in names):
+    return ONE_PROCESS
+  for name in names:
+    path = os.path.join(directory, name)
+    if name.startswith('process_') and os.path.isdir(path) and any(
+        f.endswith('.msgpack') and f.split('.')[0].isdigit() for f in os.listdir(path)):
+      return PROCESSES
+  return None
+
+
 class SubprocessRunner:
   """Trains a cell with `python -m fdg_jax.main` in a subprocess of its own.
 
@@ -57,13 +76,20 @@ class SubprocessRunner:
   backend, which on an accelerator would hold its memory). Output goes to WORKDIR/train.log
   (appended); the command to WORKDIR/command.sh. SIGINT/SIGTERM of the grid are passed to the
   run, whose trainer saves a checkpoint and exits; the grid then stops.
+
+  With `processes=True` (CPU only) a cell of K > 1 stages and one device per stage trains in K
+  processes started by `fdg_jax.launch`, stage k in process k on its own cores: what one process
+  with K simulated devices computes (tests/test_multiprocess.py), with the stages really in
+  parallel. A cell whose checkpoint one process wrote resumes in one process, and vice versa:
+  the two layouts keep different checkpoint files.
   """
 
   def __init__(self, python: str = sys.executable, platform_info: Optional[tuple] = None,
-               log: Callable[[str], None] = print):
+               log: Callable[[str], None] = print, processes: bool = False):
     self.python = python
     self._platform = platform_info
     self.log = log
+    self.processes = processes
 
   def platform(self) -> tuple[str, int]:
     if self._platform is None:
@@ -77,7 +103,23 @@ class SubprocessRunner:
       name, count = out.stdout.split()[-2:]
       self._platform = (name, int(count))
       self.log(f'Platform: {name}, {count} device(s).')
+    if self.processes and self._platform[0] != 'cpu':
+      raise cells_lib.GridError(
+          f'--processes starts one CPU process per stage, but JAX runs on '
+          f'{self._platform[0]}. Leave --processes out: stages then go on the accelerators.')
     return self._platform
+
+  def in_processes(self, cell: cells_lib.Cell, workdir: str) -> bool:
+    """Whether `cell` trains in one process per stage (see the class docstring)."""
+    if not self.processes or cell.num_stages == 1:
+      return False
+    overrides = cell.override_dict()
+    if overrides.get('data_parallel', 1) != 1 or overrides.get('stage_devices'):
+      return False
+    if checkpoint_layout(workdir) == ONE_PROCESS:
+      self.log(f'{cell.name}: resumes in one process, where its checkpoint was written.')
+      return False
+    return True
 
   def command(self, cell: cells_lib.Cell, workdir: str) -> tuple[list[str], dict]:
     """(argv, environment changes) of the run."""
@@ -88,12 +130,15 @@ class SubprocessRunner:
       self.log(f'warning: {cell.name}: K={cell.num_stages} stages on {count} {platform_name} '
                f"device(s): stages share them, stage_devices={overrides['stage_devices']}. "
                'Accuracy is unaffected; times are not those of K devices.')
-    argv = [self.python, '-m', 'fdg_jax.main', f'--config={cell.config_file}',
-            f'--workdir={workdir}']
-    argv += [f'--config.{k}={format_value(v)}' for k, v in sorted(overrides.items())]
+    trainer_args = [f'--config={cell.config_file}', f'--workdir={workdir}']
+    trainer_args += [f'--config.{k}={format_value(v)}' for k, v in sorted(overrides.items())]
+    if self.in_processes(cell, workdir):   # fdg_jax.launch gives each process one device
+      return ([self.python, '-m', 'fdg_jax.launch', f'--num_processes={cell.num_stages}', '--']
+              + trainer_args,
+              {'XLA_FLAGS': xla_flags(os.environ.get('XLA_FLAGS', ''), platform_name, 1)})
     env = {'XLA_FLAGS': xla_flags(os.environ.get('XLA_FLAGS', ''), platform_name,
                                   cell.num_stages)}
-    return argv, env
+    return [self.python, '-m', 'fdg_jax.main'] + trainer_args, env
 
   def __call__(self, cell: cells_lib.Cell, workdir: str) -> None:
     argv, env_changes = self.command(cell, workdir)

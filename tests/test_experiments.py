@@ -128,6 +128,37 @@ def test_subprocess_command_and_simulated_devices(tmp_path):
   assert runner_lib.format_value((3,)) == '(3,)' and runner_lib.format_value(True) == 'True'
 
 
+def test_processes_launch_one_process_per_stage_and_a_cell_resumes_in_its_layout(tmp_path):
+  opts = options(tmp_path)
+  fdg = cells_lib.make_cell(opts, 'configs/cifar10_resnet20.py', method='fdg', num_stages=2,
+                            beta=0.25, seed=0)
+  bp = cells_lib.make_cell(opts, 'configs/cifar10_resnet20.py', method='bp', seed=0)
+  logged = []
+  runner = runner_lib.SubprocessRunner(python='PY', platform_info=('cpu', 1), log=logged.append,
+                                       processes=True)
+  fresh, started_in_processes, started_in_one = (str(tmp_path / n) for n in 'abc')
+  argv, env = runner.command(fdg, fresh)
+  assert argv[:6] == ['PY', '-m', 'fdg_jax.launch', '--num_processes=2', '--',
+                      '--config=configs/cifar10_resnet20.py']
+  assert '--config.num_stages=2' in argv and env['XLA_FLAGS'] == ''
+  assert runner.command(bp, fresh)[0][:3] == ['PY', '-m', 'fdg_jax.main']
+  # The layout that wrote a cell's checkpoint decides where it resumes.
+  os.makedirs(os.path.join(started_in_processes, 'checkpoints', 'process_0'))
+  assert runner_lib.checkpoint_layout(started_in_processes) is None   # nothing saved yet
+  open(os.path.join(started_in_processes, 'checkpoints', 'process_0', '250.msgpack'), 'w').close()
+  assert runner_lib.checkpoint_layout(started_in_processes) == runner_lib.PROCESSES
+  assert grid.has_checkpoint(started_in_processes)
+  assert runner.command(fdg, started_in_processes)[0][2] == 'fdg_jax.launch'
+  os.makedirs(os.path.join(started_in_one, 'checkpoints', '250'))
+  assert runner_lib.checkpoint_layout(started_in_one) == runner_lib.ONE_PROCESS
+  argv, env = runner.command(fdg, started_in_one)
+  assert argv[2] == 'fdg_jax.main' and env['XLA_FLAGS'].endswith('device_count=2')
+  assert logged == [f'{fdg.name}: resumes in one process, where its checkpoint was written.']
+  gpu = runner_lib.SubprocessRunner(python='PY', platform_info=('gpu', 2), processes=True)
+  with pytest.raises(cells_lib.GridError, match='Leave --processes out'):
+    gpu.command(fdg, fresh)
+
+
 def test_grid_runs_missing_cells_reads_finished_ones_and_resumes(tmp_path):
   opts = options(tmp_path)
   cells = fig4a_beta.build_cells(opts, betas=(0.5, 1.0))
