@@ -50,11 +50,15 @@ def _conv(features: int, kernel: int, strides: int, dtype, name: str):
   )
 
 
+# Running statistics <- momentum * running statistics + (1 - momentum) * a batch's statistics.
+BATCH_NORM_MOMENTUM = 0.9
+
+
 def _batch_norm(train: bool, dtype, name: str):
   """BatchNorm with PyTorch BatchNorm2d's defaults."""
   return nn.BatchNorm(
       use_running_average=not train,
-      momentum=0.9,
+      momentum=BATCH_NORM_MOMENTUM,
       epsilon=1e-5,
       dtype=dtype,
       name=name,

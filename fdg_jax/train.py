@@ -276,6 +276,15 @@ def _merge(total, metrics):
 # ---------------------------------------------------------------- the run
 
 
+def stream_images(config, dataset: input_pipeline.Dataset) -> Callable[[int], np.ndarray]:
+  """The images of the training stream's batch `batch`, by index (a checkpoint stores the
+  index, not the images)."""
+  def batch_images(batch: int) -> np.ndarray:
+    return next(input_pipeline.train_batches(dataset, config.batch_size, config.seed,
+                                             start_step=batch))[0]
+  return batch_images
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train per `config`, evaluate the composed model, write and return the summary.
 
@@ -315,12 +324,7 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
     logging.info('%s: %s extra trainable parameters outside the network (auxiliary heads), not '
                  'counted in the table above.', config.method, f'{extra_params:,}')
   start_step, progress = 0, {'history': [], 'train_time_s': 0.0}
-
-  def batch_images(batch: int) -> np.ndarray:
-    """The images of the stream's batch `batch` (a checkpoint stores its index, not them)."""
-    return next(input_pipeline.train_batches(dataset, config.batch_size, config.seed,
-                                             start_step=batch))[0]
-
+  batch_images = stream_images(config, dataset)
   if checkpointer.latest_step() is not None:
     state, progress = checkpointer.restore(pipe, state, batch_images=batch_images)
     start_step = state.batches_fed
