@@ -5,11 +5,16 @@ process's devices and each process runs only the stages on its own (the engine's
 What crosses processes goes through JAX: stage-to-stage arrays by cross-process
 `jax.device_put` (native on GPU and TPU; on CPU over the transfer server that
 `jax_cross_host_transfer_socket_address` starts), and the few host values every process needs
-(metrics, finiteness, checkpoint steps) by collectives (`multihost_utils`, gloo on CPU).
+(metrics, finiteness, checkpoint steps) through the key-value store of JAX's coordination
+service (`exchange_json`), not device collectives: on CPU, a process waiting in a gloo collective
+serves the transfers it owes the others at about one per 1.8 s, so a process that reached a
+collective first starved the one still receiving its activations, and gloo gave up after 30 s
+(`tests/test_multiprocess.py::test_host_values_do_not_hold_up_pending_transfers`).
 Preemption: a SIGTERM to any process reaches every process through JAX's preemption service,
 and all stop at the same iteration (`reached_preemption_sync_point`).
 """
 
+import itertools
 import json
 import os
 import socket
@@ -18,8 +23,14 @@ import time
 from typing import Optional, Sequence
 
 import jax
-from jax.experimental import multihost_utils
+from jax._src import distributed as jax_distributed   # the coordination service's client
 import numpy as np
+
+# How long a process waits for the others' host values: as long as the slowest process may
+# take to reach the same point (an evaluation, a checkpoint). A process that dies ends the run
+# sooner: the coordination service stops every process when one misses its heartbeats.
+EXCHANGE_TIMEOUT_S = 3600
+_exchange_count = itertools.count()   # every process makes the same exchanges in the same order
 
 
 class DistributedError(RuntimeError):
@@ -147,33 +158,47 @@ def fetch(tree):
   return jax.tree_util.tree_map(get, tree)
 
 
+def exchange_json(value, sources: Optional[Sequence[int]] = None) -> list:
+  """The JSON-able `value` of each process in `sources` (default: all), as a list in that
+  order, on every process. Every process must call it, at the same point of its program;
+  a process not in `sources` may pass None. Host-only: it never waits on a device."""
+  if jax.process_count() == 1:
+    return [value]
+  client = jax_distributed.global_state.client
+  sources = range(jax.process_count()) if sources is None else sources
+  prefix = f'fdg_jax/exchange/{next(_exchange_count)}'
+  if jax.process_index() in sources:
+    client.key_value_set(f'{prefix}/{jax.process_index()}', json.dumps(value))
+  values = []
+  for process in sources:
+    try:
+      text = client.blocking_key_value_get(f'{prefix}/{process}', EXCHANGE_TIMEOUT_S * 1000)
+    except Exception as e:  # pylint: disable=broad-except  (jaxlib raises its own error types)
+      raise DistributedError(
+          f'process {jax.process_index()} waited {EXCHANGE_TIMEOUT_S} s for process {process} '
+          f'to reach the same point of the run ({" ".join(str(e).split())[:200]}); see that '
+          "process's log.") from e
+    values.append(json.loads(text))
+  return values
+
+
 def broadcast_values(values: Optional[dict[str, float]], keys: Sequence[str],
                      source: int) -> dict[str, float]:
   """`values` of process `source` (a dict with `keys`), on every process. All must call it."""
   if jax.process_count() == 1:
     return values
-  is_source = jax.process_index() == source
-  array = np.asarray([values[k] for k in keys] if is_source else np.zeros(len(keys)),
-                     np.float64 if jax.config.jax_enable_x64 else np.float32)
-  shared = multihost_utils.broadcast_one_to_all(array, is_source=is_source)
-  return {k: float(v) for k, v in zip(keys, np.asarray(shared))}
+  mine = [float(values[k]) for k in keys] if jax.process_index() == source else None
+  shared = exchange_json(mine, sources=[source])[0]
+  return dict(zip(keys, shared))
 
 
 def all_processes_json(value) -> list:
   """Each process's JSON-able `value`, as a list indexed by process, on every process (a few
   host values, e.g. timeline events; all must call it)."""
-  if jax.process_count() == 1:
-    return [value]
-  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-  lengths = all_processes([len(data)])[:, 0]
-  padded = np.zeros(int(lengths.max()), np.int32)
-  padded[:len(data)] = data
-  rows = np.asarray(multihost_utils.process_allgather(padded))
-  return [json.loads(bytes(row[:n].astype(np.uint8))) for row, n in zip(rows, lengths)]
+  return exchange_json(value)
 
 
 def all_processes(values: Sequence[int]) -> np.ndarray:
   """Each process's `values` (same length everywhere), as rows indexed by process."""
-  if jax.process_count() == 1:
-    return np.asarray([values])
-  return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int32)))
+  return np.asarray(exchange_json([int(v) for v in values]), np.int64).reshape(
+      jax.process_count(), len(values))
