@@ -12,6 +12,7 @@ import json
 import os
 from typing import Callable, Optional
 
+from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -344,7 +345,14 @@ class Checkpointer:
     steps = self._process_files.steps()[-keep:]
     rows = distributed.all_processes([-1] * (keep - len(steps)) + steps)
     common = set(rows[0]).intersection(*map(set, rows[1:])) - {-1}
-    return int(max(common)) if common else None
+    latest = int(max(common)) if common else None
+    newer = sorted({int(s) for s in rows.flatten() if s > (-1 if latest is None else latest)})
+    if newer:
+      logging.warning(
+          'Steps %s are saved by some processes only (an interrupted save) and are ignored; %s',
+          newer, f'the latest complete checkpoint is step {latest}.' if latest is not None
+          else 'no checkpoint is complete: the run starts from step 0.')
+    return latest
 
   def size_on_disk(self, step: int) -> int:
     """Bytes of the files of the checkpoint at `step`."""
@@ -365,6 +373,10 @@ class Checkpointer:
     size = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(arrays))
     if self._process_files is not None:
       self._process_files.save(step, arrays, metadata)
+      # Complete only when every process has written its part. No process goes on (or exits,
+      # after a preemption save) before: its peers may still be receiving arrays from it that
+      # they must save (a cotangent in flight).
+      distributed.exchange_json(step)
       return size
     os.makedirs(self.directory, exist_ok=True)
     self.wait()   # one save at a time

@@ -5,6 +5,7 @@ bit for bit, resumes bit-exactly, and ends cleanly when a process is killed."""
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -216,6 +217,39 @@ def test_killed_process_ends_the_run_with_its_name_and_the_command_resumes(tmp_p
   code, output = launch(2, args, module='fdg_jax.main')
   assert code == 0, output[-5000:]
   assert summary_of(workdir)['resumed_from_step'] >= 40
+
+
+def test_sigint_to_the_launcher_saves_every_process_at_one_step_and_the_command_resumes(
+    tmp_path):
+  """What a grid does to stop a cell: SIGINT to the launcher, which sends SIGTERM to both
+  processes. Both save the same step and exit (process 1 waits for process 0 to have received
+  and saved the cotangent it sent); the command, run again, resumes from that step."""
+  data = write_image_folder(tmp_path / 'data')
+  workdir = tmp_path / 'work'
+  args = trainer_args(data, workdir, 400, '--config.checkpoint_every_steps=0',
+                      '--config.eval_every_epochs=0', '--config.log_every_steps=2')
+  with launched(2, args, module='fdg_jax.main') as launcher:
+    deadline, lines = time.time() + TIMEOUT_S, []
+    for line in launcher.stdout:   # the first logged step: every stage has compiled
+      lines.append(line)
+      if 'step 2/400' in line:
+        break
+      assert time.time() < deadline, ''.join(lines[-30:])
+    launcher.send_signal(signal.SIGINT)
+    output, _ = launcher.communicate(timeout=120)
+  output = ''.join(lines) + output
+  stops = re.findall(r'Stopped by SIGTERM \(to one of the processes\) at step (\d+)', output)
+  assert stops and len(set(stops)) == 1, output[-3000:]
+  step = int(stops[0])
+  for process in (0, 1):
+    assert (workdir / 'checkpoints' / f'process_{process}' / f'{step}.msgpack').exists(), (
+        output[-3000:])
+  code, output = launch(2, trainer_args(data, workdir, step + 2,
+                                        '--config.checkpoint_every_steps=0',
+                                        '--config.eval_every_epochs=0',
+                                        '--config.log_every_steps=2'), module='fdg_jax.main')
+  assert code == 0, output[-5000:]
+  assert summary_of(workdir)['resumed_from_step'] == step
 
 
 def test_unreachable_coordinator_is_one_clear_line(tmp_path):
