@@ -25,14 +25,14 @@ TIMEOUT_S = 240
 
 
 @contextlib.contextmanager
-def launched(num_processes, args, module='mp_engine_child'):
+def launched(num_processes, args, module='mp_engine_child', grace_s=5):
   """fdg_jax.launch running `module` in `num_processes` processes (a Popen). The launcher and its
   children get a session of their own, ended on leaving, whatever happens, so that no process
   outlives the test."""
   env = dict(os.environ, PYTHONPATH=os.path.join(REPO, 'tests'))
   launcher = subprocess.Popen(
       [sys.executable, '-m', 'fdg_jax.launch', f'--num_processes={num_processes}',
-       f'--module={module}', '--grace_s=5', '--', *args],
+       f'--module={module}', f'--grace_s={grace_s}', '--', *args],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       start_new_session=True)
   try:
@@ -203,7 +203,8 @@ def test_killed_process_ends_the_run_with_its_name_and_the_command_resumes(tmp_p
                       '--config.eval_every_epochs=0')
   with launched(2, args, module='fdg_jax.main') as launcher:
     deadline = time.time() + TIMEOUT_S
-    while not (workdir / 'checkpoints' / 'process_1' / '40.msgpack').exists():
+    while not all((workdir / 'checkpoints' / f'process_{i}' / '40.msgpack').exists()
+                  for i in (0, 1)):   # a checkpoint is complete when every process wrote it
       assert time.time() < deadline and launcher.poll() is None, 'no checkpoint in time'
       time.sleep(0.2)
     victim = child_pid(workdir, 1)
@@ -228,7 +229,8 @@ def test_sigint_to_the_launcher_saves_every_process_at_one_step_and_the_command_
   workdir = tmp_path / 'work'
   args = trainer_args(data, workdir, 400, '--config.checkpoint_every_steps=0',
                       '--config.eval_every_epochs=0', '--config.log_every_steps=2')
-  with launched(2, args, module='fdg_jax.main') as launcher:
+  # The processes get time to reach the same step, save and exit before the launcher kills them.
+  with launched(2, args, module='fdg_jax.main', grace_s=90) as launcher:
     deadline, lines = time.time() + TIMEOUT_S, []
     for line in launcher.stdout:   # the first logged step: every stage has compiled
       lines.append(line)
