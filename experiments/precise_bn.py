@@ -177,7 +177,7 @@ def reevaluate(workdir: str) -> dict | None:
   recomputed = test_metrics(model, {'params': variables['params'], 'batch_stats': precise},
                             dataset, config.eval_batch_size)
   return {
-      'workdir': os.path.abspath(workdir),
+      'workdir': os.path.normpath(workdir),   # as given: no machine's paths in the records
       'method': config.method, 'num_stages': summary['num_stages'], 'beta': config.beta,
       'compensation': config.compensation, 'seed': config.seed,
       'momentum': config.momentum, 'learning_rate': config.learning_rate,
