@@ -20,8 +20,8 @@ report made from the runs' `summary.json` files. This module runs a grid and res
   subprocess (`python -m fdg_jax.main ...`, output appended to `train.log`, the exact command in
   `command.sh`), so each run gets its own `XLA_FLAGS`: on CPU, a run with K > 1 stages gets
   `--xla_force_host_platform_device_count=K` simulated devices. On an accelerator with fewer than
-  K devices, stages share them round-robin (`stage_devices`), with a warning. With `--processes` (CPU) a
-  cell of K > 1 stages trains in K processes instead, one stage each on its own cores
+  K devices, stages share them round-robin (`stage_devices`), with a warning. With `--processes`
+  (CPU) a cell of K > 1 stages trains in K processes instead, one stage each on its own cores
   (`python -m fdg_jax.launch --num_processes=K -- ...`): the same computation up to float
   rounding, with the stages really in parallel.
 - **Resuming** (here). A cell whose `summary.json` exists is read, not rerun; a cell with a

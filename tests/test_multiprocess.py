@@ -119,8 +119,9 @@ def test_host_values_do_not_hold_up_pending_transfers():
   code, output = launch(2, ['--arrays=20', '--seconds_per_array=0.3'], module='mp_exchange_child')
   assert code == 0, output[-5000:]
   total = float(sum(2 * 500 * i for i in range(20)))
+  rows = f'[[0, {int(total)}], [1, {int(total)}]]'
   for process in (0, 1):
-    assert f'process {process} done: total {total:g}, rows [[0, {int(total)}], [1, {int(total)}]]' in output, output[-3000:]
+    assert f'process {process} done: total {total:g}, rows {rows}' in output, output[-3000:]
 
 
 # ---------------------------------------------------------------- the trainer in processes
