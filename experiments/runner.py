@@ -25,6 +25,10 @@ LOCK_FILE = '.grid.lock'
 # The two kinds of checkpoint a trainer writes (fdg_jax/checkpoint.py): orbax's numbered folders
 # from one process, or `process_I/STEP.msgpack` files from each process of a multi-process run.
 ONE_PROCESS, PROCESSES = 'one process', 'processes'
+# How long the processes of a stopped cell get to save before the launcher kills them: they run
+# on to the step JAX's preemption service picks (tens of seconds on a slow shared CPU), then
+# save. The launcher's own 30 s lost a checkpoint here.
+STOP_GRACE_S = 300
 
 # Trains `cell` in `workdir`, leaving its summary there (workdir_lib.SUMMARY_FILE).
 Runner = Callable[[cells_lib.Cell, str], None]
@@ -133,8 +137,8 @@ class SubprocessRunner:
     trainer_args = [f'--config={cell.config_file}', f'--workdir={workdir}']
     trainer_args += [f'--config.{k}={format_value(v)}' for k, v in sorted(overrides.items())]
     if self.in_processes(cell, workdir):   # fdg_jax.launch gives each process one device
-      return ([self.python, '-m', 'fdg_jax.launch', f'--num_processes={cell.num_stages}', '--']
-              + trainer_args,
+      return ([self.python, '-m', 'fdg_jax.launch', f'--num_processes={cell.num_stages}',
+               f'--grace_s={STOP_GRACE_S}', '--'] + trainer_args,
               {'XLA_FLAGS': xla_flags(os.environ.get('XLA_FLAGS', ''), platform_name, 1)})
     env = {'XLA_FLAGS': xla_flags(os.environ.get('XLA_FLAGS', ''), platform_name,
                                   cell.num_stages)}

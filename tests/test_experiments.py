@@ -138,7 +138,8 @@ def test_processes_launch_one_process_per_stage_and_a_cell_resumes_in_its_layout
                                        processes=True)
   fresh, started_in_processes, started_in_one = (str(tmp_path / n) for n in 'abc')
   argv, env = runner.command(fdg, fresh)
-  assert argv[:6] == ['PY', '-m', 'fdg_jax.launch', '--num_processes=2', '--',
+  assert argv[:7] == ['PY', '-m', 'fdg_jax.launch', '--num_processes=2',
+                      f'--grace_s={runner_lib.STOP_GRACE_S}', '--',
                       '--config=configs/cifar10_resnet20.py']
   assert '--config.num_stages=2' in argv and env['XLA_FLAGS'] == ''
   assert runner.command(bp, fresh)[0][:3] == ['PY', '-m', 'fdg_jax.main']
