@@ -101,7 +101,7 @@ def check_cell_record(cell: cells_lib.Cell, workdir: str) -> None:
 
 
 def has_checkpoint(workdir: str) -> bool:
-  return runner_lib.checkpoint_layout(workdir) is not None
+  return checkpoint_lib.written_by(workdir) is not None
 
 
 def read_summary(workdir: str) -> Optional[dict]:

@@ -38,15 +38,14 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from configs import default as default_config
-from experiments import runner as runner_lib
 from fdg_jax import checkpoint
 from fdg_jax import distributed
 from fdg_jax import input_pipeline
 from fdg_jax import models
 from fdg_jax import partition
+from fdg_jax import pipeline
 from fdg_jax import train
 from fdg_jax import workdir as workdir_lib
 # pylint: enable=g-import-not-at-top
@@ -84,13 +83,13 @@ def check_readable(workdir: str) -> dict:
   path = os.path.join(workdir, workdir_lib.SUMMARY_FILE)
   if not os.path.exists(path):
     raise RunError(f'{workdir}: no {workdir_lib.SUMMARY_FILE}; the run has not finished.')
-  layout = runner_lib.checkpoint_layout(workdir)
+  layout = checkpoint.written_by(workdir)
   if layout is None:
     raise RunError(f'{workdir}: no checkpoint (a grid deletes them unless --keep_checkpoints).')
   with open(path) as f:
     summary = json.load(f)
   processes = summary.get('num_processes', 1)
-  if (layout == runner_lib.PROCESSES) != (processes > 1) or processes != jax.process_count():
+  if (layout == checkpoint.PROCESSES) != (processes > 1) or processes != jax.process_count():
     raise RunError(
         f'{workdir} was trained in {processes} process(es) and is read here by '
         f'{jax.process_count()}: run `python -m fdg_jax.launch --num_processes={processes} '
@@ -123,37 +122,36 @@ def precise_statistics(model, variables: dict, batches) -> dict:
 
 
 def test_metrics(model, variables: dict, dataset, batch_size: int) -> dict:
-  """Test loss and error of `model` in evaluation mode with `variables`."""
+  """Test loss and error of `model` in evaluation mode with `variables`, with the pipeline's
+  loss and metrics (`Pipeline.evaluate`'s), read from the device once."""
   @jax.jit
   def batch_metrics(v, images, labels, mask):
     logits = model.apply(v, images, train=False)
-    losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
-    return (jnp.sum(losses * mask), jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-            jnp.sum(mask))
-  loss = correct = count = 0.0
+    return pipeline.EvalMetrics.single_from_model_output(
+        loss=pipeline.cross_entropy_loss(logits, labels), logits=logits, labels=labels,
+        mask=mask)
+  total = None
   for images, labels, mask in input_pipeline.test_batches(dataset, batch_size):
-    batch = jax.device_get(batch_metrics(variables, images, labels, mask.astype(np.float32)))
-    loss, correct, count = loss + float(batch[0]), correct + float(batch[1]), count + float(
-        batch[2])
-  return {'test_loss': loss / count, 'test_error': 1 - correct / count}
+    update = batch_metrics(variables, images, labels, mask)
+    total = update if total is None else total.merge(update)
+  result = {name: float(value) for name, value in total.compute().items()}
+  return {'test_loss': result['loss'], 'test_error': 1 - result['accuracy']}
 
 
 def reevaluate(workdir: str) -> dict | None:
   """The record of one run (on process 0; None on the others)."""
   summary = check_readable(workdir)
   config = run_config(workdir)
-  dataset = input_pipeline.load_dataset(
-      config.dataset, config.data_dir or None, image_size=config.image_size,
-      cache_dir=config.cache_dir or None, train_subset=config.train_subset,
-      test_subset=config.test_subset)
+  dataset = train.load_data(config)
   steps_per_epoch = input_pipeline.steps_per_epoch(dataset, config.batch_size)
   num_steps = train.total_train_steps(config, steps_per_epoch)
   run = train.setup(config, dataset.num_classes, steps_per_epoch)
   checkpointer = checkpoint.Checkpointer(workdir)
   try:
-    if checkpointer.latest_step() != num_steps:
-      raise RunError(f'{workdir}: the last checkpoint is of step {checkpointer.latest_step()}, '
-                     f'not of the last step {num_steps}.')
+    latest_step = checkpointer.latest_step()
+    if latest_step != num_steps:
+      raise RunError(f'{workdir}: the last checkpoint is of step {latest_step}, not of the '
+                     f'last step {num_steps}.')
     state, _ = checkpointer.restore(run.pipe, run.state,
                                     batch_images=train.stream_images(config, dataset))
   finally:

@@ -22,9 +22,6 @@ COMMAND_FILE = 'command.sh'
 # The run's console output, appended (the trainer's own full log is workdir_lib.LOG_FILE).
 OUTPUT_FILE = 'train.log'
 LOCK_FILE = '.grid.lock'
-# The two kinds of checkpoint a trainer writes (fdg_jax/checkpoint.py): orbax's numbered folders
-# from one process, or `process_I/STEP.msgpack` files from each process of a multi-process run.
-ONE_PROCESS, PROCESSES = 'one process', 'processes'
 # How long the processes of a stopped cell get to save before the launcher kills them: they run
 # on to the step JAX's preemption service picks (tens of seconds on a slow shared CPU), then
 # save. The launcher's own 30 s lost a checkpoint here.
@@ -57,20 +54,6 @@ def xla_flags(existing: str, platform_name: str, num_stages: int) -> str:
   if platform_name == 'cpu' and num_stages > 1:
     flags.append(f'--xla_force_host_platform_device_count={num_stages}')
   return ' '.join(flags)
-
-
-def checkpoint_layout(workdir: str) -> Optional[str]:
-  """ONE_PROCESS or PROCESSES: who wrote the checkpoints in `workdir`; None if there are none."""
-  directory = os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)
-  names = os.listdir(directory) if os.path.isdir(directory) else []
-  if any(name.isdigit() for name in names):
-    return ONE_PROCESS
-  for name in names:
-    path = os.path.join(directory, name)
-    if name.startswith('process_') and os.path.isdir(path) and any(
-        f.endswith('.msgpack') and f.split('.')[0].isdigit() for f in os.listdir(path)):
-      return PROCESSES
-  return None
 
 
 class SubprocessRunner:
@@ -120,7 +103,7 @@ class SubprocessRunner:
     overrides = cell.override_dict()
     if overrides.get('data_parallel', 1) != 1 or overrides.get('stage_devices'):
       return False
-    if checkpoint_layout(workdir) == ONE_PROCESS:
+    if checkpoint_lib.written_by(workdir) == checkpoint_lib.ONE_PROCESS:
       self.log(f'{cell.name}: resumes in one process, where its checkpoint was written.')
       return False
     return True

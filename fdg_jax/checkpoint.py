@@ -298,6 +298,24 @@ class _ProcessFiles:
     return place(data['arrays'], ()), metadata
 
 
+# Who wrote a workdir's checkpoints: one process (orbax's numbered folders) or the processes of
+# a multi-process run (each its own `process_I/STEP.msgpack` files).
+ONE_PROCESS, PROCESSES = 'one process', 'processes'
+_PROCESS_DIR = 'process_{}'
+
+
+def written_by(workdir: str) -> Optional[str]:
+  """ONE_PROCESS or PROCESSES for the checkpoints in `workdir`; None if there are none."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  if any(name.isdigit() for name in names):
+    return ONE_PROCESS
+  if any(_ProcessFiles(os.path.join(directory, name), max_to_keep=0).steps() for name in names
+         if name.startswith(_PROCESS_DIR.format(''))):
+    return PROCESSES
+  return None
+
+
 class Checkpointer:
   """Saves and restores pipeline states under `workdir/checkpoints`, keeping the last few.
 
@@ -316,7 +334,7 @@ class Checkpointer:
     self.asynchronous = asynchronous and jax.process_count() == 1
     self._process_files = None
     if jax.process_count() > 1:
-      self.directory = os.path.join(self.directory, f'process_{jax.process_index()}')
+      self.directory = os.path.join(self.directory, _PROCESS_DIR.format(jax.process_index()))
       self._process_files = _ProcessFiles(self.directory, max_to_keep)
       return
     self._manager = ocp.CheckpointManager(

@@ -276,6 +276,14 @@ def _merge(total, metrics):
 # ---------------------------------------------------------------- the run
 
 
+def load_data(config) -> input_pipeline.Dataset:
+  """The run's data: its dataset, subsets and image size, as the config names them."""
+  return input_pipeline.load_dataset(
+      config.dataset, config.data_dir or None, image_size=config.image_size,
+      cache_dir=config.cache_dir or None, train_subset=config.train_subset,
+      test_subset=config.test_subset)
+
+
 def stream_images(config, dataset: input_pipeline.Dataset) -> Callable[[int], np.ndarray]:
   """The images of the training stream's batch `batch`, by index (a checkpoint stores the
   index, not the images)."""
@@ -295,10 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   validate_config(config)
   workdir_lib.check_config_matches(config, workdir)
-  dataset = input_pipeline.load_dataset(
-      config.dataset, config.data_dir or None, image_size=config.image_size,
-      cache_dir=config.cache_dir or None, train_subset=config.train_subset,
-      test_subset=config.test_subset)
+  dataset = load_data(config)
   steps_per_epoch = input_pipeline.steps_per_epoch(dataset, config.batch_size)
   if steps_per_epoch == 0:
     raise ConfigError(f'config.batch_size: {config.batch_size} is larger than the '

@@ -145,13 +145,13 @@ def test_processes_launch_one_process_per_stage_and_a_cell_resumes_in_its_layout
   assert runner.command(bp, fresh)[0][:3] == ['PY', '-m', 'fdg_jax.main']
   # The layout that wrote a cell's checkpoint decides where it resumes.
   os.makedirs(os.path.join(started_in_processes, 'checkpoints', 'process_0'))
-  assert runner_lib.checkpoint_layout(started_in_processes) is None   # nothing saved yet
+  assert checkpoint_lib.written_by(started_in_processes) is None   # nothing saved yet
   open(os.path.join(started_in_processes, 'checkpoints', 'process_0', '250.msgpack'), 'w').close()
-  assert runner_lib.checkpoint_layout(started_in_processes) == runner_lib.PROCESSES
+  assert checkpoint_lib.written_by(started_in_processes) == checkpoint_lib.PROCESSES
   assert grid.has_checkpoint(started_in_processes)
   assert runner.command(fdg, started_in_processes)[0][2] == 'fdg_jax.launch'
   os.makedirs(os.path.join(started_in_one, 'checkpoints', '250'))
-  assert runner_lib.checkpoint_layout(started_in_one) == runner_lib.ONE_PROCESS
+  assert checkpoint_lib.written_by(started_in_one) == checkpoint_lib.ONE_PROCESS
   argv, env = runner.command(fdg, started_in_one)
   assert argv[2] == 'fdg_jax.main' and env['XLA_FLAGS'].endswith('device_count=2')
   assert logged == [f'{fdg.name}: resumes in one process, where its checkpoint was written.']
