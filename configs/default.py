@@ -87,6 +87,9 @@ def get_config():
   config.warmup_epochs = 0
   # Learning rate during warm-up.
   config.warmup_lr = 0.01
+  # 'constant': warm-up at warmup_lr throughout (the paper); 'linear': from warmup_lr at step 0
+  # rising in a straight line to learning_rate at the end of warm-up (Goyal et al., 2017).
+  config.warmup_shape = 'constant'
   # Dropout rate inside WRN blocks (the ResNets have none).
   config.dropout_rate = 0.0
   # Seed of initialisation, data order and augmentation.

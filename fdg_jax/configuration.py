@@ -22,6 +22,7 @@ from fdg_jax import pipeline
 
 METHODS = ('fdg', 'bp', 'ddg', 'dgl')
 DATASETS = ('cifar10', 'cifar100', 'cifar_python', 'imagefolder')
+WARMUP_SHAPES = ('constant', 'linear')
 # configs/default.py, beside the package in a checkout (absent from an installed wheel).
 DEFAULT_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                    'configs', 'default.py')
@@ -111,6 +112,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('num_epochs', f'{config.num_epochs} is not positive', 'Use a positive number.')
   if config.learning_rate <= 0 or config.warmup_lr <= 0:
     fail('learning_rate', 'learning rates must be positive', 'Use lr > 0 and warmup_lr > 0.')
+  if config.warmup_shape not in WARMUP_SHAPES:
+    fail('warmup_shape', f'unknown warm-up {config.warmup_shape!r}',
+         f'Choose one of {WARMUP_SHAPES}.')
   for field in ('warmup_epochs', 'eval_every_epochs', 'checkpoint_every_steps',
                 'timeline_start_step'):
     if config[field] < 0:

@@ -41,14 +41,21 @@ from fdg_jax.workdir import DivergenceError, Preempted  # pylint: disable=unused
 
 
 def create_learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """Warm-up at warmup_lr, then learning_rate divided at each boundary (in optimizer steps)."""
+  """Warm-up, then learning_rate divided at each boundary (in optimizer steps).
+
+  Warm-up lasts warmup_epochs: at warmup_lr throughout (warmup_shape 'constant', the paper's),
+  or rising in a straight line from warmup_lr at step 0 to learning_rate at its end ('linear',
+  Goyal et al., 2017), which gives SGD without momentum the ramp that momentum's build-up gives.
+  """
   warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
   boundaries = {int(round(epoch * steps_per_epoch)) - warmup_steps: config.lr_decay_factor
                 for epoch in config.lr_boundaries_epochs}
   main = optax.piecewise_constant_schedule(config.learning_rate, boundaries)
   if not warmup_steps:
     return main
-  return optax.join_schedules([optax.constant_schedule(config.warmup_lr), main], [warmup_steps])
+  warmup = (optax.constant_schedule(config.warmup_lr) if config.warmup_shape == 'constant' else
+            optax.linear_schedule(config.warmup_lr, config.learning_rate, warmup_steps))
+  return optax.join_schedules([warmup, main], [warmup_steps])
 
 
 def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:

@@ -37,7 +37,8 @@ RESUMABLE_FIELDS = frozenset({
 # did: a saved config without one of them resumes as if it held that value.
 ADDED_FIELDS = {'residual_policy': '', 'split_by': 'flops', 'data_parallel': 1,
                 'compensation': 'none', 'dc_lambda': 2.0, 'dc_adaptive': True,
-                'dc_decay': 0.95, 'lr_reschedule_fraction': 0.25}
+                'dc_decay': 0.95, 'lr_reschedule_fraction': 0.25,
+                'warmup_shape': 'constant'}
 
 
 class DivergenceError(FloatingPointError):

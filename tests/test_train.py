@@ -209,6 +209,7 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
     (dict(compensation='delay_compensation', dc_decay=1.0), 'config.dc_decay'),
     (dict(compensation='lr_reschedule', lr_reschedule_fraction=0.0),
      'config.lr_reschedule_fraction'),
+    (dict(warmup_shape='cosine'), 'config.warmup_shape'),
 ])
 def test_bad_config_fails_before_any_compute(overrides, field, tmp_path, monkeypatch):
   def must_not_load(*args, **kwargs):
@@ -239,6 +240,12 @@ def test_learning_rate_schedule_follows_the_paper():
   assert float(schedule(29)) == pytest.approx(0.01)
   assert float(schedule(30)) == pytest.approx(0.1)
   assert float(schedule(1500)) == pytest.approx(0.01)   # boundaries stay at their epochs
+  config.warmup_shape = 'linear'
+  schedule = train.create_learning_rate_schedule(config, steps_per_epoch=10)
+  # From warmup_lr at step 0 to learning_rate at step 30, in equal steps of 0.09 / 30.
+  assert [float(schedule(s)) for s in (0, 10, 29, 30, 31)] == pytest.approx(
+      [0.01, 0.04, 0.097, 0.1, 0.1])
+  assert float(schedule(1500)) == pytest.approx(0.01)
 
 
 def test_optimizer_is_pytorch_sgd_with_coupled_weight_decay():
