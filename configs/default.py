@@ -83,8 +83,9 @@ def get_config():
   config.lr_boundaries_epochs = (150, 225, 275)
   # Factor applied at each lr boundary.
   config.lr_decay_factor = 0.1
-  # Epochs trained at warmup_lr before the schedule starts (paper: 3 for ResNet-110, K = 3, 4).
-  config.warmup_epochs = 0
+  # Epochs of warm-up before the schedule starts, may be fractional (paper: 3 for ResNet-110,
+  # K = 3, 4).
+  config.warmup_epochs = 0.0
   # Learning rate during warm-up.
   config.warmup_lr = 0.01
   # 'constant': warm-up at warmup_lr throughout (the paper); 'linear': from warmup_lr at step 0

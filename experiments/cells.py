@@ -198,8 +198,8 @@ def _epoch_value(x: float):
 def rescale_schedule(base, num_epochs: int, explicit: dict) -> dict:
   """lr boundaries and warm-up of `base` keeping their share of a `num_epochs` run.
 
-  The paper's 150/225/275 of 300 epochs become 6/9/11 of 12. warmup_epochs is an integer field:
-  a warm-up is rounded to whole epochs but kept at least 1 (3 of 300 epochs -> 1 of 12).
+  The paper's 150/225/275 of 300 epochs become 6/9/11 of 12. A warm-up is rounded to whole
+  epochs but kept at least 1 (3 of 300 epochs -> 1 of 12), as the recorded grids ran it.
   Fields in `explicit` (given with --set) are left as given.
   """
   if num_epochs == base.num_epochs:
