@@ -9,7 +9,7 @@ import ml_collections
 
 def get_config():
   config = ml_collections.ConfigDict()
-  # Network: one of fdg_jax.models.MODEL_NAMES (resnet20/56/110, resnet18, wrn28_10).
+  # Network: one of fdg_jax.models.MODEL_NAMES (resnet8/20/56/110, resnet18, wrn28_10).
   config.model = 'resnet56'
   # 'cifar10' / 'cifar100' through tensorflow-datasets; 'cifar_python' (data_dir is an extracted
   # official cifar-10-batches-py or cifar-100-python folder); or 'imagefolder' (data_dir holds

@@ -11,6 +11,9 @@ Models:
 * ``resnet20``, ``resnet56``, ``resnet110``: CIFAR ResNets of He et al. (2016),
   section 4.2, with a 1x1 conv + BN projection shortcut where the shape changes
   (option B, as in common PyTorch CIFAR code).
+* ``resnet8``: the same family with one block per group (n = 1), the model of
+  MLPerf Tiny's image classification benchmark; five blocks, for quick runs and
+  the tests, where compiling ResNet-20 would dominate.
 * ``resnet18``: ResNet-18 adapted to 32x32 inputs (3x3 stem, no max-pool), as
   in kuangliu/pytorch-cifar.
 * ``wrn28_10``: pre-activation Wide ResNet-28-10 of Zagoruyko & Komodakis
@@ -27,7 +30,7 @@ from typing import Any
 from flax import linen as nn
 import jax.numpy as jnp
 
-MODEL_NAMES = ('resnet20', 'resnet56', 'resnet110', 'resnet18', 'wrn28_10')
+MODEL_NAMES = ('resnet8', 'resnet20', 'resnet56', 'resnet110', 'resnet18', 'wrn28_10')
 
 # torchvision's kaiming_normal_(mode='fan_out', nonlinearity='relu'). Flax's
 # 'normal' is a truncated normal rescaled to the same variance.
@@ -168,6 +171,7 @@ class Head(nn.Module):
 # Per model: (stem width, blocks per group, group widths, block kind).
 # The first block of every group but the first has stride 2.
 _CONFIGS = {
+    'resnet8': (16, (1, 1, 1), (16, 32, 64), 'basic'),
     'resnet20': (16, (3, 3, 3), (16, 32, 64), 'basic'),
     'resnet56': (16, (9, 9, 9), (16, 32, 64), 'basic'),
     'resnet110': (16, (18, 18, 18), (16, 32, 64), 'basic'),

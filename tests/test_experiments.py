@@ -329,7 +329,7 @@ def test_differences_pair_runs_by_seed():
 def test_bench_memory_sizes_a_residual_policy(tmp_path):
   out = tmp_path / 'bench.json'
   subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'bench_memory.py'),
-                  '--model=resnet20', '--batch_size=2', '--image_size=8', '--num_stages=2',
+                  '--model=resnet8', '--batch_size=2', '--image_size=8', '--num_stages=2',
                   '--stash=vjp+nothing_saveable', '--isolate=false', f'--output={out}'],
                  check=True, capture_output=True, cwd=REPO)
   with open(out) as f:

@@ -44,6 +44,7 @@ def _count(tree):
 
 # Published sizes with 10 classes (trainable parameters only).
 TARGET_PARAMS = {
+    'resnet8': 0.078e6,     # MLPerf Tiny (Banbury et al., 2021)
     'resnet20': 0.27e6,
     'resnet56': 0.85e6,
     'resnet110': 1.7e6,
@@ -52,6 +53,7 @@ TARGET_PARAMS = {
 }
 
 NUM_BLOCKS = {
+    'resnet8': 5,
     'resnet20': 11,
     'resnet56': 29,
     'resnet110': 56,
@@ -61,6 +63,7 @@ NUM_BLOCKS = {
 
 # Width of the features entering the classifier.
 HEAD_FEATURES = {
+    'resnet8': 64,
     'resnet20': 64,
     'resnet56': 64,
     'resnet110': 64,

@@ -18,7 +18,7 @@ import pytest
 
 from fdg_jax import distributed
 from mp_engine_child import placements_of, run
-from test_train import write_image_folder
+from test_train import TEST_MODEL, write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
@@ -28,8 +28,10 @@ TIMEOUT_S = 240
 def launched(num_processes, args, module='mp_engine_child', grace_s=5):
   """fdg_jax.launch running `module` in `num_processes` processes (a Popen). The launcher and its
   children get a session of their own, ended on leaving, whatever happens, so that no process
-  outlives the test."""
-  env = dict(os.environ, PYTHONPATH=os.path.join(REPO, 'tests'))
+  outlives the test. Without the persistent compilation cache that conftest sets: with it, the
+  four-process test of stages spread over processes hung twice (WORKSPACE.md, "The suite's
+  time")."""
+  env = dict(os.environ, PYTHONPATH=os.path.join(REPO, 'tests'), JAX_COMPILATION_CACHE_DIR='')
   launcher = subprocess.Popen(
       [sys.executable, '-m', 'fdg_jax.launch', f'--num_processes={num_processes}',
        f'--module={module}', f'--grace_s={grace_s}', '--', *args],
@@ -45,10 +47,10 @@ def launched(num_processes, args, module='mp_engine_child', grace_s=5):
     launcher.wait(timeout=10)
 
 
-def launch(num_processes, args, module='mp_engine_child'):
+def launch(num_processes, args, module='mp_engine_child', timeout_s=TIMEOUT_S):
   """Runs `launched(...)` to the end; its exit code and output."""
   with launched(num_processes, args, module) as launcher:
-    output, _ = launcher.communicate(timeout=TIMEOUT_S)
+    output, _ = launcher.communicate(timeout=timeout_s)
   return launcher.returncode, output
 
 
@@ -96,7 +98,10 @@ def test_stages_spread_over_processes_compute_what_one_process_computes(tmp_path
   bit for bit where the straight run does."""
   runs = ['bp:vjp:on01', 'bp:vjp:on01:resume', 'fdg:vjp:on01-2', 'ddg:vjp:on2-01',
           'fdg:vjp:on01-23', 'fdg:vjp:on01-23:resume', 'dgl:vjp:on01-23']
-  code, stdout = launch(4, ['--num_stages=0', f'--out_dir={tmp_path}', f'--runs={",".join(runs)}'])
+  # Seven runs in four processes: on two busy cores (the test suite's other worker, a grid)
+  # this took over 240 s once.
+  code, stdout = launch(4, ['--num_stages=0', f'--out_dir={tmp_path}', f'--runs={",".join(runs)}'],
+                        timeout_s=2 * TIMEOUT_S)
   assert code == 0, stdout[-5000:]
 
   def variables_of(name):
@@ -129,6 +134,7 @@ def test_host_values_do_not_hold_up_pending_transfers():
 
 def trainer_args(data, workdir, steps, *extra):
   return ['--config=configs/cifar10_resnet20.py', f'--workdir={workdir}',
+          f'--config.model={TEST_MODEL}',
           '--config.dataset=imagefolder', f'--config.data_dir={data}',
           f'--config.cache_dir={os.path.join(os.path.dirname(data), "cache")}',
           f'--config.num_train_steps={steps}', '--config.batch_size=8',
@@ -162,7 +168,7 @@ def test_trainer_in_two_processes_resumes_bit_exactly(tmp_path):
   assert a['num_processes'] == 2 and a['steps'] == 24 and len(set(a['devices'])) == 2
   assert resumed['resumed_from_step'] == 12
   assert resumed['params_digest'] == a['params_digest']   # two runs, 12 + 12 == 24, bit for bit
-  assert 'Stages of resnet20' in output and '[1] Stages' not in output   # process 0 speaks
+  assert f'Stages of {TEST_MODEL}' in output and '[1] Stages' not in output   # process 0 speaks
 
 
 def test_trainer_runs_data_parallel_bp_in_two_processes(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from fdg_jax import checkpoint
 from fdg_jax import train
 from fdg_jax import workdir as workdir_lib
-from test_train import REPO, small_config, write_image_folder
+from test_train import REPO, TEST_MODEL, small_config, write_image_folder
 
 
 @pytest.fixture(scope='module')
@@ -28,7 +28,7 @@ def config_for(data, tmp_path, **overrides):
 
 def cli(data, workdir, steps, extra=(), wait=True):
   command = [sys.executable, '-m', 'fdg_jax.main', '--config=configs/cifar10_resnet20.py',
-             f'--workdir={workdir}', '--config.dataset=imagefolder',
+             f'--workdir={workdir}', f'--config.model={TEST_MODEL}', '--config.dataset=imagefolder',
              f'--config.data_dir={data}', '--config.num_stages=2', '--config.beta=0.5',
              f'--config.num_train_steps={steps}', '--config.batch_size=8',
              '--config.image_size=16', '--config.log_every_steps=1',
@@ -113,7 +113,7 @@ def test_resuming_with_a_different_computation_or_model_is_refused(data, tmp_pat
   os.makedirs(tmp_path / 'other')
   shutil.copytree(tmp_path / 'work' / 'checkpoints', tmp_path / 'other' / 'checkpoints')
   with pytest.raises(checkpoint.CheckpointError, match='does not match the model'):
-    train.train_and_evaluate(config_for(data, tmp_path, num_train_steps=8, model='resnet56'),
+    train.train_and_evaluate(config_for(data, tmp_path, num_train_steps=8, model='resnet20'),
                              str(tmp_path / 'other'))
   longer = config_for(data, tmp_path, num_train_steps=6, log_every_steps=3)
   assert train.train_and_evaluate(longer, str(tmp_path / 'work'))['resumed_from_step'] == 4
