@@ -28,8 +28,9 @@ def config_for(data, tmp_path, **overrides):
 
 def cli(data, workdir, steps, extra=(), wait=True):
   command = [sys.executable, '-m', 'fdg_jax.main', '--config=configs/cifar10_resnet20.py',
-             f'--workdir={workdir}', f'--config.model={TEST_MODEL}', '--config.dataset=imagefolder',
-             f'--config.data_dir={data}', '--config.num_stages=2', '--config.beta=0.5',
+             f'--workdir={workdir}', f'--config.model={TEST_MODEL}',
+             '--config.dataset=imagefolder', f'--config.data_dir={data}', '--config.num_stages=2',
+             '--config.beta=0.5',
              f'--config.num_train_steps={steps}', '--config.batch_size=8',
              '--config.image_size=16', '--config.log_every_steps=1',
              '--config.eval_batch_size=16', '--config.eval_every_epochs=0',

@@ -110,8 +110,8 @@ def test_cli_fdg_two_simulated_devices(tmp_path):
       [sys.executable, '-m', 'fdg_jax.main', '--config=configs/cifar10_resnet20.py',
        f'--workdir={workdir}', '--config.dataset=imagefolder', f'--config.data_dir={data}',
        f'--config.model={TEST_MODEL}', '--config.method=fdg', '--config.num_stages=2',
-       '--config.beta=0.5', '--config.num_train_steps=8', '--config.batch_size=8', '--config.image_size=16',
-       '--config.log_every_steps=4', '--config.eval_batch_size=16',
+       '--config.beta=0.5', '--config.num_train_steps=8', '--config.batch_size=8',
+       '--config.image_size=16', '--config.log_every_steps=4', '--config.eval_batch_size=16',
        '--config.timeline_start_step=4', '--config.timeline_num_steps=3'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -148,9 +148,8 @@ def test_cli_stages_on_two_devices_each_compute_what_one_device_computes(tmp_pat
   depends on the processor and the device count, by orders of magnitude.)"""
   data = write_image_folder(tmp_path / 'data')
   flags = dict(model=TEST_MODEL, dataset='imagefolder', data_dir=data, num_stages=2,
-               num_train_steps=6,
-               batch_size=8, image_size=16, log_every_steps=2, eval_batch_size=16,
-               learning_rate=0.01)
+               num_train_steps=6, batch_size=8, image_size=16, log_every_steps=2,
+               eval_batch_size=16, learning_rate=0.01)
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              FDG_JAX_CACHE=str(tmp_path / 'cache'))
   result = subprocess.run(
