@@ -4,7 +4,10 @@ It imports no JAX (fast, and no devices to set up), prints one `info {json}` lin
 launcher gave it, then behaves as --mode says:
   ok:         exits 0.
   fail:       process 1 exits 3; process 0 ignores SIGTERM and sleeps (only SIGKILL ends it).
-  killed:     process 1 kills itself with SIGKILL after 1 s; process 0 sleeps.
+  killed:     process 1 kills itself with SIGKILL; process 0 sleeps.
+In 'fail' and 'killed', process 1 ends only once process 0 has printed its line and set up its
+signal handling (a file in --ready_dir says so): on a loaded machine, process 0 could otherwise
+still be starting when the launcher stops it.
   checkpoint: prints 'ready' and sleeps; on SIGTERM prints 'saved' and exits 0.
 """
 
@@ -14,6 +17,8 @@ import os
 import signal
 import sys
 import time
+
+READY_TIMEOUT_S = 20   # process 1's wait for process 0; the tests' launches time out at 30 s
 
 
 def on_sigterm(signum, frame):
@@ -29,6 +34,7 @@ def main():
   parser.add_argument('--coordinator_address', required=True)
   parser.add_argument('--num_processes', type=int, required=True)
   parser.add_argument('--process_id', type=int, required=True)
+  parser.add_argument('--ready_dir', help="where process 0 says it is ready ('fail', 'killed')")
   args = parser.parse_args()
   if args.mode == 'checkpoint':
     signal.signal(signal.SIGTERM, on_sigterm)   # before 'info': the test waits for that line
@@ -42,10 +48,15 @@ def main():
 
   if args.mode == 'ok':
     return
-  if args.mode == 'fail' and args.process_id == 1:
-    sys.exit(3)
-  if args.mode == 'killed' and args.process_id == 1:
-    time.sleep(1)
+  ready_file = os.path.join(args.ready_dir or '', 'process_0_ready')
+  if args.mode in ('fail', 'killed') and args.process_id == 0:
+    open(ready_file, 'w').close()
+  if args.mode in ('fail', 'killed') and args.process_id == 1:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not os.path.exists(ready_file) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    if args.mode == 'fail':
+      sys.exit(3)
     os.kill(os.getpid(), signal.SIGKILL)
   if args.mode == 'checkpoint':
     print('ready', flush=True)

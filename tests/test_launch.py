@@ -141,10 +141,10 @@ def test_no_pinning_with_fewer_cores_than_processes(monkeypatch, capsys, started
     assert info['jax_platforms'] == 'cpu'
 
 
-def test_a_failing_process_stops_the_others(started_pids):
+def test_a_failing_process_stops_the_others(started_pids, tmp_path):
   """Process 0 ignores SIGTERM, so it also takes the SIGKILL after --grace_s."""
   start = time.monotonic()
-  result = run_launcher(2, 'fail', '--grace_s=1')
+  result = run_launcher(2, 'fail', '--grace_s=1', child_flags=(f'--ready_dir={tmp_path}',))
   elapsed = time.monotonic() - start
   infos = child_infos(result.stdout, started_pids)
   assert result.returncode == 3, result.stdout + result.stderr
@@ -155,8 +155,8 @@ def test_a_failing_process_stops_the_others(started_pids):
   assert elapsed < 15
 
 
-def test_a_killed_process_stops_the_others(started_pids):
-  result = run_launcher(2, 'killed', '--grace_s=5')
+def test_a_killed_process_stops_the_others(started_pids, tmp_path):
+  result = run_launcher(2, 'killed', '--grace_s=5', child_flags=(f'--ready_dir={tmp_path}',))
   infos = child_infos(result.stdout, started_pids)
   assert result.returncode == 128 + signal.SIGKILL, result.stdout + result.stderr
   assert f'error: process 1 (pid {infos[1]["pid"]}) was killed by SIGKILL' in result.stderr

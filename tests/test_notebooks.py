@@ -30,10 +30,13 @@ def test_notebook_is_stripped(path):
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
-def test_notebook_runs(path, monkeypatch):
+def test_notebook_runs(path, monkeypatch, tmp_path):
   # The kernel inherits this environment (conftest's simulated CPU devices included).
   monkeypatch.setenv('FDG_NOTEBOOK_SMALL', '1')
   monkeypatch.setenv('MPLBACKEND', 'module://matplotlib_inline.backend_inline')
+  # The notebooks keep their outputs in tempfile.mkdtemp() folders, for the user to look at;
+  # here they go under the test's own temporary folder, removed with it.
+  monkeypatch.setenv('TMPDIR', str(tmp_path))
   nb = nbformat.read(path, as_version=4)
   # 'python3' is the kernel spec ipykernel installs in this environment; jupyter_client starts
   # it with this interpreter (sys.executable), so nothing is registered globally.
