@@ -26,7 +26,7 @@ from experiments import table4
 from experiments import transfer_probe
 from fdg_jax import checkpoint as checkpoint_lib
 from fdg_jax import workdir as workdir_lib
-from conftest import QUICK_COMPILE_FLAGS
+from conftest import OTHER_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,14 +119,14 @@ def test_subprocess_command_and_simulated_devices(tmp_path):
   for arg in ('--config.beta=0.25', '--config.dataset=imagefolder', '--config.num_stages=2',
               '--config.lr_boundaries_epochs=(6,9,11)', '--config.cache_dir=/tmp/c'):
     assert arg in argv
-  # conftest's other XLA flags are kept; only the device count is the run's own.
-  assert env['XLA_FLAGS'] == f'{QUICK_COMPILE_FLAGS} --xla_force_host_platform_device_count=2'
-  assert runner.command(bp, 'W')[1]['XLA_FLAGS'] == QUICK_COMPILE_FLAGS
+  # The other XLA flags are kept; only the device count is the run's own.
+  assert env['XLA_FLAGS'] == f'{OTHER_XLA_FLAGS} --xla_force_host_platform_device_count=2'
+  assert runner.command(bp, 'W')[1]['XLA_FLAGS'] == OTHER_XLA_FLAGS
   assert runner_lib.xla_flags('--a --xla_force_host_platform_device_count=8', 'cpu', 3) == (
       '--a --xla_force_host_platform_device_count=3')
   gpu = runner_lib.SubprocessRunner(python='PY', platform_info=('gpu', 1), log=lambda _: None)
   argv, env = gpu.command(fdg, 'W')
-  assert '--config.stage_devices=(0,0)' in argv and env['XLA_FLAGS'] == QUICK_COMPILE_FLAGS
+  assert '--config.stage_devices=(0,0)' in argv and env['XLA_FLAGS'] == OTHER_XLA_FLAGS
   assert runner_lib.format_value((3,)) == '(3,)' and runner_lib.format_value(True) == 'True'
 
 
@@ -143,7 +143,7 @@ def test_processes_launch_one_process_per_stage_and_a_cell_resumes_in_its_layout
   assert argv[:7] == ['PY', '-m', 'fdg_jax.launch', '--num_processes=2',
                       f'--grace_s={runner_lib.STOP_GRACE_S}', '--',
                       '--config=configs/cifar10_resnet20.py']
-  assert '--config.num_stages=2' in argv and env['XLA_FLAGS'] == QUICK_COMPILE_FLAGS
+  assert '--config.num_stages=2' in argv and env['XLA_FLAGS'] == OTHER_XLA_FLAGS
   assert runner.command(bp, fresh)[0][:3] == ['PY', '-m', 'fdg_jax.main']
   # The layout that wrote a cell's checkpoint decides where it resumes.
   os.makedirs(os.path.join(started_in_processes, 'checkpoints', 'process_0'))
