@@ -5,10 +5,10 @@ launcher gave it, then behaves as --mode says:
   ok:         exits 0.
   fail:       process 1 exits 3; process 0 ignores SIGTERM and sleeps (only SIGKILL ends it).
   killed:     process 1 kills itself with SIGKILL; process 0 sleeps.
+  checkpoint: prints 'ready' and sleeps; on SIGTERM prints 'saved' and exits 0.
 In 'fail' and 'killed', process 1 ends only once process 0 has printed its line and set up its
 signal handling (a file in --ready_dir says so): on a loaded machine, process 0 could otherwise
 still be starting when the launcher stops it.
-  checkpoint: prints 'ready' and sleeps; on SIGTERM prints 'saved' and exits 0.
 """
 
 import argparse

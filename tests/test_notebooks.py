@@ -35,7 +35,7 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
   monkeypatch.setenv('FDG_NOTEBOOK_SMALL', '1')
   monkeypatch.setenv('MPLBACKEND', 'module://matplotlib_inline.backend_inline')
   # The notebooks keep their outputs in tempfile.mkdtemp() folders, for the user to look at;
-  # here they go under the test's own temporary folder, removed with it.
+  # here they go under the test's own temporary folder, which pytest prunes.
   monkeypatch.setenv('TMPDIR', str(tmp_path))
   nb = nbformat.read(path, as_version=4)
   # 'python3' is the kernel spec ipykernel installs in this environment; jupyter_client starts
