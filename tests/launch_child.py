@@ -27,6 +27,16 @@ def on_sigterm(signum, frame):
   sys.exit(0)
 
 
+def end_process_1(mode: str, ready_file: str):
+  """Waits (bounded) for process 0's ready file, then fails or is killed as `mode` says."""
+  deadline = time.monotonic() + READY_TIMEOUT_S
+  while not os.path.exists(ready_file) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  if mode == 'fail':
+    sys.exit(3)
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--mode', choices=['ok', 'fail', 'killed', 'checkpoint'], required=True)
@@ -36,6 +46,8 @@ def main():
   parser.add_argument('--process_id', type=int, required=True)
   parser.add_argument('--ready_dir', help="where process 0 says it is ready ('fail', 'killed')")
   args = parser.parse_args()
+  if args.mode in ('fail', 'killed') and not args.ready_dir:
+    parser.error(f'--mode={args.mode} needs --ready_dir')
   if args.mode == 'checkpoint':
     signal.signal(signal.SIGTERM, on_sigterm)   # before 'info': the test waits for that line
   if args.mode == 'fail' and args.process_id == 0:
@@ -48,16 +60,12 @@ def main():
 
   if args.mode == 'ok':
     return
-  ready_file = os.path.join(args.ready_dir or '', 'process_0_ready')
-  if args.mode in ('fail', 'killed') and args.process_id == 0:
-    open(ready_file, 'w').close()
-  if args.mode in ('fail', 'killed') and args.process_id == 1:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not os.path.exists(ready_file) and time.monotonic() < deadline:
-      time.sleep(0.05)
-    if args.mode == 'fail':
-      sys.exit(3)
-    os.kill(os.getpid(), signal.SIGKILL)
+  if args.mode in ('fail', 'killed'):
+    ready_file = os.path.join(args.ready_dir, 'process_0_ready')
+    if args.process_id == 0:
+      open(ready_file, 'w').close()
+    else:
+      end_process_1(args.mode, ready_file)
   if args.mode == 'checkpoint':
     print('ready', flush=True)
   while True:

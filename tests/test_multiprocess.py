@@ -29,8 +29,8 @@ def launched(num_processes, args, module='mp_engine_child', grace_s=5):
   """fdg_jax.launch running `module` in `num_processes` processes (a Popen). The launcher and its
   children get a session of their own, ended on leaving, whatever happens, so that no process
   outlives the test. Without the persistent compilation cache that conftest sets: with it, the
-  four-process test of stages spread over processes hung twice (WORKSPACE.md, "The suite's
-  time")."""
+  four-process test of stages spread over processes hung twice; a later probe stalled without
+  the cache too, so the cause is not settled (WORKSPACE.md, "The suite's time", parts 1-2)."""
   env = dict(os.environ, PYTHONPATH=os.path.join(REPO, 'tests'), JAX_COMPILATION_CACHE_DIR='')
   launcher = subprocess.Popen(
       [sys.executable, '-m', 'fdg_jax.launch', f'--num_processes={num_processes}',
