@@ -1,6 +1,7 @@
 """Stages in separate processes (jax.distributed, cross-process device_put) compute what one
-process computes: every method, K = 2 and 3, both stashes; the trainer in two processes repeats
-bit for bit, resumes bit-exactly, and ends cleanly when a process is killed."""
+process computes: every method, K = 2 and 3, both stashes; the trainer in two processes ends
+cleanly when a process is killed, saves one step in every process on SIGINT, and resumes from
+either bit-exactly."""
 
 import contextlib
 import json
@@ -148,29 +149,6 @@ def summary_of(workdir):
     return json.load(f)
 
 
-def test_trainer_in_two_processes_resumes_bit_exactly(tmp_path):
-  """12 + 12 steps with a restart equal 24, bit for bit. (That two processes compute what one
-  computes, the engine tests above check: the trainer adds no arithmetic.)"""
-  data = write_image_folder(tmp_path / 'data')
-  # Run 'a' also draws the timeline of both processes' stage calls (steps 14-16): it only
-  # observes, the numbers stay the same.
-  timeline = ('--config.timeline_start_step=14', '--config.timeline_num_steps=3')
-  for name, lengths in (('a', (24,)), ('resumed', (12, 24))):
-    for steps in lengths:
-      code, output = launch(2, trainer_args(data, tmp_path / name, steps,
-                                            *(timeline if name == 'a' else ())),
-                            module='fdg_jax.main')
-      assert code == 0, output[-5000:]
-      if name == 'a':
-        assert 'Timeline of 6 stage calls' in output   # 2 stages x 3 steps, from 2 processes
-        assert (tmp_path / 'a' / 'timeline.png').stat().st_size > 1000
-  a, resumed = summary_of(tmp_path / 'a'), summary_of(tmp_path / 'resumed')
-  assert a['num_processes'] == 2 and a['steps'] == 24 and len(set(a['devices'])) == 2
-  assert resumed['resumed_from_step'] == 12
-  assert resumed['params_digest'] == a['params_digest']   # two runs, 12 + 12 == 24, bit for bit
-  assert f'Stages of {TEST_MODEL}' in output and '[1] Stages' not in output   # process 0 speaks
-
-
 def test_trainer_runs_data_parallel_bp_in_two_processes(tmp_path):
   """The trainer with BP's batch split over two processes (one device each): it trains,
   evaluates, checkpoints each process's shards and writes the summary. (That it computes what
@@ -202,13 +180,36 @@ def child_pid(workdir, process_id):
   return None
 
 
-def test_killed_process_ends_the_run_with_its_name_and_the_command_resumes(tmp_path):
+def test_trainer_in_two_processes_killed_stopped_and_resumed_ends_where_a_straight_run_does(
+    tmp_path):
+  """What a run on a cluster lives through, in one chain of launches of the same command:
+  1. a process killed (SIGKILL) after the checkpoint at step 40: the launcher names it, ends
+     the other process at once and fails;
+  2. the command again: it resumes, and SIGINT to the launcher (what a grid does to stop a
+     cell) has both processes save the same step and exit (process 1 waits for process 0 to
+     have received and saved the cotangent it sent);
+  3. the command again: it resumes from that step and ends bit for bit (parameters and final
+     evaluation) where one straight run of the same command ends.
+  (That two processes compute what one computes, the engine tests above check: the trainer adds
+  no arithmetic.)"""
   data = write_image_folder(tmp_path / 'data')
-  workdir = tmp_path / 'work'
-  # 80 steps left after the checkpoint at 40: the kill comes long before the end.
-  args = trainer_args(data, workdir, 120, '--config.checkpoint_every_steps=40',
-                      '--config.eval_every_epochs=0')
-  with launched(2, args, module='fdg_jax.main') as launcher:
+  steps = 200   # the kill and the SIGINT each come with over 100 steps still to run
+
+  def args(workdir, *extra):
+    return trainer_args(data, workdir, steps, '--config.checkpoint_every_steps=40',
+                        '--config.eval_every_epochs=10', *extra)
+
+  # The straight run also draws the timeline of both processes' stage calls (steps 14-16): it
+  # only observes, the numbers stay the same.
+  code, output = launch(2, args(tmp_path / 'straight', '--config.timeline_start_step=14',
+                                '--config.timeline_num_steps=3'), module='fdg_jax.main')
+  assert code == 0, output[-5000:]
+  assert 'Timeline of 6 stage calls' in output   # 2 stages x 3 steps, from 2 processes
+  assert (tmp_path / 'straight' / 'timeline.png').stat().st_size > 1000
+  assert f'Stages of {TEST_MODEL}' in output and '[1] Stages' not in output   # process 0 speaks
+
+  workdir = tmp_path / 'chain'
+  with launched(2, args(workdir), module='fdg_jax.main') as launcher:
     deadline = time.time() + TIMEOUT_S
     while not all((workdir / 'checkpoints' / f'process_{i}' / '40.msgpack').exists()
                   for i in (0, 1)):   # a checkpoint is complete when every process wrote it
@@ -222,43 +223,34 @@ def test_killed_process_ends_the_run_with_its_name_and_the_command_resumes(tmp_p
   assert launcher.returncode != 0
   assert f'process 1 (pid {victim}) was killed by SIGKILL' in output, output[-3000:]
   assert child_pid(workdir, 0) is None and child_pid(workdir, 1) is None
-  code, output = launch(2, args, module='fdg_jax.main')
-  assert code == 0, output[-5000:]
-  assert summary_of(workdir)['resumed_from_step'] >= 40
 
-
-def test_sigint_to_the_launcher_saves_every_process_at_one_step_and_the_command_resumes(
-    tmp_path):
-  """What a grid does to stop a cell: SIGINT to the launcher, which sends SIGTERM to both
-  processes. Both save the same step and exit (process 1 waits for process 0 to have received
-  and saved the cotangent it sent); the command, run again, resumes from that step."""
-  data = write_image_folder(tmp_path / 'data')
-  workdir = tmp_path / 'work'
-  args = trainer_args(data, workdir, 400, '--config.checkpoint_every_steps=0',
-                      '--config.eval_every_epochs=0', '--config.log_every_steps=2')
   # The processes get time to reach the same step, save and exit before the launcher kills them.
-  with launched(2, args, module='fdg_jax.main', grace_s=90) as launcher:
-    deadline, lines = time.time() + TIMEOUT_S, []
-    for line in launcher.stdout:   # the first logged step: every stage has compiled
+  with launched(2, args(workdir), module='fdg_jax.main', grace_s=90) as launcher:
+    deadline, lines, resumed = time.time() + TIMEOUT_S, [], False
+    for line in launcher.stdout:   # the first step logged after resuming: every stage compiled
       lines.append(line)
-      if 'step 2/400' in line:
+      resumed = resumed or 'Resumed from the checkpoint at step' in line
+      if resumed and re.search(rf'step \d+/{steps}', line):
         break
       assert time.time() < deadline, ''.join(lines[-30:])
     launcher.send_signal(signal.SIGINT)
     output, _ = launcher.communicate(timeout=120)
   output = ''.join(lines) + output
+  assert re.search(r'Resumed from the checkpoint at step (40|80) ', output), output[-3000:]
   stops = re.findall(r'Stopped by SIGTERM \(to one of the processes\) at step (\d+)', output)
   assert stops and len(set(stops)) == 1, output[-3000:]
-  step = int(stops[0])
+  stop = int(stops[0])
   for process in (0, 1):
-    assert (workdir / 'checkpoints' / f'process_{process}' / f'{step}.msgpack').exists(), (
+    assert (workdir / 'checkpoints' / f'process_{process}' / f'{stop}.msgpack').exists(), (
         output[-3000:])
-  code, output = launch(2, trainer_args(data, workdir, step + 2,
-                                        '--config.checkpoint_every_steps=0',
-                                        '--config.eval_every_epochs=0',
-                                        '--config.log_every_steps=2'), module='fdg_jax.main')
+
+  code, output = launch(2, args(workdir), module='fdg_jax.main')
   assert code == 0, output[-5000:]
-  assert summary_of(workdir)['resumed_from_step'] == step
+  straight, chain = summary_of(tmp_path / 'straight'), summary_of(workdir)
+  assert straight['num_processes'] == 2 and len(set(straight['devices'])) == 2
+  assert chain['resumed_from_step'] == stop and straight['steps'] == chain['steps'] == steps
+  for key in ('params_digest', 'test_loss', 'test_accuracy'):
+    assert chain[key] == straight[key], key
 
 
 def test_unreachable_coordinator_is_one_clear_line(tmp_path):
