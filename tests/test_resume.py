@@ -48,37 +48,35 @@ def cli(data, workdir, steps, extra=(), wait=True):
 
 @pytest.fixture(scope='module')
 def straight_run(data, tmp_path_factory):
-  """24 steps without interruption, in a fresh process."""
-  return cli(data, tmp_path_factory.mktemp('straight') / 'work', 24)
+  """36 steps without interruption, in a fresh process."""
+  return cli(data, tmp_path_factory.mktemp('straight') / 'work', 36)
 
 
-def test_two_runs_of_12_steps_equal_one_of_24(data, straight_run, tmp_path):
-  """Also: two runs with the same seed (in processes with the same device set-up: XLA's CPU
-  code, and so the last bits, depend on the number of devices) give the same digest."""
+def test_a_finished_run_continued_and_preempted_resumes_to_the_straight_run(data, straight_run,
+                                                                           tmp_path):
+  """One workdir: a run of 12 steps; the same command for 36, stopped by SIGTERM (a preemption)
+  after step 14, which saves a checkpoint; the command again, which ends bit for bit where 36
+  steps without interruption end. Also: two runs with the same seed (in processes with the same
+  device set-up: XLA's CPU code, and so the last bits, depend on the number of devices) give the
+  same digest."""
   workdir = tmp_path / 'work'
   first = cli(data, workdir, 12)
-  second = cli(data, workdir, 24)
-  assert first['params_digest'] != second['params_digest']
-  assert second['resumed_from_step'] == 12
-  assert second['params_digest'] == straight_run['params_digest']
-  assert os.path.exists(workdir / 'summary-step12.json')   # the shorter run's summary is kept
-
-
-def test_sigterm_saves_a_checkpoint_and_resume_is_exact(data, straight_run, tmp_path):
-  workdir = tmp_path / 'work'
-  process = cli(data, workdir, 24, wait=False)
-  for line in process.stderr:   # wait for training to run, then preempt it
-    if 'step 3/24' in line:
+  process = cli(data, workdir, 36, wait=False)
+  for line in process.stderr:   # wait for training to run past the resumed step, then preempt
+    if 'step 14/36' in line:
       process.send_signal(signal.SIGTERM)
       break
   stderr = process.stderr.read()
   assert process.wait(timeout=300) != 0
   assert 'Stopped by SIGTERM' in stderr and 'Resume by running the same command' in stderr
   assert 'Traceback' not in stderr
+  assert os.path.exists(workdir / 'summary-step12.json')   # the shorter run's summary is kept
+  assert not os.path.exists(workdir / 'summary.json')
   stopped_at = checkpoint.Checkpointer(str(workdir)).latest_step()
-  assert 3 <= stopped_at < 24 and not os.path.exists(workdir / 'summary.json')
-  resumed = cli(data, workdir, 24)
+  assert 14 <= stopped_at < 36
+  resumed = cli(data, workdir, 36)
   assert resumed['resumed_from_step'] == stopped_at
+  assert first['params_digest'] != resumed['params_digest']
   assert resumed['params_digest'] == straight_run['params_digest']
 
 
