@@ -15,10 +15,9 @@ import time
 import chex
 import jax
 import numpy as np
-import pytest
 
 from fdg_jax import distributed
-from mp_engine_child import placements_of, run
+from mp_engine_child import run
 from test_train import TEST_MODEL, write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,33 +59,31 @@ def leaves_of(tree):
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-@pytest.mark.parametrize('num_stages', [2, 3])
-def test_processes_compute_what_one_process_computes(num_stages, tmp_path):
-  """Stage k on process k, K processes, for FDG (both stashes), DDG and DGL: the final
-  variables of every stage and the composed model's logits equal one process's (rel 1e-5).
-  With K = 2, also all stages on process 0 of the same run: bit for bit the spread layout
-  (the transfers are exact)."""
-  runs = ['fdg:vjp', 'fdg:recompute', 'ddg:vjp', 'dgl:vjp']
-  if num_stages == 2:
-    runs.append('fdg:vjp:process0')
-  code, stdout = launch(num_stages, [f'--num_stages={num_stages}', f'--out_dir={tmp_path}',
-                                     f'--runs={",".join(runs)}'])
+def test_processes_compute_what_one_process_computes(tmp_path):
+  """Stage k on process k, for FDG (both stashes), DDG and DGL, in one launch of three
+  processes: K = 3, and K = 2 on processes 0-1 (process 2 holds no stage). The final variables
+  of every stage and the composed model's logits equal one process's (rel 1e-5). Also K = 2
+  with both stages on process 0: bit for bit the spread layout (the transfers are exact)."""
+  methods = ['fdg:vjp', 'fdg:recompute', 'ddg:vjp', 'dgl:vjp']
+  runs = {3: methods, 2: [f'{m}:on0-1' for m in methods]}
+  code, stdout = launch(3, ['--num_stages=3', f'--out_dir={tmp_path}',
+                            f'--runs={",".join(runs[3] + runs[2] + ["fdg:vjp:on0-0"])}'])
   assert code == 0, stdout[-5000:]
-  assert all(f'[{i}] process {i} done' in stdout for i in range(num_stages))
-  for name in runs[:4]:
-    method, stash = name.split(':')
-    expected, logits = run(method, num_stages, stash, jax.devices()[:num_stages])
-    out = tmp_path / name.replace(':', '-')
-    with np.load(f'{out}.npz') as got:
-      got = {k: got[k] for k in got.files}
-    assert set(got) == set(leaves_of(expected)), name
-    chex.assert_trees_all_close(got, leaves_of(expected), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.load(f'{out}-logits.npy'), np.asarray(logits),
-                               rtol=1e-5, atol=1e-6)
-  if num_stages == 2:
-    with np.load(tmp_path / 'fdg-vjp.npz') as spread, \
-         np.load(tmp_path / 'fdg-vjp-process0.npz') as together:
-      chex.assert_trees_all_equal(dict(spread), dict(together))
+  assert all(f'[{i}] process {i} done' in stdout for i in range(3))
+  for num_stages, names in runs.items():
+    for name in names:
+      method, stash = name.split(':')[:2]
+      expected, logits = run(method, num_stages, stash, jax.devices()[:num_stages])
+      out = tmp_path / name.replace(':', '-')
+      with np.load(f'{out}.npz') as got:
+        got = {k: got[k] for k in got.files}
+      assert set(got) == set(leaves_of(expected)), name
+      chex.assert_trees_all_close(got, leaves_of(expected), rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(np.load(f'{out}-logits.npy'), np.asarray(logits),
+                                 rtol=1e-5, atol=1e-6)
+  with np.load(tmp_path / 'fdg-vjp-on0-1.npz') as spread, \
+       np.load(tmp_path / 'fdg-vjp-on0-0.npz') as together:
+    chex.assert_trees_all_equal(dict(spread), dict(together))
 
 
 def test_stages_spread_over_processes_compute_what_one_process_computes(tmp_path):
