@@ -140,30 +140,23 @@ def logged_train_losses(workdir) -> list[float]:
     return [float(m) for m in re.findall(r'step \d+/\d+ .*? loss (\S+)', f.read())]
 
 
-def test_cli_stages_on_two_devices_each_compute_what_one_device_computes(tmp_path):
-  """K = 2 x D = 2 on 4 simulated devices from the CLI trains as K = 2 on one device each, in
-  this process: the same training losses; the summary lists the four devices. (The engine tests
-  check the exactness at rel 1e-5; here the wiring. The test loss is not compared: after a few
-  steps on this tiny problem the evaluation's running statistics amplify rounding, which
-  depends on the processor and the device count, by orders of magnitude.)"""
+def test_stages_on_two_devices_each_compute_what_one_device_computes(tmp_path, capsys):
+  """K = 2 x D = 2 (config.data_parallel) trains as K = 2 on one device each: the same training
+  losses; the stage table and the summary list the four devices. (The engine tests check the
+  exactness at rel 1e-5; here the wiring. The test loss is not compared: after a few steps on
+  this tiny problem the evaluation's running statistics amplify rounding, which depends on the
+  processor and the device count, by orders of magnitude.)"""
   data = write_image_folder(tmp_path / 'data')
-  flags = dict(model=TEST_MODEL, dataset='imagefolder', data_dir=data, num_stages=2,
-               num_train_steps=6, batch_size=8, image_size=16, log_every_steps=2,
-               eval_batch_size=16, learning_rate=0.01)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             FDG_JAX_CACHE=str(tmp_path / 'cache'))
-  result = subprocess.run(
-      [sys.executable, '-m', 'fdg_jax.main', '--config=configs/cifar10_resnet20.py',
-       f'--workdir={tmp_path / "spread"}', '--config.data_parallel=2',
-       *(f'--config.{k}={v}' for k, v in flags.items())],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'cpu:0, cpu:1' in result.stdout and 'cpu:2, cpu:3' in result.stdout   # stage table
-  with open(tmp_path / 'spread' / 'summary.json') as f:
-    spread = json.load(f)
   config = cifar10_resnet20.get_config()
-  config.update(cache_dir=str(tmp_path / 'cache'), **flags)
+  config.update(model=TEST_MODEL, dataset='imagefolder', data_dir=data, num_stages=2,
+                num_train_steps=6, batch_size=8, image_size=16, log_every_steps=2,
+                eval_batch_size=16, learning_rate=0.01, cache_dir=str(tmp_path / 'cache'))
   single = train.train_and_evaluate(config, str(tmp_path / 'single'))
+  config.data_parallel = 2
+  capsys.readouterr()
+  spread = train.train_and_evaluate(config, str(tmp_path / 'spread'))
+  table = capsys.readouterr().out
+  assert 'cpu:0, cpu:1' in table and 'cpu:2, cpu:3' in table   # each stage's two devices
   assert spread['data_parallel'] == 2 and single['data_parallel'] == 1
   assert len(set(spread['devices'])) == 4 and len(set(single['devices'])) == 2
   losses = logged_train_losses(tmp_path / 'spread')
@@ -340,9 +333,10 @@ def test_cli_help_dry_run_and_misspelt_field(tmp_path):
       'error: --config.bata: no such config field; did you mean --config.beta? '
       '(python -m fdg_jax.main --help lists the fields)']
 
-  dry = cli('--config=configs/cpu_quick.py', '--dry_run', '--config.num_stages=3')
+  dry = cli('--config=configs/cpu_quick.py', '--dry_run', '--config.num_stages=3',
+            f'--config.model={TEST_MODEL}', '--config.image_size=16')
   assert dry.returncode == 0, dry.stderr[-2000:]
-  assert 'beta: 0.5' in dry.stdout and 'Stages of resnet20 (fdg, K=3)' in dry.stdout
+  assert 'beta: 0.5' in dry.stdout and f'Stages of {TEST_MODEL} (fdg, K=3)' in dry.stdout
   assert not (tmp_path / 'w').exists()   # nothing trained, nothing written
 
 
