@@ -234,7 +234,10 @@ def make_cell(options: Options, config_file: str, *, method: str, seed: int,
   if options.dataset:
     overrides['dataset'] = options.dataset
   if options.data_dir:
-    overrides['data_dir'] = options.data_dir
+    # The trainer runs with the repository as its working directory: a relative path means
+    # the caller's directory, so it goes to the cells as an absolute one (what they record).
+    overrides['data_dir'] = (options.data_dir if '://' in options.data_dir
+                             else os.path.abspath(options.data_dir))
   overrides.update(script_overrides or {})
   explicit = parse_sets(options.sets)
   overrides.update(explicit)

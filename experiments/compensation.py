@@ -10,7 +10,7 @@ per method and K, error bars one standard error of the paired difference to BP) 
 The small scale of the recorded Fig. 4a grid (WORKSPACE.md), on the CIFAR-10 JPEG copy:
 
     python experiments/compensation.py --scale=cpu --dataset=imagefolder \
-        --data_dir=/work/shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache \
+        --data_dir=../shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache \
         --set train_subset=5000 --set num_epochs=4 --seeds=0,1,2,3,4,5 \
         --out_dir=experiments/results/compensation_cpu_small
 

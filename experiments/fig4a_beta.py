@@ -8,7 +8,7 @@ and curves.png (test error against epoch per beta, mean over seeds).
 On this 2-core CPU, with the CIFAR-10 JPEG copy and its decoded cache:
 
     python experiments/fig4a_beta.py --scale=cpu --dataset=imagefolder \
-        --data_dir=/work/shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache
+        --data_dir=../shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache
 
 Run it again to resume (finished cells are read, an interrupted one resumes from its checkpoint);
 `--dry_run` prints the grid, `--report_only` writes the results of the runs finished so far.

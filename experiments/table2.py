@@ -12,7 +12,7 @@ over seeds, one panel per model).
 On this 2-core CPU, with the CIFAR-10 JPEG copy and its decoded cache:
 
     python experiments/table2.py --scale=cpu --dataset=imagefolder \
-        --data_dir=/work/shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache
+        --data_dir=../shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache
 
 Run it again to resume; `--dry_run` prints the grid; `--report_only` writes the results so far.
 Common flags: see experiments/cells.py.

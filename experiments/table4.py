@@ -14,7 +14,7 @@ On a CPU the K stages are simulated devices sharing the same cores, so a CPU spe
 nothing about K accelerators; results.md records the devices of every run.
 
     python experiments/table4.py --scale=cpu --dataset=imagefolder \
-        --data_dir=/work/shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache
+        --data_dir=../shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache
 
 Writes OUT_DIR/results.md, results.csv and curves.png. Common flags: see experiments/cells.py.
 """

@@ -97,6 +97,16 @@ def test_cpu_scale_compresses_the_schedule(tmp_path):
   assert explicit.override_dict()['lr_boundaries_epochs'] == (3,)
 
 
+def test_a_relative_data_dir_means_the_caller_s_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)   # not the repository, where the trainer runs
+  cell = cells_lib.make_cell(options(tmp_path, dataset='imagefolder', data_dir='data/images'),
+                             'configs/cifar10_resnet20.py', method='bp', seed=0)
+  assert cell.override_dict()['data_dir'] == str(tmp_path / 'data' / 'images')
+  remote = cells_lib.make_cell(options(tmp_path, data_dir='gs://bucket/tfds'),
+                               'configs/cifar10_resnet20.py', method='bp', seed=0)
+  assert remote.override_dict()['data_dir'] == 'gs://bucket/tfds'
+
+
 @pytest.mark.parametrize('sets, message', [
     (('nonsense=1',), 'does not exist'), (('num_epochs=1.5',), 'num_epochs'),
     (('beta=1',), 'set by the grid'), (('train_subset',), 'FIELD=VALUE')])
