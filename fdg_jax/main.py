@@ -91,6 +91,14 @@ def main(argv):
     logging.error('%s', e)
     sys.exit(f'error: {e}')
   workdir.quiet_console(speaker=jax.process_index() == 0)   # process 0 speaks
+  # A bad config or command line ends here, before TensorFlow's import (seconds of it).
+  try:
+    configuration.validate_config(FLAGS.config)
+  except configuration.ConfigError as e:
+    logging.error('%s', e)
+    sys.exit(f'error: {e}')
+  if not FLAGS.workdir and not FLAGS.dry_run:
+    sys.exit('error: --workdir is required (except with --dry_run).')
   tf = _import_tensorflow_quietly()
   tf.config.set_visible_devices([], 'GPU')   # keep TensorFlow off the accelerators
   from fdg_jax import checkpoint, input_pipeline, train
@@ -100,8 +108,6 @@ def main(argv):
       print(FLAGS.config)
       train.dry_run(FLAGS.config)
       return
-    if not FLAGS.workdir:
-      sys.exit('error: --workdir is required (except with --dry_run).')
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (train.ConfigError, input_pipeline.DataError, checkpoint.CheckpointError,
           train.DivergenceError, train.Preempted) as e:
