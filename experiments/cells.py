@@ -235,9 +235,10 @@ def make_cell(options: Options, config_file: str, *, method: str, seed: int,
     overrides['dataset'] = options.dataset
   if options.data_dir:
     # The trainer runs with the repository as its working directory: a relative path means
-    # the caller's directory, so it goes to the cells as an absolute one (what they record).
+    # the caller's directory, so it goes to the cells as an absolute one (what they record),
+    # with '~' expanded as the datasets' own readers expand it.
     overrides['data_dir'] = (options.data_dir if '://' in options.data_dir
-                             else os.path.abspath(options.data_dir))
+                             else os.path.abspath(os.path.expanduser(options.data_dir)))
   overrides.update(script_overrides or {})
   explicit = parse_sets(options.sets)
   overrides.update(explicit)

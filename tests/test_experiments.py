@@ -102,6 +102,10 @@ def test_a_relative_data_dir_means_the_caller_s_directory(tmp_path, monkeypatch)
   cell = cells_lib.make_cell(options(tmp_path, dataset='imagefolder', data_dir='data/images'),
                              'configs/cifar10_resnet20.py', method='bp', seed=0)
   assert cell.override_dict()['data_dir'] == str(tmp_path / 'data' / 'images')
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  home = cells_lib.make_cell(options(tmp_path, data_dir='~/images'),
+                             'configs/cifar10_resnet20.py', method='bp', seed=0)
+  assert home.override_dict()['data_dir'] == str(tmp_path / 'home' / 'images')
   remote = cells_lib.make_cell(options(tmp_path, data_dir='gs://bucket/tfds'),
                                'configs/cifar10_resnet20.py', method='bp', seed=0)
   assert remote.override_dict()['data_dir'] == 'gs://bucket/tfds'
