@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import chex
@@ -40,11 +41,16 @@ def launched(num_processes, args, module='mp_engine_child', grace_s=5):
   try:
     yield launcher
   finally:
-    try:
-      os.killpg(launcher.pid, signal.SIGKILL)
-    except ProcessLookupError:
-      pass
+    end_session(launcher.pid)
     launcher.wait(timeout=10)
+
+
+def end_session(pid):
+  """SIGKILL to the launcher `pid` and every process of its session (if any is left)."""
+  try:
+    os.killpg(pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
 
 
 def launch(num_processes, args, module='mp_engine_child', timeout_s=TIMEOUT_S):
@@ -225,12 +231,19 @@ def test_trainer_in_two_processes_killed_stopped_and_resumed_ends_where_a_straig
   # The processes get time to reach the same step, save and exit before the launcher kills them.
   with launched(2, args(workdir), module='fdg_jax.main', grace_s=90) as launcher:
     deadline, lines, resumed = time.time() + TIMEOUT_S, [], False
-    for line in launcher.stdout:   # the first step logged after resuming: every stage compiled
-      lines.append(line)
-      resumed = resumed or 'Resumed from the checkpoint at step' in line
-      if resumed and re.search(rf'step \d+/{steps}', line):
-        break
-      assert time.time() < deadline, ''.join(lines[-30:])
+    # Reading blocks until a line comes: a run that hangs silently is ended at the deadline,
+    # which ends the read (the assertions below then fail with its output).
+    watchdog = threading.Timer(TIMEOUT_S, end_session, (launcher.pid,))
+    watchdog.start()
+    try:
+      for line in launcher.stdout:   # the first step logged after resuming: all stages compiled
+        lines.append(line)
+        resumed = resumed or 'Resumed from the checkpoint at step' in line
+        if resumed and re.search(rf'step \d+/{steps}', line):
+          break
+        assert time.time() < deadline, ''.join(lines[-30:])
+    finally:
+      watchdog.cancel()
     launcher.send_signal(signal.SIGINT)
     output, _ = launcher.communicate(timeout=120)
   output = ''.join(lines) + output

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -62,12 +63,21 @@ def test_a_finished_run_continued_and_preempted_resumes_to_the_straight_run(data
   workdir = tmp_path / 'work'
   first = cli(data, workdir, 12)
   process = cli(data, workdir, 36, wait=False)
-  for line in process.stderr:   # wait for training to run past the resumed step, then preempt
-    if 'step 14/36' in line:
-      process.send_signal(signal.SIGTERM)
-      break
-  stderr = process.stderr.read()
-  assert process.wait(timeout=300) != 0
+  # Reading blocks until a line comes: a run that hangs silently is killed after 300 s, which
+  # ends the reads (the assertions below then fail with its output).
+  watchdog = threading.Timer(300, process.kill)
+  watchdog.start()
+  try:
+    for line in process.stderr:   # wait for training to run past the resumed step, then preempt
+      if 'step 14/36' in line:
+        process.send_signal(signal.SIGTERM)
+        break
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) != 0
+  finally:
+    watchdog.cancel()
+    process.kill()   # a no-op once it has exited
+    process.wait(timeout=10)
   assert 'Stopped by SIGTERM' in stderr and 'Resume by running the same command' in stderr
   assert 'Traceback' not in stderr
   assert os.path.exists(workdir / 'summary-step12.json')   # the shorter run's summary is kept
