@@ -1,0 +1,405 @@
+"""The language model's data: a vocabulary, text sources, and deterministic token batches.
+
+Conventions of nanoGPT's `shakespeare_char` (data/shakespeare_char/prepare.py, train.py):
+the text is split into the first 90% for training and the last 10% for validation; a training
+batch is `batch_size` windows of block_size + 1 tokens at uniformly drawn start positions, the
+inputs being a window's first block_size tokens and the targets its last block_size.
+
+Differences, and why:
+* A character vocabulary is the sorted set of characters of the TRAINING text (nanoGPT takes
+  the whole text's): the model can only learn characters it is trained on, and the validation
+  text stays unseen. A validation character outside it is refused at load time, naming the
+  character and its position (`kind='byte'` has no such case).
+* Batches are drawn from `np.random.default_rng([seed, step])`, so step s's batch depends only
+  on (seed, s) and a resumed run draws the same batches as an uninterrupted one.
+* Evaluation covers the whole validation text once with fixed windows (`eval_batches`),
+  rather than nanoGPT's `eval_iters` random windows.
+
+The vocabulary is stored with the run (`Vocabulary.save(workdir)`, `load_vocabulary(workdir)`),
+so a resumed run or a later evaluation encodes with the same ids; `load_text(...,
+vocabulary=stored)` refuses a text whose vocabulary has changed since.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from fdg_jax import datasets
+from fdg_jax.datasets import DataError
+
+DATASETS = ('textfile', 'tiny_shakespeare')
+KINDS = ('char', 'byte')
+VOCABULARY_FILE = 'vocabulary.json'
+_BYTE_VOCABULARY_SIZE = 256
+# Where TFDS downloads tiny_shakespeare from (karpathy/char-rnn's input.txt); probed before
+# downloading because the TFDS downloader retries for minutes when there is no network.
+_TFDS_DOWNLOAD_HOST = ('raw.githubusercontent.com', 443)
+_NETWORK_PROBE_TIMEOUT_S = 3.0
+
+
+# ------------------------------------------------------------------ vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+  """Token ids of a text: 'char' (id i is symbols[i]) or 'byte' (the UTF-8 bytes, 256 ids).
+
+  `symbols` holds a char vocabulary's characters in id order (sorted); it is '' for 'byte'.
+  """
+  kind: str
+  symbols: str = ''
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise DataError(f'Unknown vocabulary kind {self.kind!r}. Use one of {KINDS}.')
+    if self.kind == 'byte' and self.symbols:
+      raise DataError('A byte vocabulary has no symbols (its ids are the 256 byte values).')
+    if self.kind == 'char' and (not self.symbols
+                                or list(self.symbols) != sorted(set(self.symbols))):
+      raise DataError('A char vocabulary needs its distinct characters, sorted, as symbols.')
+
+  @classmethod
+  def from_text(cls, text: str, kind: str = 'char') -> Vocabulary:
+    """The vocabulary of `text`: its sorted distinct characters ('char'), or bytes."""
+    if kind == 'byte':
+      return cls('byte')
+    return cls(kind, ''.join(sorted(set(text))))
+
+  @property
+  def size(self) -> int:
+    return _BYTE_VOCABULARY_SIZE if self.kind == 'byte' else len(self.symbols)
+
+  def encode(self, text: str, *, where: str = 'the text', offset: int = 0) -> np.ndarray:
+    """int32 ids of `text`; a character outside a char vocabulary is a DataError naming it and
+    its position (counted from `offset`, the start of `text` within `where`)."""
+    if self.kind == 'byte':
+      return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32)
+    codes = np.frombuffer(text.encode('utf-32-le'), np.uint32)
+    table = np.frombuffer(self.symbols.encode('utf-32-le'), np.uint32)
+    ids = np.minimum(np.searchsorted(table, codes), len(table) - 1)
+    unknown = np.flatnonzero(table[ids] != codes)
+    if unknown.size:
+      index = int(unknown[0])
+      line = text.count('\n', 0, index) + 1
+      column = index - (text.rfind('\n', 0, index) + 1) + 1
+      char = text[index]
+      raise DataError(
+          f'{where} has the character {char!r} (U+{ord(char):04X}) at its line {line}, column '
+          f'{column} (character {offset + index} of the whole text), which is not in the char '
+          f'vocabulary of {self.size} symbols built from the training text. Use a byte '
+          "vocabulary (kind='byte'), or make the training text contain it.")
+    return ids.astype(np.int32)
+
+  def decode(self, ids) -> str:
+    """The text of `ids` (undecodable byte sequences become U+FFFD)."""
+    ids = np.asarray(ids).reshape(-1)
+    if self.kind == 'byte':
+      return ids.astype(np.uint8).tobytes().decode('utf-8', errors='replace')
+    return ''.join(self.symbols[i] for i in ids.tolist())
+
+  def to_json(self) -> str:
+    return json.dumps({'kind': self.kind, 'size': self.size, 'symbols': self.symbols},
+                      ensure_ascii=False)
+
+  @classmethod
+  def from_json(cls, text: str) -> Vocabulary:
+    value = json.loads(text)
+    vocabulary = cls(value['kind'], value['symbols'])
+    if vocabulary.size != value['size']:
+      raise DataError(f'A stored vocabulary says size {value["size"]} but holds '
+                      f'{vocabulary.size} symbols: the file is damaged.')
+    return vocabulary
+
+  def save(self, workdir: str) -> str:
+    """Writes workdir/vocabulary.json atomically; returns its path."""
+    path = os.path.join(workdir, VOCABULARY_FILE)
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      f.write(self.to_json())
+    os.replace(path + '.tmp', path)
+    return path
+
+
+def load_vocabulary(workdir: str) -> Vocabulary | None:
+  """The vocabulary stored in workdir/vocabulary.json, or None if the run has none yet."""
+  path = os.path.join(workdir, VOCABULARY_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  try:
+    return Vocabulary.from_json(text)
+  except (ValueError, KeyError, TypeError) as e:  # DataError is a ValueError
+    raise DataError(f'{path} is not a vocabulary ({type(e).__name__}: {e}). Restore it from the '
+                    'run that wrote it, or start a new run in a fresh workdir.') from e
+
+
+# ------------------------------------------------------------------ sources
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: arrays don't compare.
+class TextData:
+  """A text, tokenised and split, in host memory."""
+  name: str
+  vocabulary: Vocabulary
+  train_tokens: np.ndarray  # int32 [N]
+  val_tokens: np.ndarray  # int32 [M]
+  val_fraction: float
+
+  @property
+  def description(self) -> str:
+    """One line for the log, e.g. 'tiny_shakespeare, char vocabulary of 65 symbols: train
+    1,003,854 tokens, validation 111,540 tokens (the last 10%)'."""
+    return (f'{self.name}, {self.vocabulary.kind} vocabulary of {self.vocabulary.size} '
+            f'symbols: train {len(self.train_tokens):,} tokens, validation '
+            f'{len(self.val_tokens):,} tokens (the last {self.val_fraction:.0%})')
+
+
+def load_text(dataset: str, data_dir: str | None, kind: str = 'char',
+              val_fraction: float = 0.1, vocabulary: Vocabulary | None = None,
+              block_size: int | None = None) -> TextData:
+  """Reads, tokenises and splits a text: the first 1 - val_fraction for training, the rest
+  for validation (nanoGPT: train = data[:int(n * 0.9)]; char vocabularies split the
+  characters, byte vocabularies the bytes).
+
+  Args:
+    dataset: 'textfile' (data_dir is a UTF-8 text file, or a folder whose *.txt files are
+      joined in sorted order with a newline between files) or 'tiny_shakespeare' (tfds; its
+      train, validation and test splits joined in order are char-rnn's input.txt, so the
+      default split is nanoGPT's; data_dir is the TFDS data dir, '' or None for its default).
+    data_dir: see `dataset`.
+    kind: 'char' (vocabulary from the training text) or 'byte' (256 ids, UTF-8 bytes).
+    val_fraction: the share of the text, at its end, held out for validation, in (0, 1).
+    vocabulary: the run's stored vocabulary (resume, evaluation); the text must give the same.
+    block_size: if given, both splits must hold at least one window of block_size + 1 tokens.
+  """
+  if kind not in KINDS:
+    raise DataError(f'Unknown vocabulary kind {kind!r}. Use one of {KINDS}.')
+  if not 0 < val_fraction < 1:
+    raise DataError(f'val_fraction={val_fraction} is outside (0, 1). Use e.g. 0.1 (nanoGPT).')
+  if dataset == 'textfile':
+    path, text = _read_textfile(data_dir)
+    name = f'textfile:{path}'
+  elif dataset == 'tiny_shakespeare':
+    text, name = _read_tiny_shakespeare(data_dir), dataset
+  else:
+    raise DataError(f'Unknown text dataset {dataset!r}. Use one of {DATASETS}.')
+
+  length = len(text.encode('utf-8')) if kind == 'byte' else len(text)
+  cut = int(length * (1 - val_fraction))
+  if not 0 < cut < length:
+    raise DataError(f'{name}: {length} tokens split at val_fraction={val_fraction} leave the '
+                    'training or the validation text empty. Use a longer text.')
+  if kind == 'byte':
+    tokens = Vocabulary('byte').encode(text)
+    found, train_tokens, val_tokens = Vocabulary('byte'), tokens[:cut], tokens[cut:]
+  else:
+    found = Vocabulary.from_text(text[:cut])
+    train_tokens = found.encode(text[:cut])
+    val_tokens = found.encode(text[cut:], where=f'{name}: the validation text', offset=cut)
+  if vocabulary is not None and vocabulary != found:
+    raise DataError(_changed_vocabulary_message(vocabulary, found, name))
+  data = TextData(name, found, train_tokens, val_tokens, val_fraction)
+  if block_size is not None:
+    check_lengths(data, block_size)
+  return data
+
+
+def check_lengths(data: TextData, block_size: int) -> None:
+  """Each split must hold one window of block_size + 1 tokens (a DataError names the fix)."""
+  if block_size < 1:
+    raise DataError(f'block_size={block_size} is not positive. Use a positive context length.')
+  window = block_size + 1
+  if len(data.train_tokens) < window:
+    raise DataError(
+        f'{data.name}: the training text has {len(data.train_tokens)} tokens, fewer than one '
+        f'window of block_size + 1 = {window}. Use a longer text or a smaller block_size.')
+  if len(data.val_tokens) < window:
+    raise DataError(
+        f'{data.name}: the validation text has {len(data.val_tokens)} tokens, fewer than one '
+        f'window of block_size + 1 = {window}. Raise val_fraction (now {data.val_fraction}), '
+        'use a longer text, or a smaller block_size.')
+
+
+def _changed_vocabulary_message(stored: Vocabulary, found: Vocabulary, name: str) -> str:
+  change = ''
+  if stored.kind == found.kind == 'char':
+    added = ''.join(sorted(set(found.symbols) - set(stored.symbols)))
+    removed = ''.join(sorted(set(stored.symbols) - set(found.symbols)))
+    change = f' (new characters {added[:20]!r}, missing characters {removed[:20]!r})'
+  return (f'{name}: the run\'s stored vocabulary ({stored.kind}, {stored.size} symbols, in '
+          f'{VOCABULARY_FILE}) differs from the one the training text gives now ({found.kind}, '
+          f'{found.size} symbols){change}: the text or the vocabulary kind changed since the '
+          'run started. Resume with the original text and kind, or start a new run in a fresh '
+          'workdir.')
+
+
+def _read_textfile(data_dir: str | None) -> tuple[str, str]:
+  """(absolute path, text) of a UTF-8 file, or of a folder's *.txt files joined by newlines."""
+  if not data_dir:
+    raise DataError("dataset='textfile' needs --config.data_dir=FILE_OR_FOLDER: a UTF-8 text "
+                    'file, or a folder of *.txt files.')
+  path = os.path.abspath(os.path.expanduser(data_dir))
+  if not os.path.exists(path):
+    raise DataError(f'Text path {path} does not exist. Point --config.data_dir at a UTF-8 '
+                    'text file or a folder of *.txt files.')
+  if os.path.isdir(path):
+    names = sorted(n for n in os.listdir(path)
+                   if n.lower().endswith('.txt') and os.path.isfile(os.path.join(path, n)))
+    if not names:
+      raise DataError(f'Text folder {path} holds no *.txt files. Put the text in .txt files '
+                      'there, or point --config.data_dir at a text file.')
+    return path, '\n'.join(_read_utf8(os.path.join(path, n)) for n in names)
+  return path, _read_utf8(path)
+
+
+def _read_utf8(path: str) -> str:
+  """A file's text, exactly (no newline translation); refuses empty and binary files."""
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(f'Cannot read {path}: {e}. Fix its permissions or remove it.') from e
+  if not raw:
+    raise DataError(f'{path} is empty. Give a file with text, or remove it from the folder.')
+  nul = raw.find(b'\0')
+  if nul >= 0:
+    raise DataError(f'{path} contains NUL bytes (the first at byte {nul}): a binary file, not '
+                    'text. Give a UTF-8 text file.')
+  try:
+    return raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise DataError(f'{path} is not UTF-8 text (byte offset {e.start}: {e.reason}). Convert it '
+                    'to UTF-8, e.g. iconv -f LATIN1 -t UTF-8.') from None
+
+
+def _read_tiny_shakespeare(data_dir: str | None) -> str:
+  """tfds tiny_shakespeare's train, validation and test texts joined: char-rnn's input.txt."""
+  # TFDS imports TensorFlow: keep it out of runs on local text files.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if data_dir:
+    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  try:
+    builder = tfds.builder('tiny_shakespeare', data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f'Cannot create the TFDS builder for tiny_shakespeare with data_dir '
+                    f'{data_dir}: {e}') from e
+
+  def read():
+    return ''.join(example['text'].decode('utf-8')
+                   for split in ('train', 'validation', 'test')
+                   for example in tfds.as_numpy(builder.as_dataset(split=split)))
+
+  if builder.is_prepared():
+    return read()
+  try:
+    # A real unprepared builder fails here at once; tfds.testing.mock_data serves examples.
+    return read()
+  except Exception:  # pylint: disable=broad-except
+    # datasets' probe, so that tests can make both sources offline at once.
+    can_reach = datasets._can_reach  # pylint: disable=protected-access
+    if not can_reach(_TFDS_DOWNLOAD_HOST, _NETWORK_PROBE_TIMEOUT_S):
+      raise DataError(_offline_message(data_dir, f'cannot reach {_TFDS_DOWNLOAD_HOST[0]}')
+                      ) from None
+    try:
+      builder.download_and_prepare()
+      return read()
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(_offline_message(
+          data_dir, f'download failed: {type(e).__name__}: {e}')) from e
+
+
+def _offline_message(data_dir: str | None, reason: str) -> str:
+  return (f'Dataset tiny_shakespeare is not prepared in TFDS data dir '
+          f'{data_dir or "(TFDS default, ~/tensorflow_datasets)"} and is not available offline '
+          f'({reason}). Either prepare it with '
+          "`tfds.builder('tiny_shakespeare').download_and_prepare()` on a machine with internet "
+          'and point --config.data_dir at that TFDS data dir, or use '
+          '--config.dataset=textfile --config.data_dir=FILE with a local copy of the text '
+          '(karpathy/char-rnn, data/tinyshakespeare/input.txt).')
+
+
+# ------------------------------------------------------------------ batches
+
+
+def train_batch(data: TextData, batch_size: int, block_size: int, seed: int,
+                step: int) -> tuple[np.ndarray, np.ndarray]:
+  """Step `step`'s batch: (inputs, targets), int32 [batch_size, block_size].
+
+  Window starts are drawn uniformly from [0, len - block_size - 1] (nanoGPT's
+  `torch.randint(len(data) - block_size, ...)`) by `np.random.default_rng([seed, step])`;
+  targets are the inputs shifted by one token.
+  """
+  if seed < 0 or step < 0:
+    raise ValueError('seed and step must be non-negative.')
+  tokens = data.train_tokens
+  if len(tokens) < block_size + 1:
+    check_lengths(data, block_size)
+  starts = np.random.default_rng([seed, step]).integers(
+      0, len(tokens) - block_size, size=batch_size)
+  windows = tokens[starts[:, None] + np.arange(block_size + 1)]
+  return windows[:, :-1], windows[:, 1:]
+
+
+def train_batches(data: TextData, batch_size: int, block_size: int, seed: int,
+                  start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Infinite iterator of `train_batch(..., step)` for step = start_step, start_step + 1, ...;
+  a run resumed at step s draws the batches an uninterrupted run draws from step s."""
+  check_lengths(data, block_size)
+  step = start_step
+  while True:
+    yield train_batch(data, batch_size, block_size, seed, step)
+    step += 1
+
+
+def eval_windows(num_tokens: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(starts [W], mask [W, block_size]) of the windows that predict each of `num_tokens`
+  tokens after the first exactly once.
+
+  Windows of block_size + 1 tokens at stride block_size; if the text does not end on a
+  window, one last window ends at the text's end and counts only the targets no earlier
+  window predicted (they keep a full window of context).
+  """
+  if num_tokens < block_size + 1:
+    raise ValueError(f'{num_tokens} tokens hold no window of {block_size + 1}.')
+  full = (num_tokens - 1) // block_size
+  starts = list(range(0, full * block_size, block_size))
+  mask = np.ones((full, block_size), bool)
+  left = num_tokens - 1 - full * block_size  # targets not predicted yet
+  if left:
+    starts.append(num_tokens - block_size - 1)
+    last = np.zeros((1, block_size), bool)
+    last[0, block_size - left:] = True
+    mask = np.concatenate([mask, last])
+  return np.asarray(starts), mask
+
+
+def eval_batches(data: TextData, batch_size: int, block_size: int,
+                 max_batches: int | None = None
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """The validation text in order: (inputs, targets, mask) batches, int32 [B, T] and bool
+  [B, T] (B = batch_size, T = block_size), from `eval_windows`.
+
+  As the image task's `test_batches`, the last batch is zero-padded to batch_size so
+  evaluation compiles once; the mask is per target token (False on padding and on the last
+  window's already predicted targets): mean nats per token = sum(nll * mask) / sum(mask).
+  `max_batches` stops early, covering only the start of the validation text.
+  """
+  check_lengths(data, block_size)
+  starts, mask = eval_windows(len(data.val_tokens), block_size)
+  offsets = np.arange(block_size + 1)
+  for number, first in enumerate(range(0, len(starts), batch_size)):
+    if max_batches is not None and number >= max_batches:
+      return
+    batch_starts = starts[first:first + batch_size]
+    batch_mask = mask[first:first + batch_size]
+    windows = data.val_tokens[batch_starts[:, None] + offsets]
+    real = len(batch_starts)
+    if real < batch_size:
+      windows = np.concatenate([windows, np.zeros((batch_size - real, block_size + 1), np.int32)])
+      batch_mask = np.concatenate([batch_mask, np.zeros((batch_size - real, block_size), bool)])
+    yield windows[:, :-1], windows[:, 1:], batch_mask
