@@ -1,4 +1,4 @@
-"""The experiment grid (experiments/grid.py, cells.py, runner.py, reports.py) and the scripts'
+"""The experiment grid (experiments/grids/: grid, cells, runner, reports) and the scripts'
 reports, without training.
 
 A fake runner stands in for `python -m fdg_jax.main`: it writes a summary.json with a history, as
@@ -14,16 +14,16 @@ import sys
 
 import pytest
 
-from experiments import cells as cells_lib
-from experiments import compensation
-from experiments import fig4a_beta
-from experiments import grid
-from experiments import paper
-from experiments import reports
-from experiments import runner as runner_lib
-from experiments import table2
-from experiments import table4
-from experiments import transfer_probe
+from experiments.grids import cells as cells_lib
+from experiments.grids import grid
+from experiments.grids import reports
+from experiments.grids import runner as runner_lib
+from experiments.paper import compensation_grid
+from experiments.paper import fig4a_beta
+from experiments.paper import published
+from experiments.paper import table2
+from experiments.paper import table4
+from experiments.probes import transfers
 from fdg_jax import checkpoint as checkpoint_lib
 from fdg_jax import workdir as workdir_lib
 from conftest import OTHER_XLA_FLAGS
@@ -118,6 +118,14 @@ def test_bad_overrides_fail_before_running(tmp_path, sets, message):
   with pytest.raises(cells_lib.GridError, match=message):
     cells_lib.make_cell(options(tmp_path, sets=sets), 'configs/cifar10_resnet20.py',
                         method='bp', seed=0)
+
+
+def test_grids_run_in_the_repository_and_write_under_its_results():
+  """Each run's command.sh changes to cells_lib.REPO; a grid's default output is in
+  experiments/results/, where the recorded grids are."""
+  assert cells_lib.REPO == REPO
+  assert cells_lib.Options(name='x').output_dir == os.path.join(REPO, 'experiments', 'results',
+                                                                'x_cpu')
 
 
 def test_subprocess_command_and_simulated_devices(tmp_path):
@@ -262,7 +270,7 @@ def test_reports_are_written_from_summaries(tmp_path, script):
   assert [r['status'] for r in rows].count('failed') == 1
   with open(os.path.join(out, 'results.md')) as f:
     md = f.read()
-  assert '±' in md and paper.SOURCE in md and f'{len(cells) - 1} of {len(cells)} finished' in md
+  assert '±' in md and published.SOURCE in md and f'{len(cells) - 1} of {len(cells)} finished' in md
   if script == 'table4':
     assert '2.00x' in md   # fake times: 100 s / K, BP 100 s
     # The paper's columns: BP 6.19%, FDG K = 3 at its tuned beta 0.2, speed-up 1 / 0.4432.
@@ -276,7 +284,7 @@ def test_reports_are_written_from_summaries(tmp_path, script):
 
 def test_compensation_grid_shares_fig4a_cells_and_reports(tmp_path):
   opts = options(tmp_path)
-  cells = compensation.build_cells(opts, num_stages=(2, 4), betas=(0.25, 0.5))
+  cells = compensation_grid.build_cells(opts, num_stages=(2, 4), betas=(0.25, 0.5))
   names = [c.name for c in cells]
   assert names[:6] == [
       'resnet20_bp_seed0', 'resnet20_fdg_k2_beta0.25_seed0',
@@ -291,11 +299,11 @@ def test_compensation_grid_shares_fig4a_cells_and_reports(tmp_path):
   assert wp['compensation'] == 'weight_prediction' and cells[3].label.endswith(' wp')
   assert cells[2].override_dict()['stash'] == 'recompute'
   with pytest.raises(cells_lib.GridError, match='one beta per K'):
-    compensation.build_cells(opts, num_stages=(2, 4), betas=(0.25,))
+    compensation_grid.build_cells(opts, num_stages=(2, 4), betas=(0.25,))
   with pytest.raises(cells_lib.GridError, match='unknown'):
-    compensation.build_cells(opts, methods=('bp', 'momentum'))
+    compensation_grid.build_cells(opts, methods=('bp', 'momentum'))
   results = grid.run_grid(cells, opts.output_dir, runner=FakeRunner(), log=lambda _: None)
-  compensation.report(results, opts)
+  compensation_grid.report(results, opts)
   for name in ('bars.png', 'curves.png'):
     with open(os.path.join(opts.output_dir, name), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
@@ -305,25 +313,25 @@ def test_compensation_grid_shares_fig4a_cells_and_reports(tmp_path):
 
 
 def test_paper_lookup():
-  assert paper.test_error('Table 2', 'resnet56', 'ddg') == 6.89
-  assert paper.test_error('Table 2', 'resnet56', 'ddg', num_stages=3) is None
-  assert paper.test_error('Table 2', 'resnet110', 'dgl') == 6.50
-  assert paper.test_error('Table 3', 'resnet18', 'fdg', 2, 0.5) == 22.18
-  assert paper.test_error('Table 4', 'resnet56', 'fdg', 4, 0.3) == 6.14
-  assert paper.test_error('Table 4', 'resnet56', 'bp', 1) == 6.19
-  assert paper.test_error('Table 2', 'resnet20', 'fdg', 2, 0.5) is None
-  assert paper.describe('Table 2', 'wrn28_10', 'bp', 1, 1.0) == '4.00 (cited, no rerun)'
-  assert paper.describe('Table 2', 'resnet20', 'ddg', 2, 1.0) == '–'
-  assert paper.describe('Table 4', 'resnet56', 'fdg', 5, 0.5) == '–'
+  assert published.test_error('Table 2', 'resnet56', 'ddg') == 6.89
+  assert published.test_error('Table 2', 'resnet56', 'ddg', num_stages=3) is None
+  assert published.test_error('Table 2', 'resnet110', 'dgl') == 6.50
+  assert published.test_error('Table 3', 'resnet18', 'fdg', 2, 0.5) == 22.18
+  assert published.test_error('Table 4', 'resnet56', 'fdg', 4, 0.3) == 6.14
+  assert published.test_error('Table 4', 'resnet56', 'bp', 1) == 6.19
+  assert published.test_error('Table 2', 'resnet20', 'fdg', 2, 0.5) is None
+  assert published.describe('Table 2', 'wrn28_10', 'bp', 1, 1.0) == '4.00 (cited, no rerun)'
+  assert published.describe('Table 2', 'resnet20', 'ddg', 2, 1.0) == '–'
+  assert published.describe('Table 4', 'resnet56', 'fdg', 5, 0.5) == '–'
 
 
 @pytest.mark.parametrize('config_file,table', [
-    *[(f'configs/cifar10_{m}.py', 'Table 2') for m in paper.TEST_ERRORS['Table 2']],
-    *[(f'configs/cifar100_{m}.py', 'Table 3') for m in paper.TEST_ERRORS['Table 3']],
+    *[(f'configs/cifar10_{m}.py', 'Table 2') for m in published.TEST_ERRORS['Table 2']],
+    *[(f'configs/cifar100_{m}.py', 'Table 3') for m in published.TEST_ERRORS['Table 3']],
     ('configs/cifar10_resnet56_k3.py', 'Table 4'), ('configs/cifar10_resnet56_k4.py', 'Table 4')])
 def test_row_configs_use_the_papers_tuned_beta(config_file, table):
   config = cells_lib.load_config(config_file)
-  assert config.beta == paper.tuned_beta(table, config.model, config.num_stages)
+  assert config.beta == published.tuned_beta(table, config.model, config.num_stages)
 
 
 def test_differences_pair_runs_by_seed():
@@ -344,12 +352,17 @@ def test_differences_pair_runs_by_seed():
 
 def test_bench_memory_sizes_a_residual_policy(tmp_path):
   out = tmp_path / 'bench.json'
-  subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'bench_memory.py'),
-                  '--model=resnet8', '--batch_size=2', '--image_size=8', '--num_stages=2',
-                  '--stash=vjp+nothing_saveable', '--isolate=false', f'--output={out}'],
+  # Run as documented, from the repository root; --isolate (the default) starts the module again
+  # for the configuration, as `python -m` too.
+  subprocess.run([sys.executable, '-m', 'experiments.bench.memory', '--model=resnet8',
+                  '--batch_size=2', '--image_size=8', '--num_stages=2',
+                  '--stash=vjp+nothing_saveable', f'--output={out}'],
                  check=True, capture_output=True, cwd=REPO)
   with open(out) as f:
     result = json.load(f)
+  assert result['isolated_processes']
+  # The recorded command runs again as it stands: the module, not the file's absolute path.
+  assert result['command'].startswith('python -m experiments.bench.memory --model=resnet8 ')
   [config] = result['configs']
   stage = config['stages'][0]
   assert config['stash'] == 'vjp+nothing_saveable' and result['entries_equal_delay']
@@ -368,11 +381,11 @@ def test_in_loop_times_reads_each_stage_s_compute_wait_and_transfers():
     cot_ready = 0.5 * i + 0.02 + 0.3              # stage 1's call starts at act i - 1's arrival
     ready += [('activation', i, 'sent', act_ready), ('activation', i, 'arrived', act_ready + 0.02),
               ('cotangent', i, 'sent', cot_ready), ('cotangent', i, 'arrived', cot_ready + 0.01)]
-  got = transfer_probe.in_loop_times(ready[::-1])   # the order of the events does not matter
+  got = transfers.in_loop_times(ready[::-1])   # the order of the events does not matter
   assert got['period_ms'] == pytest.approx(500)
   assert got['busy_ms'] == pytest.approx([500, 300])
   assert got['idle_ms'] == pytest.approx([0, 200])
   assert got['latency_ms'] == pytest.approx([20, 10])
   # An event the thread had not seen (a missing arrival) drops that iteration, not the run.
   partial = [r for r in ready if r[:3] != ('cotangent', 2, 'arrived')]
-  assert len(transfer_probe.in_loop_times(partial)['per_iteration']['busy_ms'][0]) == 4
+  assert len(transfers.in_loop_times(partial)['per_iteration']['busy_ms'][0]) == 4

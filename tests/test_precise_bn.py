@@ -1,11 +1,11 @@
-"""experiments/precise_bn.py: BatchNorm statistics re-estimated with a run's final parameters."""
+"""experiments/probes/precise_bn.py: BatchNorm statistics re-estimated with the final parameters."""
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from experiments import precise_bn
+from experiments.probes import precise_bn
 from fdg_jax import models
 from fdg_jax import train
 from test_train import small_config, write_image_folder

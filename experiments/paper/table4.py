@@ -13,22 +13,20 @@ interrupted (Ctrl-C or SIGTERM still saves one), instead of every 250 steps.
 On a CPU the K stages are simulated devices sharing the same cores, so a CPU speed-up says
 nothing about K accelerators; results.md records the devices of every run.
 
-    python experiments/table4.py --scale=cpu --dataset=imagefolder \
+    python -m experiments.paper.table4 --scale=cpu --dataset=imagefolder \
         --data_dir=../shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache
 
-Writes OUT_DIR/results.md, results.csv and curves.png. Common flags: see experiments/cells.py.
+Writes OUT_DIR/results.md, results.csv and curves.png. Common flags: see experiments/grids/cells.py.
 """
 
 import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import cells as cells_lib  # noqa: E402  (after the path set-up above)
-from experiments import grid  # noqa: E402
-from experiments import reports  # noqa: E402
-from experiments import paper  # noqa: E402
+from experiments.grids import cells as cells_lib
+from experiments.grids import grid
+from experiments.grids import reports
+from experiments.paper import published
 
 NAME = 'table4'
 CONFIGS = {2: 'configs/cifar10_resnet56.py', 3: 'configs/cifar10_resnet56_k3.py',
@@ -75,9 +73,9 @@ def report(results, options: cells_lib.Options) -> None:
     devices = ' '.join(g.summaries[0]['devices']) if g.n else '–'
     rows.append([g.label, reports.fmt_pct(*g.stat('test_error')), reports.fmt_difference(g, bp),
                  g.n, reports.fmt_num(time_mean, time_std), reports.fmt_num(ips_mean, ips_std, 1),
-                 speedup, devices, paper.describe('Table 4', *g.key[:4]),
-                 f'{1 / paper.TABLE4_TIME_SHARE[g.key[2]]:.2f}x'
-                 if g.key[2] in paper.TABLE4_TIME_SHARE else '–'])
+                 speedup, devices, published.describe('Table 4', *g.key[:4]),
+                 f'{1 / published.TABLE4_TIME_SHARE[g.key[2]]:.2f}x'
+                 if g.key[2] in published.TABLE4_TIME_SHARE else '–'])
   body = reports.markdown_table(
       ['method', 'test error (%)', 'vs BP (points, ± s.e.)', 'n', 'train time (s)', 'images/s', 'speed-up vs BP',
        'stage devices', 'paper test error (%)', 'paper speed-up'], rows)
@@ -88,8 +86,8 @@ def report(results, options: cells_lib.Options) -> None:
            'and its `images_per_sec` (of the last resumed segment for a resumed run), mean ± std '
            'over seeds. Speed-up = mean BP time / mean time. Simulated CPU devices share the '
            'same cores: a CPU speed-up is no measure of K accelerators.\nPaper columns: '
-           f'{paper.SOURCE}; {paper.SETTING}; its speed-up is 1 / (training time as a share of '
-           "BP's) on K GPUs.\n")
+           f'{published.SOURCE}; {published.SETTING}; its speed-up is 1 / (training time as a '
+           "share of BP's) on K GPUs.\n")
   reports.write_results_md(os.path.join(out_dir, 'results.md'),
                            f'Table 4: ResNet-56 on CIFAR-10, FDG at K = 2, 3, 4 against BP, '
                            f'{options.scale} scale', results, options, body)

@@ -12,7 +12,7 @@ new pipeline, and checks that the restored saved forwards are bit-equal to the o
 'full' is the state of a pipeline that keeps no inputs (`keeps_inputs = False`), which is
 exactly what checkpoints held before.
 
-    python experiments/bench_checkpoint.py                  # ResNet-56, batch 128, K = 2, 4
+    python -m experiments.bench.checkpoint_cost   # ResNet-56, batch 128, K = 2, 4
 
 Prints a markdown table; the last stdout line is one JSON object, also written to
 experiments/results/bench_checkpoint_<model>_b<batch>.json. Restore time includes compiling the
@@ -22,19 +22,16 @@ exact.
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from absl import flags
+import jax
+import numpy as np
 
-from absl import app  # noqa: E402  (after the path set-up above)
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import common  # noqa: E402
-from fdg_jax import checkpoint  # noqa: E402
+from experiments.bench import common
+from fdg_jax import checkpoint
 
 flags.DEFINE_string('model', 'resnet56', 'Model of the zoo (fdg_jax.models.MODEL_NAMES).')
 flags.DEFINE_integer('batch_size', 128, 'Images per batch.')

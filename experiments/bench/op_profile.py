@@ -3,10 +3,10 @@ r"""Where an iteration's device time goes, per XLA op category: BP against FDG o
 Records `--steps` steady iterations of each method under `jax.profiler.trace` and sums the
 durations of the trace's op events of the stage functions (module `jit_update_then_forward`)
 by category (convolution, copy/transpose, other fusions, ...). Use it when
-experiments/bench_overhead.py reports a ratio that needs explaining. Pin the process to one core
+experiments/bench/overhead.py reports a ratio that needs explaining. Pin the process to one core
 (`taskset -c 0`) so that op durations are not stretched by ops running concurrently.
 
-    taskset -c 0 python experiments/op_profile.py     # ResNet-20, batch 128, BP and FDG K=2
+    taskset -c 0 python -m experiments.bench.op_profile   # ResNet-20, batch 128, BP and FDG K=2
 
 The last stdout line is one JSON object.
 """
@@ -17,16 +17,14 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from absl import flags
+import jax
 
-from absl import app  # noqa: E402  (after the path set-up above)
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-
-from experiments import common  # noqa: E402
+import experiments
+from experiments.bench import common
 
 flags.DEFINE_string('model', 'resnet20', 'Model of the zoo (fdg_jax.models.MODEL_NAMES).')
 flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
@@ -98,7 +96,7 @@ def main(argv):
       'ms_per_iteration_by_category': {name(k): dict(results[k][0]) for k in ks},
       'longest_ops': {name(k): results[k][1].most_common(5) for k in ks},
       'machine': common.machine(),
-      'command': ' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])})
+      'command': experiments.command_line()})
 
 
 if __name__ == '__main__':

@@ -9,17 +9,16 @@ On CPU the simulated devices are not separate hardware: all of them run their pr
 shared thread pool over the machine's cores, so overlapping bars share those cores and the
 timeline shows whether dispatch lets the stages run concurrently, not a speed-up.
 
-    python experiments/timeline.py                   # K = 4, batch 128, 8 iterations
+    python -m experiments.bench.pipeline_timeline   # K = 4, batch 128, 8 iterations
 """
 
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from absl import flags
 
-from absl import app  # noqa: E402  (after the path set-up above)
-from absl import flags  # noqa: E402
+import experiments
 
 flags.DEFINE_string('model', 'resnet20', 'Model of the zoo (fdg_jax.models.MODEL_NAMES).')
 flags.DEFINE_integer('num_stages', 4, 'K; stage k runs on device k.')
@@ -27,8 +26,8 @@ flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
 flags.DEFINE_integer('image_size', 32, 'Side of the square input images.')
 flags.DEFINE_enum('stash', 'vjp', ['vjp', 'recompute'], 'What the delayed backward uses.')
 flags.DEFINE_integer('iters', 8, 'Steady iterations recorded.')
-flags.DEFINE_string('png', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
-                                        'timeline_cpu.png'), 'Where the chart goes.')
+flags.DEFINE_string('png', os.path.join(experiments.RESULTS_DIR, 'timeline_cpu.png'),
+                    'Where the chart goes.')
 flags.DEFINE_string('trace_dir', '', 'Where the profiler trace goes (default: a new temp dir).')
 FLAGS = flags.FLAGS
 
@@ -92,7 +91,7 @@ def main(argv):
       'busy_ms_per_stage': per_stage, 'overlap': overlap, **summary,
       'png': os.path.relpath(FLAGS.png), 'trace_dir': trace_dir,
       'machine': common.machine(),
-      'command': ' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])})
+      'command': experiments.command_line()})
 
 
 if __name__ == '__main__':

@@ -8,8 +8,8 @@ tail is kept. With `--cache_dir`, JAX's persistent compilation cache is on (empt
 `--empty_cache`); without it, off. WORKSPACE.md ("The suite's time, part 2") records what it
 showed.
 
-  python experiments/launch_stall_probe.py --launches=40 --out=/tmp/stall_nocache.json
-  python experiments/launch_stall_probe.py --launches=40 --cache_dir=/tmp/probe_cache \
+  python -m experiments.probes.launch_stall --launches=40 --out=/tmp/stall_nocache.json
+  python -m experiments.probes.launch_stall --launches=40 --cache_dir=/tmp/probe_cache \
       --empty_cache --out=/tmp/stall_cache.json
 """
 
@@ -24,8 +24,9 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULE = 'experiments.launch_stall_probe'
+from experiments import REPO
+
+MODULE = 'experiments.probes.launch_stall'
 
 
 def child(args) -> None:

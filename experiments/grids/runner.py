@@ -14,7 +14,7 @@ import subprocess
 import sys
 from typing import Callable, Optional
 
-from experiments import cells as cells_lib
+from experiments.grids import cells as cells_lib
 from fdg_jax import checkpoint as checkpoint_lib
 from fdg_jax import workdir as workdir_lib
 

@@ -14,8 +14,8 @@ import platform
 import shlex
 from typing import Any, Optional, Sequence
 
-from experiments import cells as cells_lib
-from experiments import grid
+from experiments.grids import cells as cells_lib
+from experiments.grids import grid
 from fdg_jax import workdir as workdir_lib
 
 
@@ -192,7 +192,7 @@ def describe_setup(results: Sequence[grid.Result], options: cells_lib.Options) -
            '```', '']
   lines.append("Scale `paper`: the config files' recipe (see configs/default.py)." if
                options.scale == 'paper' else "Scale `cpu` (reduced, not the paper's; see "
-               'experiments/grid.py): lr boundaries and warm-up keep their share of the run.')
+               'experiments/grids/grid.py): lr boundaries and warm-up keep their share of the run.')
   if first is not None:
     shown = {k: v for k, v in first.override_dict().items() if k not in cells_lib.CELL_FIELDS}
     lines.append(f'Config overrides of the first cell (beyond method, model, K, beta, seed): '

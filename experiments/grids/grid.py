@@ -1,9 +1,10 @@
 r"""A grid of training runs that resumes, and the tables and figures made from their summaries.
 
-The paper's comparisons (`table2.py`, `table3.py`, `table4.py`, `fig4a_beta.py`) are each a list of
-`Cell`s (method, model, K, beta, seed, config file, config overrides) handed to `run_grid`, and a
-report made from the runs' `summary.json` files. This module runs a grid and resumes it
-(`run_grid`, `main`); the parts the scripts share besides live in three modules beside it:
+The paper's comparisons (`experiments/paper/`: table2, table3, table4, fig4a_beta,
+compensation_grid) are each a list of `Cell`s (method, model, K, beta, seed, config file, config
+overrides) handed to `run_grid`, and a report made from the runs' `summary.json` files. This
+module runs a grid and resumes it (`run_grid`, `main`); the parts the scripts share besides live
+in three modules beside it:
 
 - **Cells and their configs** (`cells.py`). `make_cell` loads the row's config file, applies the
   scale, the data flags and `--set FIELD=VALUE` overrides and the cell's own fields, and checks
@@ -46,8 +47,8 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from experiments import cells as cells_lib
-from experiments import runner as runner_lib
+from experiments.grids import cells as cells_lib
+from experiments.grids import runner as runner_lib
 from fdg_jax import checkpoint as checkpoint_lib
 from fdg_jax import workdir as workdir_lib
 

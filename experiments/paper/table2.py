@@ -4,29 +4,28 @@ For each model, every method on the same recipe and the same K = 2 stages: BP (t
 network), DDG, DGL (test error of the network without its auxiliary heads; the heads' parameters
 are reported), FDG at beta = 1 (no gradient shrinking) and FDG at the config file's beta (the
 paper's best beta for the row, in configs/<dataset>_<model>.py) or at the betas of `--fdg_betas`.
-The paper's values (experiments/paper.py) are printed beside ours. Every cell once per seed. Models: ResNet-56,
-ResNet-110, ResNet-18 and WRN-28-10 at the paper scale, ResNet-20 at the cpu scale (`--models`).
+The paper's values (experiments/paper/published.py) are printed beside ours. Every cell once per
+seed. Models: ResNet-56, ResNet-110, ResNet-18 and WRN-28-10 at the paper scale, ResNet-20 at the
+cpu scale (`--models`).
 Writes OUT_DIR/results.md, results.csv and curves.png (test error against epoch per method, mean
 over seeds, one panel per model).
 
 On this 2-core CPU, with the CIFAR-10 JPEG copy and its decoded cache:
 
-    python experiments/table2.py --scale=cpu --dataset=imagefolder \
+    python -m experiments.paper.table2 --scale=cpu --dataset=imagefolder \
         --data_dir=../shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache
 
 Run it again to resume; `--dry_run` prints the grid; `--report_only` writes the results so far.
-Common flags: see experiments/cells.py.
+Common flags: see experiments/grids/cells.py.
 """
 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import cells as cells_lib  # noqa: E402  (after the path set-up above)
-from experiments import grid  # noqa: E402
-from experiments import reports  # noqa: E402
-from experiments import paper  # noqa: E402
+from experiments.grids import cells as cells_lib
+from experiments.grids import grid
+from experiments.grids import reports
+from experiments.paper import published
 
 DEFAULT_MODELS = {'paper': ('resnet56', 'resnet110', 'resnet18', 'wrn28_10'),
                   'cpu': ('resnet20',)}
@@ -71,7 +70,7 @@ def report(results, options: cells_lib.Options, table: str = 'Table 2',
     rows.append([g.key[0], g.label, reports.fmt_pct(mean, std),
                  reports.fmt_difference(g, bp.get(g.key[0])), g.n,
                  f'{extra:,}' if extra else ('0' if g.n else '–'),
-                 paper.describe(table, *g.key[:4])])
+                 published.describe(table, *g.key[:4])])
   for model in dict.fromkeys(g.key[0] for g in groups):
     fdg = [g for g in groups if g.key[0] == model and g.key[1] == 'fdg' and g.n]
     if len(fdg) > 1:
@@ -88,7 +87,7 @@ def report(results, options: cells_lib.Options, table: str = 'Table 2',
            'same model, ± its standard error (a seed gives every run the same initial weights '
            'and batches).')
   body += ('\n\nFigure: `curves.png` (test error against epoch, mean over seeds, band ± 1 '
-           f'std).\nPaper column: {paper.SOURCE}; {paper.SETTING}. It is at the paper\'s '
+           f'std).\nPaper column: {published.SOURCE}; {published.SETTING}. It is at the paper\'s '
            f'scale, so compare orderings and gaps, not error levels, with a reduced-scale run.\n')
   reports.write_results_md(os.path.join(out_dir, 'results.md'),
                            f'{table}: BP, DDG, DGL and FDG on {dataset_title}, K = {NUM_STAGES}, '

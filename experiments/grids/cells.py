@@ -2,17 +2,18 @@
 
 `make_cell` turns a row's config file, the scale (`SCALES`; `CPU_SCALE` and `rescale_schedule`
 for `--scale=cpu`), the data flags, the script's defaults and `--set` overrides into a `Cell`,
-checking every field before anything runs. How a grid uses its cells: experiments/grid.py.
+checking every field before anything runs. How a grid uses its cells: experiments/grids/grid.py.
 """
 
 import dataclasses
 import importlib
 import os
-import sys
 from typing import Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(REPO, 'experiments', 'results')
+import experiments
+
+REPO = experiments.REPO
+RESULTS_DIR = experiments.RESULTS_DIR
 
 SCALES = ('paper', 'cpu')
 # The reduced scale `--scale=cpu`: a fixed seeded subset of the training images (the test split
@@ -95,7 +96,7 @@ def options_from_flags(name: str) -> Options:
   return Options(name=name, scale=f.scale, seeds=seeds, dataset=f.dataset, data_dir=f.data_dir,
                  sets=tuple(f.set), out_dir=f.out_dir, dry_run=f.dry_run,
                  report_only=f.report_only, keep_checkpoints=f.keep_checkpoints,
-                 processes=f.processes, argv=tuple(sys.argv))
+                 processes=f.processes, argv=experiments.command_argv())
 
 
 def parse_floats(values: Sequence[str], flag: str) -> tuple:
@@ -161,8 +162,7 @@ def load_config(config_file: str):
   path = os.path.join(REPO, config_file)
   if not os.path.exists(path):
     raise GridError(f'config file {config_file!r} does not exist in {REPO}.')
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)   # config files import `configs.default`
+  # configs/ sits beside experiments/, so it imports from wherever `experiments` was imported.
   module_name = os.path.splitext(config_file)[0].replace(os.sep, '.')
   return importlib.import_module(module_name).get_config()
 

@@ -7,7 +7,7 @@ and then run `--repeats` times. 'default' sets no level (XLA's CPU default is -O
 tests/conftest.py sets level 2 for the tests; WORKSPACE.md ("The suite's time, part 2") records
 what this showed.
 
-  python experiments/bench_compile.py --model=resnet8 --image_size=16 --batch_size=8 \
+  python -m experiments.bench.compile_time --model=resnet8 --image_size=16 --batch_size=8 \
       --levels=default,2,1,0 --out=/tmp/bench_compile.json
 """
 
@@ -18,7 +18,9 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments import REPO
+
+MODULE = 'experiments.bench.compile_time'
 
 
 def child(args) -> dict:
@@ -81,7 +83,7 @@ def main():
       flags.append(f'--xla_backend_optimization_level={int(level)}')
     env = dict(os.environ, XLA_FLAGS=' '.join(flags), JAX_COMPILATION_CACHE_DIR='',
                JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'))
-    command = [sys.executable, os.path.abspath(__file__), '--child', f'--model={args.model}',
+    command = [sys.executable, '-m', MODULE, '--child', f'--model={args.model}',
                f'--image_size={args.image_size}', f'--batch_size={args.batch_size}',
                f'--repeats={args.repeats}']
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,

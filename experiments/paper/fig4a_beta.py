@@ -7,25 +7,23 @@ and curves.png (test error against epoch per beta, mean over seeds).
 
 On this 2-core CPU, with the CIFAR-10 JPEG copy and its decoded cache:
 
-    python experiments/fig4a_beta.py --scale=cpu --dataset=imagefolder \
+    python -m experiments.paper.fig4a_beta --scale=cpu --dataset=imagefolder \
         --data_dir=../shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache
 
 Run it again to resume (finished cells are read, an interrupted one resumes from its checkpoint);
 `--dry_run` prints the grid, `--report_only` writes the results of the runs finished so far.
-Common flags: see experiments/cells.py (`--scale`, `--seeds`, `--dataset`, `--data_dir`, `--set`,
-`--out_dir`, `--keep_checkpoints`).
+Common flags: see experiments/grids/cells.py (`--scale`, `--seeds`, `--dataset`, `--data_dir`,
+`--set`, `--out_dir`, `--keep_checkpoints`).
 """
 
 import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import cells as cells_lib  # noqa: E402  (after the path set-up above)
-from experiments import grid  # noqa: E402
-from experiments import reports  # noqa: E402
-from experiments import paper  # noqa: E402
+from experiments.grids import cells as cells_lib
+from experiments.grids import grid
+from experiments.grids import reports
+from experiments.paper import published
 
 NAME = 'fig4a_beta'
 # The sweep: the paper's scale sweeps 0.1 .. 1.0; the CPU scale takes 5 of those values.
@@ -90,7 +88,7 @@ def report(results, options: cells_lib.Options) -> None:
   reports.plot_curves(groups, os.path.join(out_dir, 'curves.png'), 'Fig. 4a')
   bp = next((g for g in groups if g.key[1] == 'bp'), None)
   rows = [[g.label, reports.fmt_pct(*g.stat('test_error')), reports.fmt_difference(g, bp),
-           g.n, paper.describe('Table 2', *g.key[:4])] for g in groups]
+           g.n, published.describe('Table 2', *g.key[:4])] for g in groups]
   body = reports.markdown_table(
       ['method', 'test error (%)', 'vs BP (points, ± s.e. paired by seed)', 'n',
        'paper Table 2 row (%)'], rows)
@@ -100,8 +98,8 @@ def report(results, options: cells_lib.Options) -> None:
   body += ('\n\nFigures: `beta.png` (bars: FDG per β, error bars ± 1 std over seeds; line and '
            'band: BP mean ± std), `curves.png` (test error against epoch, mean over seeds).\n'
            "Paper column: Fig. 4a's bars are not available as numbers, so it holds the paper's "
-           f'Table 2 row of the same model (BP, β = 1 and the tuned β): {paper.SOURCE}; '
-           f'{paper.SETTING}. It is at the paper\'s scale, so compare the direction of the '
+           f'Table 2 row of the same model (BP, β = 1 and the tuned β): {published.SOURCE}; '
+           f'{published.SETTING}. It is at the paper\'s scale, so compare the direction of the '
            'β effect, not error levels, with a reduced-scale run.\n')
   reports.write_results_md(os.path.join(out_dir, 'results.md'),
                            f'Fig. 4a: FDG against β, {title}, {options.scale} scale', results,

@@ -13,8 +13,8 @@ what the entries keep for compact checkpoints (`Saved.inputs`), on top of those 
 Each (stash, K) runs in its own process (`--isolate`, the default) so that the peak RSS reported
 (`resource.getrusage`, includes compilation) belongs to that configuration alone.
 
-    python experiments/bench_memory.py               # ResNet-56, batch 128, K = 2, 3, 4
-    python experiments/bench_memory.py --num_stages=2 \
+    python -m experiments.bench.memory   # ResNet-56, batch 128, K = 2, 3, 4
+    python -m experiments.bench.memory --num_stages=2 \
         --stash=vjp,vjp+dots_saveable,vjp+nothing_saveable --output=bench_memory_policies.json
 
 Prints a markdown table; the last stdout line is one JSON object, also written to
@@ -27,14 +27,13 @@ import resource
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from absl import flags
+import jax
 
-from absl import app  # noqa: E402  (after the path set-up above)
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-
-from experiments import common  # noqa: E402
-from fdg_jax import pipeline  # noqa: E402
+import experiments
+from experiments.bench import common
+from fdg_jax import pipeline
 
 flags.DEFINE_string('model', 'resnet56', 'Model of the zoo (fdg_jax.models.MODEL_NAMES).')
 flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
@@ -48,6 +47,7 @@ flags.DEFINE_bool('isolate', True, 'Run each configuration in its own process (o
 flags.DEFINE_string('only', '', 'Internal: run one "stash:K" here and print its JSON line.')
 FLAGS = flags.FLAGS
 
+MODULE = 'experiments.bench.memory'   # --isolate runs each configuration as this module
 MIB = 2 ** 20
 
 
@@ -94,11 +94,11 @@ def measure(mode: str, num_stages: int) -> dict:
 
 
 def run_isolated(stash: str, num_stages: int) -> dict:
-  argv = [sys.executable, os.path.abspath(__file__), f'--model={FLAGS.model}',
+  argv = [sys.executable, '-m', MODULE, f'--model={FLAGS.model}',
           f'--batch_size={FLAGS.batch_size}', f'--image_size={FLAGS.image_size}',
           f'--only={stash}:{num_stages}']
   done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                        check=False)
+                        cwd=experiments.REPO, check=False)
   if done.returncode:
     raise RuntimeError(f'{" ".join(argv)} failed:\n{done.stderr[-3000:]}')
   return json.loads(done.stdout.strip().splitlines()[-1])
@@ -147,7 +147,7 @@ def main(argv):
       'configs': rows,
       'device': str(jax.devices()[0]),
       'machine': common.machine(),
-      'command': ' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+      'command': experiments.command_line(),
   }
   name = (FLAGS.output or
           f'bench_memory_{FLAGS.model}_b{FLAGS.batch_size}_{FLAGS.image_size}px.json')

@@ -1,5 +1,9 @@
 r"""Are a finished run's BatchNorm statistics what costs FDG its test error? (issue 15)
 
+For the recorded `--scale=cpu` compensation grid the answer is no (WORKSPACE.md, "Stale-gradient
+compensation at `--scale=cpu`": within 0.07 points); kept to ask it of other grids, e.g. at K = 4
+or the paper's scale, whose runs kept their checkpoints (`--keep_checkpoints`).
+
 A network in evaluation mode normalises with each BatchNorm layer's running statistics: an
 exponential average (momentum 0.9, so about the last 10 steps) of the batch statistics seen in
 training, taken with parameters that were changing meanwhile. In FDG a stage's forward also
@@ -17,11 +21,11 @@ summary's (`params_digest`, bit for bit), and evaluates the unsplit network on t
   over one epoch of training batches (the run's stream of epoch 0, augmented as in training),
   every batch forwarded in training mode through the final parameters.
 
-    python experiments/precise_bn.py --workdirs=RUN1,RUN2,... --out=FILE.json
+    python -m experiments.probes.precise_bn --workdirs=RUN1,RUN2,... --out=FILE.json
 
 A run trained in K processes (`fdg_jax.launch`, grids' `--processes`) is restored in as many:
 
-    python -m fdg_jax.launch --num_processes=2 --module=experiments.precise_bn -- \
+    python -m fdg_jax.launch --num_processes=2 --module=experiments.probes.precise_bn -- \
         --workdirs=RUN1,... --out=FILE.json
 
 FILE.json gets one record per run (merged with the records already there, by workdir).
@@ -31,7 +35,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top  (after the path set-up above)
 from absl import app
@@ -93,7 +96,8 @@ def check_readable(workdir: str) -> dict:
     raise RunError(
         f'{workdir} was trained in {processes} process(es) and is read here by '
         f'{jax.process_count()}: run `python -m fdg_jax.launch --num_processes={processes} '
-        '--module=experiments.precise_bn -- ...` for it, and one process for one-process runs.')
+        '--module=experiments.probes.precise_bn -- ...` for it, and one process for one-process '
+        'runs.')
   return summary
 
 

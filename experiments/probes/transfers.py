@@ -1,6 +1,8 @@
-"""What happens inside a running two-stage pipeline, without a profiler (bench_speedup.py).
+"""Where does a two-stage pipeline's time go inside its timed loop: each stage's compute and wait,
+each transfer's latency? Measured without a profiler, for `python -m experiments.bench.speedup
+--probe` (its `in_loop` record).
 
-A profiler changes what it observes (it was never on during bench_speedup's timed loops), so
+A profiler changes what it observes (it was never on during the speed-up's timed loops), so
 this watches the loop itself: `Pipeline.move` is wrapped to note every array a stage sends, and a
 thread polls `jax.Array.is_ready` (which never blocks) for the moment each is ready on its
 stage's device and the moment it has arrived on the other process. Host wall-clock times, which

@@ -29,12 +29,12 @@ data; the slowest process's time is the configuration's. The last stdout line is
 `--probe` looks inside FDG's timed loop itself, without a profiler: a thread polls when each
 array a stage sends is ready and when it has arrived at the other process, which gives each
 stage's compute in the running pipeline, how long it waited for its input, and each transfer's
-latency (`in_loop`, see experiments/transfer_probe.py). `--configs` runs a subset (the speed-up
+latency (`in_loop`, see experiments/probes/transfers.py). `--configs` runs a subset (the speed-up
 factors need all six); `--variant_env` runs each configuration also under other environment
 variables (e.g. another allocator), interleaved.
 
-    python experiments/bench_speedup.py --model=resnet20 --batch_size=128
-    python experiments/bench_speedup.py --configs=bp_1core,fdg --repeats=5 --probe
+    python -m experiments.bench.speedup --model=resnet20 --batch_size=128
+    python -m experiments.bench.speedup --configs=bp_1core,fdg --repeats=5 --probe
 """
 
 import json
@@ -46,18 +46,17 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from absl import flags
+import jax
+import numpy as np
 
-from absl import app  # noqa: E402  (after the path set-up above)
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import common  # noqa: E402
-from experiments import transfer_probe  # noqa: E402
-from fdg_jax import distributed  # noqa: E402
-from fdg_jax import timeline  # noqa: E402
-from fdg_jax import train  # noqa: E402
+import experiments
+from experiments.bench import common
+from experiments.probes import transfers
+from fdg_jax import distributed
+from fdg_jax import timeline
+from fdg_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'resnet20', 'Model of the zoo.')
@@ -84,7 +83,7 @@ flags.DEFINE_string('coordinator_address', None, 'Worker: set by fdg_jax.launch.
 flags.DEFINE_integer('num_processes', None, 'Worker: set by fdg_jax.launch.')
 flags.DEFINE_integer('process_id', None, 'Worker: set by fdg_jax.launch.')
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = experiments.REPO
 CONFIGS = ('bp_1core', 'bp_2core', 'bp_dp', 'fdg', 'fdg_time', 'bp_pair')
 
 
@@ -122,7 +121,7 @@ def worker() -> None:
     return state
 
   state = run(FLAGS.warmup, state)
-  probe = transfer_probe.TransferProbe(pipe) if FLAGS.probe and num_stages == 2 else None
+  probe = transfers.TransferProbe(pipe) if FLAGS.probe and num_stages == 2 else None
   distributed.all_processes([0])   # every process starts the clock together
   usage = resource.getrusage(resource.RUSAGE_SELF)
   start = time.perf_counter()
@@ -133,7 +132,7 @@ def worker() -> None:
             'kernel': kernel_share(usage, resource.getrusage(resource.RUSAGE_SELF))}
   if probe:
     ready = sum(distributed.all_processes_json(probe.stop()), [])
-    result['in_loop'] = transfer_probe.in_loop_times([tuple(r) for r in ready])
+    result['in_loop'] = transfers.in_loop_times([tuple(r) for r in ready])
   if num_stages == 2:
     result['exchange_ms'] = exchange_ms(pipe)
     # Each stage's device time per call in the running pipeline, from a timeline of both
@@ -188,19 +187,19 @@ def measure(name: str, cores: list[int], extra_env: dict, draw_timeline: bool = 
                   f'--warmup={FLAGS.warmup}', f'--iters={FLAGS.iters}', f'--probe={FLAGS.probe}']
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              PYTHONPATH=REPO, **extra_env)
-  bp = ['experiments.bench_speedup', '--method=bp', *worker_flags]
+  bp = ['experiments.bench.speedup', '--method=bp', *worker_flags]
   if name in ('fdg', 'fdg_time'):
     split_by = 'time' if name == 'fdg_time' else 'flops'
     png = '' if not draw_timeline else os.path.join(
-        REPO, 'experiments', 'results',
+        experiments.RESULTS_DIR,
         f'bench_speedup_{FLAGS.model}_b{FLAGS.batch_size}_{split_by}_timeline.png')
     commands = [[sys.executable, '-m', 'fdg_jax.launch', '--num_processes=2', '--module',
-                 'experiments.bench_speedup', '--', '--method=fdg', f'--split_by={split_by}',
+                 'experiments.bench.speedup', '--', '--method=fdg', f'--split_by={split_by}',
                  f'--timeline_png={png}', f'--timeline_iters={FLAGS.timeline_iters}',
                  *worker_flags]]
   elif name == 'bp_dp':
     commands = [[sys.executable, '-m', 'fdg_jax.launch', '--num_processes=2', '--module',
-                 'experiments.bench_speedup', '--', '--data_parallel=2', *bp[1:]]]
+                 'experiments.bench.speedup', '--', '--data_parallel=2', *bp[1:]]]
   elif name == 'bp_2core':
     commands = [distributed.module_command(bp[0], bp[1:], cores)]
   elif name == 'bp_1core':
@@ -287,7 +286,7 @@ def main(argv):
         'fdg_over_capacity': median['bp_1core'] / median[best] / capacity,
     })
   path = FLAGS.output or os.path.join(
-      REPO, 'experiments', 'results', f'bench_speedup_{FLAGS.model}_b{FLAGS.batch_size}.json')
+      experiments.RESULTS_DIR, f'bench_speedup_{FLAGS.model}_b{FLAGS.batch_size}.json')
   with open(path, 'w') as f:
     json.dump(result, f, indent=2)
   print(json.dumps(result, sort_keys=True), flush=True)

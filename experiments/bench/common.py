@@ -12,12 +12,13 @@ import jax
 import numpy as np
 
 from configs import default as default_config
+import experiments
 from fdg_jax import pipeline
 from fdg_jax import train
 
 NUM_CLASSES = 10
 STEPS_PER_EPOCH = 50_000 // 128   # CIFAR-10 at batch 128: only the lr schedule's boundaries use it
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+RESULTS_DIR = experiments.RESULTS_DIR
 
 
 def make_config(model: str, method: str, num_stages: int, batch_size: int, image_size: int,

@@ -9,7 +9,7 @@ per method and K, error bars one standard error of the paired difference to BP) 
 
 The small scale of the recorded Fig. 4a grid (WORKSPACE.md), on the CIFAR-10 JPEG copy:
 
-    python experiments/compensation.py --scale=cpu --dataset=imagefolder \
+    python -m experiments.paper.compensation_grid --scale=cpu --dataset=imagefolder \
         --data_dir=../shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache \
         --set train_subset=5000 --set num_epochs=4 --seeds=0,1,2,3,4,5 \
         --out_dir=experiments/results/compensation_cpu_small
@@ -18,18 +18,16 @@ BP's and plain FDG's cells are named and configured as fig4a_beta.py's, so finis
 that grid (same settings) can be copied into OUT_DIR/runs and are read, not rerun. Run it again
 to resume; `--dry_run` lists the cells, `--report_only` reports the runs finished so far;
 `--methods` picks a subset (e.g. the best compensation at `--scale=cpu`). Common flags: see
-experiments/cells.py.
+experiments/grids/cells.py.
 """
 
 import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import cells as cells_lib  # noqa: E402  (after the path set-up above)
-from experiments import grid  # noqa: E402
-from experiments import reports  # noqa: E402
+from experiments.grids import cells as cells_lib
+from experiments.grids import grid
+from experiments.grids import reports
 
 NAME = 'compensation'
 # method name -> (variant tag in the cell name, the config fields it sets). 'fdg' is the paper's

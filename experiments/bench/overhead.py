@@ -20,11 +20,11 @@ on a shared machine it is steadier than wall time.
 
 On CPU, "one device" is not an in-order stream: the K stage programs can run at the same time on
 the machine's cores, and XLA:CPU compiles the one large BP program differently from K smaller
-ones (experiments/op_profile.py shows where the time goes), so there the ratio mixes both
+ones (experiments/bench/op_profile.py shows where the time goes), so there the ratio mixes both
 effects with the engine's own cost; on an accelerator it is the engine's cost.
 
-    python experiments/bench_overhead.py              # ResNet-20, batch 128, K = 2 and 4
-    python experiments/bench_overhead.py --stash=vjp+nothing_saveable   # cost of a policy
+    python -m experiments.bench.overhead   # ResNet-20, batch 128, K = 2 and 4
+    python -m experiments.bench.overhead --stash=vjp+nothing_saveable   # cost of a policy
 
 The last stdout line is one JSON object; it is also written to
 experiments/results/bench_overhead_<model>_b<batch>_<size>px[_<stash>].json.
@@ -32,16 +32,14 @@ experiments/results/bench_overhead_<model>_b<batch>_<size>px[_<stash>].json.
 
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from absl import flags
+import jax
 
-from absl import app  # noqa: E402  (after the path set-up above)
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-
-from experiments import common  # noqa: E402
+import experiments
+from experiments.bench import common
 
 flags.DEFINE_string('model', 'resnet20', 'Model of the zoo (fdg_jax.models.MODEL_NAMES).')
 flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
@@ -183,7 +181,7 @@ def main(argv):
                                    for n, s in share_pipelined.items()},
       'device': str(device),
       'machine': common.machine(),
-      'command': ' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+      'command': experiments.command_line(),
   }
   stash = '' if FLAGS.stash == 'vjp' else f'_{FLAGS.stash}'   # the default keeps its old name
   name = f'bench_overhead_{FLAGS.model}_b{FLAGS.batch_size}_{FLAGS.image_size}px{stash}.json'
