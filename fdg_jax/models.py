@@ -18,6 +18,10 @@ Models:
   in kuangliu/pytorch-cifar.
 * ``wrn28_10``: pre-activation Wide ResNet-28-10 of Zagoruyko & Komodakis
   (2016).
+* ``vit_tiny``: a small Vision Transformer (``fdg_jax.vit``): 4x4 patches (64
+  tokens), width 192, 3 heads, depth 6, global average pooling; blocks
+  patch_embedding, block1..block6, head. Listed in ``VIT_NAMES``, not in
+  ``MODEL_NAMES`` (the CNNs).
 
 All layers follow PyTorch's defaults where it matters for reproducing published
 results: BatchNorm momentum 0.9 (PyTorch's 0.1) and epsilon 1e-5, convolutions
@@ -30,7 +34,14 @@ from typing import Any
 from flax import linen as nn
 import jax.numpy as jnp
 
+from fdg_jax import vit
+
 MODEL_NAMES = ('resnet8', 'resnet20', 'resnet56', 'resnet110', 'resnet18', 'wrn28_10')
+# Per ViT: depth, heads, width, patch size (32x32 inputs). ViT-Tiny's width and heads (Touvron
+# et al., 2021) at half its depth: 2.7M parameters; small enough for CPU runs on a CIFAR subset
+# (a training step of 128 images took 7 s on 2 busy CPU cores), a GPU for full runs.
+_VIT_CONFIGS = {'vit_tiny': (6, 3, 192, 4)}
+VIT_NAMES = tuple(_VIT_CONFIGS)
 
 # torchvision's kaiming_normal_(mode='fan_out', nonlinearity='relu'). Flax's
 # 'normal' is a truncated normal rescaled to the same variance.
@@ -184,7 +195,7 @@ _CONFIGS = {
 def _config(model_name: str):
   if model_name not in _CONFIGS:
     raise ValueError(
-        f'Unknown model {model_name!r}; choose one of {MODEL_NAMES}.')
+        f'Unknown model {model_name!r}; choose one of {MODEL_NAMES + VIT_NAMES}.')
   return _CONFIGS[model_name]
 
 
@@ -196,6 +207,10 @@ def create_blocks(model_name: str, num_classes: int, *,
   ``dropout_rate`` applies to the wide blocks of WRN only and is ignored
   otherwise (the ResNets of the papers have no dropout).
   """
+  if model_name in _VIT_CONFIGS:   # ViTs: dropout on attention weights and residual branches
+    depth, heads, width, patch = _VIT_CONFIGS[model_name]
+    return vit.create_blocks(num_classes, depth, heads, width, patch_size=patch,
+                             dropout_rate=dropout_rate, dtype=dtype)
   stem_width, group_sizes, group_widths, kind = _config(model_name)
   if num_classes < 1:
     raise ValueError(f'num_classes must be positive, got {num_classes}.')
@@ -222,6 +237,8 @@ def block_names(model_name: str) -> list[str]:
 
   For example ``['stem', 'group1.block0', ..., 'group3.block2', 'head']``.
   """
+  if model_name in _VIT_CONFIGS:
+    return vit.block_names(_VIT_CONFIGS[model_name][0])
   _, group_sizes, _, _ = _config(model_name)
   names = ['stem']
   for group, size in enumerate(group_sizes, start=1):
