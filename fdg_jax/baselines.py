@@ -1,11 +1,12 @@
 """The comparison methods DDG and DGL (docs/algorithm.md), in the same engine as FDG.
 
-Both are subclasses of `pipeline.Pipeline`: same stages, same optimizer, same placements, same
-`PipelineState`, same executor (`step`, `drain`) walking their own schedule
-(`schedule.Schedule`), same `evaluate`, so the trainer, the checkpoints and multi-process runs
-handle them like FDG. DDG changes only the schedule and reuses FDG's stage functions; DGL has
-its own stage function, keeps its auxiliary heads inside each stage's TrainState, and its
-`stage_variables` and `predict` leave the heads out.
+Both are `pipeline.Pipeline`s with another method object (`methods.py`): same stages, same
+optimizer, same placements, same `PipelineState`, same executor (`step`, `drain`) walking their
+own schedule (`schedule.Schedule`), same `evaluate`, so the trainer, the checkpoints and
+multi-process runs handle them like FDG. DDG changes only the schedule and reuses FDG's stage
+functions; DGL has its own stage function, keeps its auxiliary heads inside each stage's
+TrainState, and its `stage_variables` and `predict` leave the heads out. The classes here are
+the constructors users call.
 
 DDG (Huo et al. 2018, "Decoupled parallel backpropagation with convergence guarantee"): backward
 unlocking only. Iteration t forwards batch t through all stages in order, within the iteration
@@ -19,28 +20,26 @@ stages forward in a pipeline like FDG. The heads are extra trainable parameters
 With K = 1 both are exactly back-propagation, like FDG.
 """
 
-import dataclasses
-import functools
-import math
 from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
-from fdg_jax import distributed
-from fdg_jax import partition
+from fdg_jax import methods
 from fdg_jax import pipeline
-from fdg_jax.pipeline import PipelineState, StepInfo, TrainState
+from fdg_jax import schedule
+from fdg_jax.methods import (  # pylint: disable=unused-import  (their home before methods.py)
+    AUX_HEADS, ConvAuxHead, MLPSRAuxHead, adaptive_avg_pool, conv_aux_head, mlp_sr_aux_head)
+from fdg_jax.pipeline import PipelineState, StepInfo
 
-
-# ==================================================================================== DDG
+# Every method's StepInfo has each stage's metrics (`local_metrics`).
+DGLStepInfo = StepInfo
 
 
 def ddg_delay(stage: int, num_stages: int) -> int:
   """DDG: iterations between stage k's forward of a batch and its backward of that batch."""
-  return num_stages - 1 - stage
+  return schedule.delay(stage, num_stages, 'ddg')
 
 
 class DDGPipeline(pipeline.Pipeline):
@@ -77,89 +76,10 @@ class DDGPipeline(pipeline.Pipeline):
   only the schedule differs (`schedule.Schedule` with method 'ddg').
   """
 
-  METHOD = 'ddg'
-
-  def delay(self, stage: int) -> int:
-    return self.schedule.delay(stage)
-
-
-# ==================================================================================== DGL
-
-
-def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
-  """PyTorch's adaptive_avg_pool2d on NHWC: bin i of n covers [floor(iH/n), ceil((i+1)H/n))."""
-  n, height, width, channels = x.shape
-  out_h, out_w = output_size
-  if height % out_h == 0 and width % out_w == 0:
-    return x.reshape(n, out_h, height // out_h, out_w, width // out_w, channels).mean((2, 4))
-  rows = []
-  for i in range(out_h):
-    h0, h1 = i * height // out_h, -(-(i + 1) * height // out_h)
-    rows.append(jnp.stack(
-        [x[:, h0:h1, j * width // out_w:-(-(j + 1) * width // out_w)].mean((1, 2))
-         for j in range(out_w)], axis=1))
-  return jnp.stack(rows, axis=1)
-
-
-def _batch_norm(train: bool):
-  # PyTorch BatchNorm's defaults, like the model zoo.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
-
-
-class MLPSRAuxHead(nn.Module):
-  """DGL's "MLP-SR-aux" auxiliary classifier (the default).
-
-  As in the DGL authors' CIFAR code (`auxillary_classifier2` with n_lin=3, mlp_layers=3, used
-  for their ResNet comparison with DDG): average-pool the C-channel input to ceil(H/4) x
-  ceil(W/4); `num_convs` x [1x1 conv (C -> C, no bias), BatchNorm, ReLU]; average-pool to
-  2 x 2; flatten (4C); `num_mlp_layers` x [Dense(4C), BatchNorm, ReLU]; Dense(num_classes).
-  """
-  num_classes: int
-  num_convs: int = 3
-  num_mlp_layers: int = 3
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    channels = x.shape[-1]
-    x = adaptive_avg_pool(x, (math.ceil(x.shape[1] / 4), math.ceil(x.shape[2] / 4)))
-    for _ in range(self.num_convs):
-      x = nn.relu(_batch_norm(train)(nn.Conv(channels, (1, 1), use_bias=False)(x)))
-    x = adaptive_avg_pool(x, (2, 2)).reshape(x.shape[0], -1)
-    for _ in range(self.num_mlp_layers):
-      x = nn.relu(_batch_norm(train)(nn.Dense(4 * channels)(x)))
-    return nn.Dense(self.num_classes)(x)
-
-
-class ConvAuxHead(nn.Module):
-  """A smaller head: 3x3 conv (same width, no bias), BatchNorm, ReLU, global average pool, Dense."""
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = nn.Conv(x.shape[-1], (3, 3), use_bias=False)(x)
-    x = nn.relu(_batch_norm(train)(x))
-    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
-
-
-def mlp_sr_aux_head(stage: int, num_classes: int) -> nn.Module:
-  del stage
-  return MLPSRAuxHead(num_classes)
-
-
-def conv_aux_head(stage: int, num_classes: int) -> nn.Module:
-  del stage
-  return ConvAuxHead(num_classes)
-
-
-# Names a config can use for `DGLPipeline(aux_head=...)`.
-AUX_HEADS = {'mlp-sr': mlp_sr_aux_head, 'conv': conv_aux_head}
-
-
-@dataclasses.dataclass(frozen=True)
-class DGLStepInfo(StepInfo):
-  """StepInfo plus each stage's local metrics (aux head loss/accuracy; the last stage's own),
-  on the stage's device, or None for a stage that did not train in this iteration."""
-  local_metrics: tuple[Optional[pipeline.TrainMetrics], ...] = ()
+  def __init__(self, stages: Sequence[nn.Module], optimizer: optax.GradientTransformation,
+               loss_fn: Callable[[Any, Any], jax.Array] = pipeline.cross_entropy_loss,
+               **options):
+    super().__init__(stages, optimizer, loss_fn, method='ddg', **options)
 
 
 class DGLPipeline(pipeline.Pipeline):
@@ -193,112 +113,15 @@ class DGLPipeline(pipeline.Pipeline):
       `head.apply(variables, y, train=bool)`.
   """
 
-  METHOD = 'dgl'
-
   def __init__(self, stages: Sequence[nn.Module], optimizer: optax.GradientTransformation,
-               loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = pipeline.cross_entropy_loss,
+               loss_fn: Callable[[Any, Any], jax.Array] = pipeline.cross_entropy_loss,
                *, num_classes: Optional[int] = None,
                aux_head: Union[str, Callable[[int, int], nn.Module]] = 'mlp-sr',
-               placements: Optional[Sequence[Any]] = None):
-    super().__init__(stages, optimizer, loss_fn, placements=placements)
-    if isinstance(aux_head, str):
-      if aux_head not in AUX_HEADS:
-        raise ValueError(f'aux_head={aux_head!r} is not one of {tuple(AUX_HEADS)}; or pass a '
-                         'factory (stage_index, num_classes) -> flax module.')
-      aux_head = AUX_HEADS[aux_head]
-    if self.num_stages > 1 and (num_classes is None or num_classes < 1):
-      raise ValueError(f'num_classes={num_classes}: DGL needs the number of classes for the '
-                       'auxiliary heads of the non-last stages; pass num_classes=.')
+               placements: Optional[Sequence[Any]] = None, metrics: type = pipeline.LossAndAccuracy):
+    super().__init__(stages, optimizer, loss_fn, placements=placements, metrics=metrics,
+                     method=methods.LocalLosses(len(stages), num_classes, aux_head))
     self.num_classes = num_classes
-    self.aux_heads = tuple(aux_head(k, num_classes) for k in range(self.num_stages - 1))
-    self.stage_functions = tuple(jax.jit(self._make_local_fn(k), donate_argnums=0)
-                                 for k in range(self.num_stages))
-    self._aux_init = tuple(jax.jit(functools.partial(head.init, train=False))
-                           for head in self.aux_heads)
-
-  def _make_local_fn(self, k: int):
-    """Stage k's `train_then_send(state, x, labels) -> (state, y, metrics)`; y is None at the
-    last stage."""
-    last = k == self.num_stages - 1
-
-    def train_then_send(state: TrainState, x, labels):
-      dropout_key, key = jax.random.split(state.dropout_key)
-
-      def loss_of(params):
-        y, stage_stats = self._train_forward(k, params['stage'], state.batch_stats['stage'], x,
-                                             key)
-        if last:
-          logits, batch_stats = y, {'stage': stage_stats}
-        else:
-          logits, mutated = self.aux_heads[k].apply(
-              {'params': params['aux'], 'batch_stats': state.batch_stats['aux']}, y, train=True,
-              mutable=['batch_stats'], rngs={'dropout': jax.random.fold_in(key, 1)})
-          batch_stats = {'stage': stage_stats,
-                         'aux': mutated.get('batch_stats', state.batch_stats['aux'])}
-        return jnp.mean(self.loss_fn(logits, labels)), (y, logits, batch_stats)
-
-      (loss, (y, logits, batch_stats)), grads = jax.value_and_grad(
-          loss_of, has_aux=True)(state.params)
-      state = state.apply_gradients(grads=grads).replace(
-          batch_stats=batch_stats, dropout_key=dropout_key)
-      metrics = pipeline.TrainMetrics.single_from_model_output(
-          loss=loss, logits=logits, labels=labels)
-      return state, (None if last else y), metrics
-
-    return train_then_send
-
-  def init(self, rng: jax.Array, sample_input: jax.Array,
-           variables: Optional[Sequence[dict]] = None) -> PipelineState:
-    """`Pipeline.init` (the network: the same weights, keys and devices as FDG's, or the given
-    `variables`, one dict per stage), plus the auxiliary heads, initialised here.
-
-    `sample_input` (a batch of images, or anything with their shape and dtype) is required: the
-    heads are shaped by the stages' outputs.
-    """
-    if sample_input is None:
-      raise ValueError('DGLPipeline.init needs sample_input (e.g. jnp.zeros of one input batch) '
-                       'to shape the auxiliary heads.')
-    network = super().init(rng, sample_input, variables)
-    aux_key = jax.random.fold_in(rng, 1)
-    x = jax.ShapeDtypeStruct(sample_input.shape, sample_input.dtype)
-    stages = []
-    for k, (stage, sharding) in enumerate(zip(network.stages, self.state_shardings)):
-      if k < self.num_stages - 1:
-        x = jax.eval_shape(self._predict[k], *self._variable_specs[k], x)
-      if stage is None:   # another process's stage
-        stages.append(None)
-        continue
-      params, batch_stats = {'stage': stage.params}, {'stage': stage.batch_stats}
-      if k < self.num_stages - 1:
-        key = jax.random.fold_in(aux_key, k)
-        aux = self._aux_init[k]({'params': key, 'dropout': key}, jnp.zeros(x.shape, x.dtype))
-        params['aux'] = aux['params']
-        batch_stats['aux'] = aux.get('batch_stats', {})
-      state = TrainState.create(apply_fn=stage.apply_fn, params=params, tx=self.optimizer,
-                                batch_stats=batch_stats, dropout_key=stage.dropout_key)
-      stages.append(distributed.put(state, sharding))
-    return network.replace(stages=tuple(stages))
-
-  def _call_stage(self, k: int, call, stage: TrainState, queue, *, x, cotangent, entry,
-                  labels) -> pipeline.StageOutput:
-    """Stage k trains on its local loss and sends the output of its pre-update weights."""
-    del call, cotangent, entry   # DGL has neither cotangents nor saved forwards
-    stage, y, metrics = self.stage_functions[k](stage, x, labels)
-    return pipeline.StageOutput(stage, queue, activation=y, metrics=metrics)
-
-  def _step_info(self, iteration: int, forwarded, updated, metrics) -> DGLStepInfo:
-    return DGLStepInfo(iteration=iteration, forwarded=tuple(forwarded),
-                       updated=tuple(updated), metrics=metrics[-1],
-                       local_metrics=tuple(metrics))
-
-  # ---------------------------------------------------------------- reading the pipeline
-
-  def stage_variables(self, state: PipelineState) -> list[Optional[dict]]:
-    """Each stage's network {'params', 'batch_stats'}, without the auxiliary heads (None for a
-    stage another process owns)."""
-    return [None if s is None else {'params': s.params['stage'],
-                                    'batch_stats': s.batch_stats['stage']}
-            for s in state.stages]
+    self.aux_heads = self.method.aux_heads
 
   def aux_variables(self, state: PipelineState) -> list[dict]:
     """Each non-last stage's auxiliary head {'params', 'batch_stats'} (K-1 dicts)."""
@@ -308,11 +131,4 @@ class DGLPipeline(pipeline.Pipeline):
   def aux_param_counts(self, state: PipelineState) -> list[int]:
     """Parameters of each stage's auxiliary head (0 for the last stage, and for a stage that
     another process owns)."""
-    return [0 if s is None else partition.count_params(s.params.get('aux', {}))
-            for s in state.stages]
-
-  def num_extra_params(self, state: PipelineState) -> int:
-    """Trainable parameters DGL adds to the network: all auxiliary heads together (of every
-    process; all must call it in a multi-process run)."""
-    counts = distributed.all_processes(self.aux_param_counts(state))
-    return int(counts.max(axis=0).sum())   # a stage on several processes counts once
+    return self.method.extra_param_counts(state.stages)

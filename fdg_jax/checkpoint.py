@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from fdg_jax import distributed
 from fdg_jax import pipeline as pipeline_lib
+from fdg_jax import stage_functions
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -35,6 +36,27 @@ def _indexed(items) -> dict:
 
 def _unindexed(tree: dict) -> list:
   return [tree[str(i)] for i in range(len(tree))]
+
+
+def _stored(value):
+  """What travels between stages, as a checkpoint stores it: one array as itself (as before
+  stages could pass pytrees), a pytree as its leaves (its structure comes from the pipeline)."""
+  if isinstance(value, jax.Array):
+    return value
+  return {'leaves': _indexed(jax.tree_util.tree_leaves(value))}
+
+
+def _restored(stored, spec):
+  """The value `_stored` stored, in the structure of `spec` (a stage's input or output spec)."""
+  if isinstance(stored, dict) and set(stored) == {'leaves'}:
+    spec = spec() if callable(spec) else spec
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(spec),
+                                        _unindexed(stored['leaves']))
+  return stored
+
+
+def _leaves(value) -> list:
+  return jax.tree_util.tree_leaves(value)
 
 
 def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
@@ -58,10 +80,10 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
     (stage 0) or from the previous stage's rebuilt forward."""
     if k == 0:
       return chain and batch_images is not None and pipe.bits_equal(
-          [jax.device_put(batch_images(batch), pipe.shardings[0])], [value])
+          _leaves(jax.device_put(batch_images(batch), pipe.shardings[0])), _leaves(value))
     previous = outputs.get((k - 1, batch))
     return previous is not None and chain and pipe.bits_equal(
-        [jax.device_put(previous, pipe.shardings[k])], [value])
+        _leaves(jax.device_put(previous, pipe.shardings[k])), _leaves(value))
 
   saved, saved_metadata = {}, {}
   for k, queue in enumerate(state.saved):
@@ -74,7 +96,7 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
       if output is None:
         stored = _indexed(jax.tree_util.tree_leaves(entry.arrays))
         if entry.inputs is not None:
-          stored = {'residuals': stored, 'inputs': entry.inputs}
+          stored = {'residuals': stored, 'inputs': {**entry.inputs, 'x': _stored(entry.inputs['x'])}}
       else:
         outputs[(k, entry.batch)] = output
         inputs = dict(entry.inputs)
@@ -82,6 +104,8 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
         record[source] = reproduced(k, entry.batch, inputs['x'])
         if record[source]:
           del inputs['x']
+        else:
+          inputs['x'] = _stored(inputs['x'])
         stored = {'inputs': inputs}
       record['partition_specs'] = {
           '/'.join(str(p.key) for p in path): _partition_spec(leaf)
@@ -97,11 +121,12 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
       'stages': {str(k): flax.serialization.to_state_dict(s)
                  for k, s in enumerate(state.stages) if s is not None},
       'saved': saved,
-      'activations': {str(k): {'value': a.value} for k, a in enumerate(state.activations)
+      'activations': {str(k): {'value': _stored(a.value)} for k, a in enumerate(state.activations)
                       if a is not None and str(k) not in activations_from_previous},
-      'cotangents': {str(k): c.value for k, c in enumerate(state.cotangents) if c is not None},
+      'cotangents': {str(k): _stored(c.value) for k, c in enumerate(state.cotangents)
+                     if c is not None},
       'labels': {str(k): _indexed(entry.value for entry in queue)
-                 for k, queue in enumerate(state.labels) if queue},
+                 for k, queue in enumerate(state.targets) if queue},
   }
   metadata = {
       'activations_from_previous': activations_from_previous,
@@ -113,7 +138,7 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
       'activations': {str(k): a.batch for k, a in enumerate(state.activations) if a is not None},
       'cotangents': {str(k): c.batch for k, c in enumerate(state.cotangents) if c is not None},
       'labels': {str(k): [entry.batch for entry in queue]
-                 for k, queue in enumerate(state.labels) if queue},
+                 for k, queue in enumerate(state.targets) if queue},
   }
   return arrays, metadata
 
@@ -156,7 +181,7 @@ def _labels_from_old_activations(pipe: pipeline_lib.Pipeline, arrays: dict, meta
     for stage in range(int(j), pipe.num_stages):
       if pipe.schedule.needs_labels(stage):
         labels = jax.device_put(arrays['activations'][j]['labels'], pipe.shardings[stage])
-        queues[stage].append(pipeline_lib.Labels(value=labels, batch=batch))
+        queues[stage].append(pipeline_lib.Targets(value=labels, batch=batch))
   return tuple(tuple(sorted(q, key=lambda entry: entry.batch)) for q in queues)
 
 
@@ -169,12 +194,24 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
                  flax.serialization.from_state_dict(fresh.stages[k], arrays['stages'][str(k)])
                  for k in range(pipe.num_stages))
   saved, outputs = [], {}   # outputs: (stage, batch) -> output of a rebuilt forward
+  specs = {}   # stage k -> its input spec (from the first saved entry that says it)
+
+  def input_spec(k, entry):
+    if k not in specs:
+      specs[k] = pipe.input_spec_of(k, entry['input_spec'])
+    return specs[k]
+
+  def stage_input(k):   # the spec of stage k's input, for values stored as leaves
+    return specs.get(k) if k in specs else pipe.io_specs(pipe.batch_spec)[k]
+
   for k in range(pipe.num_stages):
     queue = []
     for i, entry in enumerate(metadata['saved'].get(str(k), [])):
       stored = arrays['saved'][str(k)][str(i)]
       form = entry.get('form')   # None: before compact forms, the residual leaves
       inputs = stored.get('inputs') if form else None
+      if inputs is not None and 'x' in inputs:
+        inputs = {**inputs, 'x': _restored(inputs['x'], input_spec(k, entry))}
       if inputs is None and pipe.compensation.name == 'delay_compensation':
         raise CheckpointError(
             f'Delay compensation needs the parameters of each saved forward, and stage {k}\'s '
@@ -195,33 +232,36 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
       else:
         leaves = _unindexed(stored['residuals'] if inputs is not None else stored)
       if pipe.stash == 'vjp':
-        shape, dtype = entry['input_spec']
-        structure = pipe._residual_structure(  # pylint: disable=protected-access
-            k, stages[k], jax.ShapeDtypeStruct(tuple(shape), dtype))
+        structure = pipe.residual_structure(k, stages[k], input_spec(k, entry))
         queue.append(pipeline_lib.Saved(arrays=leaves, batch=entry['batch'], structure=structure,
                                         inputs=inputs if pipe.keeps_inputs else None))
-      else:
-        queue.append(pipeline_lib.Saved(arrays=tuple(leaves), batch=entry['batch']))
+      else:   # stash='recompute': (the stage input, its dropout key)
+        x = (leaves[0] if len(leaves) == 2 else jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(stage_input(k)), leaves[:-1]))
+        queue.append(pipeline_lib.Saved(arrays=(x, leaves[-1]), batch=entry['batch']))
     saved.append(tuple(queue))
   activations = [None] * pipe.num_stages
   for k, batch in metadata['activations'].items():
     value = (jax.device_put(outputs[(int(k) - 1, batch)], pipe.shardings[int(k)])
              if k in metadata.get('activations_from_previous', ()) else
-             arrays['activations'][k]['value'])
+             _restored(arrays['activations'][k]['value'], lambda: stage_input(int(k))))
     activations[int(k)] = pipeline_lib.Activation(value=value, batch=batch)
   cotangents = [None] * pipe.num_stages
   for k, batch in metadata['cotangents'].items():
-    cotangents[int(k)] = pipeline_lib.Cotangent(value=arrays['cotangents'][k], batch=batch)
+    cotangents[int(k)] = pipeline_lib.Cotangent(
+        value=_restored(arrays['cotangents'][k],
+                        lambda: stage_functions.differentiable_part(stage_input(int(k)))),
+        batch=batch)
   if 'labels' in metadata:
     labels = tuple(
-        tuple(pipeline_lib.Labels(value=value, batch=batch) for value, batch in zip(
+        tuple(pipeline_lib.Targets(value=value, batch=batch) for value, batch in zip(
             _unindexed(arrays['labels'].get(str(k), {})), metadata['labels'].get(str(k), [])))
         for k in range(pipe.num_stages))
   else:
     labels = _labels_from_old_activations(pipe, arrays, metadata)
   return pipeline_lib.PipelineState(
       stages=stages, saved=tuple(saved), activations=tuple(activations),
-      cotangents=tuple(cotangents), labels=labels, iteration=metadata['iteration'],
+      cotangents=tuple(cotangents), targets=labels, iteration=metadata['iteration'],
       batches_fed=metadata['batches_fed'],
       stream_first_batch=metadata.get('stream_first_batch', 0),
       stream_offset=metadata.get('stream_offset', 0))

@@ -38,7 +38,6 @@ from PIL import Image
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 ARCHIVE_EXTENSIONS = ('.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tar.xz')
 TFDS_DATASETS = ('cifar10', 'cifar100')
-CROP_PADDING = 4
 
 # Bump when the cached arrays change meaning, so old caches are not reused.
 _CACHE_FORMAT = 1

@@ -202,3 +202,112 @@ def all_processes(values: Sequence[int]) -> np.ndarray:
   """Each process's `values` (same length everywhere), as rows indexed by process."""
   return np.asarray(exchange_json([int(v) for v in values]), np.int64).reshape(
       jax.process_count(), len(values))
+
+
+# ---------------------------------------------------------------- placement and transfers
+
+DATA_AXIS = 'data'
+
+
+def stage_shardings(placement) -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
+  """(batch, state) shardings of a stage placed on `placement`.
+
+  `placement` is a `jax.Device`, a sequence of devices (a one-axis mesh named DATA_AXIS), or a
+  sharding: a `SingleDeviceSharding`, or a `NamedSharding` whose spec splits the leading (batch)
+  axis over mesh axes, like `PartitionSpec('data')`. Arrays with a batch axis (stage inputs,
+  outputs, cotangents, targets) take the batch sharding; the stage's parameters, optimizer state
+  and statistics are replicated on all its devices. A jitted function of a split batch then
+  computes what it computes on one device (BatchNorm normalises over the whole batch, the
+  gradients are summed over it): the stage is data parallel.
+  """
+  if isinstance(placement, jax.Device):
+    placement = jax.sharding.SingleDeviceSharding(placement)
+  elif not isinstance(placement, jax.sharding.Sharding):
+    devices = list(placement)
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+      raise ValueError(f'A stage placement must be a device, a list of devices or a sharding; '
+                       f'got {placement!r}.')
+    if len(devices) == 1:
+      placement = jax.sharding.SingleDeviceSharding(devices[0])
+    else:
+      mesh = jax.sharding.Mesh(np.array(devices), (DATA_AXIS,))
+      placement = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+  if isinstance(placement, jax.sharding.SingleDeviceSharding):
+    return placement, placement
+  if not isinstance(placement, jax.sharding.NamedSharding) or len(placement.spec) > 1:
+    raise ValueError(
+        f'A stage placement {placement} must split at most the batch axis: give a device, a list '
+        'of devices, or NamedSharding(mesh, PartitionSpec(axis)) with the batch axis on mesh '
+        'axis (or axes) `axis`.')
+  return placement, replicated(placement)
+
+
+def replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  """The sharding that keeps a whole copy on each device of `sharding`."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  return sharding
+
+
+def same_layout(a: jax.sharding.Sharding, b: jax.sharding.Sharding) -> bool:
+  """Whether shard i of an array on `a` is shard i on `b` (what JAX moves across processes)."""
+  if a.num_devices != b.num_devices:
+    return False
+  if a.num_devices == 1:
+    return True
+  return (isinstance(a, jax.sharding.NamedSharding) and isinstance(b, jax.sharding.NamedSharding)
+          and a.mesh.axis_names == b.mesh.axis_names and a.mesh.axis_sizes == b.mesh.axis_sizes
+          and a.spec == b.spec)
+
+
+def move(value: Optional[jax.Array], source: jax.sharding.Sharding,
+         target: jax.sharding.Sharding, spec: Optional[jax.ShapeDtypeStruct]
+         ) -> Optional[jax.Array]:
+  """An array from `source`'s devices to `target`'s: returns it on `target`, or None where this
+  process owns no device of `target`. Every process calls it at the same point of the schedule;
+  `value` is None where this process owns no device of `source`, and `spec` (the array's shape
+  and dtype) is needed there.
+
+  Within one process, or between shardings of the same devices, this is a `jax.device_put` by
+  the processes that own them. Across processes it is JAX's cross-process transfer, which every
+  process makes (JAX numbers the transfers by counting them in every process): the owners of
+  `source` with the array, the others with a stand-in of its shape and dtype that holds no data.
+  JAX moves arrays across processes only between equal layouts (shard i to shard i); between
+  different ones, each shard of `target` is sent from one source device.
+  """
+  target_local = bool(target.addressable_devices)
+  source_processes = processes_of(source)
+  if source.device_set == target.device_set or (
+      len(source_processes) == 1 and source_processes == processes_of(target)):
+    return jax.device_put(value, target) if target_local else None   # no process boundary
+  if value is None:
+    value = jax.make_array_from_single_device_arrays(spec.shape, source, [], dtype=spec.dtype)
+  if same_layout(source, target):
+    moved = jax.device_put(value, target)
+    return moved if target_local else None
+  # The owners of `source` replicate the array on its devices; the first of them sends.
+  shape, dtype = value.shape, value.dtype
+  first = next(iter(source.devices_indices_map(shape)))
+  copies = jax.device_put(value, replicated(source)) if source.addressable_devices else None
+  whole = (next(shard.data for shard in copies.addressable_shards if shard.device == first)
+           if first.process_index == jax.process_index() else None)
+  pieces = []
+  for device, index in target.devices_indices_map(shape).items():
+    piece_shape = tuple(len(range(*i.indices(n))) for i, n in zip(index, shape))
+    piece = move(None if whole is None else whole[index], jax.sharding.SingleDeviceSharding(first),
+                 jax.sharding.SingleDeviceSharding(device), jax.ShapeDtypeStruct(piece_shape, dtype))
+    if piece is not None:
+      pieces.append(piece)
+  return (jax.make_array_from_single_device_arrays(shape, target, pieces) if target_local
+          else None)
+
+
+def move_tree(value, source: jax.sharding.Sharding, target: jax.sharding.Sharding, spec=None):
+  """`move` of every array of a pytree (what travels between stages may be one): `spec` is the
+  tree of the arrays' `jax.ShapeDtypeStruct`s, needed where `value` is None."""
+  if value is None and spec is None:
+    raise ValueError('move_tree needs the value or its spec.')
+  leaves, structure = jax.tree_util.tree_flatten(spec if value is None else value)
+  moved = [move(None if value is None else leaf, source, target, leaf if value is None else None)
+           for leaf in leaves]
+  return jax.tree_util.tree_unflatten(structure, moved) if target.addressable_devices else None

@@ -68,7 +68,7 @@ def _conv(features: int, kernel: int, strides: int, dtype, name: str):
 BATCH_NORM_MOMENTUM = 0.9
 
 
-def _batch_norm(train: bool, dtype, name: str):
+def batch_norm(train: bool, dtype=None, name=None):
   """BatchNorm with PyTorch BatchNorm2d's defaults."""
   return nn.BatchNorm(
       use_running_average=not train,
@@ -94,7 +94,7 @@ class Stem(nn.Module):
   def __call__(self, x, train: bool):
     x = _conv(self.features, 3, 1, self.dtype, 'conv')(x)
     if self.post_activation:
-      x = _batch_norm(train, self.dtype, 'bn')(x)
+      x = batch_norm(train, self.dtype, 'bn')(x)
       x = nn.relu(x)
     return x
 
@@ -114,15 +114,15 @@ class BasicBlock(nn.Module):
   def __call__(self, x, train: bool):
     residual = x
     y = _conv(self.features, 3, self.strides, self.dtype, 'conv1')(x)
-    y = _batch_norm(train, self.dtype, 'bn1')(y)
+    y = batch_norm(train, self.dtype, 'bn1')(y)
     y = nn.relu(y)
     y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
-    y = _batch_norm(train, self.dtype, 'bn2')(y)
+    y = batch_norm(train, self.dtype, 'bn2')(y)
 
     if self.strides != 1 or x.shape[-1] != self.features:
       residual = _conv(self.features, 1, self.strides, self.dtype,
                        'shortcut_conv')(x)
-      residual = _batch_norm(train, self.dtype, 'shortcut_bn')(residual)
+      residual = batch_norm(train, self.dtype, 'shortcut_bn')(residual)
 
     return nn.relu(y + residual)
 
@@ -142,12 +142,12 @@ class WideBasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    preactivated = nn.relu(_batch_norm(train, self.dtype, 'bn1')(x))
+    preactivated = nn.relu(batch_norm(train, self.dtype, 'bn1')(x))
     y = _conv(self.features, 3, self.strides, self.dtype, 'conv1')(preactivated)
     if self.dropout_rate > 0.0:
       # Draws from the 'dropout' rng collection; only needed when train=True.
       y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    y = nn.relu(_batch_norm(train, self.dtype, 'bn2')(y))
+    y = nn.relu(batch_norm(train, self.dtype, 'bn2')(y))
     y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
 
     if self.strides != 1 or x.shape[-1] != self.features:
@@ -172,7 +172,7 @@ class Head(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     if self.pre_activation:
-      x = nn.relu(_batch_norm(train, self.dtype, 'bn')(x))
+      x = nn.relu(batch_norm(train, self.dtype, 'bn')(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
     # Losses and metrics are computed in float32 even for bf16 compute.

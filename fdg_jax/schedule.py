@@ -59,6 +59,12 @@ class Iteration:
   sends: tuple[tuple[Transfer, ...], ...]   # sends[i]: the transfers after calls[i]
 
 
+def delay(stage: int, num_stages: int, method: str = 'fdg') -> int:
+  """Iterations between stage k's forward of a batch and its update with that batch (FDG:
+  2(K-1-k), DDG: K-1-k, DGL: 0): the one definition, from the lags below."""
+  return Schedule(method, num_stages).delay(stage)
+
+
 class Schedule:
   """The lags of one method on K stages, and the iterations they give."""
 

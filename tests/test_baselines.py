@@ -448,7 +448,7 @@ def test_dgl_stages_live_on_their_own_devices_and_compile_once(which, request):
   batches = tiny_batches(4, batch_size=DGL2_BATCH if which == 'dgl2' else 4)
   state, _, _ = run(pipe, batches, variables, check_placements=True)
   assert all('aux' in s.params for s in state.stages[:-1])
-  assert all(f._cache_size() == 1 for f in pipe.stage_functions)
+  assert all(f._cache_size() == 1 for fs in pipe.stage_functions for f in fs.values())
 
 
 @pytest.mark.parametrize('method', ['ddg', 'dgl'])

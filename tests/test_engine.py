@@ -12,6 +12,7 @@ import pytest
 
 from fdg_jax import partition
 from fdg_jax import pipeline
+from fdg_jax import stage_functions
 from tiny import (assert_matches, initial_variables, make_optimizer, mean_loss, tiny_batches,
                   tiny_blocks)
 
@@ -248,9 +249,9 @@ def test_stages_live_on_their_own_devices_and_trace_once(monkeypatch):
   traced = collections.Counter()
 
   def counting(make):
-    def wrapped(self, *args):
-      fn = make(self, *args)
-      name = f'{make.__name__}{args}#{traced["made"]}'
+    def wrapped(spec):
+      fn = make(spec)
+      name = f'{make.__name__}#{traced["made"]}'
       traced['made'] += 1
 
       def counted(*a, **kw):
@@ -261,10 +262,8 @@ def test_stages_live_on_their_own_devices_and_trace_once(monkeypatch):
     return wrapped
 
   chex.clear_trace_counter()
-  monkeypatch.setattr(pipeline.Pipeline, '_make_stage_fn',
-                      counting(pipeline.Pipeline._make_stage_fn))
-  monkeypatch.setattr(pipeline.Pipeline, '_make_last_stage_fn',
-                      counting(pipeline.Pipeline._make_last_stage_fn))
+  for make in (stage_functions.update_then_forward, stage_functions.last_update):
+    monkeypatch.setattr(stage_functions, make.__name__, counting(make))
   devices = jax.devices()[:3]
   batches = tiny_batches(8)
   modules, variables = initial_variables(3)

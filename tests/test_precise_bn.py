@@ -17,7 +17,7 @@ class DenseBatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Dense(3, name='dense')(x)
-    return models._batch_norm(train, x.dtype, 'norm')(x)  # pylint: disable=protected-access
+    return models.batch_norm(train, x.dtype, 'norm')(x)
 
 
 def test_precise_statistics_are_the_mean_of_each_batch_s_mean_and_variance():
@@ -43,6 +43,7 @@ def test_precise_statistics_are_the_mean_of_each_batch_s_mean_and_variance():
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_restored_drained_and_reevaluated(tmp_path):
   """FDG K = 2: the restored, drained variables are the summary's (digest), and evaluating the
   unsplit network with them gives the summary's test error."""
