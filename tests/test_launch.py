@@ -99,6 +99,7 @@ def test_free_port_can_be_bound():
     s.bind((launch_lib.HOST, port))
 
 
+@pytest.mark.slow
 def test_every_process_gets_its_flags_devices_and_cores(started_pids):
   result = run_launcher(2, 'ok', '--devices_per_process=3',
                         child_flags=['--note=two words'], JAX_PLATFORMS=None)
@@ -126,6 +127,7 @@ def test_every_process_gets_its_flags_devices_and_cores(started_pids):
   assert set(infos[0]['cores'] + infos[1]['cores']) <= set(cores)
 
 
+@pytest.mark.slow
 def test_no_pinning_with_fewer_cores_than_processes(monkeypatch, capsys, started_pids):
   """In-process, with the launcher told it has one core; JAX_PLATFORMS passes through."""
   monkeypatch.setattr(launch_lib, 'available_cores', lambda: [0])
@@ -141,6 +143,7 @@ def test_no_pinning_with_fewer_cores_than_processes(monkeypatch, capsys, started
     assert info['jax_platforms'] == 'cpu'
 
 
+@pytest.mark.slow
 def test_a_failing_process_stops_the_others(started_pids, tmp_path):
   """Process 0 ignores SIGTERM, so it also takes the SIGKILL after --grace_s."""
   start = time.monotonic()
@@ -155,6 +158,7 @@ def test_a_failing_process_stops_the_others(started_pids, tmp_path):
   assert elapsed < 15
 
 
+@pytest.mark.slow
 def test_a_killed_process_stops_the_others(started_pids, tmp_path):
   result = run_launcher(2, 'killed', '--grace_s=5', child_flags=(f'--ready_dir={tmp_path}',))
   infos = child_infos(result.stdout, started_pids)
@@ -164,6 +168,7 @@ def test_a_killed_process_stops_the_others(started_pids, tmp_path):
   assert not alive(infos[0]['pid'])
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_reaches_every_process(started_pids):
   launcher = subprocess.Popen(launcher_command(2, 'checkpoint'), cwd=REPO, env=launcher_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -16,6 +16,7 @@ import time
 import chex
 import jax
 import numpy as np
+import pytest
 
 from fdg_jax import distributed
 from mp_engine_child import run
@@ -23,6 +24,7 @@ from test_train import TEST_MODEL, write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
+pytestmark = pytest.mark.slow   # every test launches processes
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ def test_notebook_is_stripped(path):
       assert cell.execution_count is None, f'{os.path.basename(path)} cell {i} has a count'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, monkeypatch, tmp_path):
   # The kernel inherits this environment (conftest's simulated CPU devices included).

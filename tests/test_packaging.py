@@ -9,6 +9,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Top-level module -> the distribution that provides it (where the names differ).
 DISTRIBUTIONS = {'absl': 'absl-py', 'orbax': 'orbax-checkpoint', 'PIL': 'pillow',
@@ -29,6 +31,7 @@ def imported_distributions() -> set:
   return {DISTRIBUTIONS.get(m, m).lower().replace('_', '-') for m in third_party}
 
 
+@pytest.mark.slow
 def test_wheel_has_the_modules_and_declares_their_imports(tmp_path):
   source = tmp_path / 'src'   # a copy, so the build leaves no build/ or egg-info in the repo
   source.mkdir()

@@ -15,6 +15,8 @@ from fdg_jax import train
 from fdg_jax import workdir as workdir_lib
 from test_train import REPO, TEST_MODEL, small_config, write_image_folder
 
+pytestmark = pytest.mark.slow   # every test runs the trainer
+
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):

@@ -71,6 +71,7 @@ def check_summary(summary, workdir, **expected):
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_on_tfds_mock_data(tmp_path):
   config = small_config(dataset='cifar10', image_size=32, num_stages=2,
                         compensation='delay_compensation')
@@ -82,6 +83,7 @@ def test_train_and_evaluate_on_tfds_mock_data(tmp_path):
   assert summary['stage_split'] and len(summary['stage_split']) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method, num_stages', [('ddg', 3), ('dgl', 3)])   # BP: quick config
 def test_train_and_evaluate_other_methods_on_image_folder(method, num_stages, tmp_path):
   data = write_image_folder(tmp_path / 'data')
@@ -100,6 +102,7 @@ def test_train_and_evaluate_other_methods_on_image_folder(method, num_stages, tm
   assert summary['trainable_params'] == 78_042 - 7 * 65   # resnet8, 3 classes instead of 10
 
 
+@pytest.mark.slow
 def test_cli_fdg_two_simulated_devices(tmp_path):
   """The issue's acceptance command, at test scale, in a fresh process."""
   data = write_image_folder(tmp_path / 'data')
@@ -140,6 +143,7 @@ def logged_train_losses(workdir) -> list[float]:
     return [float(m) for m in re.findall(r'step \d+/\d+ .*? loss (\S+)', f.read())]
 
 
+@pytest.mark.slow
 def test_stages_on_two_devices_each_compute_what_one_device_computes(tmp_path, capsys):
   """K = 2 x D = 2 (config.data_parallel) trains as K = 2 on one device each: the same training
   losses; the stage table and the summary list the four devices. (The engine tests check the
@@ -164,6 +168,7 @@ def test_stages_on_two_devices_each_compute_what_one_device_computes(tmp_path, c
   np.testing.assert_allclose(losses, logged_train_losses(tmp_path / 'single'), atol=2e-4)
 
 
+@pytest.mark.slow
 def test_cli_bad_config_is_one_clear_line(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'fdg_jax.main', '--config=configs/cpu_quick.py',
@@ -270,6 +275,7 @@ def test_params_digest_is_order_independent_and_sensitive():
   assert train.params_digest(a) != train.params_digest(c)
 
 
+@pytest.mark.slow
 def test_timeline_that_cannot_be_drawn_is_a_warning(tmp_path, monkeypatch, caplog):
   def broken(*args, **kwargs):
     raise RuntimeError('no such trace')
@@ -294,6 +300,7 @@ def test_quick_config_runs_every_method_and_k_on_one_device(method, num_stages):
   assert configuration.stage_device_indices(config) == ((0,),) * stages
 
 
+@pytest.mark.slow
 def test_quick_config_trains_with_bp(tmp_path):
   """configs/cpu_quick.py as it is, with --config.method=bp, at test scale."""
   config = cpu_quick.get_config()
@@ -317,6 +324,7 @@ def test_every_config_field_is_documented():
   assert all(len(docs[f]) > 10 for f in fields)
 
 
+@pytest.mark.slow
 def test_cli_help_dry_run_and_misspelt_field(tmp_path):
   def cli(*args):
     return subprocess.run([sys.executable, '-m', 'fdg_jax.main', *args], cwd=REPO,
