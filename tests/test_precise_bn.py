@@ -44,7 +44,6 @@ def test_precise_statistics_are_the_mean_of_each_batch_s_mean_and_variance():
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_finished_run_is_restored_drained_and_reevaluated(tmp_path):
   """FDG K = 2: the restored, drained variables are the summary's (digest), and evaluating the
   unsplit network with them gives the summary's test error."""
