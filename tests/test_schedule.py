@@ -1,0 +1,244 @@
+"""fdg_jax/schedule.py as tables: every stage's calls and transfers, written out by hand for small
+cases, and the properties every method's schedule must have for K = 1..4 (as JaxPP tests its
+pipeline schedules). Pure Python: no JAX, so the whole file runs in well under a second."""
+
+import itertools
+
+import pytest
+
+from fdg_jax import schedule as schedule_lib
+
+METHODS = schedule_lib.METHODS
+NUM_STAGES = (1, 2, 3, 4)
+
+
+def stream(schedule, num_batches, start=0, first_batch=0, extra=3):
+  """The iterations of one stream of `num_batches` batches fed at iterations start, start + 1,
+  ..., numbered from `first_batch`, and `extra` iterations after its drain; as the pipeline asks
+  for them (`Pipeline.plan`): batch b entered at iteration b + offset."""
+  offset = start - first_batch
+  iterations = []
+  for t in range(start, start + schedule.iteration_length(num_batches) + extra):
+    batches_fed = first_batch + min(t - start + 1, num_batches)
+    iterations.append(schedule.iteration(t, first_batch, offset, batches_fed))
+  return iterations
+
+
+def table(iterations):
+  """Each iteration's calls as (stage, forward batch, update batch) tuples."""
+  return [[(c.stage, c.forward, c.update) for c in it.calls] for it in iterations]
+
+
+def when(iterations):
+  """{(stage, batch): iteration} of every forward and of every update, and the counts of each."""
+  forwards, updates, counts = {}, {}, {'forward': 0, 'update': 0}
+  for it in iterations:
+    for call in it.calls:
+      if call.forward is not None:
+        forwards[call.stage, call.forward] = it.t
+        counts['forward'] += 1
+      if call.update is not None:
+        updates[call.stage, call.update] = it.t
+        counts['update'] += 1
+  return forwards, updates, counts
+
+
+# ------------------------------------------------------------------------- literal tables
+
+def test_fdg_three_stages_four_batches():
+  # Stage k forwards batch t - k and updates with batch t - (4 - k): the fill, two full
+  # iterations, and the drain of 2(K - 1) = 4 iterations.
+  assert table(stream(schedule_lib.Schedule('fdg', 3), 4)) == [
+      [(0, 0, None)],
+      [(0, 1, None), (1, 0, None)],
+      [(0, 2, None), (1, 1, None), (2, 0, 0)],
+      [(0, 3, None), (1, 2, 0), (2, 1, 1)],
+      [(0, None, 0), (1, 3, 1), (2, 2, 2)],
+      [(0, None, 1), (1, None, 2), (2, 3, 3)],
+      [(0, None, 2), (1, None, 3)],
+      [(0, None, 3)],
+      [], [], [],
+  ]
+
+
+def test_ddg_three_stages_four_batches():
+  # Forward locked: every stage forwards the newest batch; stage k updates with batch
+  # t - (2 - k).
+  assert table(stream(schedule_lib.Schedule('ddg', 3), 4)) == [
+      [(0, 0, None), (1, 0, None), (2, 0, 0)],
+      [(0, 1, None), (1, 1, 0), (2, 1, 1)],
+      [(0, 2, 0), (1, 2, 1), (2, 2, 2)],
+      [(0, 3, 1), (1, 3, 2), (2, 3, 3)],
+      [(0, None, 2), (1, None, 3)],
+      [(0, None, 3)],
+      [], [], [],
+  ]
+
+
+def test_dgl_three_stages_four_batches():
+  # Every stage updates with the batch it forwards (its own local loss), one stage later each.
+  assert table(stream(schedule_lib.Schedule('dgl', 3), 4)) == [
+      [(0, 0, 0)],
+      [(0, 1, 1), (1, 0, 0)],
+      [(0, 2, 2), (1, 1, 1), (2, 0, 0)],
+      [(0, 3, 3), (1, 2, 2), (2, 1, 1)],
+      [(1, 3, 3), (2, 2, 2)],
+      [(2, 3, 3)],
+      [], [], [],
+  ]
+
+
+def test_fdg_two_stages_transfers_after_each_call():
+  def act(b):
+    return schedule_lib.Transfer('activation', b, 0, 1)
+
+  def cot(b):
+    return schedule_lib.Transfer('cotangent', b, 1, 0)
+
+  iterations = stream(schedule_lib.Schedule('fdg', 2), 3, extra=1)
+  assert [list(zip(table([it])[0], it.sends)) for it in iterations] == [
+      [((0, 0, None), (act(0),))],
+      [((0, 1, None), (act(1),)), ((1, 0, 0), (cot(0),))],
+      [((0, 2, 0), (act(2),)), ((1, 1, 1), (cot(1),))],
+      [((0, None, 1), ()), ((1, 2, 2), (cot(2),))],
+      [((0, None, 2), ())],
+      [],
+  ]
+  assert [call.phase for it in iterations for call in it.calls] == [
+      'fill', 'fill', 'steady', 'steady', 'steady', 'drain', 'steady', 'drain']
+
+
+def test_dgl_sends_no_cotangents_and_ddg_uses_activations_in_the_same_iteration():
+  dgl = stream(schedule_lib.Schedule('dgl', 3), 2)
+  assert {t.kind for it in dgl for sends in it.sends for t in sends} == {'activation'}
+  ddg = schedule_lib.Schedule('ddg', 3).iteration(0, 0, 0, 1)
+  assert ddg.sends == ((schedule_lib.Transfer('activation', 0, 0, 1),),
+                       (schedule_lib.Transfer('activation', 0, 1, 2),),
+                       (schedule_lib.Transfer('cotangent', 0, 2, 1),))
+
+
+# ------------------------------------------------------------------------- properties
+
+def expected_delay(method, num_stages, k):
+  return {'fdg': 2 * (num_stages - 1 - k), 'ddg': num_stages - 1 - k, 'dgl': 0}[method]
+
+
+def expected_length(method, num_stages, num_batches):
+  drain = {'fdg': 2 * (num_stages - 1), 'ddg': num_stages - 1, 'dgl': num_stages - 1}[method]
+  return num_batches + drain
+
+
+METHOD_STAGES = list(itertools.product(METHODS, NUM_STAGES))
+CASES = list(itertools.product(METHODS, NUM_STAGES, (1, 2, 5)))
+
+
+@pytest.mark.parametrize('method, num_stages, num_batches', CASES)
+def test_every_stage_forwards_and_updates_every_batch_once(method, num_stages, num_batches):
+  forwards, updates, counts = when(stream(schedule_lib.Schedule(method, num_stages), num_batches))
+  every = {(k, b) for k in range(num_stages) for b in range(num_batches)}
+  assert set(forwards) == set(updates) == every
+  assert counts == {'forward': len(every), 'update': len(every)}   # no call twice
+  for key in every:
+    assert forwards[key] <= updates[key], f'stage {key[0]} updates with batch {key[1]} first'
+
+
+@pytest.mark.parametrize('method, num_stages, num_batches', CASES)
+def test_iterations_are_the_fill_and_the_drain(method, num_stages, num_batches):
+  schedule = schedule_lib.Schedule(method, num_stages)
+  length = schedule.iteration_length(num_batches)
+  assert length == expected_length(method, num_stages, num_batches)
+  iterations = stream(schedule, num_batches)
+  assert all(it.calls for it in iterations[:length]), 'an empty iteration inside the stream'
+  assert not any(it.calls for it in iterations[length:]), 'calls after the drain'
+  for it in iterations:
+    assert [c.stage for c in it.calls] == sorted({c.stage for c in it.calls})   # stage order
+
+
+@pytest.mark.parametrize('method, num_stages', METHOD_STAGES)
+def test_delays_and_activation_latency(method, num_stages):
+  schedule = schedule_lib.Schedule(method, num_stages)
+  forwards, updates, _ = when(stream(schedule, 5))
+  latency = 0 if method == 'ddg' else 1
+  assert schedule.activation_latency == latency
+  assert schedule.has_cotangents == (method != 'dgl')
+  for k in range(num_stages):
+    assert schedule.delay(k) == expected_delay(method, num_stages, k)
+    assert schedule.needs_labels(k) == (method == 'dgl' or k == num_stages - 1)
+    for b in range(5):
+      assert updates[k, b] - forwards[k, b] == expected_delay(method, num_stages, k)
+      if k > 0:
+        assert forwards[k, b] - forwards[k - 1, b] == latency
+
+
+@pytest.mark.parametrize('method, num_stages', METHOD_STAGES)
+def test_every_transfer_reaches_the_call_that_uses_it(method, num_stages):
+  """An activation of batch b reaches stage k + 1's forward of b after the activation latency
+  (later in the same iteration when 0); a cotangent of b reaches stage k - 1's update with b at
+  the next iteration."""
+  schedule = schedule_lib.Schedule(method, num_stages)
+  iterations = stream(schedule, 5)
+  position = {}   # (stage, forward or update, batch) -> (iteration, place in it)
+  for it in iterations:
+    for i, call in enumerate(it.calls):
+      position[call.stage, 'forward', call.forward] = (it.t, i)
+      position[call.stage, 'update', call.update] = (it.t, i)
+  sent = 0
+  for it in iterations:
+    for i, (call, sends) in enumerate(zip(it.calls, it.sends)):
+      for transfer in sends:
+        sent += 1
+        assert transfer.source == call.stage
+        if transfer.kind == 'activation':
+          assert (transfer.target, transfer.batch) == (call.stage + 1, call.forward)
+          t, j = position[transfer.target, 'forward', transfer.batch]
+          assert t == it.t + schedule.activation_latency and (t > it.t or j > i)
+        else:
+          assert schedule.has_cotangents and transfer.kind == 'cotangent'
+          assert (transfer.target, transfer.batch) == (call.stage - 1, call.update)
+          assert position[transfer.target, 'update', transfer.batch][0] == it.t + 1
+  activations = (num_stages - 1) * 5
+  assert sent == activations * (2 if schedule.has_cotangents else 1)
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_the_last_stage_and_a_single_stage_are_plain_sgd(method):
+  for num_stages in NUM_STAGES:
+    for it in stream(schedule_lib.Schedule(method, num_stages), 4):
+      for call in it.calls:
+        if call.stage == num_stages - 1:
+          assert call.forward == call.update and call.phase == 'steady'
+
+
+@pytest.mark.parametrize('method, num_stages', METHOD_STAGES)
+def test_a_second_stream_after_a_drain_numbers_its_batches_on(method, num_stages):
+  """After a full drain (and a few empty iterations) the pipeline may be fed again: the new
+  stream's batches are numbered from the last stream's count, and its calls are the first
+  stream's, shifted in iteration and batch; no call of the old stream comes back."""
+  schedule = schedule_lib.Schedule(method, num_stages)
+  first = stream(schedule, 3)   # ends with `extra` empty iterations
+  start = first[-1].t + 1
+  second = stream(schedule, 4, start=start, first_batch=3)
+  alone = stream(schedule, 4)
+
+  def shifted(calls):
+    return [[(k, None if f is None else f + 3, None if u is None else u + 3) for k, f, u in it]
+            for it in calls]
+
+  assert table(second) == shifted(table(alone))
+  assert [it.t for it in second] == [it.t + start for it in alone]
+  _, updates, _ = when(second)
+  assert {b for _, b in updates} == {3, 4, 5, 6}
+
+
+@pytest.mark.skipif(not hasattr(schedule_lib, 'delay'), reason='schedule.delay not defined')
+@pytest.mark.parametrize('method, num_stages', METHOD_STAGES)
+def test_the_module_s_delay_is_the_schedule_s(method, num_stages):
+  for k in range(num_stages):
+    assert schedule_lib.delay(k, num_stages, method) == expected_delay(method, num_stages, k)
+    assert schedule_lib.delay(k, num_stages, method) == (
+        schedule_lib.Schedule(method, num_stages).delay(k))
+
+
+def test_an_unknown_method_is_refused():
+  with pytest.raises(ValueError, match="method='gpipe' is not one of"):
+    schedule_lib.Schedule('gpipe', 2)
