@@ -230,7 +230,6 @@ def test_a_second_stream_after_a_drain_numbers_its_batches_on(method, num_stages
   assert {b for _, b in updates} == {3, 4, 5, 6}
 
 
-@pytest.mark.skipif(not hasattr(schedule_lib, 'delay'), reason='schedule.delay not defined')
 @pytest.mark.parametrize('method, num_stages', METHOD_STAGES)
 def test_the_module_s_delay_is_the_schedule_s(method, num_stages):
   for k in range(num_stages):
