@@ -1,6 +1,7 @@
 """One process of a multi-process engine run (tests/test_multiprocess.py starts them through
-fdg_jax.launch): the tiny pipeline of tests/tiny.py with stage k on process k, fed the same
-batches as the single-process reference, drained; process 0 writes every stage's variables."""
+fdg_jax.launch): the tiny pipeline of tests/tiny.py (or, for a method 'fdg+dict' or 'fdg+mask',
+the stages of tests/test_pytree_stages.py that pass pytrees) with stage k on process k, fed the
+same batches as the single-process reference, drained; process 0 writes every stage's variables."""
 
 import argparse
 import os
@@ -12,6 +13,7 @@ from fdg_jax import baselines
 from fdg_jax import checkpoint
 from fdg_jax import distributed
 from fdg_jax import pipeline
+from test_pytree_stages import pytree_batches, pytree_pipeline
 from tiny import NUM_CLASSES, initial_variables, make_optimizer, tiny_batches
 
 NUM_BATCHES = 12
@@ -19,6 +21,9 @@ BETA = 0.7
 
 
 def make_pipeline(method, num_stages, stash, placements):
+  method, _, kind = method.partition('+')
+  if kind:   # stages that pass a pytree of kind 'dict' or 'mask'
+    return pytree_pipeline(kind, num_stages, method, stash, placements, beta=BETA)
   modules, variables = initial_variables(num_stages)
   if method == 'dgl':
     pipe = baselines.DGLPipeline(modules, make_optimizer(), num_classes=NUM_CLASSES,
@@ -33,16 +38,17 @@ def run(method, num_stages, stash, placements, checkpoint_dir=None):
   """Every stage's final variables (numpy, on process 0; None on the others). With
   `checkpoint_dir`, the pipeline is checkpointed half-way, rebuilt and restored, and goes on."""
   pipe, variables = make_pipeline(method, num_stages, stash, placements)
-  batches = tiny_batches(NUM_BATCHES)
+  kind = method.partition('+')[2]
+  batches = pytree_batches(kind, NUM_BATCHES) if kind else tiny_batches(NUM_BATCHES)
   state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
-  for t, (images, labels) in enumerate(batches):
+  for t, (inputs, labels) in enumerate(batches):
     if checkpoint_dir and t == NUM_BATCHES // 2:
       checkpoint.Checkpointer(checkpoint_dir).save(t, pipe, state)
       del state
       pipe, variables = make_pipeline(method, num_stages, stash, placements)
       fresh = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
       state, _ = checkpoint.Checkpointer(checkpoint_dir).restore(pipe, fresh)
-    state, _ = pipe.step(state, images, labels)
+    state, _ = pipe.step(state, inputs, labels)
   state, _ = pipe.drain(state)
   logits = pipe.predict(state, batches[0][0])
   gathered = pipe.gathered_variables(state)
@@ -68,7 +74,8 @@ def main():
   # stage k is on process k; 'process0' puts every stage on process 0's device; 'onA-B-..'
   # puts stage k on the devices whose indices are the digits of its group, e.g. 'on01-2':
   # stage 0 split over devices 0 and 1 (processes 0 and 1), stage 1 on device 2. A fourth
-  # part, 'resume', checkpoints the run half-way and restores it into a new pipeline.
+  # part, 'resume', checkpoints the run half-way and restores it into a new pipeline. METHOD
+  # 'fdg+dict' or 'fdg+mask' (any method, '+' a kind): stages that pass that pytree.
   parser.add_argument('--runs')
   args = parser.parse_args()
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)

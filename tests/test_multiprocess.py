@@ -33,7 +33,8 @@ def launched(num_processes, args, module='mp_engine_child', grace_s=5):
   children get a session of their own, ended on leaving, whatever happens, so that no process
   outlives the test. Without the persistent compilation cache that conftest sets: with it, the
   four-process test of stages spread over processes hung twice; a later probe stalled without
-  the cache too, so the cause is not settled (WORKSPACE.md, "The suite's time", parts 1-2)."""
+  the cache too, so the cause is not settled (docs/record/suite_time.md, "The suite's time" and
+  its part 2)."""
   env = dict(os.environ, PYTHONPATH=os.path.join(REPO, 'tests'), JAX_COMPILATION_CACHE_DIR='')
   launcher = subprocess.Popen(
       [sys.executable, '-m', 'fdg_jax.launch', f'--num_processes={num_processes}',
@@ -73,8 +74,11 @@ def test_processes_compute_what_one_process_computes(tmp_path):
   (process 2 holds no stage). The final variables of every stage and the composed model's
   logits equal one process's (rel 1e-5). Also K = 2 with both stages on process 0: bit for bit
   the spread layout (the transfers are exact). (DDG and DGL at K = 2, across processes, are in
-  the four-process test below.)"""
-  runs = {3: ['fdg:vjp', 'fdg:recompute', 'ddg:vjp', 'dgl:vjp'], 2: ['fdg:vjp:on0-1']}
+  the four-process test below.) Also stages that pass pytrees across processes 0-1
+  (tests/test_pytree_stages.py): a dict of float arrays, and a (float, bool mask) tuple whose
+  cotangent has no mask leaf."""
+  runs = {3: ['fdg:vjp', 'fdg:recompute', 'ddg:vjp', 'dgl:vjp'],
+          2: ['fdg:vjp:on0-1', 'fdg+dict:vjp:on0-1', 'fdg+mask:recompute:on0-1']}
   code, stdout = launch(3, ['--num_stages=3', f'--out_dir={tmp_path}',
                             f'--runs={",".join(runs[3] + runs[2] + ["fdg:vjp:on0-0"])}'])
   assert code == 0, stdout[-5000:]
