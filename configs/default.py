@@ -9,11 +9,18 @@ import ml_collections
 
 def get_config():
   config = ml_collections.ConfigDict()
-  # Network: one of fdg_jax.models.MODEL_NAMES (resnet8/20/56/110, resnet18, wrn28_10).
+  # 'image_classification' (images, a model from the zoo) or 'language_model' (a GPT on a text;
+  # configs/shakespeare_char*.py): which task module (fdg_jax/tasks.py) builds the model, reads
+  # the data and scores the run.
+  config.task = 'image_classification'
+  # Network: image_classification: one of fdg_jax.models.MODEL_NAMES (resnet8/20/56/110,
+  # resnet18, wrn28_10) or VIT_NAMES (vit_tiny); language_model: 'gpt' (sized by n_layer etc.).
   config.model = 'resnet56'
-  # 'cifar10' / 'cifar100' through tensorflow-datasets; 'cifar_python' (data_dir is an extracted
-  # official cifar-10-batches-py or cifar-100-python folder); or 'imagefolder' (data_dir holds
-  # train/<class>/* and test/<class>/* images, as a directory or .tar/.tar.gz archive).
+  # Images: 'cifar10' / 'cifar100' through tensorflow-datasets; 'cifar_python' (data_dir is an
+  # extracted official cifar-10-batches-py or cifar-100-python folder); or 'imagefolder'
+  # (data_dir holds train/<class>/* and test/<class>/* images, as a directory or .tar/.tar.gz
+  # archive). Text: 'tiny_shakespeare' (tensorflow-datasets) or 'textfile' (data_dir is a UTF-8
+  # text file, or a folder of .txt files).
   config.dataset = 'cifar10'
   # tfds data directory ('' = tfds default), or the folder / archive of the local datasets.
   config.data_dir = ''
@@ -21,7 +28,8 @@ def get_config():
   # 'ddg' (Huo et al. 2018: forward-locked, delayed gradients) or 'dgl' (Belilovsky et al.
   # 2019: each stage trains on an auxiliary classifier's local loss).
   config.method = 'fdg'
-  # DGL's auxiliary classifier: 'mlp-sr' (DGL's MLP-SR-aux head) or 'conv' (a small conv head).
+  # DGL's auxiliary classifier: 'mlp-sr' (DGL's MLP-SR-aux head) or 'conv' (a small conv head)
+  # for CNNs; 'lm' (LayerNorm and a linear LM head) for the language model.
   config.aux_head = 'mlp-sr'
   # K, the number of pipeline stages (ignored by 'bp', which is one stage).
   config.num_stages = 2
@@ -73,11 +81,12 @@ def get_config():
   config.num_epochs = 300
   # Length of training in steps (batches); -1 = num_epochs epochs.
   config.num_train_steps = -1
-  # Peak SGD learning rate.
+  # Peak learning rate (of either schedule).
   config.learning_rate = 0.1
-  # SGD momentum (PyTorch convention: no dampening).
+  # SGD momentum (PyTorch convention: no dampening); AdamW ignores it.
   config.momentum = 0.9
-  # Weight decay added to the gradient before momentum (coupled, as PyTorch's SGD).
+  # 'sgd': added to the gradient before momentum (coupled, as PyTorch's SGD); 'adamw':
+  # decoupled, lr * weight_decay * param, on weight matrices only.
   config.weight_decay = 5e-4
   # Epochs at which the learning rate is multiplied by lr_decay_factor.
   config.lr_boundaries_epochs = (150, 225, 275)
@@ -91,12 +100,38 @@ def get_config():
   # 'constant': warm-up at warmup_lr throughout (the paper); 'linear': from warmup_lr at step 0
   # rising in a straight line to learning_rate at the end of warm-up (Goyal et al., 2017).
   config.warmup_shape = 'constant'
-  # Dropout rate inside WRN blocks (the ResNets have none).
+  # 'sgd' (momentum, weight decay coupled into the gradient, as PyTorch's SGD: the paper's) or
+  # 'adamw' (Adam with decoupled weight decay on weight matrices only, as nanoGPT).
+  config.optimizer = 'sgd'
+  # AdamW's beta1 (first-moment decay).
+  config.adam_b1 = 0.9
+  # AdamW's beta2 (second-moment decay; nanoGPT: 0.95, 0.99 for its small shakespeare_char).
+  config.adam_b2 = 0.95
+  # AdamW's epsilon (PyTorch's default).
+  config.adam_eps = 1e-8
+  # AdamW: also decay embedding tables (nn.Embed 'embedding'); nanoGPT does, we don't by default.
+  config.decay_embeddings = False
+  # 'piecewise' (warmup_epochs, then lr_decay_factor at lr_boundaries_epochs) or
+  # 'warmup_cosine' (nanoGPT's: linear warm-up over warmup_steps, cosine to min_learning_rate
+  # at lr_decay_steps, constant after).
+  config.lr_schedule = 'piecewise'
+  # warmup_cosine: steps of linear warm-up, lr * (step + 1) / (warmup_steps + 1) (nanoGPT).
+  config.warmup_steps = 0
+  # warmup_cosine: the step at which the cosine reaches min_learning_rate (> warmup_steps).
+  config.lr_decay_steps = 0
+  # warmup_cosine: the learning rate after lr_decay_steps (nanoGPT: learning_rate / 10).
+  config.min_learning_rate = 0.0
+  # Clip each stage's gradient to this global norm before the optimizer (0 = off). Per stage:
+  # in a decoupled pipeline no stage sees the whole model's gradient ('bp': the whole model's).
+  config.grad_clip = 0.0
+  # Dropout rate inside WRN blocks and the transformers (the ResNets have none).
   config.dropout_rate = 0.0
   # Seed of initialisation, data order and augmentation.
   config.seed = 0
   # Evaluate the composed model on the test split every this many epochs (0 = only at the end).
   config.eval_every_epochs = 1
+  # Evaluate every this many steps instead (0 = use eval_every_epochs).
+  config.eval_every_steps = 0
   # Write training metrics and the progress line every this many steps.
   config.log_every_steps = 100
   # Save a checkpoint every this many steps (0 = only at the end and on SIGTERM/SIGINT).
@@ -115,4 +150,25 @@ def get_config():
   config.test_subset = -1
   # Where decoded image folders are cached ('' = $FDG_JAX_CACHE or ~/.cache/fdg_jax).
   config.cache_dir = ''
+  # language_model: the GPT's layers, attention heads, width and context (block_size tokens).
+  config.n_layer = 4
+  config.n_head = 4
+  config.n_embd = 128
+  config.block_size = 64
+  # language_model: biases in the Linear and LayerNorm layers (nanoGPT's train.py: False).
+  config.bias = False
+  # language_model: 'float32', or 'bfloat16' compute with float32 parameters (accelerators).
+  config.dtype = 'float32'
+  # language_model: 'char' (vocabulary of the training text's characters, stored with the run
+  # in WORKDIR/vocabulary.json) or 'byte' (256 symbols, the UTF-8 bytes).
+  config.vocabulary = 'char'
+  # language_model: the share of the text, at its end, held out for validation (nanoGPT: 0.1).
+  config.val_fraction = 0.1
+  # language_model: evaluate on at most this many batches of the validation text (0 = all).
+  config.eval_max_batches = 0
+  # language_model: tokens generated after each evaluation (0 = none), from this prompt, at
+  # this temperature; logged and appended to WORKDIR/samples.txt.
+  config.sample_tokens = 200
+  config.sample_prompt = '\n'
+  config.sample_temperature = 0.8
   return config

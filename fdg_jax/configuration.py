@@ -16,12 +16,13 @@ import ml_collections
 
 from fdg_jax import baselines
 from fdg_jax import compensation
-from fdg_jax import models
+from fdg_jax import gpt
+from fdg_jax import optimizers
 from fdg_jax import partition
 from fdg_jax import pipeline
+from fdg_jax import tasks
 
 METHODS = ('fdg', 'bp', 'ddg', 'dgl')
-DATASETS = ('cifar10', 'cifar100', 'cifar_python', 'imagefolder')
 WARMUP_SHAPES = ('constant', 'linear')
 # configs/default.py, beside the package in a checkout (absent from an installed wheel).
 DEFAULT_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -51,12 +52,40 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   def fail(field, problem, fix):
     raise ConfigError(f'config.{field}: {problem}. {fix}')
 
-  if config.model not in models.MODEL_NAMES:
-    fail('model', f'unknown model {config.model!r}', f'Choose one of {models.MODEL_NAMES}.')
+  if config.task not in tasks.TASKS:
+    fail('task', f'unknown task {config.task!r}', f'Choose one of {tuple(tasks.TASKS)}.')
+  task = tasks.get(config.task)
+  if config.model not in task.model_names():
+    fail('model', f'unknown model {config.model!r} for task {config.task!r}',
+         f'Choose one of {task.model_names()}.')
   if config.method not in METHODS:
     fail('method', f'unknown method {config.method!r}', f'Choose one of {METHODS}.')
-  if config.dataset not in DATASETS:
-    fail('dataset', f'unknown dataset {config.dataset!r}', f'Choose one of {DATASETS}.')
+  if config.dataset not in task.DATASETS:
+    fail('dataset', f'unknown dataset {config.dataset!r} for task {config.task!r}',
+         f'Choose one of {task.DATASETS}.')
+  if config.dataset == 'textfile':
+    if not config.data_dir:
+      fail('data_dir', "dataset='textfile' needs data_dir",
+           'Set --config.data_dir to a UTF-8 text file or a folder of .txt files.')
+    if not os.path.exists(os.path.expanduser(config.data_dir)):
+      fail('data_dir', f'{config.data_dir!r} does not exist', 'Check the path.')
+  if config.task == 'language_model':
+    try:
+      gpt.check_transformer(config.n_layer, config.n_head, config.n_embd, config.dropout_rate)
+    except ValueError as e:
+      fail('n_embd', str(e).rstrip('.'), 'Fix the GPT sizes (n_layer, n_head, n_embd).')
+    if config.dtype not in gpt.DTYPES:
+      fail('dtype', f'unknown dtype {config.dtype!r}', f'Choose one of {gpt.DTYPES}.')
+    if config.block_size < 1:
+      fail('block_size', f'{config.block_size} is not positive', 'Use a positive context.')
+    if config.vocabulary not in ('char', 'byte'):
+      fail('vocabulary', f'unknown vocabulary {config.vocabulary!r}', "Choose 'char' or 'byte'.")
+    if not 0 < config.val_fraction < 1:
+      fail('val_fraction', f'{config.val_fraction} is outside (0, 1)', 'Use e.g. 0.1.')
+    if config.sample_temperature <= 0:
+      fail('sample_temperature', f'{config.sample_temperature} is not positive', 'Use e.g. 0.8.')
+  for message in optimizers.validate(config):
+    raise ConfigError(message)
   if config.dataset in ('imagefolder', 'cifar_python'):
     if not config.data_dir:
       fail('data_dir', f'dataset={config.dataset!r} needs data_dir',
@@ -116,13 +145,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('warmup_shape', f'unknown warm-up {config.warmup_shape!r}',
          f'Choose one of {WARMUP_SHAPES}.')
   for field in ('warmup_epochs', 'eval_every_epochs', 'checkpoint_every_steps',
-                'timeline_start_step'):
+                'timeline_start_step', 'eval_every_steps', 'eval_max_batches', 'sample_tokens'):
     if config[field] < 0:
       fail(field, f'{config[field]} is negative', 'Use 0 or more (0 turns it off).')
   num_stages = num_stages_of(config)
   if num_stages < 1:
     fail('num_stages', f'{config.num_stages} stages', 'Use at least 1.')
-  num_blocks = len(models.block_names(config.model))
+  num_blocks = task.num_blocks(config)
   if num_stages > num_blocks:
     fail('num_stages', f'{num_stages} stages but {config.model} has only {num_blocks} blocks',
          f'Use at most {num_blocks} stages.')

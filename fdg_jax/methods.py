@@ -23,9 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from fdg_jax import distributed
+from fdg_jax import gpt
 from fdg_jax import models
 from fdg_jax import partition
 from fdg_jax import stage_functions as fns
+from fdg_jax import vit
 from fdg_jax.state import Saved, StageOutput
 
 # The compiled functions of a stage with a delayed gradient, one per phase: 'fill' (forward
@@ -147,8 +149,16 @@ def conv_aux_head(stage: int, num_classes: int) -> nn.Module:
   return ConvAuxHead(num_classes)
 
 
-# Names a config can use for `DGLPipeline(aux_head=...)`.
-AUX_HEADS = {'mlp-sr': mlp_sr_aux_head, 'conv': conv_aux_head}
+def vit_aux_head(stage: int, num_classes: int) -> nn.Module:
+  del stage
+  return vit.Head(num_classes)
+
+
+# Names a config can use for `DGLPipeline(aux_head=...)`: the CNN heads (on NHWC features), the
+# ViT's (LayerNorm, mean over tokens, Dense) and the language model's (LayerNorm and a linear
+# LM head over the vocabulary).
+AUX_HEADS = {'mlp-sr': mlp_sr_aux_head, 'conv': conv_aux_head, 'vit': vit_aux_head,
+             'lm': gpt.aux_head}
 
 
 class LocalLosses:

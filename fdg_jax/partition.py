@@ -95,15 +95,16 @@ def block_times(blocks: Sequence[nn.Module], input_shape: Sequence[int], dtype=j
 @functools.lru_cache(maxsize=None)
 def _block_time(block: nn.Module, shape, dtype, repeats: int):
   keys = {'params': jax.random.key(0), 'dropout': jax.random.key(0)}
-  x = jax.random.normal(jax.random.key(1), shape, dtype)
+  floating = jnp.issubdtype(dtype, jnp.inexact)   # else token ids: 0 is in every vocabulary
+  x = jax.random.normal(jax.random.key(1), shape, dtype) if floating else jnp.zeros(shape, dtype)
   variables = jax.jit(functools.partial(block.init, train=False))(keys, x)
 
   def work(variables, x):
-    def forward(params, x):
-      y, _ = block.apply({**variables, 'params': params}, x, train=True,
+    def forward(params, h):
+      y, _ = block.apply({**variables, 'params': params}, h if floating else x, train=True,
                          mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)})
       return y
-    y, pullback = jax.vjp(forward, variables['params'], x)
+    y, pullback = jax.vjp(forward, variables['params'], x if floating else None)
     return y, pullback(jnp.ones_like(y))
 
   work = jax.jit(work)

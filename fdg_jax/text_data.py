@@ -183,7 +183,7 @@ def load_text(dataset: str, data_dir: str | None, kind: str = 'char',
     raise DataError(f'val_fraction={val_fraction} is outside (0, 1). Use e.g. 0.1 (nanoGPT).')
   if dataset == 'textfile':
     path, text = _read_textfile(data_dir)
-    name = f'textfile:{path}'
+    name = f'textfile:{os.path.basename(os.path.normpath(path))}'   # no machine path in records
   elif dataset == 'tiny_shakespeare':
     text, name = _read_tiny_shakespeare(data_dir), dataset
   else:

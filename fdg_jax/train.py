@@ -15,8 +15,6 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,9 +26,12 @@ from fdg_jax import checkpoint
 from fdg_jax import compensation
 from fdg_jax import distributed
 from fdg_jax import input_pipeline
+from fdg_jax import metric_writer
 from fdg_jax import models
+from fdg_jax import optimizers
 from fdg_jax import partition
 from fdg_jax import pipeline
+from fdg_jax import tasks
 from fdg_jax import timeline
 from fdg_jax import workdir as workdir_lib
 # The errors train_and_evaluate raises with a message for the user (main.py prints them).
@@ -40,30 +41,9 @@ from fdg_jax.workdir import DivergenceError, Preempted  # pylint: disable=unused
 # ---------------------------------------------------------------- building a run
 
 
-def create_learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """Warm-up, then learning_rate divided at each boundary (in optimizer steps).
-
-  Warm-up lasts warmup_epochs: at warmup_lr throughout (warmup_shape 'constant', the paper's),
-  or rising in a straight line from warmup_lr at step 0 to learning_rate at its end ('linear',
-  Goyal et al., 2017), which gives SGD without momentum the ramp that momentum's build-up gives.
-  """
-  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-  boundaries = {int(round(epoch * steps_per_epoch)) - warmup_steps: config.lr_decay_factor
-                for epoch in config.lr_boundaries_epochs}
-  main = optax.piecewise_constant_schedule(config.learning_rate, boundaries)
-  if not warmup_steps:
-    return main
-  warmup = (optax.constant_schedule(config.warmup_lr) if config.warmup_shape == 'constant' else
-            optax.linear_schedule(config.warmup_lr, config.learning_rate, warmup_steps))
-  return optax.join_schedules([warmup, main], [warmup_steps])
-
-
-def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD with momentum and weight decay coupled into the gradient, as PyTorch's SGD."""
-  return optax.chain(
-      optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(create_learning_rate_schedule(config, steps_per_epoch),
-                momentum=config.momentum or None))
+# The optimizers and schedules live in optimizers.py (both tasks); the old names still work.
+create_learning_rate_schedule = optimizers.create_learning_rate_schedule
+create_optimizer = optimizers.create_optimizer
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
@@ -83,14 +63,16 @@ def create_compensation(config, steps_per_epoch: int) -> compensation.Compensati
 def create_pipeline(config, stages, optimizer, placements, num_classes: int,
                     steps_per_epoch: int) -> pipeline.Pipeline:
   """The engine of config.method on these stages (BP is the single stage of FDG's engine)."""
-  loss = pipeline.cross_entropy_loss
+  task = tasks.get(config.task)
   if config.method == 'dgl':
-    return baselines.DGLPipeline(stages, optimizer, loss, num_classes=num_classes,
-                                 aux_head=config.aux_head, placements=placements)
-  engine = baselines.DDGPipeline if config.method == 'ddg' else pipeline.Pipeline
-  return engine(stages, optimizer, loss, beta=config.beta, stash=config.stash,
-                residual_policy=config.residual_policy or None, placements=placements,
-                compensation=create_compensation(config, steps_per_epoch))
+    return baselines.DGLPipeline(stages, optimizer, task.loss_fn, num_classes=num_classes,
+                                 aux_head=config.aux_head, placements=placements,
+                                 metrics=task.metrics)
+  return pipeline.Pipeline(
+      stages, optimizer, task.loss_fn, metrics=task.metrics, beta=config.beta, stash=config.stash,
+      residual_policy=config.residual_policy or None, placements=placements,
+      compensation=create_compensation(config, steps_per_epoch),
+      method='ddg' if config.method == 'ddg' else 'fdg')
 
 
 def params_digest(variables: dict) -> str:
@@ -104,29 +86,31 @@ def params_digest(variables: dict) -> str:
   return digest.hexdigest()
 
 
-def build(config, num_classes: int, rng: jax.Array, check_images: Optional[np.ndarray] = None):
+def build_stages(config, num_classes: int, rng: jax.Array, check_inputs: Optional[Any] = None):
   """Stages, their initial variables, the split and the placements; prints the stage table.
 
-  With `check_images` (a few normalised images), checks that the composed stages reproduce
-  the unsplit model on them.
+  `num_classes` is the model's output size (classes, or the vocabulary's size). With
+  `check_inputs` (a few inputs), checks that the composed stages reproduce the unsplit model
+  on them.
   """
-  blocks = models.create_blocks(config.model, num_classes, dropout_rate=config.dropout_rate)
-  names = models.block_names(config.model)
+  task = tasks.get(config.task)
+  blocks, names = task.create_blocks(config, num_classes)
   num_stages = num_stages_of(config)
-  sample_shape = (config.batch_size, config.image_size, config.image_size, 3)
-  flops = partition.block_flops(blocks, sample_shape)
+  sample = task.input_spec(config, config.batch_size)
+  flops = partition.block_flops(blocks, sample.shape, sample.dtype)
   times = None
   if config.split_by == 'time' and num_stages > 1:
     # Measured here; in a multi-process run every process uses process 0's measurement.
-    times = partition.block_times(blocks, sample_shape)
+    times = partition.block_times(blocks, sample.shape, sample.dtype)
     times = list(distributed.broadcast_values(
         {str(i): t for i, t in enumerate(times)}, [str(i) for i in range(len(times))],
         0).values())
   split = tuple(config.split) if config.method != 'bp' and config.split else (
       partition.balanced_split(times or flops, num_stages))
   full_model = partition.StageModule(tuple(blocks))
+  one = task.input_spec(config, 1)
   full_variables = jax.jit(lambda key: full_model.init(
-      {'params': key, 'dropout': key}, jnp.zeros(sample_shape[1:])[None], train=False))(rng)
+      {'params': key, 'dropout': key}, jnp.zeros(one.shape, one.dtype), train=False))(rng)
   stages = partition.build_stages(blocks, split)
   stage_variables = partition.split_variables(full_variables, split, len(blocks))
   devices = jax.devices()
@@ -138,14 +122,17 @@ def build(config, num_classes: int, rng: jax.Array, check_images: Optional[np.nd
     method = config.method + (f', compensation {config.compensation}'
                               if config.compensation != 'none' else '')
     print(f'Stages of {config.model} ({method}, K={num_stages}):\n{table}', flush=True)
-  if check_images is not None:
+  if check_inputs is not None:
     partition.check_composition(full_model, full_variables, stages, stage_variables,
-                                jnp.asarray(check_images))
+                                jnp.asarray(check_inputs))
   return stages, stage_variables, split, placements
 
 
+build = build_stages   # its name before tasks
+
+
 @dataclasses.dataclass
-class Setup:
+class Run:
   """A pipeline and its initial state, as `train_and_evaluate` trains them."""
   pipe: pipeline.Pipeline
   state: pipeline.PipelineState
@@ -154,29 +141,31 @@ class Setup:
   learning_rate: optax.Schedule
 
 
-def setup(config, num_classes: int, steps_per_epoch: int,
-          check_images: Optional[np.ndarray] = None) -> Setup:
-  """Stages, optimizer, engine and initial state from the config's seed (see `build`)."""
+def initial_run(config, num_classes: int, steps_per_epoch: int,
+                check_inputs: Optional[Any] = None) -> Run:
+  """Stages, optimizer, engine and initial state from the config's seed (see `build_stages`)."""
   rng = jax.random.key(config.seed)
-  stages, stage_variables, split, placements = build(config, num_classes, rng, check_images)
-  pipe = create_pipeline(config, stages, create_optimizer(config, steps_per_epoch), placements,
-                         num_classes, steps_per_epoch)
-  sample = jax.ShapeDtypeStruct(
-      (config.batch_size, config.image_size, config.image_size, 3), jnp.float32)
+  stages, stage_variables, split, placements = build_stages(config, num_classes, rng,
+                                                            check_inputs)
+  pipe = create_pipeline(config, stages, optimizers.create_optimizer(config, steps_per_epoch),
+                         placements, num_classes, steps_per_epoch)
+  sample = tasks.get(config.task).input_spec(config, config.batch_size)
   state = pipe.init(jax.random.fold_in(rng, 1), sample, variables=stage_variables)
-  return Setup(pipe, state, split, placements,
-               create_learning_rate_schedule(config, steps_per_epoch))
+  return Run(pipe, state, split, placements,
+             optimizers.create_learning_rate_schedule(config, steps_per_epoch))
+
+
+Setup, setup = Run, initial_run   # their names before tasks
 
 
 def dry_run(config) -> None:
   """Validate the config and print the stage table, reading no data and training nothing."""
   validate_config(config)
+  task = tasks.get(config.task)
   num_classes = {'cifar100': 100}.get(config.dataset, 10)
-  if config.dataset in ('imagefolder', 'cifar_python'):
-    num_classes = input_pipeline.load_dataset(
-        config.dataset, config.data_dir, image_size=config.image_size,
-        cache_dir=config.cache_dir or None).num_classes
-  build(config, num_classes, jax.random.key(config.seed))
+  if config.task != 'image_classification' or config.dataset in ('imagefolder', 'cifar_python'):
+    num_classes = task.num_classes(task.load_data(config))
+  build_stages(config, num_classes, jax.random.key(config.seed))
 
 
 # ---------------------------------------------------------------- the periodic actions
@@ -196,41 +185,53 @@ class _Clock:
   compiled: bool = False
 
 
-def log_train(writer, clock: _Clock, step: int, num_steps: int, steps_per_epoch: int,
-              metrics: Optional[pipeline.TrainMetrics], trained: bool, loss_process: int,
-              learning_rate: optax.Schedule, batch_size: int) -> Optional[float]:
+@dataclasses.dataclass(frozen=True)
+class RunLog:
+  """What the periodic actions write with, fixed for a run."""
+  writer: Any
+  num_steps: int
+  steps_per_epoch: int
+  learning_rate: optax.Schedule
+  items_per_step: int    # images or tokens in a batch
+  items: str             # what they are ('images', 'tokens')
+  loss_process: int      # the process of the last stage, which holds the training metrics
+
+
+def log_train(log: RunLog, clock: _Clock, step: int, metrics: Optional[Any],
+              trained: bool) -> Optional[float]:
   """Writes the training metrics since the last line and prints one progress line; returns the
   loss (None if the last stage has not `trained` since the last line: pipeline fill).
 
-  The metrics live on the last stage's process (`loss_process`); in a multi-process run every
-  process calls this and gets them from there.
+  The metrics live on the last stage's process; in a multi-process run every process calls
+  this and gets them from there.
   """
   if not trained:
     return None
   values = None if metrics is None else {
       f'train_{k}': float(v) for k, v in distributed.fetch(metrics).compute().items()}
-  values = distributed.broadcast_values(values, ('train_accuracy', 'train_loss'), loss_process)
+  values = distributed.broadcast_values(values, ('train_accuracy', 'train_loss'),
+                                        log.loss_process)
   now = time.time()
   seconds_per_step = (now - clock.time) / max(step - clock.step, 1)
-  values.update(learning_rate=float(learning_rate(step - 1)),
-                images_per_sec=batch_size / seconds_per_step)
-  writer.write_scalars(step, values)
-  eta = (f'ETA {_format_duration((num_steps - step) * seconds_per_step)}' if clock.compiled
+  values.update({'learning_rate': float(log.learning_rate(step - 1)),
+                 f'{log.items}_per_sec': log.items_per_step / seconds_per_step})
+  log.writer.write_scalars(step, values)
+  eta = (f'ETA {_format_duration((log.num_steps - step) * seconds_per_step)}' if clock.compiled
          else 'compilation included')
-  logging.info('step %d/%d  epoch %.2f  loss %.4f  acc %.3f  lr %.4g  %.0f images/s  %s',
-               step, num_steps, step / steps_per_epoch, values['train_loss'],
-               values['train_accuracy'], values['learning_rate'], values['images_per_sec'], eta)
+  logging.info('step %d/%d  epoch %.2f  loss %.4f  acc %.3f  lr %.4g  %.0f %s/s  %s',
+               step, log.num_steps, step / log.steps_per_epoch, values['train_loss'],
+               values['train_accuracy'], values['learning_rate'],
+               values[f'{log.items}_per_sec'], log.items, eta)
   clock.time, clock.step, clock.compiled = now, step, True
   return values['train_loss']
 
 
-def evaluate(pipe: pipeline.Pipeline, state: pipeline.PipelineState,
-             dataset: input_pipeline.Dataset, batch_size: int, writer, step: int) -> dict:
-  """Test loss and accuracy of the composed stages, written and printed."""
-  result = pipe.evaluate(state, input_pipeline.test_batches(dataset, batch_size))
-  writer.write_scalars(step, {f'test_{k}': v for k, v in result.items()})
-  logging.info('step %d  test loss %.4f  test error %.4f', step, result['loss'],
-               1 - result['accuracy'])
+def evaluate(config, task, data, pipe: pipeline.Pipeline, state: pipeline.PipelineState,
+             writer, step: int) -> dict:
+  """The composed stages' metrics on the evaluation split, written and printed."""
+  result = pipe.evaluate(state, task.eval_batches(config, data))
+  writer.write_scalars(step, {f'{task.EVAL_SPLIT}_{k}': v for k, v in result.items()})
+  logging.info('step %d  %s', step, task.eval_line(result))
   return result
 
 
@@ -283,21 +284,16 @@ def _merge(total, metrics):
 # ---------------------------------------------------------------- the run
 
 
-def load_data(config) -> input_pipeline.Dataset:
-  """The run's data: its dataset, subsets and image size, as the config names them."""
-  return input_pipeline.load_dataset(
-      config.dataset, config.data_dir or None, image_size=config.image_size,
-      cache_dir=config.cache_dir or None, train_subset=config.train_subset,
-      test_subset=config.test_subset)
+def load_data(config, workdir: Optional[str] = None):
+  """The run's data, as its task reads it (a language model's vocabulary is stored in, and
+  on resume read from, `workdir`)."""
+  return tasks.get(config.task).load_data(config, workdir)
 
 
-def stream_images(config, dataset: input_pipeline.Dataset) -> Callable[[int], np.ndarray]:
-  """The images of the training stream's batch `batch`, by index (a checkpoint stores the
-  index, not the images)."""
-  def batch_images(batch: int) -> np.ndarray:
-    return next(input_pipeline.train_batches(dataset, config.batch_size, config.seed,
-                                             start_step=batch))[0]
-  return batch_images
+def stream_images(config, data) -> Callable[[int], Any]:
+  """The inputs of the training stream's batch `batch`, by index (a checkpoint stores the
+  index, not the inputs)."""
+  return tasks.get(config.task).stream_inputs(config, data)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -310,33 +306,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   validate_config(config)
   workdir_lib.check_config_matches(config, workdir)
-  dataset = load_data(config)
-  steps_per_epoch = input_pipeline.steps_per_epoch(dataset, config.batch_size)
+  task = tasks.get(config.task)
+  dataset = task.load_data(config, workdir)
+  steps_per_epoch = task.steps_per_epoch(config, dataset)
   if steps_per_epoch == 0:
     raise ConfigError(f'config.batch_size: {config.batch_size} is larger than the '
-                      f'{len(dataset.train_labels)} training images. Use a smaller batch.')
+                      f'{task.num_train_examples(dataset)} training examples. Use a smaller '
+                      'batch.')
   num_steps = total_train_steps(config, steps_per_epoch)
   checkpointer = checkpoint.Checkpointer(workdir, asynchronous=True)
   workdir_lib.check_resumable(workdir, checkpointer.latest_step(), num_steps)
   with workdir_lib.log_file(workdir):
     try:
-      return _train(config, workdir, dataset, steps_per_epoch, num_steps, checkpointer)
+      return _train(config, task, workdir, dataset, steps_per_epoch, num_steps, checkpointer)
     finally:
       checkpointer.close()   # the last checkpoint is on disk before the run ends, however
 
 
-def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoch: int,
-           num_steps: int, checkpointer: checkpoint.Checkpointer) -> dict[str, Any]:
-  logging.info('Data: %s', input_pipeline.describe(dataset))
-  run = setup(config, dataset.num_classes, steps_per_epoch,
-              check_images=input_pipeline.normalise(dataset, dataset.test_images[:8]))
+def _train(config, task, workdir: str, dataset, steps_per_epoch: int, num_steps: int,
+           checkpointer: checkpoint.Checkpointer) -> dict[str, Any]:
+  logging.info('Data: %s', task.describe(dataset))
+  run = initial_run(config, task.num_classes(dataset), steps_per_epoch,
+                    check_inputs=task.check_inputs(dataset))
   pipe, state = run.pipe, run.state
   extra_params = pipe.num_extra_params(state)
   if extra_params:
     logging.info('%s: %s extra trainable parameters outside the network (auxiliary heads), not '
                  'counted in the table above.', config.method, f'{extra_params:,}')
   start_step, progress = 0, {'history': [], 'train_time_s': 0.0}
-  batch_images = stream_images(config, dataset)
+  batch_images = task.stream_inputs(config, dataset)
   if checkpointer.latest_step() is not None:
     state, progress = checkpointer.restore(pipe, state, batch_images=batch_images)
     start_step = state.batches_fed
@@ -347,20 +345,23 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
     workdir_lib.keep_previous_summary(workdir, start_step)
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE),
                            workdir_lib.jsonable(config))
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writer.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams({k: str(v) if isinstance(v, (tuple, list)) else v
                         for k, v in config.to_dict().items()})
 
-  # Images to the first stage, labels to the last, where this process owns them; a process
-  # without stage 0 takes only the labels (and the images' shape) from its copy of the stream.
+  # Inputs to the first stage, targets to the last, where this process owns them; a process
+  # without stage 0 may take only the targets (and the inputs' shape) from its copy of the stream.
   batches = input_pipeline.prefetch_to_device(
-      input_pipeline.train_batches(dataset, config.batch_size, config.seed,
-                                   start_step=start_step, images=pipe.is_local[0]), 2,
+      task.train_batches(config, dataset, start_step, with_inputs=pipe.is_local[0]), 2,
       tuple(s if local else None for s, local in zip((pipe.shardings[0], pipe.shardings[-1]),
                                                      (pipe.is_local[0], pipe.is_local[-1]))))
-  loss_process = distributed.process_of(pipe.shardings[-1])
-  eval_every = config.eval_every_epochs * steps_per_epoch
-  report_progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+  log = RunLog(writer=writer, num_steps=num_steps, steps_per_epoch=steps_per_epoch,
+               learning_rate=run.learning_rate,
+               items_per_step=config.batch_size * (config.block_size if task.ITEMS == 'tokens'
+                                                   else 1),
+               items=task.ITEMS, loss_process=distributed.process_of(pipe.shardings[-1]))
+  eval_every = config.eval_every_steps or config.eval_every_epochs * steps_per_epoch
+  report_progress = metric_writer.ReportProgress(num_train_steps=num_steps, writer=writer)
   history = list(progress['history'])
   logging.info('Training steps %d..%d (%.2f epochs of %d steps). The first iterations compile '
                "each stage's functions; that can take a while.", start_step + 1, num_steps,
@@ -373,10 +374,10 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
     return {'history': history, 'train_time_s': progress['train_time_s'] + time.time() - start}
 
   def evaluate_now(step):
-    result = evaluate(pipe, state, dataset, config.eval_batch_size, writer, step)
-    history.append({'step': step, 'epoch': step / steps_per_epoch,
-                    'test_loss': result['loss'], 'test_error': 1 - result['accuracy']})
-    return result
+    result = evaluate(config, task, dataset, pipe, state, writer, step)
+    history.append({'step': step, 'epoch': step / steps_per_epoch, **task.eval_record(result)})
+    shown = task.after_evaluation(config, dataset, pipe, state, step, workdir, writer)
+    return {**result, **shown}
 
   timeline_end = config.timeline_start_step + config.timeline_num_steps - 1
   with workdir_lib.PreemptionSignals() as signals:
@@ -384,8 +385,8 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
       if config.timeline_start_step and step == config.timeline_start_step:
         recorder = timeline.TimelineRecorder(pipe, os.path.join(workdir, 'timeline'))
         recorder.start(state)
-      images, labels = next(batches)
-      state, info = pipe.step(state, images, labels)
+      inputs, targets = next(batches)
+      state, info = pipe.step(state, inputs, targets)
       train_metrics = _merge(train_metrics, info.metrics)
       trained = trained or info.updated[-1] is not None
       if recorder:
@@ -401,8 +402,7 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
       if step == num_steps:
         break   # the last step's metrics are logged after the drain, its evaluation at the end
       if every(step, config.log_every_steps):
-        loss = log_train(writer, clock, step, num_steps, steps_per_epoch, train_metrics,
-                         trained, loss_process, run.learning_rate, config.batch_size)
+        loss = log_train(log, clock, step, train_metrics, trained)
         workdir_lib.check_finite(state, step, loss, checkpointer)
         train_metrics, trained = None, False
       if every(step, eval_every):
@@ -416,69 +416,64 @@ def _train(config, workdir: str, dataset: input_pipeline.Dataset, steps_per_epoc
   for info in drained:
     train_metrics = _merge(train_metrics, info.metrics)
     trained = trained or info.updated[-1] is not None
-  loss = log_train(writer, clock, num_steps, num_steps, steps_per_epoch, train_metrics,
-                   trained, loss_process, run.learning_rate, config.batch_size)
+  loss = log_train(log, clock, num_steps, train_metrics, trained)
   workdir_lib.check_finite(state, num_steps, loss, checkpointer)
   jax.block_until_ready([s for s in state.stages if s is not None])
   train_time = progress['train_time_s'] + time.time() - start
   result = evaluate_now(num_steps)
   writer.flush()
-  summary = make_summary(config, dataset, pipe, state, run.split, run.placements, result,
-                         num_steps=num_steps, steps_per_epoch=steps_per_epoch,
+  writer.close()
+  items_per_sec = (num_steps - start_step) * log.items_per_step / (
+      train_time - progress['train_time_s'])
+  summary = make_summary(config, task, dataset, run, state, result, log,
                          start_step=start_step, train_time=train_time,
-                         resumed_train_time=progress['train_time_s'], history=history)
+                         items_per_sec=items_per_sec, history=history)
   if not speaker:
     return None
   path = os.path.join(workdir, workdir_lib.SUMMARY_FILE)
   workdir_lib.write_json(path, summary)
-  logging.info('Test error %.4f after %d steps; summary in %s', summary['test_error'],
-               num_steps, path)
+  logging.info('%s after %d steps; summary in %s', task.final_line(summary), num_steps, path)
   return summary
 
 
-def make_summary(config, dataset: input_pipeline.Dataset, pipe: pipeline.Pipeline,
-                 state: pipeline.PipelineState, split: Sequence[int],
-                 placements: Sequence[Sequence[jax.Device]], result: dict, *, num_steps: int,
-                 steps_per_epoch: int, start_step: int, train_time: float,
-                 resumed_train_time: float, history: list) -> dict[str, Any]:
-  """The run's summary.json: what ran, on what, its result, and a digest of its parameters
-  (on process 0, which gathers every stage's variables; None on the others)."""
+def make_summary(config, task, data, run: Run, state: pipeline.PipelineState, result: dict,
+                 log: RunLog, *, start_step: int, train_time: float, items_per_sec: float,
+                 history: list) -> Optional[dict[str, Any]]:
+  """The run's summary.json: what ran, on what, its result (the task's fields), and a digest of
+  its parameters (on process 0, which gathers every stage's variables; None on the others)."""
+  pipe = run.pipe
   final_variables = pipe.gathered_variables(state, process=0)
   extra_params = pipe.num_extra_params(state)
   if final_variables is None:
     return None
-  num_blocks = len(models.block_names(config.model))
   return {
+      'task': config.task,
       'model': config.model,
-      'dataset': dataset.name,
+      'dataset': getattr(data, 'name', config.dataset),
       'method': config.method,
       'num_stages': pipe.num_stages,
       'beta': config.beta,
       'stash': config.stash,
       'residual_policy': config.residual_policy,
       'compensation': config.compensation,
-      'steps': num_steps,
-      'epochs': num_steps / steps_per_epoch,
+      'optimizer': config.optimizer,
+      'steps': log.num_steps,
+      'epochs': log.num_steps / log.steps_per_epoch,
       'batch_size': config.batch_size,
-      'train_images': int(len(dataset.train_labels)),
-      'test_images': int(len(dataset.test_labels)),
-      'test_error': 1.0 - result['accuracy'],
-      'test_accuracy': result['accuracy'],
-      'test_loss': result['loss'],
+      **task.summary_fields(data, result, items_per_sec),
+      **{key: result[key] for key in ('sample',) if key in result},
       'train_time_s': train_time,
-      'images_per_sec': (num_steps - start_step) * config.batch_size / (
-          train_time - resumed_train_time),
       'resumed_from_step': start_step,
       # This process's peak resident memory (on CPU it holds the devices' arrays too).
       'peak_host_memory_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       'trainable_params': sum(partition.count_params(v['params']) for v in final_variables),
       'extra_params': extra_params,
-      'stage_split': list(split),
-      'devices': [str(d) for stage in placements for d in stage],
+      'stage_split': list(run.split),
+      'devices': [str(d) for stage in run.placements for d in stage],
       'data_parallel': config.data_parallel,
       'num_processes': jax.process_count(),
       'jax_version': jax.__version__,
       'params_digest': params_digest(
-          partition.merge_variables(final_variables, split, num_blocks)),
+          partition.merge_variables(final_variables, run.split, task.num_blocks(config))),
       'history': history,
   }

@@ -31,14 +31,22 @@ LOG_FILE = 'log.txt'
 RESUMABLE_FIELDS = frozenset({
     'num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_epochs',
     'checkpoint_every_steps', 'eval_batch_size', 'cache_dir', 'timeline_start_step',
-    'timeline_num_steps'})
+    'timeline_num_steps', 'eval_every_steps', 'eval_max_batches', 'sample_tokens',
+    'sample_prompt', 'sample_temperature'})
 
 # Fields added after runs could be checkpointed, with the value that computes what such a run
 # did: a saved config without one of them resumes as if it held that value.
 ADDED_FIELDS = {'residual_policy': '', 'split_by': 'flops', 'data_parallel': 1,
                 'compensation': 'none', 'dc_lambda': 2.0, 'dc_adaptive': True,
                 'dc_decay': 0.95, 'lr_reschedule_fraction': 0.25,
-                'warmup_shape': 'constant'}
+                'warmup_shape': 'constant', 'task': 'image_classification',
+                'optimizer': 'sgd', 'adam_b1': 0.9, 'adam_b2': 0.95, 'adam_eps': 1e-8,
+                'decay_embeddings': False, 'lr_schedule': 'piecewise', 'warmup_steps': 0,
+                'lr_decay_steps': 0, 'min_learning_rate': 0.0, 'grad_clip': 0.0,
+                'eval_every_steps': 0, 'n_layer': 4, 'n_head': 4, 'n_embd': 128,
+                'block_size': 64, 'bias': False, 'dtype': 'float32', 'vocabulary': 'char',
+                'val_fraction': 0.1, 'eval_max_batches': 0, 'sample_tokens': 200,
+                'sample_prompt': '\n', 'sample_temperature': 0.8}
 
 
 class DivergenceError(FloatingPointError):
@@ -175,7 +183,8 @@ class _ConsoleFilter(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno >= logging.WARNING:
       return True
-    return os.sep + 'fdg_jax' + os.sep in record.pathname
+    return (os.sep + 'fdg_jax' + os.sep in record.pathname
+            and getattr(record, 'console', True))   # the metric writer's lines: log file only
 
 
 def quiet_console(speaker: bool = True) -> None:

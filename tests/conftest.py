@@ -20,7 +20,7 @@ OTHER_XLA_FLAGS = ' '.join(_flags)   # what the runs the tests start keep beside
 os.environ['XLA_FLAGS'] = f'{OTHER_XLA_FLAGS} --xla_force_host_platform_device_count=8'
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # TensorFlow (tfds, clu writers) stays off GPUs
+os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # TensorFlow (tfds) stays off GPUs
 # Many tests start the trainer in fresh processes that compile the same stage programs; JAX's
 # persistent cache (keyed by the program, the devices and the jax version, so never stale) lets
 # every process after the first load them. It halved the resume tests' time on a 2-core machine.

@@ -148,7 +148,6 @@ def test_the_writer_needs_no_tensorflow(tmp_path):
   assert len(os.listdir(tmp_path)) == 2
 
 
-@pytest.mark.xfail(strict=True, reason='train.py still imports clu writers')
 def test_the_trainer_imports_without_tensorflow():
   result = imports_without_tensorflow('fdg_jax.train')
   assert result.returncode == 0, result.stderr[-3000:]

@@ -126,10 +126,10 @@ def test_cli_fdg_two_simulated_devices(tmp_path):
   assert len(set(summary['devices'])) == 2   # one stage per simulated device
   assert (workdir / 'timeline.png').stat().st_size > 1000
   # The console holds what is trained, progress, evaluation, checkpoint and the end; the
-  # libraries' INFO lines (orbax, clu's writer, TensorFlow's banners) only the log file.
+  # libraries' INFO lines (orbax, TensorFlow's banners) only the log file.
   console = (result.stdout + result.stderr).strip().splitlines()
   assert len(console) <= 25, '\n'.join(console)
-  for noise in ('CheckpointManager', 'oneDNN', 'logging_writer', 'libtpu', 'Setting work unit'):
+  for noise in ('CheckpointManager', 'oneDNN', 'libtpu', '[Hyperparameters]', 'Progress:'):
     assert noise not in result.stdout + result.stderr, noise
   assert sum('step 8/8' in line for line in console) == 1   # one progress line per log step
   assert sum('checkpoint saved' in line for line in console) == 1
