@@ -48,7 +48,8 @@ def get_config():
   config.data_parallel = 1
   # Gradient-shrinking factor in (0, 1]; each non-last stage scales its incoming cotangent.
   # The paper tunes it per row (Fig. 4a sweeps it on ResNet-20, K = 2); the row configs set the
-  # paper's best beta (experiments/paper.py holds the paper's numbers and their source).
+  # paper's best beta (experiments/paper/published.py holds the paper's numbers and their
+  # source).
   config.beta = 1.0
   # What the delayed backward uses: 'vjp' (residuals saved at forward time: the paper's delayed
   # gradient) or 'recompute' (keep the input, recompute with current weights; less memory).
@@ -56,7 +57,8 @@ def get_config():
   # With stash 'vjp': '' keeps every residual of jax.vjp; 'dots_saveable',
   # 'dots_with_no_batch_dims_saveable' or 'nothing_saveable' keep only what that jax.checkpoint
   # policy saves and recompute the rest from the saved input and old weights (same gradient,
-  # less memory, more compute; see WORKSPACE.md for the measured trade-off).
+  # less memory, more compute; see docs/record/memory_and_checkpoints.md for the measured
+  # trade-off).
   config.residual_policy = ''
   # Stale-gradient compensation of the stages with a delayed gradient (fdg, ddg; the last stage
   # is never changed; docs/algorithm.md has the formulas): 'none' (the paper),

@@ -8,8 +8,9 @@ import tempfile
 # The tests' programs are small and most run a few times, so compiling them is much of the
 # suite's time. XLA's CPU backend optimises at LLVM -O3 by default; at -O2 it compiles a
 # ResNet-8 init in 5 s instead of 15 s, and a two-process trainer test run took 51 s instead of
-# 95 s, on a 2-core machine (WORKSPACE.md, "The suite's time"). What the programs compute is
-# checked against naive references either way; training outside the tests compiles as usual.
+# 95 s, on a 2-core machine (docs/record/suite_time.md, "The suite's time, part 2"). What the
+# programs compute is checked against naive references either way; training outside the tests
+# compiles as usual.
 QUICK_COMPILE_FLAGS = '--xla_backend_optimization_level=2'
 # pytest-xdist's workers inherit the controller's flags: add ours once, keep a level set outside.
 _flags = [flag for flag in os.environ.get('XLA_FLAGS', '').split()

@@ -4,8 +4,8 @@ Each level runs in a fresh process (XLA reads `XLA_FLAGS` once, when it starts),
 persistent compilation cache: the full model's jitted `init` as the trainer compiles it
 (`train.build`: one image), and a jitted loss-and-gradient of the full model on a batch, compiled
 and then run `--repeats` times. 'default' sets no level (XLA's CPU default is -O3).
-tests/conftest.py sets level 2 for the tests; WORKSPACE.md ("The suite's time, part 2") records
-what this showed.
+tests/conftest.py sets level 2 for the tests; docs/record/suite_time.md ("The suite's time,
+part 2") records what this showed.
 
   python -m experiments.bench.compile_time --model=resnet8 --image_size=16 --batch_size=8 \
       --levels=default,2,1,0 --out=/tmp/bench_compile.json

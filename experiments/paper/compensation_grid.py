@@ -7,7 +7,8 @@ every cell once per seed, each method against BP as a paired difference (same se
 initial weights and batches). Writes OUT_DIR/results.md, results.csv, bars.png (mean test error
 per method and K, error bars one standard error of the paired difference to BP) and curves.png.
 
-The small scale of the recorded Fig. 4a grid (WORKSPACE.md), on the CIFAR-10 JPEG copy:
+The small scale of the recorded Fig. 4a grid (docs/record/paper_grids.md), on the CIFAR-10 JPEG
+copy:
 
     python -m experiments.paper.compensation_grid --scale=cpu --dataset=imagefolder \
         --data_dir=../shared/data/cifar10-jpeg.tar.gz --set cache_dir=/tmp/fdg_cache \

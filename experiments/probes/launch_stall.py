@@ -5,8 +5,8 @@ own core where there are two): import JAX, join with `jax.distributed`, then one
 over both processes' devices. A launch that has not ended after `--timeout_s` counts as stalled;
 its processes print their Python stacks (faulthandler) at `--stacks_after_s`, and the output's
 tail is kept. With `--cache_dir`, JAX's persistent compilation cache is on (emptied first with
-`--empty_cache`); without it, off. WORKSPACE.md ("The suite's time, part 2") records what it
-showed.
+`--empty_cache`); without it, off. docs/record/suite_time.md ("The suite's time, part 2")
+records what it showed.
 
   python -m experiments.probes.launch_stall --launches=40 --out=/tmp/stall_nocache.json
   python -m experiments.probes.launch_stall --launches=40 --cache_dir=/tmp/probe_cache \

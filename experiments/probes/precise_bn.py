@@ -1,8 +1,9 @@
 r"""Are a finished run's BatchNorm statistics what costs FDG its test error? (issue 15)
 
-For the recorded `--scale=cpu` compensation grid the answer is no (WORKSPACE.md, "Stale-gradient
-compensation at `--scale=cpu`": within 0.07 points); kept to ask it of other grids, e.g. at K = 4
-or the paper's scale, whose runs kept their checkpoints (`--keep_checkpoints`).
+For the recorded `--scale=cpu` compensation grid the answer is no (docs/record/compensation.md,
+"Stale-gradient compensation at `--scale=cpu`": within 0.07 points); kept to ask it of other
+grids, e.g. at K = 4 or the paper's scale, whose runs kept their checkpoints
+(`--keep_checkpoints`).
 
 A network in evaluation mode normalises with each BatchNorm layer's running statistics: an
 exponential average (momentum 0.9, so about the last 10 steps) of the batch statistics seen in
