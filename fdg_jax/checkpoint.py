@@ -250,7 +250,7 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
   for k, batch in metadata['cotangents'].items():
     cotangents[int(k)] = pipeline_lib.Cotangent(
         value=_restored(arrays['cotangents'][k],
-                        lambda: stage_functions.differentiable_part(stage_input(int(k)))),
+                        lambda: stage_functions.differentiable_part(stage_input(int(k) + 1))),
         batch=batch)
   if 'labels' in metadata:
     labels = tuple(
