@@ -67,8 +67,9 @@ def steps_per_epoch(config, data: input_pipeline.Dataset) -> int:
   return input_pipeline.steps_per_epoch(data, config.batch_size)
 
 
-def check_inputs(data: input_pipeline.Dataset) -> np.ndarray:
+def check_inputs(config, data: input_pipeline.Dataset) -> np.ndarray:
   """A few inputs on which the composed stages must reproduce the unsplit model."""
+  del config
   return input_pipeline.normalise(data, data.test_images[:8])
 
 

@@ -83,8 +83,10 @@ def steps_per_epoch(config, data: text_data.TextData) -> int:
   return max(1, len(data.train_tokens) // (config.batch_size * config.block_size))
 
 
-def check_inputs(data: text_data.TextData) -> None:
-  return None   # the composition check runs on `input_spec`-shaped zeros (see train.build)
+def check_inputs(config, data: text_data.TextData) -> np.ndarray:
+  """The first two validation windows: the composed stages must reproduce the unsplit model
+  on them."""
+  return next(iter(text_data.eval_batches(data, 2, config.block_size)))[0]
 
 
 def train_batches(config, data: text_data.TextData, start_step: int,

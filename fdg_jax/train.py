@@ -327,7 +327,7 @@ def _train(config, task, workdir: str, dataset, steps_per_epoch: int, num_steps:
            checkpointer: checkpoint.Checkpointer) -> dict[str, Any]:
   logging.info('Data: %s', task.describe(dataset))
   run = initial_run(config, task.num_classes(dataset), steps_per_epoch,
-                    check_inputs=task.check_inputs(dataset))
+                    check_inputs=task.check_inputs(config, dataset))
   pipe, state = run.pipe, run.state
   extra_params = pipe.num_extra_params(state)
   if extra_params:
