@@ -134,6 +134,7 @@ def imports_without_tensorflow(module: str, then: str = '') -> subprocess.Comple
                         text=True, timeout=300)
 
 
+@pytest.mark.slow   # fresh Python processes
 def test_the_writer_needs_no_tensorflow(tmp_path):
   # Blocked, and where it is installed: writing must not load it (8 s a process).
   write = (f"w = fdg_jax.metric_writer.create_default_writer({str(tmp_path)!r})\n"
@@ -148,6 +149,7 @@ def test_the_writer_needs_no_tensorflow(tmp_path):
   assert len(os.listdir(tmp_path)) == 2
 
 
+@pytest.mark.slow   # a fresh Python process
 def test_the_trainer_imports_without_tensorflow():
   result = imports_without_tensorflow('fdg_jax.train')
   assert result.returncode == 0, result.stderr[-3000:]

@@ -249,7 +249,8 @@ def backprop(model, params, optimizer, batches):
   return [params]
 
 
-@pytest.mark.parametrize('num_stages', [1, 2, 3, 4])
+@pytest.mark.parametrize('num_stages', [1, 2, pytest.param(3, marks=pytest.mark.slow),
+                                        pytest.param(4, marks=pytest.mark.slow)])
 def test_fdg_on_a_tiny_gpt_matches_the_naive_reference(num_stages):
   blocks = gpt.create_blocks(N_LAYER, N_HEAD, N_EMBD, BLOCK_SIZE, VOCAB)
   split = partition.balanced_split([1.0] * len(blocks), num_stages)
