@@ -15,7 +15,8 @@ CELL_TIMEOUT_S = 120
 
 def test_the_notebooks_are_there():
   names = {os.path.basename(p) for p in NOTEBOOKS}
-  assert {'quickstart.ipynb', 'paper_models.ipynb', 'results.ipynb'} <= names
+  assert {'quickstart.ipynb', 'paper_models.ipynb', 'results.ipynb',
+          'language_model.ipynb'} <= names
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
