@@ -12,10 +12,15 @@
   gradient (with one stage, 'bp', it is the whole model's norm, as nanoGPT's
   `clip_grad_norm_`).
 
-`validate(config)` lists what is wrong with these fields, before any compute.
+`recipe(config, steps_per_epoch)` describes the optimizer (a `Recipe`) and `build(recipe)`
+makes it; a compensation that rebuilds a stage's optimizer (compensation.py: 'nesterov',
+'delay_momentum') starts from the same Recipe. `validate(config)` lists what is wrong with these
+fields, before any compute.
 """
 
+import dataclasses
 import math
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -98,26 +103,64 @@ def weight_decay_mask(params, decay_embeddings: bool = False):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """config.optimizer with its schedule, after gradient clipping if config.grad_clip > 0.
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """An optimizer described (what `build` makes), so a compensation can rebuild a variant.
 
-  'sgd': SGD with momentum and weight decay coupled into the gradient, as PyTorch's SGD
-  (every parameter decays). 'adamw': optax.adamw (PyTorch's AdamW: decay lr * weight_decay *
-  param, decoupled from the moments) with b1, b2, eps = adam_b1, adam_b2, adam_eps, decaying
-  only what `weight_decay_mask` selects. Clipping, when on, is per stage (module docstring).
+  'sgd': SGD with momentum (0: none) and weight decay coupled into the gradient, as PyTorch's
+  SGD (every parameter decays). 'adamw': optax.adamw (PyTorch's AdamW: decay lr * weight_decay *
+  param, decoupled from the moments) with b1, b2, eps, decaying only where `decay_mask(params)`
+  is True (None: every parameter). grad_clip > 0: clipped to that global norm first (per stage:
+  module docstring).
   """
+  name: str
+  learning_rate: Any                    # a float or an optax schedule
+  momentum: float = 0.0                 # sgd
+  weight_decay: float = 0.0
+  b1: float = 0.9                       # adamw
+  b2: float = 0.999
+  eps: float = 1e-8
+  decay_mask: Optional[Callable] = None
+  grad_clip: float = 0.0
+
+  def __post_init__(self):
+    if self.name not in OPTIMIZERS:
+      raise ValueError(f'Recipe name {self.name!r} is not one of {OPTIMIZERS}.')
+
+  def clipping(self) -> list:
+    """The transformations before the optimizer's own: clipping when grad_clip > 0."""
+    return [optax.clip_by_global_norm(self.grad_clip)] if self.grad_clip > 0 else []
+
+
+def recipe(config, steps_per_epoch: int) -> Recipe:
+  """config's optimizer, with its schedule (create_learning_rate_schedule)."""
   schedule = create_learning_rate_schedule(config, steps_per_epoch)
-  clip = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
   if config.optimizer == 'adamw':
     def mask(params):
       return weight_decay_mask(params, config.decay_embeddings)
-    return optax.chain(*clip, optax.adamw(
-        schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-        weight_decay=config.weight_decay, mask=mask))
+    return Recipe('adamw', schedule, weight_decay=config.weight_decay, b1=config.adam_b1,
+                  b2=config.adam_b2, eps=config.adam_eps, decay_mask=mask,
+                  grad_clip=config.grad_clip)
+  return Recipe('sgd', schedule, momentum=config.momentum, weight_decay=config.weight_decay,
+                grad_clip=config.grad_clip)
+
+
+def build(recipe: Recipe) -> optax.GradientTransformation:
+  """The optimizer a Recipe describes."""
+  if recipe.name == 'adamw':
+    return optax.chain(*recipe.clipping(), optax.adamw(
+        recipe.learning_rate, b1=recipe.b1, b2=recipe.b2, eps=recipe.eps,
+        weight_decay=recipe.weight_decay, mask=recipe.decay_mask))
   return optax.chain(
-      *clip,
-      optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(schedule, momentum=config.momentum or None))
+      *recipe.clipping(),
+      optax.add_decayed_weights(recipe.weight_decay),
+      optax.sgd(recipe.learning_rate, momentum=recipe.momentum or None))
+
+
+def create_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """config.optimizer with its schedule, after gradient clipping if config.grad_clip > 0
+  (`Recipe` says what each is)."""
+  return build(recipe(config, steps_per_epoch))
 
 
 # ---------------------------------------------------------------- checks
