@@ -28,19 +28,39 @@ options below act on that; the last stage (delay 0) and K = 1 are never changed.
   rate multiplies the final update (SGD with momentum and coupled weight decay, Adam, AdamW).
   Memory: nothing.
 
+* 'nesterov' (Ajanthan et al., "Nesterov method for asynchronous pipeline parallel
+  optimization", ICML 2025; their code github.com/PluralisResearch/AsyncPP): the stage's
+  optimizer in NAG's look-ahead form with momentum gamma = nesterov_momentum (0.99, theirs):
+  AdamW becomes NAdamW as their code runs it (torch.optim.NAdam with decoupled weight decay and
+  its momentum schedule: `scale_by_nadam`), SGD becomes Nesterov SGD (optax.sgd(nesterov=True)).
+  Memory: nothing beyond the optimizer's.
+* 'delay_momentum' (their code's --adaptive_momentum): the user's optimizer with its momentum
+  (SGD) or b1 (AdamW) raised with the stage's delay, gamma_k = gamma_0 + d_k * (gamma_max -
+  gamma_0) / (d_max + 1) (`Compensation.momentum`); 'nesterov+delay_momentum': 'nesterov' with
+  gamma = gamma_k. Memory: nothing.
+  These three rebuild the stage's optimizer from its description (`optimizers.Recipe`, the
+  `optimizer` field): the optimizer passed to the pipeline is the last stage's.
+
+docs/algorithm.md has every formula with its source.
+
 Everything a stage keeps across iterations lives in its optimizer state (optax transformations
 chained to the user's optimizer), so checkpoints and the multi-process engine carry it as they
 carry momentum.
 """
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-NAMES = ('none', 'weight_prediction', 'delay_compensation', 'lr_reschedule')
+from fdg_jax import optimizers
+
+NAMES = ('none', 'weight_prediction', 'delay_compensation', 'lr_reschedule', 'nesterov',
+         'delay_momentum', 'nesterov+delay_momentum')
+# Compensations that build the stage's optimizer anew from its description (optimizers.Recipe).
+REBUILDS_OPTIMIZER = ('nesterov', 'delay_momentum', 'nesterov+delay_momentum')
 # Compensations that act on the parameters of the forward, which stash='recompute' does not keep
 # (its backward redoes the forward at the current parameters).
 NEEDS_FORWARD_PARAMETERS = ('weight_prediction', 'delay_compensation')
@@ -55,6 +75,12 @@ class Compensation:
   dc_decay: float = 0.95          # decay of the mean square m (adaptive only)
   dc_epsilon: float = 1e-7        # added to m under the square root (adaptive only)
   reschedule_steps: int = 1000    # updates over which lr_reschedule anneals to the schedule
+  # The optimizer's description, for the compensations that rebuild it (REBUILDS_OPTIMIZER).
+  optimizer: Optional[optimizers.Recipe] = None
+  nesterov_momentum: float = 0.99      # 'nesterov': gamma of the delayed stages (the paper's)
+  nadam_momentum_decay: float = 0.004  # NAdamW's psi (torch's default, the paper's runs)
+  delay_momentum_max: float = 0.99     # delay_momentum: gamma_max (the paper's code)
+  max_delay: int = 0                   # delay_momentum: the pipeline's largest delay, d_max
 
   def __post_init__(self):
     if self.name not in NAMES:
@@ -65,6 +91,15 @@ class Compensation:
       raise ValueError(f'dc_decay={self.dc_decay} is outside [0, 1).')
     if self.reschedule_steps < 1:
       raise ValueError(f'reschedule_steps={self.reschedule_steps}: use at least 1 update.')
+    for field in ('nesterov_momentum', 'delay_momentum_max'):
+      if not 0 <= getattr(self, field) < 1:
+        raise ValueError(f'{field}={getattr(self, field)} is outside [0, 1); use e.g. 0.99.')
+    if self.nadam_momentum_decay < 0:
+      raise ValueError(f'nadam_momentum_decay={self.nadam_momentum_decay} is negative; use '
+                       'e.g. 0.004 (PyTorch\'s NAdam).')
+    if self.optimizer is not None and not isinstance(self.optimizer, optimizers.Recipe):
+      raise ValueError(f'optimizer={self.optimizer!r} is not an optimizers.Recipe: describe '
+                       'the optimizer with optimizers.Recipe(...).')
 
   def active(self, delay: int) -> bool:
     """Whether a stage with this delay is changed at all (never the last stage, delay 0)."""
@@ -75,6 +110,8 @@ class Compensation:
     """The optimizer of a stage with this delay: the user's, with the compensation chained in."""
     if not self.active(delay):
       return optimizer
+    if self.name in REBUILDS_OPTIMIZER:
+      return self.rebuilt_optimizer(delay)
     if self.name == 'weight_prediction':
       return optax.chain(optimizer, keep_last_update())
     if self.name == 'delay_compensation':
@@ -82,6 +119,50 @@ class Compensation:
                                            self.dc_epsilon), optimizer)
     return optax.chain(optimizer, optax.scale_by_schedule(
         reschedule_factor(max(1, delay), self.reschedule_steps)))
+
+
+  def momentum(self, delay: int) -> float:
+    """gamma of a stage with this delay (> 0), for the compensations that rebuild it."""
+    recipe = self.described_optimizer()
+    gamma_0 = recipe.b1 if recipe.name == 'adamw' else recipe.momentum
+    if self.name == 'nesterov':
+      return self.nesterov_momentum
+    if self.max_delay < delay:
+      raise ValueError(
+          f'compensation={self.name!r} sets momentum from delay / (max_delay + 1), but '
+          f'max_delay={self.max_delay} is below this stage\'s delay {delay}: pass '
+          'Compensation(..., max_delay=<the pipeline\'s largest delay, Schedule.delay(0)>).')
+    if gamma_0 > self.delay_momentum_max:
+      raise ValueError(
+          f'compensation={self.name!r} raises momentum {gamma_0} towards delay_momentum_max='
+          f'{self.delay_momentum_max}, which is below it: use a larger delay_momentum_max.')
+    return gamma_0 + delay * (self.delay_momentum_max - gamma_0) / (self.max_delay + 1)
+
+  def described_optimizer(self) -> optimizers.Recipe:
+    if self.optimizer is None:
+      raise ValueError(
+          f'compensation={self.name!r} rebuilds each delayed stage\'s optimizer and needs its '
+          'description: pass Compensation(..., optimizer=optimizers.Recipe(...)) (the trainer '
+          'passes optimizers.recipe(config, steps_per_epoch)).')
+    return self.optimizer
+
+  def rebuilt_optimizer(self, delay: int) -> optax.GradientTransformation:
+    """The stage's optimizer: the described one with momentum gamma, in look-ahead form for
+    'nesterov' (NAdamW for AdamW, Nesterov SGD for SGD)."""
+    recipe, gamma = self.described_optimizer(), self.momentum(delay)
+    if self.name == 'delay_momentum':
+      field = 'b1' if recipe.name == 'adamw' else 'momentum'
+      return optimizers.build(dataclasses.replace(recipe, **{field: gamma}))
+    if recipe.name == 'adamw':
+      return optax.chain(
+          *recipe.clipping(),
+          scale_by_nadam(gamma, recipe.b2, recipe.eps, self.nadam_momentum_decay),
+          optax.add_decayed_weights(recipe.weight_decay, recipe.decay_mask),
+          optax.scale_by_learning_rate(recipe.learning_rate))
+    return optax.chain(
+        *recipe.clipping(),
+        optax.add_decayed_weights(recipe.weight_decay),
+        optax.sgd(recipe.learning_rate, momentum=gamma, nesterov=True))
 
 
 def staleness(delay: int) -> int:
@@ -166,3 +247,53 @@ def reschedule_factor(tau: int, steps: int) -> optax.Schedule:
     return jnp.power(jnp.float32(tau), -p)
 
   return factor
+
+
+# ------------------------------------------------------------------------ Nesterov (NAdamW)
+
+
+class NAdamState(NamedTuple):
+  count: Any        # updates made (int32)
+  mu_product: Any   # mu_1 * ... * mu_t
+  mu: Any           # first moment m
+  nu: Any           # second moment v
+
+
+def scale_by_nadam(b1: float, b2: float, eps: float, momentum_decay: float
+                   ) -> optax.GradientTransformation:
+  """torch.optim.NAdam's direction (before the learning rate and decoupled decay).
+
+  At update t (1 for the first): mu_t = b1 * (1 - 0.5 * 0.96 ** (t * momentum_decay)),
+  P_t = mu_1 * ... * mu_t, m <- b1 * m + (1 - b1) * g, v <- b2 * v + (1 - b2) * g * g,
+  D = sqrt(v / (1 - b2 ** t)) + eps, and the direction
+  (1 - mu_t) / (1 - P_t) * g / D + mu_{t+1} / (1 - P_t * mu_{t+1}) * m / D.
+  Chained before optax.add_decayed_weights and optax.scale_by_learning_rate it is PyTorch's
+  NAdam(decoupled_weight_decay=True), the optimizer of Ajanthan et al.'s code.
+  """
+
+  def init_fn(params):
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    return NAdamState(count=jnp.zeros([], jnp.int32), mu_product=jnp.ones([], jnp.float32),
+                      mu=zeros, nu=jax.tree_util.tree_map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_int32_increment(state.count)
+    t = count.astype(jnp.float32)
+    mu_t = b1 * (1.0 - 0.5 * jnp.power(0.96, t * momentum_decay))
+    mu_next = b1 * (1.0 - 0.5 * jnp.power(0.96, (t + 1.0) * momentum_decay))
+    mu_product = state.mu_product * mu_t
+    m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
+    bias_correction2 = 1.0 - jnp.power(jnp.float32(b2), t)
+    gradient_weight = (1.0 - mu_t) / (1.0 - mu_product)
+    momentum_weight = mu_next / (1.0 - mu_product * mu_next)
+
+    def direction(g, m, v):
+      denominator = jnp.sqrt(v / bias_correction2) + eps
+      return ((gradient_weight * g + momentum_weight * m) / denominator).astype(g.dtype)
+
+    return (jax.tree_util.tree_map(direction, updates, m, v),
+            NAdamState(count=count, mu_product=mu_product, mu=m, nu=v))
+
+  return optax.GradientTransformation(init_fn, update_fn)

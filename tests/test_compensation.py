@@ -7,16 +7,22 @@ g + lambda * g * g * (theta_now - theta_forward) (adaptive and constant lambda) 
 learning rate divided by tau ** p, p annealed from 1 to 0.
 """
 
+import dataclasses
+
 import chex
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from configs import default as default_config
 from fdg_jax import baselines
 from fdg_jax import checkpoint
 from fdg_jax import compensation as compensation_lib
+from fdg_jax import configuration
+from fdg_jax import optimizers
 from fdg_jax import pipeline
 from tiny import initial_variables, make_optimizer, mean_loss, tiny_batches
 
@@ -244,3 +250,249 @@ def test_bad_compensations_are_refused(settings, kwargs, message):
     pipeline.Pipeline(initial_variables(2)[0], make_optimizer(),
                       compensation=compensation_lib.Compensation(**settings),
                       placements=jax.devices()[:2], **kwargs)
+
+
+# ------------------------------------------------------------ Nesterov and delay momentum
+#
+# The reference below is FDG / DDG written plainly (one device, no jit, explicit queues) with
+# each stage's optimizer written out from docs/algorithm.md's formulas: SGD with (Nesterov)
+# momentum and coupled decay, AdamW, and torch's NAdamW, each a loop over the leaves.
+
+LR_DROP = 5   # the schedules drop their learning rate tenfold at update 5
+
+
+def drop_schedule(peak):
+  return optax.piecewise_constant_schedule(peak, {LR_DROP: 0.1})
+
+
+def lr_at(peak, step):
+  return peak if step < LR_DROP else peak * 0.1
+
+
+SGD = optimizers.Recipe('sgd', drop_schedule(0.1), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+ADAMW = optimizers.Recipe('adamw', drop_schedule(0.01), weight_decay=0.1, b1=0.8, b2=0.95,
+                          eps=1e-6, decay_mask=lambda p: jax.tree_util.tree_map(
+                              lambda x: x.ndim >= 2, p))
+
+
+class HandOptimizer:
+  """One stage's optimizer from the formulas: `kind` 'sgd', 'nesterov_sgd', 'adamw' or 'nadamw'
+  with momentum (b1) gamma; the rest from the Recipe. `step(params, grads)` -> params."""
+
+  def __init__(self, recipe, kind, gamma, psi=0.004):
+    self.r, self.kind, self.gamma, self.psi = recipe, kind, gamma, psi
+    self.n, self.mu_product = 0, 1.0
+    self.m = self.v = None
+
+  def step(self, params, grads):
+    r, g1, t = self.r, self.gamma, self.n + 1
+    peak = 0.1 if r.name == 'sgd' else 0.01
+    lr = lr_at(peak, self.n)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    grads = [np.asarray(g, np.float64) for g in jax.tree_util.tree_leaves(grads)]
+    w = [np.asarray(p, np.float64) for p in leaves]
+    if self.m is None:
+      self.m, self.v = [np.zeros_like(x) for x in w], [np.zeros_like(x) for x in w]
+    if self.kind == 'nadamw':
+      mu = g1 * (1 - 0.5 * 0.96 ** (t * self.psi))
+      mu_next = g1 * (1 - 0.5 * 0.96 ** ((t + 1) * self.psi))
+      self.mu_product *= mu
+    new = []
+    for i, (x, g) in enumerate(zip(w, grads)):
+      if self.kind in ('sgd', 'nesterov_sgd'):
+        g = g + r.weight_decay * x
+        self.m[i] = g1 * self.m[i] + g
+        direction = g + g1 * self.m[i] if self.kind == 'nesterov_sgd' else self.m[i]
+        new.append(x - lr * direction)
+        continue
+      self.m[i] = g1 * self.m[i] + (1 - g1) * g
+      self.v[i] = r.b2 * self.v[i] + (1 - r.b2) * g * g
+      if self.kind == 'adamw':
+        m_hat = self.m[i] / (1 - g1 ** t)
+        direction = m_hat / (np.sqrt(self.v[i] / (1 - r.b2 ** t)) + r.eps)
+      else:
+        denominator = np.sqrt(self.v[i] / (1 - r.b2 ** t)) + r.eps
+        direction = ((1 - mu) / (1 - self.mu_product) * g / denominator
+                     + mu_next / (1 - self.mu_product * mu_next) * self.m[i] / denominator)
+      decay = r.weight_decay * x if x.ndim >= 2 else 0.0
+      new.append(x - lr * (direction + decay))
+    self.n += 1
+    return jax.tree_util.tree_unflatten(treedef, [np.float32(x) for x in new])
+
+
+def hand_optimizers(recipe, name, delays):
+  """Each stage's HandOptimizer for compensation `name` (the formulas of docs/algorithm.md)."""
+  base = recipe.b1 if recipe.name == 'adamw' else recipe.momentum
+  plain, looking = (('adamw', 'nadamw') if recipe.name == 'adamw' else ('sgd', 'nesterov_sgd'))
+  result = []
+  for d in delays:
+    gamma = base + d * (0.99 - base) / (max(delays) + 1) if 'delay_momentum' in name else 0.99
+    if d == 0:
+      result.append(HandOptimizer(recipe, plain, base))
+    elif name == 'delay_momentum':
+      result.append(HandOptimizer(recipe, plain, gamma))
+    else:
+      result.append(HandOptimizer(recipe, looking, gamma))
+  return result
+
+
+def naive_pipeline(modules, variables, batches, hand, method):
+  """FDG (activations and cotangents to the neighbour at the next iteration) or DDG (the
+  forward runs through every stage within an iteration, cotangents the next): a non-last stage
+  applies the cotangent waiting for it (times BETA, through that batch's saved forward), updates,
+  then forwards; the last stage takes the loss and updates. Returns each stage's variables."""
+  K, N = len(modules), len(batches)
+  params = [v['params'] for v in variables]
+  stats = [v['batch_stats'] for v in variables]
+  saved = [dict() for _ in range(K)]
+  inbox_x, inbox_ct = {}, {}
+  lag = (lambda k: k) if method == 'fdg' else (lambda k: 0)
+
+  def forward(k, p, s, x):
+    y, new = modules[k].apply({'params': p, 'batch_stats': s}, x, train=True,
+                              mutable=['batch_stats'])
+    return y, new['batch_stats']
+
+  for t in range(N + (2 if method == 'fdg' else 1) * (K - 1)):
+    out_x, out_ct = {}, {}
+    for k in range(K):
+      b = t - lag(k)
+      if k == K - 1:
+        if not 0 <= b < N:
+          continue
+        x = inbox_x.pop(k)[1]
+
+        def loss(p, x):
+          logits, new_stats = forward(k, p, stats[k], x)
+          return mean_loss(logits, batches[b][1]), new_stats
+
+        (_, stats[k]), (g, x_ct) = jax.value_and_grad(loss, (0, 1), has_aux=True)(params[k], x)
+        params[k] = hand[k].step(params[k], g)
+        out_ct[k - 1] = (b, x_ct)
+        continue
+      if k in inbox_ct:
+        cb, ct = inbox_ct.pop(k)
+        g, *x_ct = saved[k].pop(cb)(BETA * ct)
+        params[k] = hand[k].step(params[k], g)
+        if k > 0:
+          out_ct[k - 1] = (cb, x_ct[0])
+      if 0 <= b < N:
+        x = batches[b][0] if k == 0 else inbox_x.pop(k)[1]
+        y, saved[k][b], stats[k] = jax.vjp(lambda p, x: forward(k, p, stats[k], x), params[k],
+                                           x, has_aux=True)
+        (out_x if method == 'fdg' else inbox_x)[k + 1] = (b, y)
+    inbox_x.update(out_x)
+    inbox_ct = out_ct
+  return [{'params': p, 'batch_stats': s} for p, s in zip(params, stats)]
+
+
+def run_recipe_engine(num_stages, batches, comp, method='fdg', **kwargs):
+  modules, variables = initial_variables(num_stages)
+  make = pipeline.Pipeline if method == 'fdg' else baselines.DDGPipeline
+  pipe = make(modules, optimizers.build(comp.optimizer), beta=BETA, compensation=comp,
+              placements=jax.devices()[:num_stages], **kwargs)
+  state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  for images, labels in batches:
+    state, _ = pipe.step(state, images, labels)
+  return pipe, pipe.drain(state)[0]
+
+
+def delays_of(method, num_stages):
+  return [(2 if method == 'fdg' else 1) * (num_stages - 1 - k) for k in range(num_stages)]
+
+
+@pytest.mark.parametrize('name, recipe, method, num_stages', [
+    ('nesterov', SGD, 'fdg', 3),
+    ('nesterov', ADAMW, 'fdg', 2),
+    ('delay_momentum', SGD, 'fdg', 2),
+    ('nesterov+delay_momentum', ADAMW, 'fdg', 3),
+    ('delay_momentum', ADAMW, 'ddg', 3),
+    ('nesterov+delay_momentum', SGD, 'ddg', 3),
+], ids=lambda v: v.name if isinstance(v, optimizers.Recipe) else str(v))
+def test_lookahead_matches_naive_formula(name, recipe, method, num_stages):
+  """Every stage against the formulas, 8 batches (stage 0's updates cross the lr drop)."""
+  batches = tiny_batches(8)
+  delays = delays_of(method, num_stages)
+  comp = compensation_lib.Compensation(name, optimizer=recipe, max_delay=max(delays))
+  pipe, state = run_recipe_engine(num_stages, batches, comp, method)
+  modules, variables = initial_variables(num_stages)
+  expected = naive_pipeline(modules, variables, batches, hand_optimizers(recipe, name, delays),
+                            method)
+  tolerance = 1e-5 if recipe.name == 'sgd' else 1e-4
+  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
+                              rtol=tolerance, atol=tolerance / 10)
+  # Not the user's optimizer: stage 0 ends far (beyond the tolerance) from the uncompensated run.
+  plain = naive_pipeline(modules, variables, batches,
+                         hand_optimizers(recipe, 'none', [0] * num_stages), method)
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()),
+                                 expected[0]['params'], plain[0]['params'])
+  assert max(jax.tree_util.tree_leaves(moved)) > 1e-3, moved
+  assert pipe.stage_optimizers[-1] is pipe.optimizer
+
+
+def test_delay_momentum_rule():
+  """gamma_k = gamma_0 + d_k (0.99 - gamma_0) / (d_max + 1): DDG at K = 4 is the paper's code's
+  momentum + (K - 1 - k) (0.99 - momentum) / K."""
+  comp = compensation_lib.Compensation('delay_momentum', optimizer=SGD, max_delay=3)
+  for k in range(3):
+    assert comp.momentum(4 - 1 - k) == pytest.approx(0.9 + (4 - 1 - k) * (0.99 - 0.9) / 4)
+  assert compensation_lib.Compensation('nesterov', optimizer=ADAMW).momentum(4) == 0.99
+
+
+@pytest.mark.parametrize('settings, message', [
+    (dict(name='nesterov'), 'needs its description'),
+    (dict(name='delay_momentum', optimizer=SGD), 'max_delay=0 is below'),
+    (dict(name='delay_momentum', optimizer=dataclasses.replace(SGD, momentum=0.995),
+          max_delay=4), 'below it'),
+])
+def test_lookahead_without_what_it_needs_is_refused(settings, message):
+  with pytest.raises(ValueError, match=message):
+    pipeline.Pipeline(initial_variables(3)[0], make_optimizer(),
+                      compensation=compensation_lib.Compensation(**settings),
+                      placements=jax.devices()[:3])
+
+
+def test_lookahead_bad_hyperparameters_are_refused():
+  with pytest.raises(ValueError, match='nesterov_momentum=1.0 is outside'):
+    compensation_lib.Compensation('nesterov', nesterov_momentum=1.0)
+  with pytest.raises(ValueError, match='not an optimizers.Recipe'):
+    compensation_lib.Compensation('nesterov', optimizer=make_optimizer())
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(method='dgl'), 'compensates delayed gradients'),
+    (dict(num_stages=1), 'compensates delayed gradients'),
+    (dict(compensation='delay_momentum', momentum=0.995), 'below the momentum'),
+    (dict(nesterov_momentum=1.5), 'nesterov_momentum'),
+])
+def test_config_refuses_lookahead_where_it_does_not_apply(overrides, message):
+  config = default_config.get_config()
+  config.compensation = 'nesterov'
+  config.update(overrides)
+  with pytest.raises(configuration.ConfigError, match=message):
+    configuration.validate_config(config)
+
+
+def test_lookahead_resume_mid_stream_is_bit_exact(tmp_path):
+  """NAdamW's state (count, mu product, moments) is checkpointed: 5 steps, save, restore into a
+  new pipeline, 5 more equal 10 straight."""
+  batches = tiny_batches(10)
+  modules, variables = initial_variables(3)
+  comp = compensation_lib.Compensation('nesterov+delay_momentum', optimizer=ADAMW, max_delay=4)
+
+  def make():
+    pipe = pipeline.Pipeline(modules, optimizers.build(ADAMW), beta=BETA, compensation=comp,
+                             placements=jax.devices()[:3])
+    return pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+
+  pipe, state = make()
+  for i, (images, labels) in enumerate(batches):
+    if i == 5:
+      checkpoint.Checkpointer(str(tmp_path)).save(5, pipe, state)
+    state, _ = pipe.step(state, images, labels)
+  straight = arrays(pipe.drain(state)[0].stages)
+  pipe, fresh = make()
+  state, _ = checkpoint.Checkpointer(str(tmp_path)).restore(pipe, fresh)
+  for images, labels in batches[5:]:
+    state, _ = pipe.step(state, images, labels)
+  chex.assert_trees_all_equal(arrays(pipe.drain(state)[0].stages), straight)
