@@ -65,7 +65,10 @@ def get_config():
   # 'weight_prediction' (forward with the parameters extrapolated to the update the gradient
   # will be applied at; needs stash 'vjp'), 'delay_compensation' (DC-ASGD's correction
   # g + lambda * g * g * (theta_now - theta_forward); needs stash 'vjp') or 'lr_reschedule'
-  # (PipeMare: learning rate divided by the delay early on, annealed to the schedule).
+  # (PipeMare: learning rate divided by the delay early on, annealed to the schedule),
+  # 'nesterov' (Ajanthan et al. 2025: the delayed stages' AdamW becomes NAdamW, SGD becomes
+  # Nesterov SGD, momentum nesterov_momentum), 'delay_momentum' (each delayed stage's momentum
+  # or adam_b1 raised with its delay towards delay_momentum_max) or 'nesterov+delay_momentum'.
   config.compensation = 'none'
   # delay_compensation: lambda0 of DC-ASGD-a (adaptive: divided by the root of the gradient's
   # running mean square), or lambda of DC-ASGD-c with dc_adaptive False (the paper: 0.04).
@@ -77,6 +80,14 @@ def get_config():
   # lr_reschedule: fraction of the training steps over which each stage's learning rate is
   # annealed from schedule / delay to the schedule (our default; PipeMare tunes its length).
   config.lr_reschedule_fraction = 0.25
+  # nesterov: momentum (NAdamW's b1, Nesterov SGD's momentum) of the delayed stages (the
+  # paper: 0.99; SGD's step grows as lr / (1 - momentum): 0.9 keeps a recipe tuned at 0.9).
+  config.nesterov_momentum = 0.99
+  # nesterov with adamw: NAdam's momentum decay psi, mu_t = b1 * (1 - 0.5 * 0.96 ** (t * psi))
+  # (PyTorch's default, the paper's runs).
+  config.nadam_momentum_decay = 0.004
+  # delay_momentum: the momentum the rule approaches with the delay (the paper's code: 0.99).
+  config.delay_momentum_max = 0.99
   # Images per training batch.
   config.batch_size = 128
   # Length of training in epochs (used when num_train_steps is -1).

@@ -39,6 +39,8 @@ RESUMABLE_FIELDS = frozenset({
 ADDED_FIELDS = {'residual_policy': '', 'split_by': 'flops', 'data_parallel': 1,
                 'compensation': 'none', 'dc_lambda': 2.0, 'dc_adaptive': True,
                 'dc_decay': 0.95, 'lr_reschedule_fraction': 0.25,
+                'nesterov_momentum': 0.99, 'nadam_momentum_decay': 0.004,
+                'delay_momentum_max': 0.99,
                 'warmup_shape': 'constant', 'task': 'image_classification',
                 'optimizer': 'sgd', 'adam_b1': 0.9, 'adam_b2': 0.95, 'adam_eps': 1e-8,
                 'decay_embeddings': False, 'lr_schedule': 'piecewise', 'warmup_steps': 0,
