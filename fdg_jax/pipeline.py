@@ -489,7 +489,8 @@ class Pipeline:
       raise ValueError('evaluate() got no batches.')
     result = (None if total is None else {
         name: float(value) for name, value in distributed.fetch(total).compute().items()})
-    names = tuple(field.name for field in dataclasses.fields(self.metrics))
+    names = tuple(field.name for field in dataclasses.fields(self.metrics)
+                  if not field.name.startswith('_'))   # clu's own bookkeeping fields
     return distributed.broadcast_values(result, names,
                                         distributed.process_of(self.shardings[-1]))
 
