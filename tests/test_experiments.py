@@ -16,8 +16,10 @@ import pytest
 
 from experiments.grids import cells as cells_lib
 from experiments.grids import grid
+from experiments.grids import metrics
 from experiments.grids import reports
 from experiments.grids import runner as runner_lib
+from experiments.lm import shakespeare_grid
 from experiments.paper import compensation_grid
 from experiments.paper import fig4a_beta
 from experiments.paper import published
@@ -389,3 +391,156 @@ def test_in_loop_times_reads_each_stage_s_compute_wait_and_transfers():
   # An event the thread had not seen (a missing arrival) drops that iteration, not the run.
   partial = [r for r in ready if r[:3] != ('cotangent', 2, 'arrived')]
   assert len(transfers.in_loop_times(partial)['per_iteration']['busy_ms'][0]) == 4
+
+
+def speedup(tmp_path, *args):
+  return subprocess.run([sys.executable, '-m', 'experiments.bench.speedup', *args,
+                         f'--output={tmp_path / "speedup.json"}'],
+                        capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--task=language_model', '--model=resnet20'], '--model is for image_classification'),
+    (['--task=language_model', '--n_embd=30', '--n_head=4'], 'not a multiple of --n_head'),
+    (['--variant_env=LD_PRELOAD=/nonexistent/libtcmalloc.so'], 'does not exist'),
+])
+def test_bench_speedup_refuses_bad_flags_before_running(tmp_path, args, message):
+  done = speedup(tmp_path, *args)
+  assert done.returncode != 0 and message in done.stderr
+  assert not (tmp_path / 'speedup.json').exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='the benchmark pins two cores')
+def test_bench_speedup_runs_a_gpt_with_an_allocator_variant(tmp_path):
+  """The smallest GPT, FDG K = 2 in two processes, plain and under a variant environment."""
+  done = speedup(tmp_path, '--task=language_model', '--n_layer=2', '--n_embd=16', '--n_head=2',
+                 '--block_size=8', '--batch_size=2', '--configs=fdg', '--iters=2', '--warmup=3',
+                 '--timeline_iters=2', '--repeats=1', '--variant_env=MALLOC_ARENA_MAX=3')
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  with open(tmp_path / 'speedup.json') as f:
+    result = json.load(f)
+  assert result['task'] == 'language_model' and result['model'] == 'gpt2x16_h2_t8'
+  assert result['gpt']['vocab_size'] == 65
+  assert set(result['ms_per_iter']) == {'fdg', 'fdg+env'}
+  assert all(ms > 0 for ms in result['ms_per_iter'].values())
+  # The variant's processes, and only they, ran with its environment.
+  assert result['env']['fdg+env']['MALLOC_ARENA_MAX'] == '3'
+  assert result['env']['fdg'].get('MALLOC_ARENA_MAX') != '3'
+  for name in ('fdg', 'fdg+env'):
+    [[kernel]] = result['kernel'][name]
+    assert len(kernel['minor_faults']) == 2   # both processes
+    assert len(result['stage_compute_ms'][name]) == 2 and result['exchange_ms'][name] > 0
+  # The plain run's timeline lies beside the result.
+  assert (tmp_path / 'speedup_flops_timeline.png').exists()
+
+
+# ------------------------------------------------------------------ the language-model grid
+
+
+def lm_options(tmp_path, **kwargs):
+  return options(tmp_path, scales=shakespeare_grid.SCALES, **kwargs)
+
+
+def fake_lm_summary(cell, val_loss=None):
+  """What the language-model trainer writes, with a validation loss that depends on the cell."""
+  val_loss = val_loss if val_loss is not None else (
+      1.9 + 0.05 * (cell.num_stages - 1) + 0.1 * (1 - cell.beta) + 0.01 * cell.seed)
+  history = [{'step': step, 'epoch': step / 1307, 'val_loss': val_loss + 1.0 / step,
+              'val_bits_per_token': 0.0, 'val_token_accuracy': 0.4} for step in (10, 20)]
+  history[-1]['val_loss'] = val_loss
+  return {'task': 'language_model', 'model': cell.model, 'dataset': 'textfile:t.txt',
+          'method': cell.method, 'num_stages': cell.num_stages, 'beta': cell.beta,
+          'compensation': dict(cell.overrides).get('compensation', 'none'), 'steps': 20,
+          'epochs': 20 / 1307, 'batch_size': 12, 'vocabulary': 'char', 'vocabulary_size': 65,
+          'train_tokens': 1003854, 'val_tokens': 111540, 'val_loss': val_loss,
+          'val_bits_per_char': val_loss / math.log(2), 'val_perplexity': math.exp(val_loss),
+          'val_token_accuracy': 0.4, 'tokens_per_sec': 500.0, 'train_time_s': 30.0,
+          'sample': f'sample of {cell.name}', 'resumed_from_step': 0, 'trainable_params': 812416,
+          'extra_params': 0, 'stage_split': [3], 'devices': ['cpu:0'], 'jax_version': 'test',
+          'params_digest': 'ab', 'history': history}
+
+
+class FakeLMRunner(FakeRunner):
+
+  def __call__(self, cell, workdir):
+    self.ran.append(cell.name)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, workdir_lib.SUMMARY_FILE), 'w') as f:
+      json.dump(fake_lm_summary(cell), f)
+
+
+def test_shakespeare_grid_cells_and_commands(tmp_path, capsys):
+  opts = lm_options(tmp_path, dataset='textfile', data_dir=str(tmp_path / 't.txt'),
+                    sets=('num_train_steps=20',))
+  cells = shakespeare_grid.build_cells(opts)
+  assert [c.name for c in cells[:8]] == [
+      'gpt_bp_seed0', 'gpt_fdg_k2_beta1_seed0', 'gpt_fdg_k2_beta0.5_seed0',
+      'gpt_fdg_k4_beta1_seed0', 'gpt_ddg_k2_seed0', 'gpt_dgl_k2_seed0',
+      'gpt_fdg_k2_beta1_wp_seed0', 'gpt_fdg_k4_beta1_wp_seed0']
+  assert len(cells) == 8 * len(opts.seeds) and cells[8].name == 'gpt_bp_seed1'
+  assert {c.config_file for c in cells} == {'configs/shakespeare_char_cpu.py'}
+  by_name = {c.name: c.override_dict() for c in cells}
+  for o in by_name.values():   # the config file as it is: no image subset, no epochs
+    assert o['stage_devices'] == () and o['num_train_steps'] == 20
+    assert o['dataset'] == 'textfile' and o['data_dir'] == str(tmp_path / 't.txt')
+    assert 'train_subset' not in o and 'num_epochs' not in o
+  assert by_name['gpt_dgl_k2_seed0']['aux_head'] == 'lm'
+  assert by_name['gpt_fdg_k4_beta1_wp_seed0']['compensation'] == 'weight_prediction'
+  assert 'compensation' not in by_name['gpt_fdg_k4_beta1_seed0']
+  assert [c.name for c in shakespeare_grid.build_cells(opts, methods=('bp', 'fdg_k2'))] == [
+      'gpt_bp_seed0', 'gpt_fdg_k2_beta1_seed0', 'gpt_bp_seed1', 'gpt_fdg_k2_beta1_seed1']
+  with pytest.raises(cells_lib.GridError, match='unknown'):
+    shakespeare_grid.build_cells(opts, methods=('bp', 'fdg_k3'))
+  with pytest.raises(cells_lib.GridError, match="choose one of \\('cpu',\\)"):
+    shakespeare_grid.build_cells(lm_options(tmp_path, scale='paper'))
+  # The commands: every stage on its own device; K stages in K processes with --processes.
+  runner = runner_lib.SubprocessRunner(python='PY', platform_info=('cpu', 1), log=lambda _: None,
+                                       processes=True)
+  bp, k4 = cells[0], cells[3]
+  argv, _ = runner.command(bp, 'W')
+  assert argv[:5] == ['PY', '-m', 'fdg_jax.main', '--config=configs/shakespeare_char_cpu.py',
+                      '--workdir=W']
+  assert '--config.stage_devices=()' in argv and '--config.method=bp' in argv
+  argv, _ = runner.command(k4, 'W')
+  assert argv[2:4] == ['fdg_jax.launch', '--num_processes=4']
+  assert '--config.num_stages=4' in argv and '--config.beta=1.0' in argv
+  grid.print_grid(cells[:8], opts.output_dir, processes=True)
+  printed = capsys.readouterr().out
+  assert '8 cells in' in printed and 'gpt_dgl_k2_seed0: to run' in printed
+  assert '--config.aux_head=lm' in printed
+
+
+def test_shakespeare_grid_report_from_summaries(tmp_path):
+  opts = lm_options(tmp_path, seeds=(0, 1, 2))
+  cells = shakespeare_grid.build_cells(opts)
+  logged = []
+  results = grid.run_grid(cells, opts.output_dir, runner=FakeLMRunner(), log=logged.append,
+                          metric=metrics.VAL_LOSS)
+  assert f'[1/{len(cells)}] gpt_bp_seed0: validation loss 1.9000 in 30 s' in logged
+  # A seed whose loss moves against the others: FDG K=2 beta 1 - BP is then 0.05, 0.05, 0.08.
+  seed2 = next(r for r in results if r.cell.name == 'gpt_fdg_k2_beta1_seed2')
+  seed2.summary = fake_lm_summary(seed2.cell, val_loss=1.9 + 0.02 + 0.08)
+  shakespeare_grid.report(results, opts)
+  out = opts.output_dir
+  with open(os.path.join(out, 'curves.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with open(os.path.join(out, 'results.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == len(cells) and rows[0]['val_loss'] == '1.9'
+  assert rows[-1]['compensation'] == 'weight_prediction'
+  with open(os.path.join(out, 'results.md')) as f:
+    md = f.read()
+  # BP: 1.90, 1.91, 1.92 -> 1.9100 ± 0.0100 nats, / ln 2 bits; FDG K=2: +0.06 ± 0.01 (s.e.).
+  bits = 1.91 / math.log(2)
+  assert f'| BP | 1.9100 ± 0.0100 | {bits:.3f} ± {0.01 / math.log(2):.3f} | – |' in md
+  assert '| FDG K=2 β=1 | 1.9700 ± 0.0265 |' in md and '| +0.0600 ± 0.0100 |' in md
+  assert '| FDG K=2 β=0.5 |' in md and '| +0.1000 ± 0.0000 |' in md
+  assert '| DGL K=2 |' in md and '| FDG K=4 β=1 wp |' in md
+  assert 'vocabulary of 65 symbols' in md and "nanoGPT's CPU recipe" in md
+  assert 'Validation loss of the composed network' in md and '24 of 24 finished' in md
+  assert 'sample of gpt_fdg_k4_beta1_wp_seed0' in md and 'sample of gpt_bp_seed1' not in md
+  # The curves: val_loss against step, mean over the seeds.
+  (bp,) = [g for g in reports.aggregate(results) if g.key[1] == 'bp']
+  steps, mean, _ = bp.curve('val_loss', 'step')
+  assert steps == [10, 20] and mean == pytest.approx([2.01, 1.91])

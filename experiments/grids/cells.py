@@ -1,8 +1,9 @@
 """A grid's cells: the common flags, and one training run's config built and checked.
 
-`make_cell` turns a row's config file, the scale (`SCALES`; `CPU_SCALE` and `rescale_schedule`
-for `--scale=cpu`), the data flags, the script's defaults and `--set` overrides into a `Cell`,
-checking every field before anything runs. How a grid uses its cells: experiments/grids/grid.py.
+`make_cell` turns a row's config file, the scale (one of the grid's `Scale`s: the image grids'
+`IMAGE_SCALES`, with `CPU_SCALE` and `rescale_schedule` for `--scale=cpu`), the data flags, the
+script's defaults and `--set` overrides into a `Cell`, checking every field before anything runs.
+How a grid uses its cells: experiments/grids/grid.py.
 """
 
 import dataclasses
@@ -15,7 +16,14 @@ import experiments
 REPO = experiments.REPO
 RESULTS_DIR = experiments.RESULTS_DIR
 
-SCALES = ('paper', 'cpu')
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  """What `--scale=NAME` makes of a grid's config files."""
+  overrides: dict     # config fields set at this scale ({}: the config files as they are)
+  description: str    # for --help and results.md
+
+
 # The reduced scale `--scale=cpu`: a fixed seeded subset of the training images (the test split
 # is complete), 12 epochs, the paper's schedule compressed to them (see rescale_schedule),
 # evaluation every 2 epochs, a checkpoint every 250 steps (about 2 minutes of ResNet-20).
@@ -26,6 +34,14 @@ CPU_SCALE = {
     'log_every_steps': 50,
     'checkpoint_every_steps': 250,
 }
+# The image classification grids' scales (the default of every grid).
+IMAGE_SCALES = {
+    'paper': Scale({}, "the config files' recipe (300 epochs, full data; see "
+                   'configs/default.py)'),
+    'cpu': Scale(CPU_SCALE, f"reduced, not the paper's: {CPU_SCALE}, the lr boundaries and the "
+                 'warm-up keeping their share of the run (see experiments/grids/grid.py)'),
+}
+SCALES = tuple(IMAGE_SCALES)
 # Fields a cell's script sets itself; `--set` may not change them.
 CELL_FIELDS = ('method', 'model', 'num_stages', 'beta', 'seed')
 METHOD_LABELS = {'bp': 'BP', 'fdg': 'FDG', 'ddg': 'DDG', 'dgl': 'DGL'}
@@ -53,18 +69,20 @@ class Options:
   keep_checkpoints: bool = False
   processes: bool = False  # FDG/DDG/DGL cells: one process per stage (runner.py)
   argv: tuple = ()         # the command line, recorded in results.md
+  scales: dict = dataclasses.field(default_factory=lambda: dict(IMAGE_SCALES))  # the grid's
 
   @property
   def output_dir(self) -> str:
     return os.path.abspath(self.out_dir or os.path.join(RESULTS_DIR, f'{self.name}_{self.scale}'))
 
 
-def define_flags(name: str) -> None:
-  """The common absl flags (call once, from a script's `__main__`)."""
+def define_flags(name: str, scales: Optional[dict] = None) -> None:
+  """The common absl flags (call once, from a script's `__main__`); `scales`: the grid's
+  (name -> Scale; default IMAGE_SCALES), of which `--scale` picks one ('cpu' by default)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_enum('scale', 'cpu', list(SCALES),
-                    "'paper': the config files' recipe (300 epochs, full data); 'cpu': the "
-                    f'reduced scale {CPU_SCALE} with the lr schedule compressed to it.')
+  scales = scales or IMAGE_SCALES
+  flags.DEFINE_enum('scale', 'cpu', list(scales), '; '.join(
+      f"'{n}': {s.description}" for n, s in scales.items()) + '.')
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds; every cell runs once per seed.')
   flags.DEFINE_string('dataset', '', "Override config.dataset (e.g. 'imagefolder'); '' = the "
                       "config files' tfds dataset.")
@@ -86,7 +104,7 @@ def define_flags(name: str) -> None:
                     'checkpoint was written in.')
 
 
-def options_from_flags(name: str) -> Options:
+def options_from_flags(name: str, scales: Optional[dict] = None) -> Options:
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   try:
@@ -96,7 +114,8 @@ def options_from_flags(name: str) -> Options:
   return Options(name=name, scale=f.scale, seeds=seeds, dataset=f.dataset, data_dir=f.data_dir,
                  sets=tuple(f.set), out_dir=f.out_dir, dry_run=f.dry_run,
                  report_only=f.report_only, keep_checkpoints=f.keep_checkpoints,
-                 processes=f.processes, argv=experiments.command_argv())
+                 processes=f.processes, argv=experiments.command_argv(),
+                 scales=dict(scales or IMAGE_SCALES))
 
 
 def parse_floats(values: Sequence[str], flag: str) -> tuple:
@@ -225,12 +244,12 @@ def make_cell(options: Options, config_file: str, *, method: str, seed: int,
   FDG run with beta = 1 (DDG has no gradient shrinking, BP and DGL do not use it) and BP with
   K = 1.
   """
-  if options.scale not in SCALES:
-    raise GridError(f'--scale={options.scale!r}: choose one of {SCALES}.')
+  if options.scale not in options.scales:
+    raise GridError(f'--scale={options.scale!r}: choose one of {tuple(options.scales)}.')
   if method not in METHOD_LABELS:
     raise GridError(f'unknown method {method!r}: choose one of {tuple(METHOD_LABELS)}.')
   base = load_config(config_file)
-  overrides = dict(CPU_SCALE) if options.scale == 'cpu' else {}
+  overrides = dict(options.scales[options.scale].overrides)
   if options.dataset:
     overrides['dataset'] = options.dataset
   if options.data_dir:

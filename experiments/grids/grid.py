@@ -10,11 +10,12 @@ in three modules beside it:
   scale, the data flags and `--set FIELD=VALUE` overrides and the cell's own fields, and checks
   every field (name and type) before anything runs. The common flags (`define_flags`, `Options`)
   are there too.
-- **Scales** (`cells.py`). `paper`: the config files as they are (the paper's recipe: 300 epochs,
-  lr / 10 at epochs 150, 225, 275, ...). `cpu`: `CPU_SCALE`, a reduced scale for a 2-core CPU (a
-  fixed seeded subset of 10,000 training images, the full test split, 12 epochs); the
-  learning-rate boundaries and the warm-up keep their share of the run (150/225/275 of 300 epochs
-  become 6/9/11 of 12). Whenever the run's `num_epochs` differs from the config file's (a scale,
+- **Scales** (`cells.py`). A grid names its scales (`Scale`: config overrides and a
+  description). The image grids' (`IMAGE_SCALES`, the default): `paper`, the config files as
+  they are (the paper's recipe: 300 epochs, lr / 10 at epochs 150, 225, 275, ...); `cpu`,
+  `CPU_SCALE`, a reduced scale for a 2-core CPU (a fixed seeded subset of 10,000 training
+  images, the full test split, 12 epochs); the learning-rate boundaries and the warm-up keep
+  their share of the run (150/225/275 of 300 epochs become 6/9/11 of 12). Whenever the run's `num_epochs` differs from the config file's (a scale,
   or `--set num_epochs=N`), boundaries and warm-up are rescaled the same way unless they are set
   explicitly with `--set`.
 - **Running** (`runner.py`). Each cell trains in its own workdir, `OUT_DIR/runs/<cell name>`, as a
@@ -32,8 +33,10 @@ in three modules beside it:
   After a run finishes, its checkpoints are deleted (they hold the pipeline in flight: up to GiBs
   per run) unless `--keep_checkpoints`.
 - **Reports** (`reports.py`). `aggregate` (mean and sample standard deviation over seeds per cell
-  group), `write_csv` (one row per run), `plot_curves` (test error against epoch, mean over seeds,
-  one line per group), `markdown_table` and `write_results_md`.
+  group), `write_csv` (one row per run), `plot_curves` (the metric against epoch or step, mean
+  over seeds, one line per group), `markdown_table` and `write_results_md`.
+- **Metrics** (`metrics.py`). The summary field a grid compares and how it is shown: the image
+  grids' `TEST_ERROR` (the default everywhere), the language-model grids' `VAL_LOSS`.
 
 A script is `build_cells(options) -> [Cell]` and `report(results, options)`, run by `main`.
 """
@@ -48,6 +51,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from experiments.grids import cells as cells_lib
+from experiments.grids import metrics
 from experiments.grids import runner as runner_lib
 from fdg_jax import checkpoint as checkpoint_lib
 from fdg_jax import workdir as workdir_lib
@@ -133,11 +137,13 @@ def cell_status(cell: cells_lib.Cell, workdir: str) -> str:
 def run_grid(cells: Sequence[cells_lib.Cell], out_dir: str,
              runner: Optional[runner_lib.Runner] = None, keep_checkpoints: bool = False,
              report_only: bool = False, log: Callable[[str], None] = print,
-             processes: bool = False) -> list[Result]:
+             processes: bool = False,
+             metric: metrics.Metric = metrics.TEST_ERROR) -> list[Result]:
   """Run every cell without a summary (in order), read the others; one Result per cell.
 
   Every workdir is checked against its cell before anything runs. A cell whose run fails is
-  reported as 'failed' and the grid goes on with the next one.
+  reported as 'failed' and the grid goes on with the next one. `metric` is what the log shows
+  of each finished run.
   """
   if not cells:
     raise cells_lib.GridError('the grid has no cells (no seeds, betas or K values?).')
@@ -174,7 +180,7 @@ def run_grid(cells: Sequence[cells_lib.Cell], out_dir: str,
       continue
     if not keep_checkpoints:
       shutil.rmtree(os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR), ignore_errors=True)
-    log(f'[{i + 1}/{len(cells)}] {cell.name}: test error {100 * summary["test_error"]:.2f}% '
+    log(f'[{i + 1}/{len(cells)}] {cell.name}: {metric.log_line(summary)} '
         f'in {summary["train_time_s"]:.0f} s')
     results.append(Result(cell, workdir, 'trained', summary))
   return results
@@ -198,10 +204,12 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def main(name: str, build_cells: Callable[[cells_lib.Options], list],
-         report: Callable[[Sequence[Result], cells_lib.Options], None]) -> int:
-  """What each script's `main` does: build, (dry-)run, report. Returns the exit status."""
+         report: Callable[[Sequence[Result], cells_lib.Options], None],
+         metric: metrics.Metric = metrics.TEST_ERROR, scales: Optional[dict] = None) -> int:
+  """What each script's `main` does: build, (dry-)run, report. Returns the exit status.
+  `metric`: what the log shows of each run; `scales`: the grid's (default: the image grids')."""
   try:
-    options = cells_lib.options_from_flags(name)
+    options = cells_lib.options_from_flags(name, scales)
     cells = build_cells(options)
     if not cells:
       raise cells_lib.GridError('the grid has no cells (no seeds, betas or K values?).')
@@ -213,7 +221,8 @@ def main(name: str, build_cells: Callable[[cells_lib.Options], list],
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
       results = run_grid(cells, out_dir, keep_checkpoints=options.keep_checkpoints,
-                         report_only=options.report_only, processes=options.processes)
+                         report_only=options.report_only, processes=options.processes,
+                         metric=metric)
     finally:
       signal.signal(signal.SIGTERM, previous)
       if lock:

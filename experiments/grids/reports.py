@@ -2,7 +2,9 @@
 
 `aggregate` groups the runs' summaries by cell group (mean and sample standard deviation over
 seeds), `paired_difference` compares two groups seed by seed; `write_csv` writes one row per run,
-`plot_curves` test error against epoch, `markdown_table` and `write_results_md` the results.md.
+`plot_curves` the grid's metric against epoch (or step), `markdown_table` and `write_results_md`
+the results.md. The metric is the image grids' test error unless a script names another
+(experiments/grids/metrics.py).
 """
 
 import csv
@@ -12,10 +14,11 @@ import math
 import os
 import platform
 import shlex
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from experiments.grids import cells as cells_lib
 from experiments.grids import grid
+from experiments.grids import metrics
 from fdg_jax import workdir as workdir_lib
 
 
@@ -45,12 +48,13 @@ class Group:
   def stat(self, field: str) -> tuple[float, float]:
     return mean_std([s[field] for s in self.summaries])
 
-  def curve(self) -> tuple[list, list, list]:
-    """(epochs, mean test error, std) over the seeds, at the evaluations they share."""
+  def curve(self, field: str = 'test_error', x: str = 'epoch') -> tuple[list, list, list]:
+    """(x values, mean of `field`, std) over the seeds, at the evaluations they share; x is a
+    history key, 'epoch' or 'step'."""
     by_step = {}
     for summary in self.summaries:
       for point in summary.get('history', []):
-        by_step.setdefault(point['step'], (point['epoch'], []))[1].append(point['test_error'])
+        by_step.setdefault(point['step'], (point[x], []))[1].append(point[field])
     steps = sorted(s for s, (_, errors) in by_step.items() if len(errors) == self.n)
     stats = [mean_std(by_step[s][1]) for s in steps]
     return ([by_step[s][0] for s in steps], [m for m, _ in stats], [d for _, d in stats])
@@ -83,22 +87,21 @@ def paired_difference(group: Group, reference: Group,
   return mean, std / math.sqrt(len(diffs)) if diffs else math.nan, len(diffs)
 
 
-def fmt_difference(group: Group, reference: Optional[Group]) -> str:
-  """`group` - `reference` in points as '+1.87 ± 0.52' (± one standard error, paired by seed);
-  '–' for the reference itself or when they share no seed."""
+def fmt_difference(group: Group, reference: Optional[Group],
+                   metric: metrics.Metric = metrics.TEST_ERROR) -> str:
+  """`group` - `reference` of `metric` as '+1.87 ± 0.52' (points of test error; ± one standard
+  error, paired by seed); '–' for the reference itself or when they share no seed."""
   if reference is None or group is reference:
     return '–'
-  mean, se, n = paired_difference(group, reference)
+  mean, se, n = paired_difference(group, reference, metric.field)
   if not n:
     return '–'
-  return f'{100 * mean:+.2f}' + ('' if math.isnan(se) else f' ± {100 * se:.2f}')
+  return metric.format_difference(mean, se)
 
 
 def fmt_pct(mean: float, std: float) -> str:
   """An error as '7.12 ± 0.31' (percent); '7.12' for one seed; '–' for none."""
-  if math.isnan(mean):
-    return '–'
-  return f'{100 * mean:.2f}' + ('' if math.isnan(std) else f' ± {100 * std:.2f}')
+  return metrics.TEST_ERROR.format(mean, std)
 
 
 def fmt_num(mean: float, std: float = math.nan, digits: int = 0) -> str:
@@ -114,19 +117,21 @@ CSV_FIELDS = ('cell', 'model', 'method', 'num_stages', 'beta', 'seed', 'status',
               'workdir')
 
 
-def write_csv(results: Sequence[grid.Result], path: str) -> None:
-  """One row per run (failed or missing runs too, with their status and no numbers)."""
+def write_csv(results: Sequence[grid.Result], path: str,
+              fields: Sequence[str] = CSV_FIELDS) -> None:
+  """One row per run (failed or missing runs too, with their status and no numbers); `fields`:
+  the summary's fields to write, besides the cell's (cell .. seed, status, workdir)."""
   with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     for r in results:
       s = r.summary or {}
-      row = {field: s.get(field, '') for field in CSV_FIELDS}
+      row = {field: s.get(field, '') for field in fields}
       row.update(cell=r.cell.name, model=r.cell.model, method=r.cell.method,
                  num_stages=r.cell.num_stages, beta=r.cell.beta, seed=r.cell.seed,
                  status=r.status, workdir=os.path.relpath(r.workdir, os.path.dirname(path)))
       for field in ('stage_split', 'devices'):
-        if isinstance(row[field], list):
+        if isinstance(row.get(field), list):
           row[field] = ' '.join(str(x) for x in row[field])
       writer.writerow(row)
 
@@ -152,25 +157,27 @@ def save_figure(fig, path: str) -> None:
   pyplot().close(fig)
 
 
-def plot_curves(groups: Sequence[Group], path: str, title: str) -> None:
-  """Test error against epoch, mean over seeds (band: ± std), one panel per model."""
+def plot_curves(groups: Sequence[Group], path: str, title: str,
+                metric: metrics.Metric = metrics.TEST_ERROR, x: str = 'epoch') -> None:
+  """`metric` against `x` (a history key: 'epoch' or 'step'), mean over seeds (band: ± std),
+  one panel per model."""
   plt = pyplot()
   models = list(dict.fromkeys(g.key[0] for g in groups))
   fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
   for ax, model in zip(axes[0], models):
     for group in (g for g in groups if g.key[0] == model and g.n):
-      epochs, mean, std = group.curve()
-      if not epochs:
+      xs, mean, std = group.curve(metric.field, x)
+      if not xs:
         continue
-      line, = ax.plot(epochs, [100 * m for m in mean], marker='o', markersize=3,
+      line, = ax.plot(xs, [metric.shown(m) for m in mean], marker='o', markersize=3,
                       label=f'{group.label} (n={group.n})')
       if group.n > 1:
-        ax.fill_between(epochs, [100 * (m - s) for m, s in zip(mean, std)],
-                        [100 * (m + s) for m, s in zip(mean, std)], color=line.get_color(),
-                        alpha=0.15)
+        ax.fill_between(xs, [metric.shown(m - s) for m, s in zip(mean, std)],
+                        [metric.shown(m + s) for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.15)
     ax.set_title(f'{title}: {model}')
-    ax.set_xlabel('epoch')
-    ax.set_ylabel('test error (%), mean over seeds')
+    ax.set_xlabel(x)
+    ax.set_ylabel(f'{metric.label}, mean over seeds')
     ax.grid(alpha=0.3)
     if ax.lines:
       ax.legend(fontsize=8)
@@ -183,16 +190,25 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
   return '\n'.join(lines)
 
 
-def describe_setup(results: Sequence[grid.Result], options: cells_lib.Options) -> str:
-  """The provenance lines of results.md: command, scale, data, machine, runs' state."""
+def image_data_line(summary: dict) -> str:
+  """results.md's line on the data of an image classification run."""
+  return (f'{summary["train_images"]} training images, {summary["test_images"]} test images, '
+          f'batch {summary["batch_size"]}, {summary["epochs"]:g} epochs '
+          f'({summary["steps"]} steps).')
+
+
+def describe_setup(results: Sequence[grid.Result], options: cells_lib.Options,
+                   metric: metrics.Metric = metrics.TEST_ERROR,
+                   data_line: Callable[[dict], str] = image_data_line) -> str:
+  """The provenance lines of results.md: command, scale, data (`data_line` of the first
+  finished run's summary), machine, runs' state, what `metric` is."""
   done = [r for r in results if r.summary is not None]
   first = results[0].cell if results else None
   lines = [f'Written {datetime.datetime.now().isoformat(timespec="seconds")} by:',
            '', '```bash', ' '.join(shlex.quote(a) for a in options.argv) or '(python API)',
            '```', '']
-  lines.append("Scale `paper`: the config files' recipe (see configs/default.py)." if
-               options.scale == 'paper' else "Scale `cpu` (reduced, not the paper's; see "
-               'experiments/grids/grid.py): lr boundaries and warm-up keep their share of the run.')
+  scale = options.scales.get(options.scale)
+  lines.append(f'Scale `{options.scale}`' + (f': {scale.description}.' if scale else '.'))
   if first is not None:
     shown = {k: v for k, v in first.override_dict().items() if k not in cells_lib.CELL_FIELDS}
     lines.append(f'Config overrides of the first cell (beyond method, model, K, beta, seed): '
@@ -201,22 +217,21 @@ def describe_setup(results: Sequence[grid.Result], options: cells_lib.Options) -
   if done:
     s = done[0].summary
     datasets = sorted({r.summary['dataset'] for r in done})
-    lines.append(f'Data: {", ".join(datasets)}, {s["train_images"]} training images, '
-                 f'{s["test_images"]} test images, batch {s["batch_size"]}, '
-                 f'{s["epochs"]:g} epochs ({s["steps"]} steps).')
+    lines.append(f'Data: {", ".join(datasets)}, {data_line(s)}')
     devices = sorted({' '.join(r.summary['devices']) for r in done})
     lines.append(f'Machine: {platform.node()}, {os.cpu_count()} CPU cores; stage devices of the '
                  f'runs: {"; ".join(devices)}; jax {s.get("jax_version", "?")}.')
   missing = [r.cell.name for r in results if r.summary is None]
   lines.append(f'Runs: {len(done)} of {len(results)} finished' +
                (f'; not finished: {", ".join(missing)}.' if missing else '.'))
-  lines.append('Test error of the composed network on the test split after the last epoch, in %, '
-               'mean ± sample standard deviation over seeds (n = number of seeds). One row per '
-               'run in results.csv.')
+  lines.append(f'{metric.description} One row per run in results.csv.')
   return '\n'.join(lines)
 
 
 def write_results_md(path: str, title: str, results: Sequence[grid.Result],
-                     options: cells_lib.Options, body: str) -> None:
+                     options: cells_lib.Options, body: str,
+                     metric: metrics.Metric = metrics.TEST_ERROR,
+                     data_line: Callable[[dict], str] = image_data_line) -> None:
   with open(path, 'w') as f:
-    f.write(f'# {title}\n\n{describe_setup(results, options)}\n\n{body.strip()}\n')
+    f.write(f'# {title}\n\n{describe_setup(results, options, metric, data_line)}\n\n'
+            f'{body.strip()}\n')
