@@ -123,11 +123,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       fail('compensation', f"{config.compensation!r} acts on the parameters of each forward, "
            f"which stash {config.stash!r} does not keep (it redoes the forward at the current "
            'parameters)', "Use --config.stash=vjp, or compensation 'lr_reschedule'.")
-    if config.compensation in compensation.REBUILDS_OPTIMIZER:
-      base = config.adam_b1 if config.optimizer == 'adamw' else config.momentum
-      if 'delay_momentum' in config.compensation and base > config.delay_momentum_max:
-        fail('delay_momentum_max', f'{config.delay_momentum_max} is below the momentum {base} '
-             'it raises', 'Use a delay_momentum_max above it, e.g. 0.99.')
+    base = config.adam_b1 if config.optimizer == 'adamw' else config.momentum
+    if 'delay_momentum' in config.compensation and base > config.delay_momentum_max:
+      fail('delay_momentum_max', f'{config.delay_momentum_max} is below the momentum {base} '
+           'it raises', 'Use a delay_momentum_max above it, e.g. 0.99.')
   for field in ('nesterov_momentum', 'delay_momentum_max'):
     if not 0 <= config[field] < 1:
       fail(field, f'{config[field]} is outside [0, 1)', 'Use e.g. 0.99 (the paper).')
