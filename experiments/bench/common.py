@@ -1,6 +1,7 @@
 """What the experiments share: a pipeline built exactly as the trainer builds it, on random data.
 
-The experiments need no dataset: `train.setup` only needs the number of classes.
+The experiments need no dataset: `train.setup` only needs the number of classes (or, for the
+language model, the vocabulary's size: tiny Shakespeare's 65 characters).
 """
 
 import json
@@ -12,12 +13,14 @@ import jax
 import numpy as np
 
 from configs import default as default_config
+from configs import shakespeare_char_cpu
 import experiments
 from fdg_jax import pipeline
 from fdg_jax import train
 
 NUM_CLASSES = 10
 STEPS_PER_EPOCH = 50_000 // 128   # CIFAR-10 at batch 128: only the lr schedule's boundaries use it
+VOCAB_SIZE = 65   # tiny Shakespeare's characters (configs/shakespeare_char*.py)
 RESULTS_DIR = experiments.RESULTS_DIR
 
 
@@ -30,6 +33,35 @@ def make_config(model: str, method: str, num_stages: int, batch_size: int, image
   config.batch_size, config.image_size = batch_size, image_size
   config.stage_devices = tuple(stage_devices)
   return config
+
+
+def make_gpt_config(method: str, num_stages: int, batch_size: int, n_layer: int, n_embd: int,
+                    n_head: int, block_size: int):
+  """configs/shakespeare_char_cpu.py (nanoGPT's AdamW and schedule) with this GPT's sizes, and
+  stage k on device k (as make_config) rather than every stage on device 0."""
+  config = shakespeare_char_cpu.get_config()
+  config.method, config.num_stages, config.batch_size = method, num_stages, batch_size
+  config.n_layer, config.n_embd, config.n_head, config.block_size = (n_layer, n_embd, n_head,
+                                                                     block_size)
+  config.stage_devices = ()
+  return config
+
+
+def num_outputs(config) -> int:
+  """The model's output size for a benchmark's config: classes, or the vocabulary's size."""
+  return VOCAB_SIZE if config.task == 'language_model' else NUM_CLASSES
+
+
+def random_host_batch(config, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """One random (inputs, targets) on the host: normal images and labels, or token windows and
+  their next tokens (int32 in [0, VOCAB_SIZE))."""
+  if config.task == 'language_model':
+    tokens = rng.integers(0, VOCAB_SIZE, size=(config.batch_size, config.block_size + 1))
+    tokens = tokens.astype(np.int32)
+    return tokens[:, :-1], tokens[:, 1:]
+  size = config.image_size
+  return (rng.normal(size=(config.batch_size, size, size, 3)).astype(np.float32),
+          rng.integers(0, NUM_CLASSES, size=(config.batch_size,)).astype(np.int32))
 
 
 def build_pipeline(config) -> tuple[pipeline.Pipeline, pipeline.PipelineState]:

@@ -21,20 +21,30 @@ For the FDG configurations also: `exchange_ms`, one activation forward and one a
 shape back between the two processes alone (round trip, median), and each stage's device time per
 call in the running pipeline (`stage_compute_ms`, the median steady call of a profiler timeline
 of both processes over `--timeline_iters` iterations after the timed ones) with its share of
-the iteration (`busy_share`); the first FDG run of each split draws that timeline to
-`experiments/results/bench_speedup_MODEL_bBATCH_SPLIT_timeline.png`. Each process times its own
-loop of `--iters` iterations after `--warmup` (compilation and the pipeline's fill), with random
-data; the slowest process's time is the configuration's. The last stdout line is JSON.
+the iteration (`busy_share`); the first FDG run of each split draws that timeline beside the
+result (by default `experiments/results/bench_speedup_MODEL_bBATCH_SPLIT_timeline.png`). Each
+process times its own loop of `--iters` iterations after `--warmup` (compilation and the
+pipeline's fill), with random data; the slowest process's time is the configuration's. The last
+stdout line is JSON.
+
+`--task=language_model` benchmarks a GPT (sized by --n_layer, --n_embd, --n_head, --block_size;
+vocabulary 65, tiny Shakespeare's characters; AdamW as configs/shakespeare_char_cpu.py) on random
+token windows instead of the ResNet on random images; its files are named by the GPT's sizes.
 
 `--probe` looks inside FDG's timed loop itself, without a profiler: a thread polls when each
 array a stage sends is ready and when it has arrived at the other process, which gives each
 stage's compute in the running pipeline, how long it waited for its input, and each transfer's
 latency (`in_loop`, see experiments/probes/transfers.py). `--configs` runs a subset (the speed-up
 factors need all six); `--variant_env` runs each configuration also under other environment
-variables (e.g. another allocator), interleaved.
+variables (e.g. another allocator, or glibc's malloc tunables), interleaved. Every process
+records the allocator variables it saw (`env`) and, per timed iteration, its system and user CPU
+time and minor page faults (`kernel`).
 
     python -m experiments.bench.speedup --model=resnet20 --batch_size=128
     python -m experiments.bench.speedup --configs=bp_1core,fdg --repeats=5 --probe
+    python -m experiments.bench.speedup --task=language_model --n_layer=8 --n_embd=256 \
+        --n_head=8 --block_size=128 --batch_size=16 \
+        --variant_env=MALLOC_ARENA_MAX=2,MALLOC_TRIM_THRESHOLD_=1000000000
 """
 
 import json
@@ -55,12 +65,20 @@ import experiments
 from experiments.bench import common
 from experiments.probes import transfers
 from fdg_jax import distributed
+from fdg_jax import tasks
 from fdg_jax import timeline
 from fdg_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('model', 'resnet20', 'Model of the zoo.')
-flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
+flags.DEFINE_enum('task', 'image_classification', list(tasks.TASKS),
+                  'image_classification (a model of the zoo on 32x32 images) or language_model '
+                  '(a GPT on token windows).')
+flags.DEFINE_string('model', 'resnet20', 'image_classification: model of the zoo.')
+flags.DEFINE_integer('n_layer', 8, 'language_model: transformer blocks.')
+flags.DEFINE_integer('n_embd', 256, 'language_model: width.')
+flags.DEFINE_integer('n_head', 8, 'language_model: attention heads.')
+flags.DEFINE_integer('block_size', 128, 'language_model: context (tokens per window).')
+flags.DEFINE_integer('batch_size', 128, 'Images or token windows per batch.')
 flags.DEFINE_integer('warmup', 4, 'Iterations before timing (compilation, pipeline fill).')
 flags.DEFINE_integer('iters', 8, 'Timed iterations per run.')
 flags.DEFINE_integer('repeats', 3, 'Interleaved repeats of every configuration.')
@@ -85,6 +103,32 @@ flags.DEFINE_integer('process_id', None, 'Worker: set by fdg_jax.launch.')
 
 REPO = experiments.REPO
 CONFIGS = ('bp_1core', 'bp_2core', 'bp_dp', 'fdg', 'fdg_time', 'bp_pair')
+# What a process reports of its environment: the allocator's settings a variant may change.
+ALLOCATOR_ENV = ('LD_PRELOAD', 'GLIBC_TUNABLES')
+ALLOCATOR_PREFIXES = ('MALLOC_', 'TCMALLOC_', 'JEMALLOC_')   # glibc's and jemalloc's MALLOC_*
+
+
+def language_model() -> bool:
+  return FLAGS.task == 'language_model'
+
+
+def model_label() -> str:
+  """The model in file names and titles: the zoo's name, or the GPT's sizes."""
+  if language_model():
+    return f'gpt{FLAGS.n_layer}x{FLAGS.n_embd}_h{FLAGS.n_head}_t{FLAGS.block_size}'
+  return FLAGS.model
+
+
+def make_config(method: str, num_stages: int):
+  if language_model():
+    return common.make_gpt_config(method, num_stages, FLAGS.batch_size, FLAGS.n_layer,
+                                  FLAGS.n_embd, FLAGS.n_head, FLAGS.block_size)
+  return common.make_config(FLAGS.model, method, num_stages, FLAGS.batch_size, 32)
+
+
+def allocator_env() -> dict:
+  return {k: v for k, v in sorted(os.environ.items())
+          if k in ALLOCATOR_ENV or k.startswith(ALLOCATOR_PREFIXES)}
 
 
 def kernel_share(before, after) -> dict:
@@ -102,15 +146,13 @@ def worker() -> None:
   """One process of one configuration: prints {'ms_per_iter': ...} (process 0)."""
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   num_stages = 2 if FLAGS.method == 'fdg' else 1
-  config = common.make_config(FLAGS.model, FLAGS.method, num_stages, FLAGS.batch_size, 32)
+  config = make_config(FLAGS.method, num_stages)
   config.split_by = FLAGS.split_by
   config.data_parallel = FLAGS.data_parallel
-  run_setup = train.setup(config, common.NUM_CLASSES, common.STEPS_PER_EPOCH)
+  run_setup = train.initial_run(config, common.num_outputs(config), common.STEPS_PER_EPOCH)
   pipe, state = run_setup.pipe, run_setup.state
   rng = np.random.default_rng(0)
-  batches = [(rng.normal(size=(FLAGS.batch_size, 32, 32, 3)).astype(np.float32),
-              rng.integers(0, 10, size=(FLAGS.batch_size,)).astype(np.int32))
-             for _ in range(2)]
+  batches = [common.random_host_batch(config, rng) for _ in range(2)]
 
   def run(count, state, recorder=None):
     for t in range(count):
@@ -129,12 +171,13 @@ def worker() -> None:
   elapsed = time.perf_counter() - start
   slowest = distributed.all_processes([int(elapsed * 1e6)]).max() / 1e6
   result = {'ms_per_iter': 1e3 * slowest / FLAGS.iters,
-            'kernel': kernel_share(usage, resource.getrusage(resource.RUSAGE_SELF))}
+            'kernel': kernel_share(usage, resource.getrusage(resource.RUSAGE_SELF)),
+            'env': allocator_env()}
   if probe:
     ready = sum(distributed.all_processes_json(probe.stop()), [])
     result['in_loop'] = transfers.in_loop_times([tuple(r) for r in ready])
   if num_stages == 2:
-    result['exchange_ms'] = exchange_ms(pipe)
+    result['exchange_ms'] = exchange_ms(pipe, config)
     # Each stage's device time per call in the running pipeline, from a timeline of both
     # processes, against the iteration: the share of the iteration the stage is busy.
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -148,16 +191,16 @@ def worker() -> None:
     result['busy_share'] = [ms / result['ms_per_iter'] for ms in result['stage_compute_ms']]
     if FLAGS.timeline_png and jax.process_index() == 0:
       timeline.draw_timeline(events, FLAGS.timeline_png, title=(
-          f'{FLAGS.model} FDG K=2, batch {FLAGS.batch_size}, two processes on one core each, '
+          f'{model_label()} FDG K=2, batch {FLAGS.batch_size}, two processes on one core each, '
           f'split by {FLAGS.split_by}'))
   if jax.process_index() == 0:
     print(json.dumps(result), flush=True)
 
 
-def exchange_ms(pipe) -> float:
+def exchange_ms(pipe, config) -> float:
   """One iteration's exchange alone: the activation to stage 1 and an array of its shape back
   (the cotangent), as cross-process device_puts, round trip, ms (median of --iters)."""
-  spec = pipe.io_specs(jax.ShapeDtypeStruct((FLAGS.batch_size, 32, 32, 3), np.float32))[1]
+  spec = pipe.io_specs(tasks.get(config.task).input_spec(config, FLAGS.batch_size))[1]
   first, second = pipe.shardings
   x = (jax.device_put(np.zeros(spec.shape, spec.dtype), first) if pipe.is_local[0] else None)
   samples = []
@@ -179,20 +222,21 @@ def _result(output: str) -> dict:
   raise RuntimeError(f'no timing in the output:\n{output[-3000:]}')
 
 
-def measure(name: str, cores: list[int], extra_env: dict, draw_timeline: bool = False
+def measure(name: str, cores: list[int], extra_env: dict, timeline_stem: str = ''
             ) -> list[dict]:
   """Runs one configuration in fresh processes, with `extra_env` in their environment; its
-  results (two for bp_pair). FDG draws its timeline if `draw_timeline`."""
-  worker_flags = [f'--model={FLAGS.model}', f'--batch_size={FLAGS.batch_size}',
+  results (two for bp_pair). FDG draws its timeline to TIMELINE_STEM_SPLIT_timeline.png if
+  `timeline_stem`."""
+  worker_flags = [f'--task={FLAGS.task}', f'--model={FLAGS.model}', f'--n_layer={FLAGS.n_layer}',
+                  f'--n_embd={FLAGS.n_embd}', f'--n_head={FLAGS.n_head}',
+                  f'--block_size={FLAGS.block_size}', f'--batch_size={FLAGS.batch_size}',
                   f'--warmup={FLAGS.warmup}', f'--iters={FLAGS.iters}', f'--probe={FLAGS.probe}']
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              PYTHONPATH=REPO, **extra_env)
   bp = ['experiments.bench.speedup', '--method=bp', *worker_flags]
   if name in ('fdg', 'fdg_time'):
     split_by = 'time' if name == 'fdg_time' else 'flops'
-    png = '' if not draw_timeline else os.path.join(
-        experiments.RESULTS_DIR,
-        f'bench_speedup_{FLAGS.model}_b{FLAGS.batch_size}_{split_by}_timeline.png')
+    png = f'{timeline_stem}_{split_by}_timeline.png' if timeline_stem else ''
     commands = [[sys.executable, '-m', 'fdg_jax.launch', '--num_processes=2', '--module',
                  'experiments.bench.speedup', '--', '--method=fdg', f'--split_by={split_by}',
                  f'--timeline_png={png}', f'--timeline_iters={FLAGS.timeline_iters}',
@@ -227,32 +271,51 @@ def main(argv):
   if FLAGS.method:
     worker()
     return
-  cores = sorted(os.sched_getaffinity(0))
-  if len(cores) < 2:
-    raise app.UsageError('The benchmark needs two cores.')
   unknown = set(FLAGS.configs) - set(CONFIGS)
   if unknown:
     raise app.UsageError(f'--configs: unknown {sorted(unknown)}; choose from {CONFIGS}.')
+  if language_model() and FLAGS['model'].present:
+    raise app.UsageError('--model is for image_classification; size the GPT with --n_layer, '
+                         '--n_embd, --n_head and --block_size.')
+  if language_model() and FLAGS.n_embd % FLAGS.n_head:
+    raise app.UsageError(f'--n_embd={FLAGS.n_embd} is not a multiple of --n_head={FLAGS.n_head}.')
   variants = [('', {})]
   if FLAGS.variant_env:
     pairs = [item.partition('=') for item in FLAGS.variant_env]
     if any(not name or not sep for name, sep, _ in pairs):
       raise app.UsageError(f'--variant_env={",".join(FLAGS.variant_env)}: give NAME=VALUE pairs.')
-    variants.append(('+env', {name: value for name, _, value in pairs}))
+    variant = {name: value for name, _, value in pairs}
+    # The loader only warns of a library it cannot preload, and the variant would time the default.
+    missing = [p for p in variant.get('LD_PRELOAD', '').replace(':', ' ').split()
+               if not os.path.exists(p)]
+    if missing:
+      raise app.UsageError(f'--variant_env: LD_PRELOAD {", ".join(missing)} does not exist; '
+                           'install the library or give its path.')
+    variants.append(('+env', variant))
+  cores = sorted(os.sched_getaffinity(0))
+  if len(cores) < 2:
+    raise app.UsageError('The benchmark needs two cores.')
+  path = FLAGS.output or os.path.join(
+      experiments.RESULTS_DIR, f'bench_speedup_{model_label()}_b{FLAGS.batch_size}.json')
+  timeline_stem = os.path.splitext(path)[0]   # the timelines lie beside the result
   runs = [(name, suffix, env) for name in FLAGS.configs for suffix, env in variants]
   times = {name + suffix: [] for name, suffix, _ in runs}
   details = {name + suffix: [] for name, suffix, _ in runs if name in ('fdg', 'fdg_time')}
+  kernel = {name: [] for name in times}   # per repeat, each process's
+  env_seen = {}
   for repeat in range(FLAGS.repeats):
     for config, suffix, extra_env in runs:
       name = config + suffix
-      results = measure(config, cores, extra_env,
-                        draw_timeline=repeat == 0 and not FLAGS.probe and not suffix)
+      draw = repeat == 0 and not FLAGS.probe and not suffix
+      results = measure(config, cores, extra_env, timeline_stem if draw else '')
       ms = [r['ms_per_iter'] for r in results]
       times[name].append(statistics.mean(ms))
+      kernel[name].append([r['kernel'] for r in results])
+      env_seen[name] = results[0]['env']
       if name in details:
         details[name].append(results[0])
       extra = ''.join(f'  {k} {v}' for k, v in results[0].items()
-                      if k not in ('ms_per_iter', 'in_loop'))
+                      if k not in ('ms_per_iter', 'in_loop', 'env'))
       if 'in_loop' in results[0]:
         in_loop = results[0]['in_loop']
         extra += '  in loop: ' + ', '.join(
@@ -262,16 +325,22 @@ def main(argv):
             flush=True)
   median = {name: statistics.median(values) for name, values in times.items()}
   result = {
-      'model': FLAGS.model, 'batch_size': FLAGS.batch_size, 'iters': FLAGS.iters,
+      'task': FLAGS.task, 'model': model_label(), 'batch_size': FLAGS.batch_size,
+      'iters': FLAGS.iters,
       'repeats': FLAGS.repeats, 'cores': len(cores), 'ms_per_iter': median, 'runs': times,
       'exchange_ms': {name: statistics.median(r['exchange_ms'] for r in runs)
                       for name, runs in details.items()},
       'stage_compute_ms': {name: runs[0]['stage_compute_ms'] for name, runs in details.items()},
       'busy_share': {name: [statistics.median(r['busy_share'][k] for r in runs)
                             for k in range(2)] for name, runs in details.items()},
+      'kernel': kernel,
       'machine': common.machine(),
       'variant_env': FLAGS.variant_env,
+      'env': env_seen,   # the allocator variables each configuration's processes saw
   }
+  if language_model():
+    result['gpt'] = {'n_layer': FLAGS.n_layer, 'n_embd': FLAGS.n_embd, 'n_head': FLAGS.n_head,
+                     'block_size': FLAGS.block_size, 'vocab_size': common.VOCAB_SIZE}
   if FLAGS.probe:
     result['in_loop'] = {name: [r['in_loop'] for r in runs] for name, runs in details.items()}
   if set(FLAGS.configs) == set(CONFIGS):
@@ -285,8 +354,6 @@ def main(argv):
         'fdg_over_dp': median['bp_dp'] / median[best],
         'fdg_over_capacity': median['bp_1core'] / median[best] / capacity,
     })
-  path = FLAGS.output or os.path.join(
-      experiments.RESULTS_DIR, f'bench_speedup_{FLAGS.model}_b{FLAGS.batch_size}.json')
   with open(path, 'w') as f:
     json.dump(result, f, indent=2)
   print(json.dumps(result, sort_keys=True), flush=True)
