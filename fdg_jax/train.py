@@ -31,6 +31,7 @@ from fdg_jax import models
 from fdg_jax import optimizers
 from fdg_jax import partition
 from fdg_jax import pipeline
+from fdg_jax import schedule
 from fdg_jax import tasks
 from fdg_jax import timeline
 from fdg_jax import workdir as workdir_lib
@@ -53,11 +54,19 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
 
 
 def create_compensation(config, steps_per_epoch: int) -> compensation.Compensation:
-  """The config's stale-gradient compensation (fdg_jax/compensation.py)."""
+  """The config's stale-gradient compensation (fdg_jax/compensation.py). The look-ahead ones
+  rebuild a stage's optimizer from the config's recipe; delay_momentum scales by the largest
+  delay, stage 0's."""
+  method = 'ddg' if config.method == 'ddg' else 'fdg'
   return compensation.Compensation(
       config.compensation, dc_lambda=config.dc_lambda, dc_adaptive=config.dc_adaptive,
       dc_decay=config.dc_decay, reschedule_steps=max(1, round(
-          config.lr_reschedule_fraction * total_train_steps(config, steps_per_epoch))))
+          config.lr_reschedule_fraction * total_train_steps(config, steps_per_epoch))),
+      optimizer=optimizers.recipe(config, steps_per_epoch),
+      nesterov_momentum=config.nesterov_momentum,
+      nadam_momentum_decay=config.nadam_momentum_decay,
+      delay_momentum_max=config.delay_momentum_max,
+      max_delay=schedule.delay(0, num_stages_of(config), method))
 
 
 def create_pipeline(config, stages, optimizer, placements, num_classes: int,

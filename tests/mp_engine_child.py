@@ -1,18 +1,23 @@
 """One process of a multi-process engine run (tests/test_multiprocess.py starts them through
 fdg_jax.launch): the tiny pipeline of tests/tiny.py (or, for a method 'fdg+dict' or 'fdg+mask',
-the stages of tests/test_pytree_stages.py that pass pytrees) with stage k on process k, fed the
-same batches as the single-process reference, drained; process 0 writes every stage's variables."""
+the stages of tests/test_pytree_stages.py that pass pytrees; for 'fdg@NAME', a compensation)
+with stage k on process k, fed the same batches as the single-process reference, drained;
+process 0 writes every stage's variables."""
 
 import argparse
 import os
 
 import jax
 import numpy as np
+import optax
 
 from fdg_jax import baselines
 from fdg_jax import checkpoint
+from fdg_jax import compensation as compensation_lib
 from fdg_jax import distributed
+from fdg_jax import optimizers
 from fdg_jax import pipeline
+from fdg_jax import schedule
 from test_pytree_stages import pytree_batches, pytree_pipeline
 from tiny import NUM_CLASSES, initial_variables, make_optimizer, tiny_batches
 
@@ -20,8 +25,15 @@ NUM_BATCHES = 12
 BETA = 0.7
 
 
+def parse(name):
+  """'METHOD[+KIND][@COMPENSATION]' -> (method, pytree kind or '', compensation or '')."""
+  name, _, compensation = name.partition('@')
+  method, _, kind = name.partition('+')
+  return method, kind, compensation
+
+
 def make_pipeline(method, num_stages, stash, placements):
-  method, _, kind = method.partition('+')
+  method, kind, compensation = parse(method)
   if kind:   # stages that pass a pytree of kind 'dict' or 'mask'
     return pytree_pipeline(kind, num_stages, method, stash, placements, beta=BETA)
   modules, variables = initial_variables(num_stages)
@@ -30,7 +42,13 @@ def make_pipeline(method, num_stages, stash, placements):
                                  aux_head='conv', placements=placements)
   else:
     engine = baselines.DDGPipeline if method == 'ddg' else pipeline.Pipeline
-    pipe = engine(modules, make_optimizer(), beta=BETA, stash=stash, placements=placements)
+    if compensation:   # tiny's optimizer as a recipe, which the look-ahead ones rebuild
+      compensation = compensation_lib.Compensation(
+          compensation, optimizer=optimizers.Recipe(
+              'sgd', optax.piecewise_constant_schedule(0.1, {5: 0.1}), momentum=0.9,
+              weight_decay=5e-4), max_delay=schedule.delay(0, num_stages, method))
+    pipe = engine(modules, make_optimizer(), beta=BETA, stash=stash, placements=placements,
+                  compensation=compensation or 'none')
   return pipe, variables
 
 
@@ -38,7 +56,7 @@ def run(method, num_stages, stash, placements, checkpoint_dir=None):
   """Every stage's final variables (numpy, on process 0; None on the others). With
   `checkpoint_dir`, the pipeline is checkpointed half-way, rebuilt and restored, and goes on."""
   pipe, variables = make_pipeline(method, num_stages, stash, placements)
-  kind = method.partition('+')[2]
+  kind = parse(method)[1]
   batches = pytree_batches(kind, NUM_BATCHES) if kind else tiny_batches(NUM_BATCHES)
   state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
   for t, (inputs, labels) in enumerate(batches):
@@ -75,7 +93,8 @@ def main():
   # puts stage k on the devices whose indices are the digits of its group, e.g. 'on01-2':
   # stage 0 split over devices 0 and 1 (processes 0 and 1), stage 1 on device 2. A fourth
   # part, 'resume', checkpoints the run half-way and restores it into a new pipeline. METHOD
-  # 'fdg+dict' or 'fdg+mask' (any method, '+' a kind): stages that pass that pytree.
+  # 'fdg+dict' or 'fdg+mask' (any method, '+' a kind): stages that pass that pytree. METHOD
+  # 'fdg@nesterov' (FDG or DDG, '@' a compensation): tiny's optimizer, with that compensation.
   parser.add_argument('--runs')
   args = parser.parse_args()
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)

@@ -496,3 +496,23 @@ def test_lookahead_resume_mid_stream_is_bit_exact(tmp_path):
   for images, labels in batches[5:]:
     state, _ = pipe.step(state, images, labels)
   chex.assert_trees_all_equal(arrays(pipe.drain(state)[0].stages), straight)
+
+
+@pytest.mark.parametrize('method, num_stages, max_delay', [('fdg', 3, 4), ('ddg', 4, 3)])
+def test_trainer_builds_the_lookahead_from_the_config(method, num_stages, max_delay):
+  """The trainer's compensation rebuilds the config's own optimizer (its recipe: AdamW, its
+  schedule and mask) with the config's look-ahead fields, and scales the delay momentum by the
+  method's largest delay (stage 0's: FDG 2(K-1), DDG K-1)."""
+  from fdg_jax import train   # pylint: disable=import-outside-toplevel
+  config = default_config.get_config()
+  config.update(dict(method=method, num_stages=num_stages, optimizer='adamw',
+                     compensation='nesterov+delay_momentum', nesterov_momentum=0.98,
+                     nadam_momentum_decay=0.002, delay_momentum_max=0.995))
+  configuration.validate_config(config)
+  comp = train.create_compensation(config, steps_per_epoch=10)
+  recipe = optimizers.recipe(config, steps_per_epoch=10)
+  assert (comp.max_delay, comp.nesterov_momentum, comp.nadam_momentum_decay,
+          comp.delay_momentum_max) == (max_delay, 0.98, 0.002, 0.995)
+  assert comp.optimizer.name == 'adamw'
+  assert (comp.optimizer.b2, comp.optimizer.weight_decay) == (recipe.b2, recipe.weight_decay)
+  assert comp.optimizer.learning_rate(7) == recipe.learning_rate(7)

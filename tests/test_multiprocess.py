@@ -76,8 +76,10 @@ def test_processes_compute_what_one_process_computes(tmp_path):
   the spread layout (the transfers are exact). (DDG and DGL at K = 2, across processes, are in
   the four-process test below.) Also stages that pass pytrees across processes 0-1
   (tests/test_pytree_stages.py): a dict of float arrays, and a (float, bool mask) tuple whose
-  cotangent has no mask leaf."""
-  runs = {3: ['fdg:vjp', 'fdg:recompute', 'ddg:vjp', 'dgl:vjp'],
+  cotangent has no mask leaf. Also the look-ahead compensations (FDG: Nesterov with the delay
+  momentum; DDG: Nesterov), whose delayed stages run optimizers of their own."""
+  runs = {3: ['fdg:vjp', 'fdg:recompute', 'ddg:vjp', 'dgl:vjp',
+              'fdg@nesterov+delay_momentum:vjp', 'ddg@nesterov:vjp'],
           2: ['fdg:vjp:on0-1', 'fdg+dict:vjp:on0-1', 'fdg+mask:recompute:on0-1']}
   code, stdout = launch(3, ['--num_stages=3', f'--out_dir={tmp_path}',
                             f'--runs={",".join(runs[3] + runs[2] + ["fdg:vjp:on0-0"])}'])

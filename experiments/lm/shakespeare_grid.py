@@ -2,7 +2,8 @@ r"""FDG against BP on a character GPT: nanoGPT's CPU recipe for tiny Shakespeare
 
 configs/shakespeare_char_cpu.py as it is (4 layers, 4 heads, 128 wide, context 64, batch 12,
 2000 steps of AdamW): BP; FDG at K = 2 with beta 1 and 0.5, and at K = 4; DDG and DGL (its
-auxiliary head 'lm') at K = 2; FDG at K = 2 and 4 with weight prediction. Every cell once per
+auxiliary head 'lm') at K = 2; FDG at K = 2 and 4 with weight prediction, the Nesterov
+look-ahead, the delay momentum and both (fdg_jax/compensation.py). Every cell once per
 seed; each method against BP as a paired difference (a seed gives every method the same initial
 weights and batches). Writes OUT_DIR/results.md (validation loss and bits per character per
 method, the differences to BP, the seed-0 samples), results.csv and curves.png (validation loss
@@ -42,6 +43,13 @@ METHODS = {
     'dgl_k2': ('dgl', 2, 1.0, '', {'aux_head': 'lm'}),
     'fdg_k2_wp': ('fdg', 2, 1.0, 'wp', {'compensation': 'weight_prediction'}),
     'fdg_k4_wp': ('fdg', 4, 1.0, 'wp', {'compensation': 'weight_prediction'}),
+    # Ajanthan et al. 2025: NAdamW at b1 = 0.99 on the delayed stages, its delay momentum, both.
+    'fdg_k2_nesterov': ('fdg', 2, 1.0, 'nag', {'compensation': 'nesterov'}),
+    'fdg_k4_nesterov': ('fdg', 4, 1.0, 'nag', {'compensation': 'nesterov'}),
+    'fdg_k2_delay_momentum': ('fdg', 2, 1.0, 'dm', {'compensation': 'delay_momentum'}),
+    'fdg_k4_delay_momentum': ('fdg', 4, 1.0, 'dm', {'compensation': 'delay_momentum'}),
+    'fdg_k2_nesterov_dm': ('fdg', 2, 1.0, 'nagdm', {'compensation': 'nesterov+delay_momentum'}),
+    'fdg_k4_nesterov_dm': ('fdg', 4, 1.0, 'nagdm', {'compensation': 'nesterov+delay_momentum'}),
 }
 # Every stage on a device of its own, as in the image grids (the config file puts all on device
 # 0): K simulated CPU devices in one process, or one process per stage with --processes.
