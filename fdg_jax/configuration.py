@@ -16,11 +16,13 @@ import ml_collections
 
 from fdg_jax import baselines
 from fdg_jax import compensation
+from fdg_jax import datasets
 from fdg_jax import gpt
 from fdg_jax import optimizers
 from fdg_jax import partition
 from fdg_jax import pipeline
 from fdg_jax import tasks
+from fdg_jax import text_data
 
 METHODS = ('fdg', 'bp', 'ddg', 'dgl')
 WARMUP_SHAPES = ('constant', 'linear')
@@ -31,6 +33,11 @@ DEFAULT_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspa
 
 class ConfigError(ValueError):
   """A config that cannot run; the message names the field and the fix."""
+
+
+def reads_tfds(config) -> bool:
+  """Whether config.dataset is read through tfds (which needs TensorFlow)."""
+  return config.dataset in datasets.TFDS_DATASETS + text_data.TFDS_DATASETS
 
 
 def num_stages_of(config) -> int:

@@ -64,7 +64,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _import_tensorflow_quietly():
-  """TensorFlow (for clu's TensorBoard writer and tfds), without the start-up banners its C++
+  """TensorFlow (for tfds to read a prepared dataset), without the start-up banners its C++
   side writes to stderr before any log setting applies. An import error still surfaces."""
   saved = os.dup(2)
   try:
@@ -91,7 +91,8 @@ def main(argv):
     logging.error('%s', e)
     sys.exit(f'error: {e}')
   workdir.quiet_console(speaker=jax.process_index() == 0)   # process 0 speaks
-  # A bad config or command line ends here, before TensorFlow's import (seconds of it).
+  # A bad config or command line ends here, before TensorFlow's import (seconds of it) where
+  # the dataset is a tfds one.
   try:
     configuration.validate_config(FLAGS.config)
   except configuration.ConfigError as e:
@@ -99,8 +100,9 @@ def main(argv):
     sys.exit(f'error: {e}')
   if not FLAGS.workdir and not FLAGS.dry_run:
     sys.exit('error: --workdir is required (except with --dry_run).')
-  tf = _import_tensorflow_quietly()
-  tf.config.set_visible_devices([], 'GPU')   # keep TensorFlow off the accelerators
+  if configuration.reads_tfds(FLAGS.config):   # only tfds needs TensorFlow
+    tf = _import_tensorflow_quietly()
+    tf.config.set_visible_devices([], 'GPU')   # keep TensorFlow off the accelerators
   from fdg_jax import checkpoint, input_pipeline, train
   # pylint: enable=g-import-not-at-top
   try:

@@ -33,6 +33,7 @@ from fdg_jax import datasets
 from fdg_jax.datasets import DataError
 
 DATASETS = ('textfile', 'tiny_shakespeare')
+TFDS_DATASETS = ('tiny_shakespeare',)   # read through tfds
 KINDS = ('char', 'byte')
 VOCABULARY_FILE = 'vocabulary.json'
 _BYTE_VOCABULARY_SIZE = 256

@@ -102,15 +102,23 @@ def test_train_and_evaluate_other_methods_on_image_folder(method, num_stages, tm
   assert summary['trainable_params'] == 78_042 - 7 * 65   # resnet8, 3 classes instead of 10
 
 
+# `python -m fdg_jax.main` in a Python where importing TensorFlow or tfds fails (as on a machine
+# without them): an image-folder or text-file job must not need them.
+WITHOUT_TENSORFLOW = ("import runpy, sys; sys.modules['tensorflow'] = None; "
+                      "sys.modules['tensorflow_datasets'] = None; "
+                      "runpy.run_module('fdg_jax.main', run_name='__main__', alter_sys=True)")
+
+
 @pytest.mark.slow
 def test_cli_fdg_two_simulated_devices(tmp_path):
-  """The issue's acceptance command, at test scale, in a fresh process."""
+  """The issue's acceptance command, at test scale, in a fresh process where TensorFlow cannot
+  be imported."""
   data = write_image_folder(tmp_path / 'data')
   workdir = tmp_path / 'work'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              FDG_JAX_CACHE=str(tmp_path / 'cache'))
   result = subprocess.run(
-      [sys.executable, '-m', 'fdg_jax.main', '--config=configs/cifar10_resnet20.py',
+      [sys.executable, '-c', WITHOUT_TENSORFLOW, '--config=configs/cifar10_resnet20.py',
        f'--workdir={workdir}', '--config.dataset=imagefolder', f'--config.data_dir={data}',
        f'--config.model={TEST_MODEL}', '--config.method=fdg', '--config.num_stages=2',
        '--config.beta=0.5', '--config.num_train_steps=8', '--config.batch_size=8',
