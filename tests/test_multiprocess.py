@@ -177,6 +177,32 @@ def test_trainer_runs_data_parallel_bp_in_two_processes(tmp_path):
     assert (tmp_path / 'dp' / 'checkpoints' / f'process_{process}' / '4.msgpack').exists()
 
 
+def test_trainer_in_two_processes_equals_one_pinned_process_bit_for_bit(tmp_path):
+  """The trainer (FDG, DDG, DGL at K = 2) with stage k in process k, each process pinned to its
+  core, ends with the same variables, bit for bit, as one process with one CPU device pinned to
+  one core and both stages on it: XLA:CPU computes alike with one device and one thread in both
+  layouts, so the layouts can be compared exactly (two devices, or cores, in one process round
+  differently)."""
+  data = write_image_folder(tmp_path / 'data')
+  args = [f'--data={data}', '--steps=12']
+  code, output = launch(2, [*args, f'--out_dir={tmp_path / "two"}'], module='mp_trainer_child')
+  assert code == 0, output[-5000:]
+  env = dict(os.environ, PYTHONPATH=os.path.join(REPO, 'tests'), JAX_COMPILATION_CACHE_DIR='',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  core = min(os.sched_getaffinity(0))
+  alone = subprocess.run(
+      [sys.executable, '-m', 'mp_trainer_child', *args,
+       f'--out_dir={tmp_path / "one"}'], preexec_fn=lambda: os.sched_setaffinity(0, {core}),
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert alone.returncode == 0, alone.stderr[-5000:]
+  for method in ('fdg', 'ddg', 'dgl'):
+    one, two = summary_of(tmp_path / 'one' / method), summary_of(tmp_path / 'two' / method)
+    assert one['num_processes'] == 1 and two['num_processes'] == 2
+    assert len(set(one['devices'])) == 1 and len(set(two['devices'])) == 2
+    for key in ('params_digest', 'test_loss', 'test_accuracy'):
+      assert one[key] == two[key], (method, key)
+
+
 def child_pid(workdir, process_id):
   """The pid of the trainer process `process_id` of the run in `workdir` (from /proc)."""
   for entry in os.listdir('/proc'):
