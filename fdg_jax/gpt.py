@@ -31,7 +31,9 @@ import math
 from typing import Any
 
 from flax import linen as nn
+from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 DTYPES = ('float32', 'bfloat16')
 LAYER_NORM_EPSILON = 1e-5   # PyTorch's, as nanoGPT's LayerNorm
@@ -49,10 +51,26 @@ def layer_norm(bias: bool, dtype, name: str):
                       dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+class Dense(nn.Dense):
+  """nn.Dense applied to (..., features) as one 2-D matrix product. On XLA:CPU the kernel's
+  gradient through (batch, time, features) contracts two axes and is markedly slower than the
+  same product on (batch * time, features) (docs/record/language_model.md)."""
+
+  def __call__(self, x):
+    y = super().__call__(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], self.features)
+
+
 def dense(features: int, bias: bool, dtype, name: str, kernel_init=normal_init):
-  return nn.Dense(features, use_bias=bias, kernel_init=kernel_init,
-                  bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=jnp.float32,
-                  name=name)
+  return Dense(features, use_bias=bias, kernel_init=kernel_init,
+               bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=jnp.float32,
+               name=name)
+
+
+def gelu(x):
+  """The exact GELU, x * Phi(x), as PyTorch's nn.GELU(). Written with erf: jax.nn.gelu's exact
+  form uses erfc, whose gradient XLA:CPU computes more slowly."""
+  return 0.5 * x * (1 + lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
 class Embedding(nn.Module):
@@ -118,7 +136,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     x = dense(4 * self.n_embd, self.bias, self.dtype, 'c_fc')(x)
-    x = nn.gelu(x, approximate=False)
+    x = gelu(x)
     x = dense(self.n_embd, self.bias, self.dtype, 'c_proj', residual_init(self.n_layer))(x)
     return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
