@@ -279,7 +279,11 @@ def run_dgl_against_reference(pipe, modules, variables, heads, batches):
   got = jax.device_get(state.stages)
   chex.assert_trees_all_close([s.params for s in got], params, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close([s.batch_stats for s in got], stats, rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close([s.opt_state for s in got], opt_states, rtol=1e-5, atol=1e-6)
+  # The momentum traces sum gradients whose entries cancel, so their rounding error has the
+  # gradients' size, not the trace's: atol 1e-5. With JAX 0.12.0.1 the reference jitted already
+  # differs from itself op by op by 1.05 times rtol 1e-5 + atol 1e-6 on dgl2's traces
+  # (docs/record/newest_releases.md).
+  chex.assert_trees_all_close([s.opt_state for s in got], opt_states, rtol=1e-5, atol=1e-5)
   assert not leaves_equal(got[0].params['aux'], aux_initial[0]['params'])   # heads trained
 
   # Pipelined, no delay: stage k trains on batch t-k at iteration t, N updates per stage.
