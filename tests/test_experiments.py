@@ -478,7 +478,11 @@ def test_shakespeare_grid_cells_and_commands(tmp_path, capsys):
       'gpt_bp_seed0', 'gpt_fdg_k2_beta1_seed0', 'gpt_fdg_k2_beta0.5_seed0',
       'gpt_fdg_k4_beta1_seed0', 'gpt_ddg_k2_seed0', 'gpt_dgl_k2_seed0',
       'gpt_fdg_k2_beta1_wp_seed0', 'gpt_fdg_k4_beta1_wp_seed0']
-  assert len(cells) == 8 * len(opts.seeds) and cells[8].name == 'gpt_bp_seed1'
+  per_seed = len(shakespeare_grid.METHODS)
+  assert [c.name for c in cells[8:per_seed]] == [
+      'gpt_fdg_k2_beta1_nag_seed0', 'gpt_fdg_k4_beta1_nag_seed0', 'gpt_fdg_k2_beta1_dm_seed0',
+      'gpt_fdg_k4_beta1_dm_seed0', 'gpt_fdg_k2_beta1_nagdm_seed0', 'gpt_fdg_k4_beta1_nagdm_seed0']
+  assert len(cells) == per_seed * len(opts.seeds) and cells[per_seed].name == 'gpt_bp_seed1'
   assert {c.config_file for c in cells} == {'configs/shakespeare_char_cpu.py'}
   by_name = {c.name: c.override_dict() for c in cells}
   for o in by_name.values():   # the config file as it is: no image subset, no epochs
@@ -488,6 +492,9 @@ def test_shakespeare_grid_cells_and_commands(tmp_path, capsys):
   assert by_name['gpt_dgl_k2_seed0']['aux_head'] == 'lm'
   assert by_name['gpt_fdg_k4_beta1_wp_seed0']['compensation'] == 'weight_prediction'
   assert 'compensation' not in by_name['gpt_fdg_k4_beta1_seed0']
+  assert by_name['gpt_fdg_k2_beta1_nag_seed0']['compensation'] == 'nesterov'
+  assert by_name['gpt_fdg_k4_beta1_dm_seed0']['compensation'] == 'delay_momentum'
+  assert by_name['gpt_fdg_k4_beta1_nagdm_seed0']['compensation'] == 'nesterov+delay_momentum'
   assert [c.name for c in shakespeare_grid.build_cells(opts, methods=('bp', 'fdg_k2'))] == [
       'gpt_bp_seed0', 'gpt_fdg_k2_beta1_seed0', 'gpt_bp_seed1', 'gpt_fdg_k2_beta1_seed1']
   with pytest.raises(cells_lib.GridError, match='unknown'):
@@ -528,7 +535,7 @@ def test_shakespeare_grid_report_from_summaries(tmp_path):
   with open(os.path.join(out, 'results.csv')) as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == len(cells) and rows[0]['val_loss'] == '1.9'
-  assert rows[-1]['compensation'] == 'weight_prediction'
+  assert rows[-1]['compensation'] == 'nesterov+delay_momentum'
   with open(os.path.join(out, 'results.md')) as f:
     md = f.read()
   # BP: 1.90, 1.91, 1.92 -> 1.9100 ± 0.0100 nats, / ln 2 bits; FDG K=2: +0.06 ± 0.01 (s.e.).
@@ -536,9 +543,9 @@ def test_shakespeare_grid_report_from_summaries(tmp_path):
   assert f'| BP | 1.9100 ± 0.0100 | {bits:.3f} ± {0.01 / math.log(2):.3f} | – |' in md
   assert '| FDG K=2 β=1 | 1.9700 ± 0.0265 |' in md and '| +0.0600 ± 0.0100 |' in md
   assert '| FDG K=2 β=0.5 |' in md and '| +0.1000 ± 0.0000 |' in md
-  assert '| DGL K=2 |' in md and '| FDG K=4 β=1 wp |' in md
+  assert '| DGL K=2 |' in md and '| FDG K=4 β=1 wp |' in md and '| FDG K=4 β=1 nagdm |' in md
   assert 'vocabulary of 65 symbols' in md and "nanoGPT's CPU recipe" in md
-  assert 'Validation loss of the composed network' in md and '24 of 24 finished' in md
+  assert 'Validation loss of the composed network' in md and f'{len(cells)} of {len(cells)} finished' in md
   assert 'sample of gpt_fdg_k4_beta1_wp_seed0' in md and 'sample of gpt_bp_seed1' not in md
   # The curves: val_loss against step, mean over the seeds.
   (bp,) = [g for g in reports.aggregate(results) if g.key[1] == 'bp']
