@@ -235,6 +235,25 @@ def test_grid_refuses_a_workdir_of_other_settings(tmp_path):
                                  betas=(0.5,))
   assert [r.status for r in grid.run_grid(moved, out, runner=runner, log=lambda _: None)] == [
       'read', 'read']
+  # A data_dir written relative to the repository root (as committed records hold it) is the
+  # absolute path it names; another folder is another cell.
+  data = os.path.join(os.path.dirname(cells_lib.REPO), 'shared', 'data', 'd.tar.gz')
+  with_data = fig4a_beta.build_cells(options(tmp_path, seeds=(0,), data_dir=data), betas=(0.5,))
+  out = str(tmp_path / 'with_data')
+  grid.run_grid(with_data, out, runner=FakeRunner(), log=lambda _: None)
+  for name in os.listdir(out):
+    record = os.path.join(out, name, grid.CELL_FILE)
+    if os.path.exists(record):
+      with open(record) as f:
+        text = f.read()
+      with open(record, 'w') as f:
+        f.write(text.replace(data, '../shared/data/d.tar.gz'))
+  assert [r.status for r in grid.run_grid(with_data, out, runner=runner, log=lambda _: None)] == [
+      'read', 'read']
+  elsewhere = fig4a_beta.build_cells(options(tmp_path, seeds=(0,), data_dir='/elsewhere/d.tar.gz'),
+                                     betas=(0.5,))
+  with pytest.raises(cells_lib.GridError, match='data_dir'):
+    grid.run_grid(elsewhere, out, runner=runner, log=lambda _: None)
 
 
 def test_aggregate_mean_and_sample_std():

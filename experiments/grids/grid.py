@@ -66,6 +66,16 @@ def _normalised(value):
   return json.loads(json.dumps(value))
 
 
+def _same_setting(field: str, there, here) -> bool:
+  """Equal settings; a local data_dir recorded relative to the repository root (the trainer's
+  working directory, as committed records write it) is the absolute path it names."""
+  if field == 'data_dir' and isinstance(there, str) and isinstance(here, str) and (
+      '://' not in there + here):
+    return (os.path.normpath(os.path.join(cells_lib.REPO, there))
+            == os.path.normpath(os.path.join(cells_lib.REPO, here)))
+  return there == here
+
+
 def cell_record(cell: cells_lib.Cell) -> dict:
   return _normalised({'cell': cell.name, 'config_file': cell.config_file,
                       'overrides': cell.override_dict()})
@@ -96,7 +106,7 @@ def check_cell_record(cell: cells_lib.Cell, workdir: str) -> None:
                        f"{wanted['config_file']!r} here")
   there, here = saved.get('overrides', {}), wanted['overrides']
   for field in sorted(set(there) | set(here)):
-    if field not in IO_FIELDS and there.get(field) != here.get(field):
+    if field not in IO_FIELDS and not _same_setting(field, there.get(field), here.get(field)):
       differences.append(f'{field}: {there.get(field)!r} there, {here.get(field)!r} here')
   if differences:
     raise cells_lib.GridError(
