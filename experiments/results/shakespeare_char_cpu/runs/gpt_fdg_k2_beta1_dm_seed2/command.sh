@@ -1,0 +1,2 @@
+# gpt_fdg_k2_beta1_dm_seed2, from .
+cd . && XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m fdg_jax.main --config=configs/shakespeare_char_cpu.py --workdir=experiments/results/shakespeare_char_cpu/runs/gpt_fdg_k2_beta1_dm_seed2 --config.beta=1.0 --config.compensation=delay_momentum --config.data_dir=../shared/data/tinyshakespeare.txt --config.dataset=textfile --config.method=fdg --config.model=gpt --config.num_stages=2 --config.seed=2 '--config.stage_devices=()'
