@@ -53,11 +53,15 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
           else config.num_epochs * steps_per_epoch)
 
 
+def engine_method(config) -> str:
+  """The schedule config.method runs on: DDG's, or FDG's (BP is FDG with one stage)."""
+  return 'ddg' if config.method == 'ddg' else 'fdg'
+
+
 def create_compensation(config, steps_per_epoch: int) -> compensation.Compensation:
   """The config's stale-gradient compensation (fdg_jax/compensation.py). The look-ahead ones
   rebuild a stage's optimizer from the config's recipe; delay_momentum scales by the largest
   delay, stage 0's."""
-  method = 'ddg' if config.method == 'ddg' else 'fdg'
   return compensation.Compensation(
       config.compensation, dc_lambda=config.dc_lambda, dc_adaptive=config.dc_adaptive,
       dc_decay=config.dc_decay, reschedule_steps=max(1, round(
@@ -66,7 +70,7 @@ def create_compensation(config, steps_per_epoch: int) -> compensation.Compensati
       nesterov_momentum=config.nesterov_momentum,
       nadam_momentum_decay=config.nadam_momentum_decay,
       delay_momentum_max=config.delay_momentum_max,
-      max_delay=schedule.delay(0, num_stages_of(config), method))
+      max_delay=schedule.delay(0, num_stages_of(config), engine_method(config)))
 
 
 def create_pipeline(config, stages, optimizer, placements, num_classes: int,
@@ -81,7 +85,7 @@ def create_pipeline(config, stages, optimizer, placements, num_classes: int,
       stages, optimizer, task.loss_fn, metrics=task.metrics, beta=config.beta, stash=config.stash,
       residual_policy=config.residual_policy or None, placements=placements,
       compensation=create_compensation(config, steps_per_epoch),
-      method='ddg' if config.method == 'ddg' else 'fdg')
+      method=engine_method(config))
 
 
 def params_digest(variables: dict) -> str:

@@ -9,17 +9,15 @@ import os
 
 import jax
 import numpy as np
-import optax
 
 from fdg_jax import baselines
 from fdg_jax import checkpoint
 from fdg_jax import compensation as compensation_lib
 from fdg_jax import distributed
-from fdg_jax import optimizers
 from fdg_jax import pipeline
 from fdg_jax import schedule
 from test_pytree_stages import pytree_batches, pytree_pipeline
-from tiny import NUM_CLASSES, initial_variables, make_optimizer, tiny_batches
+from tiny import NUM_CLASSES, RECIPE, initial_variables, make_optimizer, tiny_batches
 
 NUM_BATCHES = 12
 BETA = 0.7
@@ -42,11 +40,9 @@ def make_pipeline(method, num_stages, stash, placements):
                                  aux_head='conv', placements=placements)
   else:
     engine = baselines.DDGPipeline if method == 'ddg' else pipeline.Pipeline
-    if compensation:   # tiny's optimizer as a recipe, which the look-ahead ones rebuild
+    if compensation:
       compensation = compensation_lib.Compensation(
-          compensation, optimizer=optimizers.Recipe(
-              'sgd', optax.piecewise_constant_schedule(0.1, {5: 0.1}), momentum=0.9,
-              weight_decay=5e-4), max_delay=schedule.delay(0, num_stages, method))
+          compensation, optimizer=RECIPE, max_delay=schedule.delay(0, num_stages, method))
     pipe = engine(modules, make_optimizer(), beta=BETA, stash=stash, placements=placements,
                   compensation=compensation or 'none')
   return pipe, variables

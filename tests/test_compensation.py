@@ -24,7 +24,7 @@ from fdg_jax import compensation as compensation_lib
 from fdg_jax import configuration
 from fdg_jax import optimizers
 from fdg_jax import pipeline
-from tiny import initial_variables, make_optimizer, mean_loss, tiny_batches
+from tiny import RECIPE, initial_variables, make_optimizer, mean_loss, tiny_batches
 
 BETA = 0.7
 WEIGHT_DECAY, MOMENTUM = 5e-4, 0.9
@@ -269,7 +269,7 @@ def lr_at(peak, step):
   return peak if step < LR_DROP else peak * 0.1
 
 
-SGD = optimizers.Recipe('sgd', drop_schedule(0.1), momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+SGD = RECIPE   # tiny's optimizer: drop_schedule(0.1), MOMENTUM, WEIGHT_DECAY
 ADAMW = optimizers.Recipe('adamw', drop_schedule(0.01), weight_decay=0.1, b1=0.8, b2=0.95,
                           eps=1e-6, decay_mask=lambda p: jax.tree_util.tree_map(
                               lambda x: x.ndim >= 2, p))

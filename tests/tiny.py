@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fdg_jax import optimizers
 from fdg_jax import partition
 
 NUM_CLASSES = 3
@@ -51,6 +52,11 @@ def make_optimizer():
   # wrongly would use the wrong learning rate.
   schedule = optax.piecewise_constant_schedule(0.1, {5: 0.1})
   return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9))
+
+
+# make_optimizer()'s optimizer as an optimizers.Recipe: what the look-ahead compensations rebuild.
+RECIPE = optimizers.Recipe('sgd', optax.piecewise_constant_schedule(0.1, {5: 0.1}), momentum=0.9,
+                           weight_decay=5e-4)
 
 
 def initial_variables(num_stages: int, split=None, num_classes: int = NUM_CLASSES):
