@@ -40,6 +40,12 @@ METHODS = {
     'weight_prediction': ('wp', {'compensation': 'weight_prediction'}),
     'delay_compensation': ('dc', {'compensation': 'delay_compensation'}),
     'lr_reschedule': ('lr', {'compensation': 'lr_reschedule'}),
+    # Ajanthan et al. 2025 (issue 28): Nesterov SGD at the paper's 0.99 (ten times the step of
+    # momentum 0.9), the look-ahead alone at the recipe's 0.9, momentum from the delay, both.
+    'nesterov': ('nag', {'compensation': 'nesterov'}),
+    'nesterov_0.9': ('nag0.9', {'compensation': 'nesterov', 'nesterov_momentum': 0.9}),
+    'delay_momentum': ('dm', {'compensation': 'delay_momentum'}),
+    'nesterov+delay_momentum': ('nagdm', {'compensation': 'nesterov+delay_momentum'}),
 }
 
 
@@ -129,7 +135,8 @@ def report(results, options: cells_lib.Options) -> None:
            'its standard error; a seed gives every method the same initial weights and batches. '
            'Methods: FDG = the paper (stash vjp); recompute = stash recompute; wp = weight '
            'prediction; dc = delay compensation (DC-ASGD-a); lr = learning-rate rescheduling '
-           '(PipeMare); formulas in docs/algorithm.md. Time: the trainer\'s train_time_s '
+           '(PipeMare); nag = Nesterov SGD at momentum 0.99, nag0.9 at 0.9; dm = momentum from '
+           'the delay; nagdm = both (Ajanthan et al. 2025); formulas in docs/algorithm.md. Time: the trainer\'s train_time_s '
            '(compilation included); memory: the trainer process\'s peak resident set.\n'
            'Figures: `bars.png` (test error per method and K), `curves.png` (test error '
            'against epoch, mean over seeds).\n')
