@@ -51,6 +51,10 @@ def get_config():
   # paper's best beta (experiments/paper/published.py holds the paper's numbers and their
   # source).
   config.beta = 1.0
+  # True (the paper): every non-last stage scales the cotangent it receives by beta, so stage
+  # k's gradient carries beta^(K-1-k). False: only stage K-2 does, so every delayed stage's
+  # gradient carries beta exactly once (pipeline.stage_betas; issue 28's per-stage beta).
+  config.beta_compounds = True
   # What the delayed backward uses: 'vjp' (residuals saved at forward time: the paper's delayed
   # gradient) or 'recompute' (keep the input, recompute with current weights; less memory).
   config.stash = 'vjp'

@@ -46,6 +46,16 @@ Labels = Targets
 TrainMetrics = EvalMetrics = LossAndAccuracy
 
 
+def stage_betas(beta: float, num_stages: int, compounded: bool = True) -> tuple[float, ...]:
+  """Each stage's factor on the cotangent it receives. Compounded (the paper): beta at every
+  stage, so stage k's gradient carries beta ** (K - 1 - k). Not compounded: beta at stage K - 2
+  only; the stages below receive a cotangent already scaled once, so every delayed stage's
+  gradient carries beta exactly once."""
+  if compounded:
+    return (beta,) * num_stages
+  return tuple(beta if k == num_stages - 2 else 1.0 for k in range(num_stages))
+
+
 @jax.jit
 def _bits_equal(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
   def bits(x):
@@ -77,7 +87,10 @@ class Pipeline:
     optimizer: an optax transformation; every stage gets its own state of it.
     loss_fn: `(outputs, targets) -> per-example (or per-token) losses`; training uses their mean.
     beta: gradient-shrinking factor in (0, 1]; each non-last stage multiplies the cotangent it
-      receives by beta.
+      receives by beta, so stage k's gradient carries beta ** (K - 1 - k) (the paper's
+      compounding). A sequence gives each stage its own factor (the last stage's is unused:
+      it receives no cotangent); `stage_betas(beta, K, compounded=False)` scales once, so
+      every delayed stage's gradient carries beta exactly once.
     stash: 'vjp' (default; the delayed gradient of the paper, from the residuals saved at forward
       time) or 'recompute' (keep only the input, recompute with the current weights).
     residual_policy: with stash='vjp', None (keep every residual of `jax.vjp`) or a name in
@@ -101,7 +114,11 @@ class Pipeline:
                metrics: type = LossAndAccuracy, method: Any = 'fdg'):
     if not stages:
       raise ValueError('A pipeline needs at least one stage.')
-    if not 0.0 < beta <= 1.0:
+    betas = (beta,) * len(stages) if isinstance(beta, (int, float)) else tuple(beta)
+    if len(betas) != len(stages):
+      raise ValueError(f'beta has {len(betas)} factors for {len(stages)} stages: give one float, '
+                       'or one factor per stage (see stage_betas).')
+    if not all(0.0 < b <= 1.0 for b in betas):
       raise ValueError(f'beta={beta} is outside (0, 1]; beta=1 disables gradient shrinking.')
     if stash not in STASH_MODES:
       raise ValueError(f'stash={stash!r} is not one of {STASH_MODES}.')
@@ -132,13 +149,13 @@ class Pipeline:
     self.optimizer = optimizer
     self.loss_fn = loss_fn
     self.metrics = metrics
-    self.beta = float(beta)
+    self.betas = tuple(float(b) for b in betas)
     self.stash = stash
     self.residual_policy = residual_policy
     self.compensation = compensation
     self.specs = tuple(
         fns.StageSpec(module=module, loss_fn=loss_fn, metrics=metrics, first=k == 0,
-                      delay=self.schedule.delay(k), beta=self.beta, stash=stash,
+                      delay=self.schedule.delay(k), beta=self.betas[k], stash=stash,
                       residual_policy=residual_policy, compensation=compensation)
         for k, module in enumerate(stages))
     self.keeps_inputs = self.specs[0].keeps_inputs

@@ -82,8 +82,9 @@ def create_pipeline(config, stages, optimizer, placements, num_classes: int,
                                  aux_head=config.aux_head, placements=placements,
                                  metrics=task.metrics)
   return pipeline.Pipeline(
-      stages, optimizer, task.loss_fn, metrics=task.metrics, beta=config.beta, stash=config.stash,
-      residual_policy=config.residual_policy or None, placements=placements,
+      stages, optimizer, task.loss_fn, metrics=task.metrics,
+      beta=pipeline.stage_betas(config.beta, len(stages), config.beta_compounds),
+      stash=config.stash, residual_policy=config.residual_policy or None, placements=placements,
       compensation=create_compensation(config, steps_per_epoch),
       method=engine_method(config))
 
@@ -466,6 +467,7 @@ def make_summary(config, task, data, run: Run, state: pipeline.PipelineState, re
       'method': config.method,
       'num_stages': pipe.num_stages,
       'beta': config.beta,
+      'beta_compounds': config.beta_compounds,
       'stash': config.stash,
       'residual_policy': config.residual_policy,
       'compensation': config.compensation,

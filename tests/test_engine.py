@@ -19,11 +19,12 @@ from tiny import (assert_matches, initial_variables, make_optimizer, mean_loss, 
 BETA = 0.7
 
 
-def naive_fdg(modules, variables, optimizer, batches, beta, stash):
+def naive_fdg(modules, variables, optimizer, batches, beta, stash, compounded=True):
   """docs/algorithm.md written as plainly as possible: one device, no jit, explicit queues.
 
   Stage k forwards batch t-k at iteration t; the cotangent it receives at iteration t belongs to
-  batch t-k-2(K-1-k). Returns every stage's final {'params', 'batch_stats'} and opt state, and
+  batch t-k-2(K-1-k). Not `compounded`: each delayed stage's gradient is beta times its true
+  delayed gradient, and the cotangent it sends down is unscaled. Returns every stage's final {'params', 'batch_stats'} and opt state, and
   the list of (iteration, stage, batch) of every applied gradient.
   """
   K, N = len(modules), len(batches)
@@ -67,7 +68,8 @@ def naive_fdg(modules, variables, optimizer, batches, beta, stash):
       if k in inbox_ct:
         cb, ct = inbox_ct.pop(k)
         assert cb == t - k - 2 * (K - 1 - k)
-        ct = beta * ct
+        if compounded:
+          ct = beta * ct
         if stash == 'vjp':
           vjp = saved[k].pop(cb)
         else:
@@ -75,6 +77,8 @@ def naive_fdg(modules, variables, optimizer, batches, beta, stash):
           _, vjp, _ = jax.vjp(lambda p, x: forward(k, p, stats[k], x), params[k], x_old,
                               has_aux=True)
         g, x_ct = vjp(ct)
+        if not compounded:
+          g = jax.tree_util.tree_map(lambda leaf: beta * leaf, g)
         update(k, g)
         applied.append((t, k, cb))
         if k > 0:
@@ -154,6 +158,35 @@ def test_stash_modes_differ_when_stale():
   a, b = (jax.device_get(p.stage_variables(s)[0]['params']) for p, s, _ in results)
   assert not all(np.allclose(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
                                                    jax.tree_util.tree_leaves(b)))
+
+
+@pytest.mark.parametrize('num_stages', [2, 3, 4])
+def test_beta_once_per_stage_matches_naive_reference(num_stages):
+  """stage_betas(compounded=False): every delayed stage's gradient carries beta once, as the
+  reference that scales each stage's gradient and passes unscaled cotangents down."""
+  batches = tiny_batches(10)
+  pipe, state, _ = run_engine(num_stages, batches,
+                              beta=pipeline.stage_betas(BETA, num_stages, compounded=False))
+  modules, variables = initial_variables(num_stages)
+  expected, expected_opt, _ = naive_fdg(modules, variables, make_optimizer(), batches, BETA,
+                                        'vjp', compounded=False)
+  assert_matches(pipe, state, expected, expected_opt)
+  if num_stages > 2:   # and it is not the compounded run
+    compounded, _, _ = naive_fdg(modules, variables, make_optimizer(), batches, BETA, 'vjp')
+    got = jax.device_get(pipe.stage_variables(state))
+    assert not np.allclose(jax.tree_util.tree_leaves(got[0]['params'])[0],
+                           jax.tree_util.tree_leaves(compounded[0]['params'])[0])
+
+
+def test_stage_betas_table():
+  assert pipeline.stage_betas(0.5, 4) == (0.5, 0.5, 0.5, 0.5)
+  assert pipeline.stage_betas(0.5, 4, compounded=False) == (1.0, 1.0, 0.5, 1.0)
+  assert pipeline.stage_betas(0.5, 1, compounded=False) == (1.0,)
+  modules, _ = initial_variables(2)
+  with pytest.raises(ValueError, match='3 factors for 2 stages'):
+    pipeline.Pipeline(modules, optax.sgd(0.1), beta=(0.5, 1.0, 1.0))
+  with pytest.raises(ValueError, match='outside'):
+    pipeline.Pipeline(modules, optax.sgd(0.1), beta=(0.0, 1.0))
 
 
 @pytest.mark.parametrize('num_stages', [2, 3])

@@ -308,6 +308,18 @@ def test_quick_config_runs_every_method_and_k_on_one_device(method, num_stages):
   assert configuration.stage_device_indices(config) == ((0,),) * stages
 
 
+@pytest.mark.parametrize('compounds, betas', [(True, (0.5, 0.5, 0.5)), (False, (1.0, 0.5, 1.0))])
+def test_trainer_gives_the_engine_each_stages_beta(compounds, betas):
+  """config.beta_compounds reaches the engine as one factor per stage (pipeline.stage_betas;
+  the engine test checks what those factors compute)."""
+  config = small_config(num_stages=3, beta_compounds=compounds)
+  configuration.validate_config(config)
+  stages, _, _, placements = train.build_stages(config, 10, jax.random.key(0))
+  pipe = train.create_pipeline(config, stages, train.create_optimizer(config, 10), placements,
+                               10, 10)
+  assert pipe.betas == betas
+
+
 @pytest.mark.slow
 def test_quick_config_trains_with_bp(tmp_path):
   """configs/cpu_quick.py as it is, with --config.method=bp, at test scale."""

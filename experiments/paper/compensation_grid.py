@@ -46,6 +46,8 @@ METHODS = {
     'nesterov_0.9': ('nag0.9', {'compensation': 'nesterov', 'nesterov_momentum': 0.9}),
     'delay_momentum': ('dm', {'compensation': 'delay_momentum'}),
     'nesterov+delay_momentum': ('nagdm', {'compensation': 'nesterov+delay_momentum'}),
+    # beta applied once to every delayed stage's gradient, not compounded per hop (issue 28).
+    'beta_once': ('once', {'beta_compounds': False}),
 }
 
 
@@ -68,6 +70,8 @@ def build_cells(options: cells_lib.Options, methods=tuple(METHODS), num_stages=(
           if k == num_stages[0]:
             cells.append(cells_lib.make_cell(options, config_file, method='bp', seed=seed))
           continue
+        if method == 'beta_once' and k == 2:
+          continue   # one delayed stage: the same computation as plain FDG
         variant, fields = METHODS[method]
         cells.append(cells_lib.make_cell(options, config_file, method='fdg', num_stages=k,
                                          beta=beta, seed=seed, script_overrides=fields,
@@ -136,7 +140,8 @@ def report(results, options: cells_lib.Options) -> None:
            'Methods: FDG = the paper (stash vjp); recompute = stash recompute; wp = weight '
            'prediction; dc = delay compensation (DC-ASGD-a); lr = learning-rate rescheduling '
            '(PipeMare); nag = Nesterov SGD at momentum 0.99, nag0.9 at 0.9; dm = momentum from '
-           'the delay; nagdm = both (Ajanthan et al. 2025); formulas in docs/algorithm.md. Time: the trainer\'s train_time_s '
+           'the delay; nagdm = both (Ajanthan et al. 2025); once = beta applied once per stage, '
+           'not compounded; formulas in docs/algorithm.md. Time: the trainer\'s train_time_s '
            '(compilation included); memory: the trainer process\'s peak resident set.\n'
            'Figures: `bars.png` (test error per method and K), `curves.png` (test error '
            'against epoch, mean over seeds).\n')
