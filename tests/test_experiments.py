@@ -17,6 +17,7 @@ import pytest
 from experiments.grids import cells as cells_lib
 from experiments.grids import grid
 from experiments.grids import metrics
+from experiments.grids import relocate
 from experiments.grids import reports
 from experiments.grids import runner as runner_lib
 from experiments.lm import shakespeare_grid
@@ -337,6 +338,32 @@ def test_compensation_grid_shares_fig4a_cells_and_reports(tmp_path):
   with open(os.path.join(opts.output_dir, 'results.md')) as f:
     md = f.read()
   assert 'FDG K=4 β=0.5 dc' in md and 'vs plain FDG of its K' in md
+
+
+def test_relocate_writes_records_without_machine_paths(tmp_path):
+  """A cell's records as a clone writes them become what a reader runs from the repository
+  root, and the grid still takes the relocated cell for the same cell."""
+  repo, clone = cells_lib.REPO, '/tmp/grid_repo'
+  data = os.path.join(os.path.dirname(repo), 'shared', 'data', 'c.tar.gz')
+  text = (f'# c, from {clone}\ncd {clone} && {repo}/.venv/bin/python -m fdg_jax.main '
+          f'--workdir={repo}/experiments/results/g/runs/c --config.data_dir={data} '
+          f'--config.cache_dir=/tmp/fdg_cache\n')
+  assert relocate.relocate_text(text, [repo, clone]) == (
+      '# c, from .\ncd . && python -m fdg_jax.main --workdir=experiments/results/g/runs/c '
+      '--config.data_dir=../shared/data/c.tar.gz --config.cache_dir=/tmp/fdg_cache\n')
+  sibling = f'{repo}2/x'   # not inside the repository: relative to it through '..'
+  assert relocate.relocate_text(sibling, [repo]) == os.path.relpath(sibling, repo)
+  opts = options(tmp_path, data_dir=data)
+  cell = compensation_grid.build_cells(opts, methods=('bp',), num_stages=(2,), betas=(0.25,))[0]
+  workdir = tmp_path / 'runs' / cell.name
+  grid.write_cell_record(cell, str(workdir))
+  (workdir / 'command.sh').write_text(text)
+  (workdir / 'events.out.tfevents.1').write_bytes(repo.encode())
+  assert relocate.main([str(tmp_path / 'runs'), f'--clone={clone}']) == 0
+  assert 'data_dir": "../shared/data/c.tar.gz' in (workdir / grid.CELL_FILE).read_text()
+  assert clone not in (workdir / 'command.sh').read_text()
+  assert (workdir / 'events.out.tfevents.1').read_bytes() == repo.encode()   # binary: as is
+  grid.check_cell_record(cell, str(workdir))   # the same cell
 
 
 def test_paper_lookup():
