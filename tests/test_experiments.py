@@ -366,6 +366,23 @@ def test_relocate_writes_records_without_machine_paths(tmp_path):
   grid.check_cell_record(cell, str(workdir))   # the same cell
 
 
+def test_grid_lock_is_one_grid_per_out_dir(tmp_path):
+  """A second grid on the same out_dir is refused; a lock whose grid has ended is taken over.
+  (The lock is created with O_EXCL, so two grids started at the same instant cannot both take
+  it, as two did on 2026-12-06 before; that race is not reproduced here.)"""
+  out = str(tmp_path / 'out')
+  path = runner_lib.acquire_lock(out)
+  with pytest.raises(cells_lib.GridError, match=f'another grid \\(pid {os.getpid()}\\)'):
+    runner_lib.acquire_lock(out)
+  ended = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                         capture_output=True, text=True, check=True).stdout.strip()
+  with open(path, 'w') as f:
+    f.write(ended)
+  assert runner_lib.acquire_lock(out) == path
+  with open(path) as f:
+    assert f.read() == str(os.getpid())
+
+
 def test_paper_lookup():
   assert published.test_error('Table 2', 'resnet56', 'ddg') == 6.89
   assert published.test_error('Table 2', 'resnet56', 'ddg', num_stages=3) is None

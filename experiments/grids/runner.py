@@ -5,6 +5,7 @@
 of an output directory.
 """
 
+import contextlib
 import datetime
 import os
 import re
@@ -160,15 +161,21 @@ def acquire_lock(out_dir: str) -> str:
   """One grid process per out_dir: two would train the same cell at once."""
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, LOCK_FILE)
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        pid = int(f.read().strip() or 0)
-      os.kill(pid, 0)
+  for _ in range(2):   # a stale lock is removed once, then taken
+    try:   # created and written at once: two grids started together cannot both take it
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          pid = int(f.read().strip() or 0)
+        os.kill(pid, 0)
+      except (ValueError, ProcessLookupError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(path)   # stale: its grid has ended
+        continue
       raise cells_lib.GridError(f'another grid (pid {pid}) is running in {out_dir}. Wait for '
-                                'it, or use --report_only to write the results so far.')
-    except (ValueError, ProcessLookupError):
-      pass   # a stale lock
-  with open(path, 'w') as f:
-    f.write(str(os.getpid()))
-  return path
+                                'it, or use --report_only to write the results so far.') from None
+    with os.fdopen(fd, 'w') as f:
+      f.write(str(os.getpid()))
+    return path
+  raise cells_lib.GridError(f'could not take the lock {path}: remove it if no grid is running.')
