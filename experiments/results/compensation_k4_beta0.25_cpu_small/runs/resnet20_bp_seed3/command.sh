@@ -1,0 +1,2 @@
+# resnet20_bp_seed3, from .
+cd . && XLA_FLAGS='' python -m fdg_jax.main --config=configs/cifar10_resnet20.py --workdir=experiments/results/fig4a_cpu_small/runs/resnet20_bp_seed3 --config.beta=1.0 --config.cache_dir=/tmp/fdg_cache --config.checkpoint_every_steps=250 --config.data_dir=../shared/data/cifar10-jpeg.tar.gz --config.dataset=imagefolder --config.eval_every_epochs=2 --config.log_every_steps=50 '--config.lr_boundaries_epochs=(2,3,3.6667)' --config.method=bp --config.model=resnet20 --config.num_epochs=4 --config.num_stages=1 --config.seed=3 --config.train_subset=5000
