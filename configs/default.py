@@ -73,6 +73,9 @@ def get_config():
   # 'nesterov' (Ajanthan et al. 2025: the delayed stages' AdamW becomes NAdamW, SGD becomes
   # Nesterov SGD, momentum nesterov_momentum), 'delay_momentum' (each delayed stage's momentum
   # or adam_b1 raised with its delay towards delay_momentum_max) or 'nesterov+delay_momentum'.
+  # Measured (docs/record/compensation.md, language_model.md): with SGD 'nesterov' at
+  # nesterov_momentum 0.9; with AdamW 'weight_prediction' at K = 2, 'nesterov' at K = 4. None
+  # wins everywhere, so the default is the paper's 'none'.
   config.compensation = 'none'
   # delay_compensation: lambda0 of DC-ASGD-a (adaptive: divided by the root of the gradient's
   # running mean square), or lambda of DC-ASGD-c with dc_adaptive False (the paper: 0.04).
@@ -85,7 +88,8 @@ def get_config():
   # annealed from schedule / delay to the schedule (our default; PipeMare tunes its length).
   config.lr_reschedule_fraction = 0.25
   # nesterov: momentum (NAdamW's b1, Nesterov SGD's momentum) of the delayed stages (the
-  # paper: 0.99; SGD's step grows as lr / (1 - momentum): 0.9 keeps a recipe tuned at 0.9).
+  # paper: 0.99; SGD's step grows as lr / (1 - momentum): with SGD set the recipe's momentum,
+  # 0.9 here: 0.99 was worse than plain FDG on ResNet-20, 0.9 the best option).
   config.nesterov_momentum = 0.99
   # nesterov with adamw: NAdam's momentum decay psi, mu_t = b1 * (1 - 0.5 * 0.96 ** (t * psi))
   # (PyTorch's default, the paper's runs).
