@@ -114,7 +114,7 @@ class Pipeline:
                metrics: type = LossAndAccuracy, method: Any = 'fdg'):
     if not stages:
       raise ValueError('A pipeline needs at least one stage.')
-    betas = (beta,) * len(stages) if isinstance(beta, (int, float)) else tuple(beta)
+    betas = (beta,) * len(stages) if np.ndim(beta) == 0 else tuple(beta)
     if len(betas) != len(stages):
       raise ValueError(f'beta has {len(betas)} factors for {len(stages)} stages: give one float, '
                        'or one factor per stage (see stage_betas).')
@@ -149,7 +149,8 @@ class Pipeline:
     self.optimizer = optimizer
     self.loss_fn = loss_fn
     self.metrics = metrics
-    self.betas = tuple(float(b) for b in betas)
+    self.betas = tuple(float(b) for b in betas)   # each stage's factor
+    self.beta = float(beta) if np.ndim(beta) == 0 else self.betas   # as given
     self.stash = stash
     self.residual_policy = residual_policy
     self.compensation = compensation

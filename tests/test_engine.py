@@ -183,6 +183,8 @@ def test_stage_betas_table():
   assert pipeline.stage_betas(0.5, 4, compounded=False) == (1.0, 1.0, 0.5, 1.0)
   assert pipeline.stage_betas(0.5, 1, compounded=False) == (1.0,)
   modules, _ = initial_variables(2)
+  pipe = pipeline.Pipeline(modules, optax.sgd(0.1), beta=np.float32(0.5))
+  assert (pipe.beta, pipe.betas) == (0.5, (0.5, 0.5))
   with pytest.raises(ValueError, match='3 factors for 2 stages'):
     pipeline.Pipeline(modules, optax.sgd(0.1), beta=(0.5, 1.0, 1.0))
   with pytest.raises(ValueError, match='outside'):
