@@ -73,9 +73,9 @@ def get_config():
   # 'nesterov' (Ajanthan et al. 2025: the delayed stages' AdamW becomes NAdamW, SGD becomes
   # Nesterov SGD, momentum nesterov_momentum), 'delay_momentum' (each delayed stage's momentum
   # or adam_b1 raised with its delay towards delay_momentum_max) or 'nesterov+delay_momentum'.
-  # Measured (docs/record/compensation.md, language_model.md): with SGD 'nesterov' at
-  # nesterov_momentum 0.9; with AdamW 'weight_prediction' at K = 2, 'nesterov' at K = 4. None
-  # wins everywhere, so the default is the paper's 'none'.
+  # Measured (docs/record/compensation.md, language_model.md): with SGD 'weight_prediction' or
+  # 'nesterov' at nesterov_momentum 0.9; with AdamW 'weight_prediction' at K = 2, 'nesterov' at
+  # K = 4. None wins everywhere, so the default is the paper's 'none'.
   config.compensation = 'none'
   # delay_compensation: lambda0 of DC-ASGD-a (adaptive: divided by the root of the gradient's
   # running mean square), or lambda of DC-ASGD-c with dc_adaptive False (the paper: 0.04).
