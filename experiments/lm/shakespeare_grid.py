@@ -50,6 +50,11 @@ METHODS = {
     'fdg_k4_delay_momentum': ('fdg', 4, 1.0, 'dm', {'compensation': 'delay_momentum'}),
     'fdg_k2_nesterov_dm': ('fdg', 2, 1.0, 'nagdm', {'compensation': 'nesterov+delay_momentum'}),
     'fdg_k4_nesterov_dm': ('fdg', 4, 1.0, 'nagdm', {'compensation': 'nesterov+delay_momentum'}),
+    # The stale stages learning less (PipeMare's lr / delay, annealed over a quarter of the run
+    # or all of it): under Adam beta cannot do it (issue 28, the K = 4 goal).
+    'fdg_k4_lr': ('fdg', 4, 1.0, 'lr', {'compensation': 'lr_reschedule'}),
+    'fdg_k4_lr_whole': ('fdg', 4, 1.0, 'lr1', {'compensation': 'lr_reschedule',
+                                                'lr_reschedule_fraction': 1.0}),
 }
 # Every stage on a device of its own, as in the image grids (the config file puts all on device
 # 0): K simulated CPU devices in one process, or one process per stage with --processes.
