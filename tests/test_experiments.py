@@ -550,7 +550,8 @@ def test_shakespeare_grid_cells_and_commands(tmp_path, capsys):
   per_seed = len(shakespeare_grid.METHODS)
   assert [c.name for c in cells[8:per_seed]] == [
       'gpt_fdg_k2_beta1_nag_seed0', 'gpt_fdg_k4_beta1_nag_seed0', 'gpt_fdg_k2_beta1_dm_seed0',
-      'gpt_fdg_k4_beta1_dm_seed0', 'gpt_fdg_k2_beta1_nagdm_seed0', 'gpt_fdg_k4_beta1_nagdm_seed0']
+      'gpt_fdg_k4_beta1_dm_seed0', 'gpt_fdg_k2_beta1_nagdm_seed0', 'gpt_fdg_k4_beta1_nagdm_seed0',
+      'gpt_fdg_k4_beta1_lr_seed0', 'gpt_fdg_k4_beta1_lr1_seed0']
   assert len(cells) == per_seed * len(opts.seeds) and cells[per_seed].name == 'gpt_bp_seed1'
   assert {c.config_file for c in cells} == {'configs/shakespeare_char_cpu.py'}
   by_name = {c.name: c.override_dict() for c in cells}
@@ -558,6 +559,8 @@ def test_shakespeare_grid_cells_and_commands(tmp_path, capsys):
     assert o['stage_devices'] == () and o['num_train_steps'] == 20
     assert o['dataset'] == 'textfile' and o['data_dir'] == str(tmp_path / 't.txt')
     assert 'train_subset' not in o and 'num_epochs' not in o
+  lr_whole = by_name['gpt_fdg_k4_beta1_lr1_seed0']
+  assert (lr_whole['compensation'], lr_whole['lr_reschedule_fraction']) == ('lr_reschedule', 1.0)
   assert by_name['gpt_dgl_k2_seed0']['aux_head'] == 'lm'
   assert by_name['gpt_fdg_k4_beta1_wp_seed0']['compensation'] == 'weight_prediction'
   assert 'compensation' not in by_name['gpt_fdg_k4_beta1_seed0']
@@ -604,7 +607,7 @@ def test_shakespeare_grid_report_from_summaries(tmp_path):
   with open(os.path.join(out, 'results.csv')) as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == len(cells) and rows[0]['val_loss'] == '1.9'
-  assert rows[-1]['compensation'] == 'nesterov+delay_momentum'
+  assert rows[-1]['compensation'] == 'lr_reschedule'
   with open(os.path.join(out, 'results.md')) as f:
     md = f.read()
   # BP: 1.90, 1.91, 1.92 -> 1.9100 ± 0.0100 nats, / ln 2 bits; FDG K=2: +0.06 ± 0.01 (s.e.).
