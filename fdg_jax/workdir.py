@@ -36,7 +36,8 @@ RESUMABLE_FIELDS = frozenset({
 
 # Fields added after runs could be checkpointed, with the value that computes what such a run
 # did: a saved config without one of them resumes as if it held that value.
-ADDED_FIELDS = {'residual_policy': '', 'beta_compounds': True, 'split_by': 'flops', 'data_parallel': 1,
+ADDED_FIELDS = {'residual_policy': '', 'beta_compounds': True, 'split_by': 'flops',
+                'data_parallel': 1,
                 'compensation': 'none', 'dc_lambda': 2.0, 'dc_adaptive': True,
                 'dc_decay': 0.95, 'lr_reschedule_fraction': 0.25,
                 'nesterov_momentum': 0.99, 'nadam_momentum_decay': 0.004,

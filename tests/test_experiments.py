@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
@@ -367,13 +368,16 @@ def test_relocate_writes_records_without_machine_paths(tmp_path):
 
 
 def test_grid_lock_is_one_grid_per_out_dir(tmp_path):
-  """A second grid on the same out_dir is refused; a lock whose grid has ended is taken over.
-  (The lock is created with O_EXCL, so two grids started at the same instant cannot both take
-  it, as two did on 2026-12-06 before; that race is not reproduced here.)"""
+  """A second grid on the same out_dir is refused, even one that looked for the lock just
+  before the first took it (two grids started at the same instant both ran on 2026-12-06, when
+  the lock was looked for, then written); a lock whose grid has ended is taken over."""
   out = str(tmp_path / 'out')
   path = runner_lib.acquire_lock(out)
   with pytest.raises(cells_lib.GridError, match=f'another grid \\(pid {os.getpid()}\\)'):
     runner_lib.acquire_lock(out)
+  with mock.patch.object(os.path, 'exists', return_value=False):   # "no lock yet", as it saw
+    with pytest.raises(cells_lib.GridError, match='another grid'):
+      runner_lib.acquire_lock(out)
   ended = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                          capture_output=True, text=True, check=True).stdout.strip()
   with open(path, 'w') as f:

@@ -47,16 +47,19 @@ def tiny_batches(num_batches: int, batch_size: int = 4, num_classes: int = NUM_C
           for _ in range(num_batches)]
 
 
+# Coupled weight decay, momentum, and an lr drop at step 5: a stage that counted its steps
+# wrongly would use the wrong learning rate.
+LEARNING_RATE = optax.piecewise_constant_schedule(0.1, {5: 0.1})
+MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
+
+
 def make_optimizer():
-  # Coupled weight decay, momentum, and an lr drop at step 5: a stage that counted its steps
-  # wrongly would use the wrong learning rate.
-  schedule = optax.piecewise_constant_schedule(0.1, {5: 0.1})
-  return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9))
+  return optax.chain(optax.add_decayed_weights(WEIGHT_DECAY),
+                     optax.sgd(LEARNING_RATE, momentum=MOMENTUM))
 
 
 # make_optimizer()'s optimizer as an optimizers.Recipe: what the look-ahead compensations rebuild.
-RECIPE = optimizers.Recipe('sgd', optax.piecewise_constant_schedule(0.1, {5: 0.1}), momentum=0.9,
-                           weight_decay=5e-4)
+RECIPE = optimizers.Recipe('sgd', LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
 def initial_variables(num_stages: int, split=None, num_classes: int = NUM_CLASSES):
