@@ -1,5 +1,5 @@
 """A small ViT on CIFAR-10 with FDG, K = 2: patch 4 (64 tokens), 6 blocks of width 192 with 3
-heads (fdg_jax/vit.py; 2.7M parameters), AdamW with warm-up and cosine decay.
+heads (fdg_jax/models/vit.py; 2.7M parameters), AdamW with warm-up and cosine decay.
 
 The recipe of the usual from-scratch CIFAR ViTs (e.g. "ViT for small datasets" set-ups):
 AdamW lr 1e-3, weight decay 0.05 on weight matrices, 5 epochs of linear warm-up, cosine to 1e-5

@@ -6,12 +6,16 @@ Override any field on the command line, e.g. `--config.beta=0.5`.
 
 import ml_collections
 
+from fdg_jax import tasks
+
 
 def get_config():
   config = ml_collections.ConfigDict()
   # 'image_classification' (images, a model from the zoo) or 'language_model' (a GPT on a text;
-  # configs/shakespeare_char*.py): which task module (fdg_jax/tasks.py) builds the model, reads
-  # the data and scores the run.
+  # configs/shakespeare_char*.py), or the dotted name of any module with a task class
+  # (fdg_jax/tasks/base.py): which task builds the model, reads the data and scores the run.
+  # Each task adds its own fields (`python -m fdg_jax.main --help` lists them under it); a
+  # config of another task calls tasks.configure(config, NAME).
   config.task = 'image_classification'
   # Network: image_classification: one of fdg_jax.models.MODEL_NAMES (resnet8/20/56/110,
   # resnet18, wrn28_10) or VIT_NAMES (vit_tiny); language_model: 'gpt' (sized by n_layer etc.).
@@ -28,9 +32,6 @@ def get_config():
   # 'ddg' (Huo et al. 2018: forward-locked, delayed gradients) or 'dgl' (Belilovsky et al.
   # 2019: each stage trains on an auxiliary classifier's local loss).
   config.method = 'fdg'
-  # DGL's auxiliary classifier: 'mlp-sr' (DGL's MLP-SR-aux head) or 'conv' (a small conv head)
-  # for CNNs; 'lm' (LayerNorm and a linear LM head) for the language model.
-  config.aux_head = 'mlp-sr'
   # K, the number of pipeline stages (ignored by 'bp', which is one stage).
   config.num_stages = 2
   # Block index where each stage after the first starts, e.g. (15,); () = balance by split_by.
@@ -96,7 +97,7 @@ def get_config():
   config.nadam_momentum_decay = 0.004
   # delay_momentum: the momentum the rule approaches with the delay (the paper's code: 0.99).
   config.delay_momentum_max = 0.99
-  # Images per training batch.
+  # Examples (images, token windows) per training batch.
   config.batch_size = 128
   # Length of training in epochs (used when num_train_steps is -1).
   config.num_epochs = 300
@@ -162,34 +163,7 @@ def get_config():
   config.timeline_start_step = 0
   # Length of the recorded window, in steps.
   config.timeline_num_steps = 8
-  # Images per evaluation batch.
+  # Examples per evaluation batch.
   config.eval_batch_size = 500
-  # Side of the square images the model sees (image folders are resized to it).
-  config.image_size = 32
-  # Use only this many training / test examples (-1 = all): reduced-scale runs.
-  config.train_subset = -1
-  config.test_subset = -1
-  # Where decoded image folders are cached ('' = $FDG_JAX_CACHE or ~/.cache/fdg_jax).
-  config.cache_dir = ''
-  # language_model: the GPT's layers, attention heads, width and context (block_size tokens).
-  config.n_layer = 4
-  config.n_head = 4
-  config.n_embd = 128
-  config.block_size = 64
-  # language_model: biases in the Linear and LayerNorm layers (nanoGPT's train.py: False).
-  config.bias = False
-  # language_model: 'float32', or 'bfloat16' compute with float32 parameters (accelerators).
-  config.dtype = 'float32'
-  # language_model: 'char' (vocabulary of the training text's characters, stored with the run
-  # in WORKDIR/vocabulary.json) or 'byte' (256 symbols, the UTF-8 bytes).
-  config.vocabulary = 'char'
-  # language_model: the share of the text, at its end, held out for validation (nanoGPT: 0.1).
-  config.val_fraction = 0.1
-  # language_model: evaluate on at most this many batches of the validation text (0 = all).
-  config.eval_max_batches = 0
-  # language_model: tokens generated after each evaluation (0 = none), from this prompt, at
-  # this temperature; logged and appended to WORKDIR/samples.txt.
-  config.sample_tokens = 200
-  config.sample_prompt = '\n'
-  config.sample_temperature = 0.8
-  return config
+  # The task's own fields, at their defaults.
+  return tasks.configure(config, config.task)

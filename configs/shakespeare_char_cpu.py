@@ -5,7 +5,7 @@ with --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_i
 --lr_decay_iters=2000 --dropout=0.0 reaches validation loss about 1.88 on a CPU. Everything
 else is that config's and nanoGPT's train.py defaults: AdamW lr 1e-3 (beta2 0.99, weight decay
 0.1), 100 warm-up steps, cosine to 1e-4, gradient clipping at 1.0. Two differences: the input
-embedding and the LM head are not tied (each stage owns its parameters: fdg_jax/gpt.py), and
+embedding and the LM head are not tied (each stage owns its parameters: fdg_jax/models/gpt.py), and
 the embeddings are not weight-decayed (config.decay_embeddings; nanoGPT decays every matrix).
 
     python -m fdg_jax.main --config=configs/shakespeare_char_cpu.py --workdir=/tmp/shakespeare \
@@ -17,11 +17,11 @@ stages in processes with `python -m fdg_jax.launch --num_processes=2 -- ... --co
 """
 
 from configs import default
+from fdg_jax import tasks
 
 
 def get_config():
-  config = default.get_config()
-  config.task = 'language_model'
+  config = tasks.configure(default.get_config(), 'language_model')
   config.model = 'gpt'
   # tfds' tiny_shakespeare (needs internet once), or 'textfile' with data_dir.
   config.dataset = 'tiny_shakespeare'

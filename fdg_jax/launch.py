@@ -24,7 +24,7 @@ import time
 from absl import app
 from absl import flags
 
-from fdg_jax import distributed
+from fdg_jax.engine import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('num_processes', None, 'How many processes to start.', lower_bound=1)

@@ -13,10 +13,9 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from fdg_jax import configuration
+from fdg_jax.trainer import configuration
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs, log.txt and '
@@ -31,19 +30,7 @@ config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                 lock_config=True)
 
 
-def _fields_help() -> str:
-  """The config fields with their meaning and default, from configs/default.py."""
-  if not os.path.exists(configuration.DEFAULT_CONFIG_FILE):
-    return ''
-  import runpy  # pylint: disable=g-import-not-at-top
-  defaults = runpy.run_path(configuration.DEFAULT_CONFIG_FILE)['get_config']()
-  return ('\n\nConfig fields (override any with --config.FIELD=VALUE; defaults of '
-          'configs/default.py, a config file may change them):\n'
-          + configuration.describe_fields(defaults,
-                                          configuration.field_docs()))
-
-
-__doc__ += _fields_help()   # absl prints the main module's docstring for --help
+__doc__ += configuration.fields_help()   # absl prints the main module's docstring for --help
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -82,13 +69,13 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # pylint: disable=g-import-not-at-top
   import jax
-  from fdg_jax import distributed, workdir
+  from fdg_jax.engine import distributed
+  from fdg_jax.trainer import workdir
   workdir.quiet_console()
   try:   # before anything touches a device
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            timeout_s=FLAGS.join_timeout_s)
   except distributed.DistributedError as e:
-    logging.error('%s', e)
     sys.exit(f'error: {e}')
   workdir.quiet_console(speaker=jax.process_index() == 0)   # process 0 speaks
   # A bad config or command line ends here, before TensorFlow's import (seconds of it) where
@@ -96,14 +83,15 @@ def main(argv):
   try:
     configuration.validate_config(FLAGS.config)
   except configuration.ConfigError as e:
-    logging.error('%s', e)
     sys.exit(f'error: {e}')
   if not FLAGS.workdir and not FLAGS.dry_run:
     sys.exit('error: --workdir is required (except with --dry_run).')
   if configuration.reads_tfds(FLAGS.config):   # only tfds needs TensorFlow
     tf = _import_tensorflow_quietly()
     tf.config.set_visible_devices([], 'GPU')   # keep TensorFlow off the accelerators
-  from fdg_jax import checkpoint, input_pipeline, train
+  from fdg_jax import data
+  from fdg_jax.engine import checkpoint
+  from fdg_jax.trainer import train
   # pylint: enable=g-import-not-at-top
   try:
     if FLAGS.dry_run:
@@ -111,10 +99,9 @@ def main(argv):
       train.dry_run(FLAGS.config)
       return
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train.ConfigError, input_pipeline.DataError, checkpoint.CheckpointError,
-          train.DivergenceError, train.Preempted) as e:
-    logging.error('%s', e)
-    sys.exit(f'error: {e}')
+  except (configuration.ConfigError, data.DataError, checkpoint.CheckpointError,
+          workdir.DivergenceError, workdir.Preempted) as e:
+    sys.exit(f'error: {e}')   # once: the run's log.txt has it too
 
 
 if __name__ == '__main__':

@@ -10,12 +10,13 @@ import os
 import jax
 import numpy as np
 
-from fdg_jax import baselines
-from fdg_jax import checkpoint
-from fdg_jax import compensation as compensation_lib
-from fdg_jax import distributed
-from fdg_jax import pipeline
-from fdg_jax import schedule
+from fdg_jax.engine import baselines
+from fdg_jax.engine import checkpoint
+from fdg_jax.engine import compensation as compensation_lib
+from fdg_jax.engine import distributed
+from fdg_jax.engine import pipeline
+from fdg_jax.engine import schedule
+from fdg_jax.models import aux_heads
 from test_pytree_stages import pytree_batches, pytree_pipeline
 from tiny import NUM_CLASSES, RECIPE, initial_variables, make_optimizer, tiny_batches
 
@@ -37,7 +38,7 @@ def make_pipeline(method, num_stages, stash, placements):
   modules, variables = initial_variables(num_stages)
   if method == 'dgl':
     pipe = baselines.DGLPipeline(modules, make_optimizer(), num_classes=NUM_CLASSES,
-                                 aux_head='conv', placements=placements)
+                                 aux_head=aux_heads.get('conv'), placements=placements)
   else:
     engine = baselines.DDGPipeline if method == 'ddg' else pipeline.Pipeline
     if compensation:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fdg_jax import distributed
+from fdg_jax.engine import distributed
 
 SHAPE = (500, 16, 16, 16)
 

@@ -7,8 +7,8 @@ import os
 
 import jax
 
-from fdg_jax import distributed
-from fdg_jax import train
+from fdg_jax.engine import distributed
+from fdg_jax.trainer import train
 from test_train import small_config
 
 METHODS = ('fdg', 'ddg', 'dgl')

@@ -10,10 +10,11 @@ import numpy as np
 import optax
 import pytest
 
-from fdg_jax import baselines
-from fdg_jax import checkpoint
-from fdg_jax import partition
-from fdg_jax import pipeline
+from fdg_jax.engine import baselines
+from fdg_jax.engine import checkpoint
+from fdg_jax.engine import pipeline
+from fdg_jax.models import aux_heads
+from fdg_jax.models import partition
 from tiny import NUM_CLASSES, initial_variables, make_optimizer, mean_loss, tiny_batches
 
 BETA = 0.7
@@ -180,7 +181,7 @@ def test_ddg_matches_naive_reference(num_stages, stash, devices):
   assert queue_lengths == [baselines.ddg_delay(k, num_stages) for k in range(num_stages)]
   assert not state.in_flight
   # fill, steady and drain each compiled once on the non-last stages; one function on the last.
-  assert [{p: f._cache_size() for p, f in fs.items()} for fs in pipe.stage_functions] == [
+  assert [{p: f._cache_size() for p, f in fs.items()} for fs in pipe.method.functions] == [
       {p: 1 for p in pipeline.PHASES}] * (num_stages - 1) + [{'steady': 1}]
 
 
@@ -232,10 +233,10 @@ def naive_dgl(modules, heads, variables, aux_variables, optimizer, batches):
   return params, stats, opt_states
 
 
-def make_dgl(num_stages, placements=None, **kwargs):
+def make_dgl(num_stages, placements=None, aux_head='mlp-sr'):
   modules, variables = initial_variables(num_stages)
   pipe = baselines.DGLPipeline(modules, make_optimizer(), num_classes=NUM_CLASSES,
-                               placements=placements, **kwargs)
+                               placements=placements, aux_head=aux_heads.get(aux_head))
   return pipe, modules, variables
 
 
@@ -301,14 +302,14 @@ def run_dgl_against_reference(pipe, modules, variables, heads, batches):
 def test_dgl_matches_naive_reference_k3(dgl3):
   pipe, modules, variables = dgl3
   run_dgl_against_reference(pipe, modules, variables,
-                            [baselines.ConvAuxHead(NUM_CLASSES) for _ in range(2)],
+                            [aux_heads.ConvAuxHead(NUM_CLASSES) for _ in range(2)],
                             tiny_batches(NUM_BATCHES))
 
 
 def test_dgl_matches_naive_reference_k2_default_head(dgl2):
   pipe, modules, variables = dgl2
-  assert isinstance(pipe.aux_heads[0], baselines.MLPSRAuxHead)
-  run_dgl_against_reference(pipe, modules, variables, [baselines.MLPSRAuxHead(NUM_CLASSES)],
+  assert isinstance(pipe.aux_heads[0], aux_heads.MLPSRAuxHead)
+  run_dgl_against_reference(pipe, modules, variables, [aux_heads.MLPSRAuxHead(NUM_CLASSES)],
                             tiny_batches(NUM_BATCHES, batch_size=DGL2_BATCH))
 
 
@@ -375,7 +376,7 @@ def test_dgl_extra_params_are_the_heads(aux_head, dgl2, dgl3):
   expected_counts = []
   for k in range(pipe.num_stages - 1):
     x = modules[k].apply(variables[k], x, train=False)
-    head = baselines.AUX_HEADS[aux_head](k, NUM_CLASSES)
+    head = aux_heads.AUX_HEADS[aux_head](k, NUM_CLASSES)
     expected_counts.append(partition.count_params(
         jax.eval_shape(lambda x: head.init(jax.random.key(0), x, train=False), x)['params']))
     if aux_head == 'mlp-sr':   # DGL's MLP-SR-aux on C channels: 3 x (1x1 conv + BN),
@@ -398,24 +399,29 @@ def test_dgl_init_without_variables_gives_fdg_initial_network(dgl3):
 
 def test_dgl_rejects_bad_arguments():
   modules, _ = initial_variables(2)
+  conv = aux_heads.get('conv')
   with pytest.raises(ValueError, match='num_classes'):
-    baselines.DGLPipeline(modules, make_optimizer())
+    baselines.DGLPipeline(modules, make_optimizer(), aux_head=conv)
+  with pytest.raises(ValueError, match='aux_head'):   # a factory, not a name
+    baselines.DGLPipeline(modules, make_optimizer(), num_classes=3, aux_head='conv')
   with pytest.raises(ValueError, match='aux_head'):
-    baselines.DGLPipeline(modules, make_optimizer(), num_classes=3, aux_head='nope')
-  pipe = baselines.DGLPipeline(modules, make_optimizer(), num_classes=3)
+    baselines.DGLPipeline(modules, make_optimizer(), num_classes=3)
+  with pytest.raises(ValueError, match="'nope' is not one of"):
+    aux_heads.get('nope')
+  pipe = baselines.DGLPipeline(modules, make_optimizer(), num_classes=3, aux_head=conv)
   with pytest.raises(ValueError, match='sample_input'):
     pipe.init(jax.random.key(0), None)
 
 
 def test_adaptive_avg_pool_matches_pytorch_bins():
   x = jnp.arange(2 * 5 * 7 * 3, dtype=jnp.float32).reshape(2, 5, 7, 3)
-  got = baselines.adaptive_avg_pool(x, (2, 3))
+  got = aux_heads.adaptive_avg_pool(x, (2, 3))
   # PyTorch: bin i of n over size s covers [floor(i*s/n), ceil((i+1)*s/n)).
   rows, cols = [(0, 3), (2, 5)], [(0, 3), (2, 5), (4, 7)]
   expected = np.stack([np.stack([np.asarray(x)[:, r0:r1, c0:c1].mean((1, 2)) for c0, c1 in cols],
                                 axis=1) for r0, r1 in rows], axis=1)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(baselines.adaptive_avg_pool(x[:, :4, :6], (2, 3))),
+  np.testing.assert_allclose(np.asarray(aux_heads.adaptive_avg_pool(x[:, :4, :6], (2, 3))),
                              np.asarray(x[:, :4, :6]).reshape(2, 2, 2, 3, 2, 3).mean((2, 4)))
 
 
@@ -452,7 +458,7 @@ def test_dgl_stages_live_on_their_own_devices_and_compile_once(which, request):
   batches = tiny_batches(4, batch_size=DGL2_BATCH if which == 'dgl2' else 4)
   state, _, _ = run(pipe, batches, variables, check_placements=True)
   assert all('aux' in s.params for s in state.stages[:-1])
-  assert all(f._cache_size() == 1 for fs in pipe.stage_functions for f in fs.values())
+  assert all(f._cache_size() == 1 for fs in pipe.method.functions for f in fs.values())
 
 
 @pytest.mark.parametrize('method', ['ddg', 'dgl'])

@@ -5,9 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from fdg_jax import baselines
-from fdg_jax import checkpoint
-from fdg_jax import pipeline
+from fdg_jax.engine import baselines
+from fdg_jax.engine import checkpoint
+from fdg_jax.engine import pipeline
+from fdg_jax.models import aux_heads
 from test_engine import BETA, initial_variables, make_optimizer
 from tiny import NUM_CLASSES, tiny_batches
 
@@ -76,7 +77,7 @@ def test_compact_checkpoint_is_smaller_and_falls_back_to_the_full_form(tmp_path,
   state = run(pipe, state, batches)
   checkpoint.Checkpointer(str(tmp_path / 'compact')).save(6, pipe, state)
   with monkeypatch.context() as patch:
-    patch.setattr(pipe, 'rebuilt_output', lambda k, entry: None)
+    patch.setattr(checkpoint, 'rebuilt_output', lambda pipe, k, entry: None)
     assert saved_forms(pipe, state) == {'full'}
     checkpoint.Checkpointer(str(tmp_path / 'full')).save(6, pipe, state)
 
@@ -103,11 +104,11 @@ def test_stage_inputs_from_the_data_stream(tmp_path):
   metadata = checkpoint.to_tree(pipe, state, stream.__getitem__)[1]
   assert all(e['x_from_stream'] for e in metadata['saved']['0'])
   saver = checkpoint.Checkpointer(str(tmp_path))
-  saver.save(5, pipe, state, batch_images=stream.__getitem__)
+  saver.save(5, pipe, state, batch_inputs=stream.__getitem__)
   other, fresh = new_pipeline(3, 'vjp')
   with pytest.raises(checkpoint.CheckpointError, match='data stream'):
     saver.restore(other, fresh)
-  restored, _ = saver.restore(other, fresh, batch_images=stream.__getitem__)
+  restored, _ = saver.restore(other, fresh, batch_inputs=stream.__getitem__)
   chex.assert_trees_all_equal(jax.device_get(checkpoint.to_tree(other, restored)[0]),
                               jax.device_get(checkpoint.to_tree(pipe, state)[0]))
   # Another stream (a changed data set, say) is not trusted: the inputs are stored.
@@ -125,8 +126,9 @@ def test_checkpoint_without_compact_forms_still_resumes():
   expected = jax.device_get(pipe.stage_variables(straight))
   pipe, state = new_pipeline(3, 'vjp')
   state = run(pipe, state, batches[:5])
-  pipe.rebuilt_output = lambda k, entry: None
-  arrays, metadata = checkpoint.to_tree(pipe, state)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(checkpoint, 'rebuilt_output', lambda pipe, k, entry: None)
+    arrays, metadata = checkpoint.to_tree(pipe, state)
   for k, records in metadata['saved'].items():   # today's full form, written the old way
     for i, record in enumerate(records):
       arrays['saved'][k][str(i)] = arrays['saved'][k][str(i)]['residuals']
@@ -181,14 +183,14 @@ def test_checkpoint_from_before_label_queues_restores_the_same_state(method):
   modules, variables = initial_variables(3)
   if method == 'dgl':
     pipe = baselines.DGLPipeline(modules, make_optimizer(), num_classes=NUM_CLASSES,
-                                 aux_head='conv', placements=jax.devices()[:3])
+                                 aux_head=aux_heads.get('conv'), placements=jax.devices()[:3])
   else:
     pipe = pipeline.Pipeline(modules, make_optimizer(), placements=jax.devices()[:3])
   batches = tiny_batches(5)
   state = run(pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables), batches)
-  pipe.rebuilt_output = lambda k, entry: None   # as then: every array stored
-  arrays, metadata = checkpoint.to_tree(pipe, state)
-  del pipe.rebuilt_output
+  with pytest.MonkeyPatch.context() as patch:   # as then: every array stored
+    patch.setattr(checkpoint, 'rebuilt_output', lambda pipe, k, entry: None)
+    arrays, metadata = checkpoint.to_tree(pipe, state)
   labels = {entry.batch: entry.value for queue in state.labels for entry in queue}
   old_arrays = {**{k: v for k, v in arrays.items() if k != 'labels'}, 'activations': {
       k: {'value': a['value'], 'labels': jax.device_put(labels[metadata['activations'][k]],

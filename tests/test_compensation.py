@@ -18,12 +18,13 @@ import optax
 import pytest
 
 from configs import default as default_config
-from fdg_jax import baselines
-from fdg_jax import checkpoint
-from fdg_jax import compensation as compensation_lib
-from fdg_jax import configuration
-from fdg_jax import optimizers
-from fdg_jax import pipeline
+from fdg_jax.engine import baselines
+from fdg_jax.engine import checkpoint
+from fdg_jax.engine import compensation as compensation_lib
+from fdg_jax.engine import optimizers
+from fdg_jax.engine import pipeline
+from fdg_jax.trainer import configuration
+from fdg_jax.trainer import optimizers as optimizer_config
 from tiny import RECIPE, initial_variables, make_optimizer, mean_loss, tiny_batches
 
 BETA = 0.7
@@ -503,16 +504,20 @@ def test_trainer_builds_the_lookahead_from_the_config(method, num_stages, max_de
   """The trainer's compensation rebuilds the config's own optimizer (its recipe: AdamW, its
   schedule and mask) with the config's look-ahead fields, and scales the delay momentum by the
   method's largest delay (stage 0's: FDG 2(K-1), DDG K-1)."""
-  from fdg_jax import train   # pylint: disable=import-outside-toplevel
+  from fdg_jax.trainer import train   # pylint: disable=import-outside-toplevel
   config = default_config.get_config()
   config.update(dict(method=method, num_stages=num_stages, optimizer='adamw',
                      compensation='nesterov+delay_momentum', nesterov_momentum=0.98,
                      nadam_momentum_decay=0.002, delay_momentum_max=0.995))
   configuration.validate_config(config)
-  comp = train.create_compensation(config, steps_per_epoch=10)
-  recipe = optimizers.recipe(config, steps_per_epoch=10)
+  recipe = optimizer_config.recipe(config, steps_per_epoch=10)
+  comp = train.create_compensation(config, recipe, steps_per_epoch=10)
   assert (comp.max_delay, comp.nesterov_momentum, comp.nadam_momentum_decay,
           comp.delay_momentum_max) == (max_delay, 0.98, 0.002, 0.995)
-  assert comp.optimizer.name == 'adamw'
-  assert (comp.optimizer.b2, comp.optimizer.weight_decay) == (recipe.b2, recipe.weight_decay)
-  assert comp.optimizer.learning_rate(7) == recipe.learning_rate(7)
+  assert comp.optimizer is recipe   # the run's one recipe, not a second reading of the config
+  # ... and that recipe is the config's AdamW, written out from the fields:
+  assert (recipe.name, recipe.b1, recipe.b2, recipe.eps, recipe.weight_decay) == (
+      'adamw', 0.9, 0.95, 1e-8, 5e-4)
+  # the paper's schedule, 10 steps an epoch: lr 0.1, divided by 10 at epochs 150, 225, 275.
+  assert [float(recipe.learning_rate(s)) for s in (7, 1499, 1500, 2250, 2750)] == pytest.approx(
+      [0.1, 0.1, 0.01, 0.001, 0.0001])

@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from fdg_jax import baselines
-from fdg_jax import checkpoint
-from fdg_jax import pipeline
+from fdg_jax.engine import baselines
+from fdg_jax.engine import checkpoint
+from fdg_jax.engine import pipeline
+from fdg_jax.models import aux_heads
 from test_baselines import naive_ddg, naive_dgl, run as run_fed
 from test_engine import BETA, naive_fdg
 from tiny import NUM_CLASSES, assert_matches, initial_variables, make_optimizer, tiny_batches
@@ -93,13 +94,13 @@ def test_dgl_on_two_by_two_devices_matches_the_reference():
   batches = tiny_batches(NUM_BATCHES)
   modules, variables = initial_variables(2)
   pipe = baselines.DGLPipeline(modules, make_optimizer(), num_classes=NUM_CLASSES,
-                               aux_head='conv', placements=[devices(4, 5), devices(6, 7)])
+                               aux_head=aux_heads.get('conv'), placements=[devices(4, 5), devices(6, 7)])
   state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
   aux_initial = jax.device_get(pipe.aux_variables(state))
   for images, labels in batches:
     state, _ = pipe.step(state, images, labels)
   state, _ = pipe.drain(state)
-  params, stats, _ = naive_dgl(modules, [baselines.ConvAuxHead(NUM_CLASSES)], variables,
+  params, stats, _ = naive_dgl(modules, [aux_heads.ConvAuxHead(NUM_CLASSES)], variables,
                                aux_initial, make_optimizer(), batches)
   got = jax.device_get(state.stages)
   chex.assert_trees_all_close([s.params for s in got], params, rtol=1e-5, atol=1e-6)

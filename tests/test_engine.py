@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from fdg_jax import partition
-from fdg_jax import pipeline
-from fdg_jax import stage_functions
+from fdg_jax.engine import pipeline
+from fdg_jax.engine import stage_functions
+from fdg_jax.models import partition
 from tiny import (assert_matches, initial_variables, make_optimizer, mean_loss, tiny_batches,
                   tiny_blocks)
 

@@ -28,8 +28,8 @@ from experiments.paper import published
 from experiments.paper import table2
 from experiments.paper import table4
 from experiments.probes import transfers
-from fdg_jax import checkpoint as checkpoint_lib
-from fdg_jax import workdir as workdir_lib
+from fdg_jax.engine import checkpoint as checkpoint_lib
+from fdg_jax.trainer import workdir as workdir_lib
 from conftest import OTHER_XLA_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

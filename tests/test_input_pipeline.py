@@ -1,4 +1,4 @@
-"""Tests for fdg_jax.input_pipeline on tiny generated data."""
+"""Tests for fdg_jax.data.image_batches on tiny generated data."""
 
 import dataclasses
 import os
@@ -12,8 +12,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from fdg_jax import datasets
-from fdg_jax import input_pipeline as ip
+from fdg_jax import data
+from fdg_jax.data import image_batches as ip
+from fdg_jax.data import image_sources
+from fdg_jax.trainer import prefetch
 
 CLASSES = ('ant', 'bee', 'cat')
 NUM_TRAIN_PER_CLASS = 6
@@ -60,7 +62,7 @@ def cache_dir(tmp_path):
 
 @pytest.fixture
 def ds(tree, cache_dir):
-  return ip.load_dataset('imagefolder', tree, cache_dir=cache_dir)
+  return image_sources.load_dataset('imagefolder', tree, cache_dir=cache_dir)
 
 
 def test_imagefolder_shapes_dtypes_labels(ds, tree):
@@ -80,13 +82,8 @@ def test_imagefolder_shapes_dtypes_labels(ds, tree):
 
 
 def test_image_size_resizes(tree, cache_dir):
-  ds = ip.load_dataset('imagefolder', tree, image_size=16, cache_dir=cache_dir)
+  ds = image_sources.load_dataset('imagefolder', tree, image_size=16, cache_dir=cache_dir)
   assert ds.train_images.shape[1:] == ds.test_images.shape[1:] == (16, 16, 3)
-
-
-def test_reexports_are_the_datasets_names():
-  assert ip.Dataset is datasets.Dataset and ip.DataError is datasets.DataError
-  assert ip.load_dataset is datasets.load_dataset and ip.describe is datasets.describe
 
 
 # ------------------------------------------------------------------ subsets
@@ -116,7 +113,7 @@ def ordered_tree(tmp_path):
 
 
 def _ordered(path, cache_dir, **subsets):
-  return ip.load_dataset('imagefolder', path, image_size=8, cache_dir=cache_dir,
+  return image_sources.load_dataset('imagefolder', path, image_size=8, cache_dir=cache_dir,
                          **subsets)
 
 
@@ -170,7 +167,7 @@ def test_train_subset_holds_every_class_and_is_the_recorded_selection(ordered_tr
   assert np.all(counts > 0)
   assert np.all(np.abs(counts - shares) <= 6), counts
   # Exactly the selection and order recorded runs were trained on: the first of the seed-0
-  # permutation (see datasets._train_subset_indices).
+  # permutation (see image_sources._train_subset_indices).
   keep = np.random.default_rng(0).permutation(200)[:100]
   np.testing.assert_array_equal(ds.train_images, full.train_images[keep])
   np.testing.assert_array_equal(ds.train_labels, full.train_labels[keep])
@@ -194,17 +191,17 @@ def test_subsets_are_deterministic(ordered_tree, tmp_path):
 def test_stratified_indices_on_a_cifar_like_test_split():
   # CIFAR-10's test split stored class by class: the first 1000 were all one class.
   labels = np.repeat(np.arange(10), 1000)
-  keep = datasets._stratified_indices(labels, 1000, seed=0)
+  keep = image_sources._stratified_indices(labels, 1000, seed=0)
   np.testing.assert_array_equal(np.bincount(labels[keep], minlength=10), [100] * 10)
   assert len(np.unique(keep)) == 1000 and np.all(np.diff(keep) > 0)
-  np.testing.assert_array_equal(keep, datasets._stratified_indices(labels, 1000, seed=0))
-  assert not np.array_equal(keep, datasets._stratified_indices(labels, 1000, seed=1))
+  np.testing.assert_array_equal(keep, image_sources._stratified_indices(labels, 1000, seed=0))
+  assert not np.array_equal(keep, image_sources._stratified_indices(labels, 1000, seed=1))
   # 15 of 10 classes: one each, the 5 left over (all remainders tied) to labels 0-4.
-  keep = datasets._stratified_indices(labels, 15, seed=0)
+  keep = image_sources._stratified_indices(labels, 15, seed=0)
   np.testing.assert_array_equal(np.bincount(labels[keep]), [2] * 5 + [1] * 5)
   # Shuffled labels: the same counts from a split that is not class-ordered.
   shuffled = np.random.default_rng(5).permutation(labels)
-  keep = datasets._stratified_indices(shuffled, 250, seed=0)
+  keep = image_sources._stratified_indices(shuffled, 250, seed=0)
   np.testing.assert_array_equal(np.bincount(shuffled[keep]), [25] * 10)
 
 
@@ -213,21 +210,21 @@ def test_stratified_indices_on_a_cifar_like_test_split():
 
 def test_describe_reports_sizes_and_class_balance(ordered_tree, cache_dir):
   ds = _ordered(ordered_tree, cache_dir, test_subset=10)
-  assert ip.describe(ds) == (
+  assert image_sources.describe(ds) == (
       f'{ds.name}, 8x8 images: '
       'train 200 images, 4 classes, 50 per class (min 40, max 60); '
       'test 10 images, 4 classes, 2.5 per class (min 2, max 3)')
   balanced = dataclasses.replace(
       ds, test_images=ds.test_images[:8], test_labels=np.repeat(np.arange(4), 2))
-  assert ip.describe(balanced).endswith('; test 8 images, 4 classes, 2 per class')
+  assert image_sources.describe(balanced).endswith('; test 8 images, 4 classes, 2 per class')
   missing = dataclasses.replace(ds, test_images=ds.test_images[:3],
                                 test_labels=np.asarray([0, 0, 2], np.int32))
-  assert ip.describe(missing).endswith(
+  assert image_sources.describe(missing).endswith(
       '; test 3 images, 2 of 4 classes, 0.8 per class (min 0, max 2)')
 
 
 def test_archives_match_directory(tree, tmp_path, cache_dir):
-  from_dir = ip.load_dataset('imagefolder', tree, cache_dir=cache_dir)
+  from_dir = image_sources.load_dataset('imagefolder', tree, cache_dir=cache_dir)
   # One archive with a top-level folder, one with train/ and test/ at the top.
   tgz = str(tmp_path / 'data.tar.gz')
   with tarfile.open(tgz, 'w:gz') as tar:
@@ -237,7 +234,7 @@ def test_archives_match_directory(tree, tmp_path, cache_dir):
     for split in ('train', 'test'):
       tar.add(os.path.join(tree, split), arcname=split)
   for archive in (tgz, plain):
-    ds = ip.load_dataset('imagefolder', archive, cache_dir=cache_dir)
+    ds = image_sources.load_dataset('imagefolder', archive, cache_dir=cache_dir)
     assert ds.class_names == from_dir.class_names
     for field in ('train_images', 'train_labels', 'test_images',
                   'test_labels'):
@@ -246,14 +243,14 @@ def test_archives_match_directory(tree, tmp_path, cache_dir):
 
 
 def test_cache_is_used_second_time(tree, cache_dir, monkeypatch):
-  first = ip.load_dataset('imagefolder', tree, cache_dir=cache_dir)
+  first = image_sources.load_dataset('imagefolder', tree, cache_dir=cache_dir)
   assert [f for f in os.listdir(cache_dir) if f.endswith('.npz')]
 
   def no_decoding(*args):
     raise AssertionError('decoded despite the cache')
 
-  monkeypatch.setattr(datasets, '_decode_image', no_decoding)
-  second = ip.load_dataset('imagefolder', tree, cache_dir=cache_dir)
+  monkeypatch.setattr(image_sources, '_decode_image', no_decoding)
+  second = image_sources.load_dataset('imagefolder', tree, cache_dir=cache_dir)
   np.testing.assert_array_equal(first.train_images, second.train_images)
   assert second.class_names == first.class_names
   assert second.mean == first.mean
@@ -261,19 +258,19 @@ def test_cache_is_used_second_time(tree, cache_dir, monkeypatch):
   path = os.path.join(tree, 'train', 'ant', '00.png')
   os.utime(path, ns=(0, 0))
   with pytest.raises(AssertionError, match='despite the cache'):
-    ip.load_dataset('imagefolder', tree, cache_dir=cache_dir)
+    image_sources.load_dataset('imagefolder', tree, cache_dir=cache_dir)
 
 
 def test_default_cache_dir_from_env(tree, tmp_path):
-  ip.load_dataset('imagefolder', tree)
+  image_sources.load_dataset('imagefolder', tree)
   assert os.listdir(tmp_path / 'default_cache')
 
 
 def test_tfds_with_mock_data(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   with tfds.testing.mock_data(num_examples=12):
-    ds = ip.load_dataset('cifar10', str(tmp_path), train_subset=8)
-    ds100 = ip.load_dataset('cifar100', None, image_size=16)
+    ds = image_sources.load_dataset('cifar10', str(tmp_path), train_subset=8)
+    ds100 = image_sources.load_dataset('cifar100', None, image_size=16)
   assert ds.train_images.shape == (8, 32, 32, 3)
   assert ds.test_images.shape == (12, 32, 32, 3)
   assert ds.train_images.dtype == np.uint8
@@ -287,10 +284,10 @@ def test_tfds_with_mock_data(tmp_path):
 def test_tfds_offline_gives_data_error(tmp_path, monkeypatch):
   pytest.importorskip('tensorflow_datasets')
   # Never download for real, even on a machine with internet.
-  monkeypatch.setattr(datasets, '_can_reach', lambda *args: False)
+  monkeypatch.setattr(image_sources, '_can_reach', lambda *args: False)
   start = time.perf_counter()
-  with pytest.raises(ip.DataError) as error:
-    ip.load_dataset('cifar10', str(tmp_path / 'tfds'))
+  with pytest.raises(data.DataError) as error:
+    image_sources.load_dataset('cifar10', str(tmp_path / 'tfds'))
   message = str(error.value)
   assert 'not available offline' in message
   assert str(tmp_path / 'tfds') in message
@@ -402,8 +399,8 @@ def test_normalise_is_the_batch_normalisation(ds):
 
 
 def _expect_error(path, match, cache_dir, **kwargs):
-  with pytest.raises(ip.DataError, match=match) as error:
-    ip.load_dataset('imagefolder', path, cache_dir=cache_dir, **kwargs)
+  with pytest.raises(data.DataError, match=match) as error:
+    image_sources.load_dataset('imagefolder', path, cache_dir=cache_dir, **kwargs)
   return str(error.value)
 
 
@@ -477,7 +474,7 @@ def test_prefetch_to_device_puts_on_sharding():
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[-1])
   source = [{'x': np.full((2, 3), i, np.float32), 'y': np.arange(2) + i}
             for i in range(5)]
-  out = list(ip.prefetch_to_device(iter(source), 2, sharding))
+  out = list(prefetch.prefetch_to_device(iter(source), 2, sharding))
   assert len(out) == 5
   for i, batch in enumerate(out):
     for leaf, expected in ((batch['x'], source[i]['x']),
@@ -498,7 +495,7 @@ def test_prefetch_to_device_propagates_errors():
 
   out = []
   with pytest.raises(RuntimeError, match='producer broke'):
-    for batch in ip.prefetch_to_device(failing(), 1, sharding):
+    for batch in prefetch.prefetch_to_device(failing(), 1, sharding):
       out.append(batch)
   assert len(out) == 2
 
@@ -516,7 +513,7 @@ def test_prefetch_to_device_stops_when_consumer_stops():
     finally:
       closed.set()
 
-  prefetched = ip.prefetch_to_device(endless(), 2, sharding)
+  prefetched = prefetch.prefetch_to_device(endless(), 2, sharding)
   assert next(prefetched)[0] == 0
   prefetched.close()
   assert closed.wait(timeout=5)
@@ -542,7 +539,7 @@ def _write_cifar10_python(root, per_batch=4):
 
 def test_cifar_python_reads_the_official_pickles(tmp_path):
   root = _write_cifar10_python(tmp_path / 'cifar-10-batches-py')
-  ds = ip.load_dataset('cifar_python', str(root))
+  ds = image_sources.load_dataset('cifar_python', str(root))
   assert ds.train_images.shape == (20, 32, 32, 3) and ds.test_images.shape == (4, 32, 32, 3)
   assert ds.class_names == tuple(f'c{i}' for i in range(10)) and ds.num_classes == 10
   with open(root / 'data_batch_1', 'rb') as f:
@@ -564,20 +561,20 @@ def test_cifar_python_refuses_a_pickle_that_would_run_code(tmp_path):
   marker = tmp_path / 'code_ran'
   with open(root / 'data_batch_3', 'wb') as f:
     pickle.dump({b'data': _RunsCode(marker), b'labels': []}, f, protocol=2)
-  with pytest.raises(ip.DataError, match=r'data_batch_3.*refusing to load'):
-    ip.load_dataset('cifar_python', str(root))
+  with pytest.raises(data.DataError, match=r'data_batch_3.*refusing to load'):
+    image_sources.load_dataset('cifar_python', str(root))
   assert not marker.exists()
 
 
 def test_cifar_python_missing_or_truncated_files_are_named(tmp_path):
   root = _write_cifar10_python(tmp_path / 'cifar-10-batches-py')
   (root / 'test_batch').unlink()
-  with pytest.raises(ip.DataError, match='test_batch is missing'):
-    ip.load_dataset('cifar_python', str(root))
+  with pytest.raises(data.DataError, match='test_batch is missing'):
+    image_sources.load_dataset('cifar_python', str(root))
   root2 = _write_cifar10_python(tmp_path / 'other')
-  data = (root2 / 'data_batch_2').read_bytes()
-  (root2 / 'data_batch_2').write_bytes(data[:len(data) // 2])
-  with pytest.raises(ip.DataError, match='data_batch_2'):
-    ip.load_dataset('cifar_python', str(root2))
-  with pytest.raises(ip.DataError, match='cifar-10-batches-py'):
-    ip.load_dataset('cifar_python', str(tmp_path / 'nothing'))
+  contents = (root2 / 'data_batch_2').read_bytes()
+  (root2 / 'data_batch_2').write_bytes(contents[:len(contents) // 2])
+  with pytest.raises(data.DataError, match='data_batch_2'):
+    image_sources.load_dataset('cifar_python', str(root2))
+  with pytest.raises(data.DataError, match='cifar-10-batches-py'):
+    image_sources.load_dataset('cifar_python', str(tmp_path / 'nothing'))

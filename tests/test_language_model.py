@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from configs import shakespeare_char_cpu
-from fdg_jax import datasets
-from fdg_jax import language_model
-from fdg_jax import partition
-from fdg_jax import text_data
-from fdg_jax import train
+from fdg_jax import data
+from fdg_jax.data import image_sources
+from fdg_jax.data import text_data
+from fdg_jax.models import partition
+from fdg_jax.tasks import language_model
+from fdg_jax.trainer import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ('the quick brown fox jumps over a lazy dog while kings and queens speak of love and '
@@ -87,19 +88,24 @@ def test_a_changed_vocabulary_is_refused_before_training(tmp_path):
   write_text(text)
   workdir = tmp_path / 'run'
   config = tiny_config(str(text))
-  language_model.load_data(config, str(workdir))   # stores the vocabulary, as a run does
+  language_model.LanguageModel(config).load_data(str(workdir))   # stores the vocabulary, as a run does
   text.write_text(text.read_text() + '\nZebras & yaks!', encoding='utf-8')
-  with pytest.raises(datasets.DataError, match='vocabulary'):
-    language_model.load_data(config, str(workdir))
+  with pytest.raises(data.DataError, match='vocabulary'):
+    language_model.LanguageModel(config).load_data(str(workdir))
 
 
 def test_the_split_balances_blocks_and_the_stages_compose_on_tokens(tmp_path):
   config = tiny_config(write_text(tmp_path / 'text.txt'), n_layer=4, num_stages=3,
                        stage_devices=(0,))
-  data = language_model.load_data(config)
+  task = language_model.LanguageModel(config)
+  data = task.load_data()
   stages, variables, split, _ = train.build_stages(
-      config, language_model.num_classes(data), jax.random.key(0),
-      check_inputs=language_model.check_inputs(config, data))
+      config, task, task.num_outputs(data), jax.random.key(0),
+      check_inputs=task.check_inputs(data))
   # [embedding, block x 4, head]: the blocks cost the same, the ends little.
   assert split == (2, 4) and len(stages) == 3
-  assert sum(partition.count_params(v['params']) for v in variables) > 0
+  # Each stage holds exactly its blocks' parameters: the GPT's, counted by hand (no biases).
+  width, vocab, context = config.n_embd, task.num_outputs(data), config.block_size
+  block = 12 * width * width + 2 * width   # attention 4 C^2, MLP 8 C^2, two LayerNorm scales
+  assert [partition.count_params(v['params']) for v in variables] == [
+      (vocab + context) * width + block, 2 * block, block + width + width * vocab]

@@ -93,7 +93,7 @@ def test_child_env_sets_one_device_count_and_keeps_the_rest():
 
 def test_free_port_can_be_bound():
   import socket  # pylint: disable=g-import-not-at-top
-  from fdg_jax import distributed  # pylint: disable=g-import-not-at-top
+  from fdg_jax.engine import distributed  # pylint: disable=g-import-not-at-top
   port = distributed.free_port(launch_lib.HOST)
   with socket.socket() as s:
     s.bind((launch_lib.HOST, port))

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
 
-from fdg_jax import metric_writer
+from fdg_jax.trainer import metric_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,12 +137,12 @@ def imports_without_tensorflow(module: str, then: str = '') -> subprocess.Comple
 @pytest.mark.slow   # fresh Python processes
 def test_the_writer_needs_no_tensorflow(tmp_path):
   # Blocked, and where it is installed: writing must not load it (8 s a process).
-  write = (f"w = fdg_jax.metric_writer.create_default_writer({str(tmp_path)!r})\n"
+  write = (f"w = fdg_jax.trainer.metric_writer.create_default_writer({str(tmp_path)!r})\n"
            "w.write_hparams({'a': 1}); w.write_scalars(1, {'x': 1.0}); w.write_texts(1, {'t': 's'})\n"
            "w.close()\n")
-  result = imports_without_tensorflow('fdg_jax.metric_writer', write)
+  result = imports_without_tensorflow('fdg_jax.trainer.metric_writer', write)
   assert result.returncode == 0, result.stderr[-3000:]
-  code = f"import fdg_jax.metric_writer\n{write}assert 'tensorflow' not in sys.modules\n"
+  code = f"import fdg_jax.trainer.metric_writer\n{write}assert 'tensorflow' not in sys.modules\n"
   result = subprocess.run([sys.executable, '-c', 'import sys\n' + code], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -151,5 +151,5 @@ def test_the_writer_needs_no_tensorflow(tmp_path):
 
 @pytest.mark.slow   # a fresh Python process
 def test_the_trainer_imports_without_tensorflow():
-  result = imports_without_tensorflow('fdg_jax.train')
+  result = imports_without_tensorflow('fdg_jax.trainer.train')
   assert result.returncode == 0, result.stderr[-3000:]

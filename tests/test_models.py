@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fdg_jax import models
-from fdg_jax import partition
+from fdg_jax.models import partition
 
 
 Sequential = partition.StageModule   # how the engine composes blocks

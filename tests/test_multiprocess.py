@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import OTHER_XLA_FLAGS
-from fdg_jax import distributed
+from fdg_jax.engine import distributed
 from mp_engine_child import run
 from test_train import TEST_MODEL, write_image_folder
 

@@ -1,4 +1,4 @@
-"""Tests for fdg_jax.optimizers: SGD unchanged, AdamW's decay mask, nanoGPT's schedule, clipping."""
+"""Tests for fdg_jax.engine.optimizers: SGD unchanged, AdamW's decay mask, nanoGPT's schedule, clipping."""
 
 import math
 
@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from fdg_jax import optimizers
+from fdg_jax.engine import optimizers
+from fdg_jax.trainer import optimizers as optimizer_config
 
 
 def _config(**overrides):
@@ -60,12 +61,12 @@ def test_sgd_bit_identical_to_todays(overrides):
   params = {'conv': {'kernel': jnp.linspace(-1, 1, 24).reshape(2, 3, 4)},
             'bn': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)}}
   # 12 steps at 2 per epoch: through the warm-up and both boundaries (epochs 3 and 5).
-  ours, our_state = _run(optimizers.create_optimizer(config, 2), params, 12)
+  ours, our_state = _run(optimizers.build(optimizer_config.recipe(config, 2)), params, 12)
   today, today_state = _run(_todays_sgd(config, 2), params, 12)
   assert jax.tree.structure(our_state) == jax.tree.structure(today_state)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(today)):
     np.testing.assert_array_equal(a, b)
-  schedule = optimizers.create_learning_rate_schedule(config, 2)
+  schedule = optimizer_config.learning_rate_schedule(config, 2)
   assert float(schedule(11)) == pytest.approx(0.1 * 0.1 * 0.1)
 
 
@@ -90,7 +91,7 @@ def test_adamw_decays_weight_matrices_only(decay_embeddings):
   # With zero gradients Adam's step is 0: only the decoupled decay, lr * wd * param, moves.
   config = _config(optimizer='adamw', learning_rate=0.5, weight_decay=0.1,
                    decay_embeddings=decay_embeddings)
-  tx = optimizers.create_optimizer(config, 1)
+  tx = optimizers.build(optimizer_config.recipe(config, 1))
   params = jax.tree.map(lambda p: p + 1.0, params)  # no zero biases: decay would show
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   expected = jax.tree.map(lambda p, decays: -0.5 * 0.1 * p if decays else jnp.zeros_like(p),
@@ -102,7 +103,7 @@ def test_adamw_moments_follow_config():
   config = _config(optimizer='adamw', learning_rate=0.01, lr_boundaries_epochs=(),
                    weight_decay=0.0, adam_b1=0.8, adam_b2=0.99, adam_eps=1e-6)
   params = {'w': jnp.array([0.5, -1.0, 2.0])}
-  ours, _ = _run(optimizers.create_optimizer(config, 1), params, 5)
+  ours, _ = _run(optimizers.build(optimizer_config.recipe(config, 1)), params, 5)
   reference, _ = _run(optax.adam(0.01, b1=0.8, b2=0.99, eps=1e-6), params, 5)
   chex.assert_trees_all_close(ours, reference, rtol=1e-6)
 
@@ -122,7 +123,7 @@ def _nanogpt_get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters):
 def test_warmup_cosine_is_nanogpts_get_lr(warmup):
   config = _config(lr_schedule='warmup_cosine', learning_rate=1e-3, min_learning_rate=1e-4,
                    warmup_steps=warmup, lr_decay_steps=5000)
-  schedule = jax.jit(optimizers.create_learning_rate_schedule(config, steps_per_epoch=7))
+  schedule = jax.jit(optimizer_config.learning_rate_schedule(config, steps_per_epoch=7))
   for it in (0, 1, 50, 99, 100, 101, 1234, 2550, 4999, 5000, 5001, 9000):
     assert float(schedule(jnp.int32(it))) == pytest.approx(
         _nanogpt_get_lr(it, 1e-3, 1e-4, warmup, 5000), rel=1e-6, abs=1e-12), it
@@ -133,7 +134,7 @@ def test_grad_clip_is_per_stage():
   config = _config(optimizer='sgd', momentum=0.0, weight_decay=0.0, learning_rate=1.0,
                    lr_boundaries_epochs=(), grad_clip=1.0)
   stage_grads = [{'w': jnp.array([3.0, 4.0])}, {'w': jnp.array([0.3, 0.4])}]  # norms 5, 0.5
-  tx = optimizers.create_optimizer(config, 1)
+  tx = optimizers.build(optimizer_config.recipe(config, 1))
   updates = [tx.update(g, tx.init(g), g)[0] for g in stage_grads]
   chex.assert_trees_all_close(updates[0], {'w': -jnp.array([0.6, 0.8])})  # clipped to norm 1
   chex.assert_trees_all_close(updates[1], {'w': -jnp.array([0.3, 0.4])})  # under: unchanged
@@ -141,15 +142,15 @@ def test_grad_clip_is_per_stage():
   whole = {'a': stage_grads[0]['w'], 'b': stage_grads[1]['w']}
   clipped, _ = optax.clip_by_global_norm(1.0).update(whole, None)
   assert float(jnp.abs(clipped['b'] + updates[1]['w']).max()) > 0.2
-  no_clip = optimizers.create_optimizer(_config(grad_clip=0.0), 1)
+  no_clip = optimizers.build(optimizer_config.recipe(_config(grad_clip=0.0), 1))
   assert len(no_clip.init(stage_grads[0])) == 2  # decay and SGD only: today's state
 
 
 def test_validate_names_each_bad_field():
-  assert optimizers.validate(_config()) == []
-  assert optimizers.validate(_config(optimizer='adamw', lr_schedule='warmup_cosine',
+  assert optimizer_config.validate(_config()) == []
+  assert optimizer_config.validate(_config(optimizer='adamw', lr_schedule='warmup_cosine',
                                      warmup_steps=10, lr_decay_steps=100)) == []
-  bad = optimizers.validate(_config(
+  bad = optimizer_config.validate(_config(
       optimizer='adam', lr_schedule='cosine', adam_b1=1.0, adam_b2=1.0, adam_eps=0.0,
       weight_decay=-1.0, momentum=-0.5, grad_clip=-1.0,
       warmup_steps=5))
@@ -158,7 +159,7 @@ def test_validate_names_each_bad_field():
                     'config.adam_b2', 'config.adam_eps', 'config.weight_decay',
                     'config.momentum', 'config.grad_clip', 'config.warmup_steps']
   assert "Choose one of ('sgd', 'adamw')" in bad[0]
-  cosine = optimizers.validate(_config(
+  cosine = optimizer_config.validate(_config(
       lr_schedule='warmup_cosine', warmup_steps=100, lr_decay_steps=100,
       min_learning_rate=1.0, warmup_epochs=2.0))
   assert [m.split(':')[0] for m in cosine] == [

@@ -20,7 +20,7 @@ DISTRIBUTIONS = {'absl': 'absl-py', 'orbax': 'orbax-checkpoint', 'PIL': 'pillow'
 def imported_distributions() -> set:
   """Third-party distributions imported anywhere in fdg_jax/ (nested imports included)."""
   modules = set()
-  for path in glob.glob(os.path.join(REPO, 'fdg_jax', '*.py')):
+  for path in glob.glob(os.path.join(REPO, 'fdg_jax', '**', '*.py'), recursive=True):
     with open(path) as f:
       for node in ast.walk(ast.parse(f.read())):
         if isinstance(node, ast.Import):
@@ -47,7 +47,10 @@ def test_wheel_has_the_modules_and_declares_their_imports(tmp_path):
     names = z.namelist()
     [metadata] = [n for n in names if n.endswith('.dist-info/METADATA')]
     metadata = z.read(metadata).decode()
-  modules = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, 'fdg_jax', '*.py'))}
+  package = os.path.join(REPO, 'fdg_jax')
+  modules = {os.path.relpath(p, package)
+             for p in glob.glob(os.path.join(package, '**', '*.py'), recursive=True)}
+  assert {'engine/pipeline.py', 'tasks/base.py', 'trainer/train.py'} <= modules
   assert {n.split('/', 1)[1] for n in names if n.startswith('fdg_jax/')} == modules
   declared = {re.split(r'[<>=;\[ ]', line, maxsplit=1)[0].lower().replace('_', '-')
               for line in re.findall(r'^Requires-Dist: (.+)$', metadata, flags=re.M)}

@@ -7,7 +7,7 @@ import pytest
 
 from experiments.probes import precise_bn
 from fdg_jax import models
-from fdg_jax import train
+from fdg_jax.trainer import train
 from test_train import small_config, write_image_folder
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from fdg_jax import baselines
-from fdg_jax import checkpoint
-from fdg_jax import pipeline
+from fdg_jax.engine import baselines
+from fdg_jax.engine import checkpoint
+from fdg_jax.engine import pipeline
 from tiny import NUM_CLASSES, mean_loss
 
 WIDTH = 6

@@ -10,9 +10,10 @@ import threading
 
 import pytest
 
-from fdg_jax import checkpoint
-from fdg_jax import train
-from fdg_jax import workdir as workdir_lib
+from fdg_jax.engine import checkpoint
+from fdg_jax.trainer import configuration
+from fdg_jax.trainer import train
+from fdg_jax.trainer import workdir as workdir_lib
 from test_train import REPO, TEST_MODEL, small_config, write_image_folder
 
 pytestmark = pytest.mark.slow   # every test runs the trainer
@@ -95,7 +96,7 @@ def test_a_finished_run_continued_and_preempted_resumes_to_the_straight_run(data
 def test_divergence_stops_with_step_and_stage_and_keeps_the_checkpoint(data, tmp_path):
   config = config_for(data, tmp_path, num_train_steps=40, learning_rate=1e6, warmup_lr=1e6,
                       log_every_steps=1, checkpoint_every_steps=1)
-  with pytest.raises(train.DivergenceError, match=r'diverged at step \d+: non-finite') as error:
+  with pytest.raises(workdir_lib.DivergenceError, match=r'diverged at step \d+: non-finite') as error:
     train.train_and_evaluate(config, str(tmp_path / 'work'))
   assert 'stage' in str(error.value)
   latest = checkpoint.Checkpointer(str(tmp_path / 'work')).latest_step()
@@ -110,14 +111,14 @@ def test_resuming_with_a_different_computation_or_model_is_refused(data, tmp_pat
   config = config_for(data, tmp_path, num_train_steps=4)
   train.train_and_evaluate(config, str(tmp_path / 'work'))
   changed = config_for(data, tmp_path, num_train_steps=8, beta=0.9, learning_rate=0.05)
-  with pytest.raises(train.ConfigError, match="beta: 0.5 there, 0.9 here.*learning_rate"):
+  with pytest.raises(configuration.ConfigError, match="beta: 0.5 there, 0.9 here.*learning_rate"):
     train.train_and_evaluate(changed, str(tmp_path / 'work'))
   # A run saved before a field existed resumes as if it held the field's old-behaviour value.
   saved_config = tmp_path / 'work' / 'config.json'
   old = {k: v for k, v in json.loads(saved_config.read_text()).items()
          if k not in workdir_lib.ADDED_FIELDS}
   saved_config.write_text(json.dumps(old))
-  with pytest.raises(train.ConfigError, match="residual_policy: '' there, 'dots_saveable' here"):
+  with pytest.raises(configuration.ConfigError, match="residual_policy: '' there, 'dots_saveable' here"):
     train.train_and_evaluate(config_for(data, tmp_path, num_train_steps=6,
                                         residual_policy='dots_saveable'), str(tmp_path / 'work'))
   # Another model's checkpoint is refused by name, before training.

@@ -1,4 +1,4 @@
-"""fdg_jax/schedule.py as tables: every stage's calls and transfers, written out by hand for small
+"""fdg_jax/engine/schedule.py as tables: every stage's calls and transfers, written out by hand for small
 cases, and the properties every method's schedule must have for K = 1..4 (as JaxPP tests its
 pipeline schedules). Pure Python: no JAX, so the whole file runs in well under a second."""
 
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from fdg_jax import schedule as schedule_lib
+from fdg_jax.engine import schedule as schedule_lib
 
 METHODS = schedule_lib.METHODS
 NUM_STAGES = (1, 2, 3, 4)
@@ -241,3 +241,18 @@ def test_the_module_s_delay_is_the_schedule_s(method, num_stages):
 def test_an_unknown_method_is_refused():
   with pytest.raises(ValueError, match="method='gpipe' is not one of"):
     schedule_lib.Schedule('gpipe', 2)
+
+
+def test_every_registered_method_runs_on_a_schedule_row():
+  """The registry of methods (engine/methods.py) names rows of this table, and each method's
+  object runs the row it names."""
+  from fdg_jax.engine import methods   # pylint: disable=import-outside-toplevel
+  from fdg_jax.models import aux_heads   # pylint: disable=import-outside-toplevel
+  assert {info.schedule for info in methods.REGISTRY.values()} == set(schedule_lib.METHODS)
+  for name, info in methods.REGISTRY.items():
+    assert info.name == name and info.label
+    method = info.create(2, num_classes=3, aux_head=aux_heads.get('conv'))
+    assert method.name == info.schedule, name
+  assert [name for name, info in methods.REGISTRY.items() if info.whole_model] == ['bp']
+  with pytest.raises(ValueError, match="method='gpipe' is not one of"):
+    methods.get('gpipe')

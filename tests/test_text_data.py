@@ -1,11 +1,11 @@
-"""Tests for fdg_jax.text_data on small generated texts."""
+"""Tests for fdg_jax.data.text_data on small generated texts."""
 
 import numpy as np
 import pytest
 
-from fdg_jax import datasets
-from fdg_jax import text_data as td
-from fdg_jax.datasets import DataError
+from fdg_jax.data import image_sources
+from fdg_jax.data.image_sources import DataError
+from fdg_jax.data import text_data as td
 
 # Every character once in the first 90%, then text using only those characters.
 TEXT = ('The quick brown fox jumps over the lazy dog.\nQUEEN: cheers, my heart!\n' * 8
@@ -206,6 +206,6 @@ def test_tiny_shakespeare_through_tfds_mock(tmp_path):
 
 def test_tiny_shakespeare_offline_gives_data_error(tmp_path, monkeypatch):
   pytest.importorskip('tensorflow_datasets')
-  monkeypatch.setattr(datasets, '_can_reach', lambda *args: False)
+  monkeypatch.setattr(image_sources, '_can_reach', lambda *args: False)
   with pytest.raises(DataError, match='not available offline.*--config.dataset=textfile'):
     td.load_text('tiny_shakespeare', str(tmp_path / 'tfds'))

@@ -6,9 +6,9 @@ import jax
 import optax
 import pytest
 
-from fdg_jax import partition
-from fdg_jax import pipeline
-from fdg_jax import timeline
+from fdg_jax.engine import pipeline
+from fdg_jax.engine import timeline
+from fdg_jax.models import partition
 from tiny import tiny_batches, tiny_blocks
 
 

@@ -15,11 +15,15 @@ from PIL import Image
 from configs import cifar10_resnet20
 from configs import cpu_quick
 from configs import default as default_config
-from fdg_jax import configuration
-from fdg_jax import input_pipeline
-from fdg_jax import timeline
-from fdg_jax import train
-from fdg_jax import workdir as workdir_lib
+from fdg_jax import data
+from fdg_jax.data import image_sources
+from fdg_jax.engine import optimizers
+from fdg_jax.engine import timeline
+from fdg_jax import tasks
+from fdg_jax.trainer import configuration
+from fdg_jax.trainer import optimizers as optimizer_config
+from fdg_jax.trainer import train
+from fdg_jax.trainer import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = {
@@ -221,12 +225,14 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
     (dict(compensation='lr_reschedule', lr_reschedule_fraction=0.0),
      'config.lr_reschedule_fraction'),
     (dict(warmup_shape='cosine'), 'config.warmup_shape'),
+    (dict(task='language_model'), 'config.task'),   # its fields come with tasks.configure
+    (dict(task='no_such_task'), 'config.task'),
 ])
 def test_bad_config_fails_before_any_compute(overrides, field, tmp_path, monkeypatch):
   def must_not_load(*args, **kwargs):
     raise AssertionError('data was loaded before the config was checked')
-  monkeypatch.setattr(input_pipeline, 'load_dataset', must_not_load)
-  with pytest.raises(train.ConfigError, match=field.replace('.', r'\.')) as error:
+  monkeypatch.setattr(image_sources, 'load_dataset', must_not_load)
+  with pytest.raises(configuration.ConfigError, match=field.replace('.', r'\.')) as error:
     train.train_and_evaluate(small_config(**overrides), str(tmp_path / 'work'))
   assert '. ' in str(error.value)   # problem, then the fix
   assert not (tmp_path / 'work').exists()
@@ -234,25 +240,25 @@ def test_bad_config_fails_before_any_compute(overrides, field, tmp_path, monkeyp
 
 def test_missing_tfds_data_offline_says_how_to_provide_data(tmp_path):
   config = small_config(dataset='cifar100', data_dir=str(tmp_path / 'empty_tfds'))
-  with pytest.raises(input_pipeline.DataError, match='imagefolder'):
+  with pytest.raises(data.DataError, match='imagefolder'):
     train.train_and_evaluate(config, str(tmp_path / 'work'))
 
 
 def test_learning_rate_schedule_follows_the_paper():
   config = default_config.get_config()
-  schedule = train.create_learning_rate_schedule(config, steps_per_epoch=10)
+  schedule = optimizer_config.learning_rate_schedule(config, steps_per_epoch=10)
   assert float(schedule(0)) == pytest.approx(0.1)
   assert float(schedule(1499)) == pytest.approx(0.1)
   assert float(schedule(1500)) == pytest.approx(0.01)
   assert float(schedule(2250)) == pytest.approx(0.001)
   assert float(schedule(2750)) == pytest.approx(0.0001)
   config.warmup_epochs = 3
-  schedule = train.create_learning_rate_schedule(config, steps_per_epoch=10)
+  schedule = optimizer_config.learning_rate_schedule(config, steps_per_epoch=10)
   assert float(schedule(29)) == pytest.approx(0.01)
   assert float(schedule(30)) == pytest.approx(0.1)
   assert float(schedule(1500)) == pytest.approx(0.01)   # boundaries stay at their epochs
   config.warmup_shape = 'linear'
-  schedule = train.create_learning_rate_schedule(config, steps_per_epoch=10)
+  schedule = optimizer_config.learning_rate_schedule(config, steps_per_epoch=10)
   # From warmup_lr at step 0 to learning_rate at step 30, in equal steps of 0.09 / 30.
   assert [float(schedule(s)) for s in (0, 10, 29, 30, 31)] == pytest.approx(
       [0.01, 0.04, 0.097, 0.1, 0.1])
@@ -261,7 +267,7 @@ def test_learning_rate_schedule_follows_the_paper():
 
 def test_optimizer_is_pytorch_sgd_with_coupled_weight_decay():
   config = default_config.get_config()
-  optimizer = train.create_optimizer(config, steps_per_epoch=10)
+  optimizer = optimizers.build(optimizer_config.recipe(config, steps_per_epoch=10))
   params = {'w': np.array([1.0, -2.0], np.float32)}
   grads = [{'w': np.array([0.5, 0.25], np.float32)}, {'w': np.array([-1.0, 2.0], np.float32)}]
   state = optimizer.init(params)
@@ -314,9 +320,10 @@ def test_trainer_gives_the_engine_each_stages_beta(compounds, betas):
   the engine test checks what those factors compute)."""
   config = small_config(num_stages=3, beta_compounds=compounds)
   configuration.validate_config(config)
-  stages, _, _, placements = train.build_stages(config, 10, jax.random.key(0))
-  pipe = train.create_pipeline(config, stages, train.create_optimizer(config, 10), placements,
-                               10, 10)
+  task = configuration.create_task(config)
+  stages, _, _, placements = train.build_stages(config, task, 10, jax.random.key(0))
+  pipe = train.create_pipeline(config, task, stages, optimizer_config.recipe(config, 10),
+                               placements, 10, 10)
   assert pipe.betas == betas
 
 
@@ -333,15 +340,22 @@ def test_quick_config_trains_with_bp(tmp_path):
   assert summary['devices'] == [str(jax.devices()[0])]
   assert (tmp_path / 'work' / 'timeline.png').stat().st_size > 1000   # BP's timeline too
   # Nothing a user has is overwritten: a second run into the same workdir is refused.
-  with pytest.raises(train.ConfigError, match='already holds a finished run'):
+  with pytest.raises(configuration.ConfigError, match='already holds a finished run'):
     train.train_and_evaluate(config, str(tmp_path / 'work'))
 
 
 def test_every_config_field_is_documented():
+  """The trainer's fields in configs/default.py, each task's in its config_fields."""
   docs = configuration.field_docs()
-  fields = default_config.get_config().keys()
-  assert set(fields) <= set(docs), set(fields) - set(docs)
+  task_fields = set(tasks.get('image_classification').config_fields())
+  fields = set(default_config.get_config().keys()) - task_fields
+  assert fields <= set(docs), fields - set(docs)
   assert all(len(docs[f]) > 10 for f in fields)
+  for name in tasks.BUILTIN:
+    task = tasks.get(name)
+    task_docs = configuration.task_field_docs(task)
+    assert set(task.config_fields()) == set(task_docs), name
+    assert all(len(doc) > 10 for doc in task_docs.values()), name
 
 
 @pytest.mark.slow
@@ -352,6 +366,10 @@ def test_cli_help_dry_run_and_misspelt_field(tmp_path):
   help_text = cli('--help').stdout
   for field, doc in configuration.field_docs().items():
     assert f'--config.{field}  (default ' in help_text, field
+  for name in tasks.BUILTIN:   # each task's own fields, under it
+    section = help_text.split(f"Fields of task '{name}'")[1]
+    for field in tasks.get(name).config_fields():
+      assert f'--config.{field}  (default ' in section, (name, field)
   assert 'Gradient-shrinking factor' in help_text and '--dry_run' in help_text
 
   misspelt = cli('--config=configs/cpu_quick.py', f'--workdir={tmp_path / "w"}',
@@ -369,7 +387,8 @@ def test_cli_help_dry_run_and_misspelt_field(tmp_path):
 
 
 def test_split_by_measured_time_balances_block_times_and_shows_both_shares():
-  from fdg_jax import models, partition  # pylint: disable=g-import-not-at-top
+  from fdg_jax import models
+  from fdg_jax.models import partition  # pylint: disable=g-import-not-at-top
   blocks = models.create_blocks('resnet20', 10)
   times = partition.block_times(blocks, (8, 16, 16, 3), repeats=2)
   assert len(times) == len(blocks) and all(t > 0 for t in times)
@@ -380,3 +399,20 @@ def test_split_by_measured_time_balances_block_times_and_shows_both_shares():
   assert 'FLOPs share' in table and 'time share' in table
   shares = [float(line.split('%')[1].split()[-1]) for line in table.splitlines()[2:]]
   assert abs(sum(shares) - 100) < 0.2   # the time shares of the stages add up
+
+
+def test_a_workdir_from_before_task_fields_resumes_and_a_changed_task_field_is_refused(tmp_path):
+  """Configs saved before each task had its own fields hold both tasks' fields: the other
+  task's are ignored (no code reads them), the run's own are compared as before."""
+  from configs import shakespeare_char_cpu   # pylint: disable=import-outside-toplevel
+  config = shakespeare_char_cpu.get_config()
+  task = configuration.create_task(config)
+  old = {**workdir_lib.jsonable(config), 'image_size': 32, 'train_subset': -1,
+         'test_subset': -1, 'cache_dir': ''}   # as every config.json had them then
+  (tmp_path / workdir_lib.CONFIG_FILE).write_text(json.dumps(old))
+  workdir_lib.check_config_matches(config, str(tmp_path), task)
+  config.n_layer = 6
+  with pytest.raises(configuration.ConfigError, match="n_layer: 4 there, 6 here"):
+    workdir_lib.check_config_matches(config, str(tmp_path), task)
+  config.n_layer, config.sample_tokens = 4, 0   # the task's resumable field may change
+  workdir_lib.check_config_matches(config, str(tmp_path), task)

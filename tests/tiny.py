@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fdg_jax import optimizers
-from fdg_jax import partition
+from fdg_jax.engine import optimizers
+from fdg_jax.models import partition
 
 NUM_CLASSES = 3
 

@@ -3,12 +3,13 @@ r"""Checkpoint size and save / restore time: every residual (before) against the
 FDG's checkpoint holds the pipeline in flight. Before issue 16 each saved forward went to disk as
 all its `jax.vjp` residuals ('full'); now a checkpoint stores what determines them (the stage
 input, the parameters and BatchNorm statistics of that forward, its dropout key) and rebuilds the
-residuals on restore ('compact', `Pipeline.rebuild_forward`), taking stage inputs and
+residuals on restore ('compact', `checkpoint.rebuild_forward`), taking stage inputs and
 activations in flight from the previous stage's rebuilt forward and stage 0's inputs from the
-data stream (here: the random batches, as the trainer passes its stream). For each K this script runs the
-real engine (all stages on device 0, stash 'vjp', random data) into its steady state, 2(K-1)+1
-iterations, then for each form saves a checkpoint synchronously with orbax, restores it into a
-new pipeline, and checks that the restored saved forwards are bit-equal to the ones in flight.
+data stream (here: the random batches, as the trainer passes its stream). For each K this
+script runs the real engine (all stages on device 0, stash 'vjp', random data) into its steady
+state, 2(K-1)+1 iterations, then for each form saves a checkpoint synchronously with orbax,
+restores it into a new pipeline, and checks that the restored saved forwards are bit-equal to
+the ones in flight.
 'full' is the state of a pipeline that keeps no inputs (`keeps_inputs = False`), which is
 exactly what checkpoints held before.
 
@@ -31,7 +32,7 @@ import jax
 import numpy as np
 
 from experiments.bench import common
-from fdg_jax import checkpoint
+from fdg_jax.engine import checkpoint
 
 flags.DEFINE_string('model', 'resnet56', 'Model of the zoo (fdg_jax.models.MODEL_NAMES).')
 flags.DEFINE_integer('batch_size', 128, 'Images per batch.')
@@ -58,22 +59,25 @@ def measure(num_stages: int, form: str, directory: str) -> dict:
   batches = common.random_batches(pipe, FLAGS.batch_size, IMAGE_SIZE, 2 * (num_stages - 1) + 1)
   for images, labels in batches:
     state, _ = pipe.step(state, images, labels)
+  if form == 'full':   # the stage functions keep inputs by their StageSpec: drop them here
+    state = state.replace(saved=tuple(tuple(entry.replace(inputs=None) for entry in queue)
+                                      for queue in state.saved))
   jax.block_until_ready(state)
   # The trainer gives the checkpoint its data stream, so stage 0's inputs are not stored.
   stream = [np.asarray(images) for images, _ in batches]
-  batch_images = stream.__getitem__ if form == 'compact' else None
+  batch_inputs = stream.__getitem__ if form == 'compact' else None
   saver = checkpoint.Checkpointer(directory)
   start = time.perf_counter()
-  logical = saver.save(1, pipe, state, batch_images=batch_images)
+  logical = saver.save(1, pipe, state, batch_inputs=batch_inputs)
   save_s = time.perf_counter() - start
   on_disk = saver.size_on_disk(1)
   other, fresh = build(num_stages, keeps_inputs=form == 'compact')
   start = time.perf_counter()
-  restored, _ = saver.restore(other, fresh, batch_images=batch_images)
+  restored, _ = saver.restore(other, fresh, batch_inputs=batch_inputs)
   jax.block_until_ready(restored)
   restore_s = time.perf_counter() - start
   exact = all(
-      a.batch == b.batch and pipe.bits_equal(a.arrays, b.arrays)
+      a.batch == b.batch and checkpoint.bits_equal(a.arrays, b.arrays)
       for queue_a, queue_b in zip(state.saved, restored.saved)
       for a, b in zip(queue_a, queue_b, strict=True))
   forms = sorted({e['form'] for records in checkpoint.to_tree(pipe, state)[1]['saved'].values()

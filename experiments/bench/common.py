@@ -1,7 +1,7 @@
 """What the experiments share: a pipeline built exactly as the trainer builds it, on random data.
 
-The experiments need no dataset: `train.setup` only needs the number of classes (or, for the
-language model, the vocabulary's size: tiny Shakespeare's 65 characters).
+The experiments need no dataset: `train.initial_run` only needs the number of classes (or, for
+the language model, the vocabulary's size: tiny Shakespeare's 65 characters).
 """
 
 import json
@@ -15,8 +15,9 @@ import numpy as np
 from configs import default as default_config
 from configs import shakespeare_char_cpu
 import experiments
-from fdg_jax import pipeline
-from fdg_jax import train
+from fdg_jax.engine import pipeline
+from fdg_jax.trainer import configuration
+from fdg_jax.trainer import train
 
 NUM_CLASSES = 10
 STEPS_PER_EPOCH = 50_000 // 128   # CIFAR-10 at batch 128: only the lr schedule's boundaries use it
@@ -64,10 +65,16 @@ def random_host_batch(config, rng: np.random.Generator) -> tuple[np.ndarray, np.
           rng.integers(0, NUM_CLASSES, size=(config.batch_size,)).astype(np.int32))
 
 
-def build_pipeline(config) -> tuple[pipeline.Pipeline, pipeline.PipelineState]:
+def initial_run(config) -> train.Run:
   """Stages, optimizer and initial state (from config.seed) as `train.train_and_evaluate` makes
-  them."""
-  run = train.setup(config, NUM_CLASSES, STEPS_PER_EPOCH)
+  them, for the config's task and `num_outputs(config)`."""
+  return train.initial_run(config, configuration.create_task(config), num_outputs(config),
+                           STEPS_PER_EPOCH)
+
+
+def build_pipeline(config) -> tuple[pipeline.Pipeline, pipeline.PipelineState]:
+  """`initial_run`'s pipeline and initial state."""
+  run = initial_run(config)
   return run.pipe, run.state
 
 

@@ -2,8 +2,8 @@
 
 Each level runs in a fresh process (XLA reads `XLA_FLAGS` once, when it starts), without the
 persistent compilation cache: the full model's jitted `init` as the trainer compiles it
-(`train.build`: one image), and a jitted loss-and-gradient of the full model on a batch, compiled
-and then run `--repeats` times. 'default' sets no level (XLA's CPU default is -O3).
+(`train.build_stages`: one image), and a jitted loss-and-gradient of the full model on a batch,
+compiled and then run `--repeats` times. 'default' sets no level (XLA's CPU default is -O3).
 tests/conftest.py sets level 2 for the tests; docs/record/suite_time.md ("The suite's time,
 part 2") records what this showed.
 
@@ -28,7 +28,8 @@ def child(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from fdg_jax import models, partition  # pylint: disable=g-import-not-at-top
+  from fdg_jax import models  # pylint: disable=g-import-not-at-top
+  from fdg_jax.models import partition  # pylint: disable=g-import-not-at-top
   blocks = models.create_blocks(args.model, 10)
   model = partition.StageModule(tuple(blocks))
   image_shape = (args.image_size, args.image_size, 3)

@@ -33,7 +33,7 @@ import jax
 
 import experiments
 from experiments.bench import common
-from fdg_jax import pipeline
+from fdg_jax.engine import pipeline
 
 flags.DEFINE_string('model', 'resnet56', 'Model of the zoo (fdg_jax.models.MODEL_NAMES).')
 flags.DEFINE_integer('batch_size', 128, 'Images per batch.')

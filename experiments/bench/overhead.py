@@ -3,8 +3,8 @@ r"""FDG's overhead over back-propagation on one device, and the host's share of 
 All K stages of FDG sit on one device, so nothing runs in parallel that BP could not: the ratio
 FDG / BP measures what splitting costs (stage boundaries, saved residuals, the host loop), not
 what pipelining gains. BP is the unsplit model as a 1-stage Pipeline on the same device; both
-use the trainer's stages, initial weights and optimizer (`train.build`, `train.create_optimizer`)
-on the same random batches, already on the device.
+use the trainer's stages, initial weights and optimizer (`train.initial_run`) on the same random
+batches, already on the device.
 
 After compilation and the fill (so that every stage runs its steady function), runs alternate
 BP, FDG K=2, FDG K=4, BP, ...; each run times `--iters` steady iterations, from the first

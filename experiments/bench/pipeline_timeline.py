@@ -1,7 +1,7 @@
 r"""A profiler timeline of FDG: ResNet-20 split in K stages, stage k on simulated CPU device k.
 
 Compiles and fills the pipeline, then records `--iters` steady iterations with
-`fdg_jax.timeline.record_timeline` and draws them (one row per stage, colour = batch) to
+`fdg_jax.engine.timeline.record_timeline` and draws them (one row per stage, colour = batch) to
 experiments/results/timeline_cpu.png. It prints how much of the time two or more stages were
 computing at once.
 
@@ -39,8 +39,8 @@ def main(argv):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_'
                                f'device_count={FLAGS.num_stages}').strip()
   import jax  # pylint: disable=import-outside-toplevel
-  from experiments import common  # pylint: disable=import-outside-toplevel
-  from fdg_jax import timeline  # pylint: disable=import-outside-toplevel
+  from experiments.bench import common  # pylint: disable=import-outside-toplevel
+  from fdg_jax.engine import timeline  # pylint: disable=import-outside-toplevel
 
   K = FLAGS.num_stages
   if jax.device_count() < K:

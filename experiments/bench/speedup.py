@@ -64,13 +64,13 @@ import numpy as np
 import experiments
 from experiments.bench import common
 from experiments.probes import transfers
-from fdg_jax import distributed
+from fdg_jax.engine import distributed
+from fdg_jax.engine import timeline
 from fdg_jax import tasks
-from fdg_jax import timeline
-from fdg_jax import train
+from fdg_jax.trainer import configuration
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('task', 'image_classification', list(tasks.TASKS),
+flags.DEFINE_enum('task', 'image_classification', list(tasks.BUILTIN),
                   'image_classification (a model of the zoo on 32x32 images) or language_model '
                   '(a GPT on token windows).')
 flags.DEFINE_string('model', 'resnet20', 'image_classification: model of the zoo.')
@@ -149,7 +149,7 @@ def worker() -> None:
   config = make_config(FLAGS.method, num_stages)
   config.split_by = FLAGS.split_by
   config.data_parallel = FLAGS.data_parallel
-  run_setup = train.initial_run(config, common.num_outputs(config), common.STEPS_PER_EPOCH)
+  run_setup = common.initial_run(config)
   pipe, state = run_setup.pipe, run_setup.state
   rng = np.random.default_rng(0)
   batches = [common.random_host_batch(config, rng) for _ in range(2)]
@@ -199,16 +199,18 @@ def worker() -> None:
 
 def exchange_ms(pipe, config) -> float:
   """One iteration's exchange alone: the activation to stage 1 and an array of its shape back
-  (the cotangent), as cross-process device_puts, round trip, ms (median of --iters)."""
-  spec = pipe.io_specs(tasks.get(config.task).input_spec(config, FLAGS.batch_size))[1]
+  (the cotangent), as cross-process device_puts, round trip, ms (median of --iters): the
+  executor's own transfer, `distributed.move_tree`."""
+  task = configuration.create_task(config)
+  spec = pipe.io_specs(task.input_spec(FLAGS.batch_size))[1]
   first, second = pipe.shardings
   x = (jax.device_put(np.zeros(spec.shape, spec.dtype), first) if pipe.is_local[0] else None)
   samples = []
   for _ in range(FLAGS.iters + 1):   # the first round trip opens the connections
     distributed.all_processes([0])
     start = time.perf_counter()
-    y = pipe.move(x, first, second, spec)
-    z = pipe.move(y, second, first, spec)
+    y = distributed.move_tree(x, first, second, spec)
+    z = distributed.move_tree(y, second, first, spec)
     jax.block_until_ready(z if z is not None else y)
     samples.append(time.perf_counter() - start)
   return 1e3 * statistics.median(samples[1:])

@@ -12,6 +12,7 @@ import os
 from typing import Optional, Sequence
 
 import experiments
+from fdg_jax.engine import methods
 
 REPO = experiments.REPO
 RESULTS_DIR = experiments.RESULTS_DIR
@@ -44,7 +45,9 @@ IMAGE_SCALES = {
 SCALES = tuple(IMAGE_SCALES)
 # Fields a cell's script sets itself; `--set` may not change them.
 CELL_FIELDS = ('method', 'model', 'num_stages', 'beta', 'seed')
-METHOD_LABELS = {'bp': 'BP', 'fdg': 'FDG', 'ddg': 'DDG', 'dgl': 'DGL'}
+# A cell's method is a trainer method (config.method), labelled as the registry labels it; a
+# grid's own settings of a method (compensations, stash) are its cells' `variant`, not methods.
+METHOD_LABELS = {name: info.label for name, info in methods.REGISTRY.items()}
 
 
 class GridError(ValueError):
@@ -240,9 +243,9 @@ def make_cell(options: Options, config_file: str, *, method: str, seed: int,
 
   Order: the scale, the data flags, the script's own defaults, `--set`, the rescaled schedule,
   then the cell's fields. `variant` names what `script_overrides` make of the cell (it goes
-  into the cell's name and label). num_stages / beta default to the config file's; methods other than
-  FDG run with beta = 1 (DDG has no gradient shrinking, BP and DGL do not use it) and BP with
-  K = 1.
+  into the cell's name and label). num_stages / beta default to the config file's; methods
+  other than FDG run with beta = 1 (DDG has no gradient shrinking, BP and DGL do not use it)
+  and BP with K = 1.
   """
   if options.scale not in options.scales:
     raise GridError(f'--scale={options.scale!r}: choose one of {tuple(options.scales)}.')

@@ -53,8 +53,8 @@ from typing import Callable, Optional, Sequence
 from experiments.grids import cells as cells_lib
 from experiments.grids import metrics
 from experiments.grids import runner as runner_lib
-from fdg_jax import checkpoint as checkpoint_lib
-from fdg_jax import workdir as workdir_lib
+from fdg_jax.engine import checkpoint as checkpoint_lib
+from fdg_jax.trainer import workdir as workdir_lib
 
 CELL_FILE = 'grid_cell.json'       # what the grid asked this workdir to run
 # Fields that change where files go or how often the trainer logs, never what a run computes:

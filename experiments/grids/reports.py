@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 from experiments.grids import cells as cells_lib
 from experiments.grids import grid
 from experiments.grids import metrics
-from fdg_jax import workdir as workdir_lib
+from fdg_jax.trainer import workdir as workdir_lib
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -16,8 +16,8 @@ import sys
 from typing import Callable, Optional
 
 from experiments.grids import cells as cells_lib
-from fdg_jax import checkpoint as checkpoint_lib
-from fdg_jax import workdir as workdir_lib
+from fdg_jax.engine import checkpoint as checkpoint_lib
+from fdg_jax.trainer import workdir as workdir_lib
 
 COMMAND_FILE = 'command.sh'
 # The run's console output, appended (the trainer's own full log is workdir_lib.LOG_FILE).

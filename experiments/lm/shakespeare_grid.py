@@ -3,7 +3,7 @@ r"""FDG against BP on a character GPT: nanoGPT's CPU recipe for tiny Shakespeare
 configs/shakespeare_char_cpu.py as it is (4 layers, 4 heads, 128 wide, context 64, batch 12,
 2000 steps of AdamW): BP; FDG at K = 2 with beta 1 and 0.5, and at K = 4; DDG and DGL (its
 auxiliary head 'lm') at K = 2; FDG at K = 2 and 4 with weight prediction, the Nesterov
-look-ahead, the delay momentum and both (fdg_jax/compensation.py). Every cell once per
+look-ahead, the delay momentum and both (fdg_jax/engine/compensation.py). Every cell once per
 seed; each method against BP as a paired difference (a seed gives every method the same initial
 weights and batches). Writes OUT_DIR/results.md (validation loss and bits per character per
 method, the differences to BP, the seed-0 samples), results.csv and curves.png (validation loss

@@ -2,7 +2,7 @@ r"""Stale-gradient compensation: which option closes FDG's gap to BP (issue 15).
 
 ResNet-20 on CIFAR-10: BP, and at each K of `--num_stages` FDG as in the paper (stash 'vjp'),
 FDG with stash 'recompute' (the delayed gradient taken at the current weights, close to what the
-authors' code did inside a stage) and FDG with each compensation of fdg_jax/compensation.py;
+authors' code did inside a stage) and FDG with each compensation of fdg_jax/engine/compensation.py;
 every cell once per seed, each method against BP as a paired difference (same seed: same
 initial weights and batches). Writes OUT_DIR/results.md, results.csv, bars.png (mean test error
 per method and K, error bars one standard error of the paired difference to BP) and curves.png.

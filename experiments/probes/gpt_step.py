@@ -27,9 +27,10 @@ import optax
 
 from configs import shakespeare_char_cpu
 from experiments.bench import common
-from fdg_jax import gpt
-from fdg_jax import optimizers
-from fdg_jax import partition
+from fdg_jax.engine import optimizers
+from fdg_jax.models import gpt
+from fdg_jax.models import partition
+from fdg_jax.trainer import optimizers as optimizer_config
 
 flags.DEFINE_integer('n_layer', 4, 'Transformer blocks.')
 flags.DEFINE_integer('n_head', 4, 'Attention heads.')
@@ -61,7 +62,7 @@ def whole_model(tokens, targets) -> dict:
                              VOCAB_SIZE)
   net = partition.StageModule(blocks)
   params = net.init(jax.random.key(0), tokens, train=False)['params']
-  optimizer = optimizers.create_optimizer(config, steps_per_epoch=1000)
+  optimizer = optimizers.build(optimizer_config.recipe(config, steps_per_epoch=1000))
 
   def loss(p):
     logits = net.apply({'params': p}, tokens, train=True)

@@ -36,7 +36,7 @@ def child(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from fdg_jax import distributed  # pylint: disable=g-import-not-at-top
+  from fdg_jax.engine import distributed  # pylint: disable=g-import-not-at-top
   imported = time.time()
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   joined = time.time()

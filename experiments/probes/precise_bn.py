@@ -44,14 +44,15 @@ import jax
 import jax.numpy as jnp
 
 from configs import default as default_config
-from fdg_jax import checkpoint
-from fdg_jax import distributed
-from fdg_jax import input_pipeline
+from fdg_jax.data import image_batches
+from fdg_jax.engine import checkpoint
+from fdg_jax.engine import distributed
+from fdg_jax.engine import pipeline
 from fdg_jax import models
-from fdg_jax import partition
-from fdg_jax import pipeline
-from fdg_jax import train
-from fdg_jax import workdir as workdir_lib
+from fdg_jax.models import partition
+from fdg_jax.trainer import configuration
+from fdg_jax.trainer import train
+from fdg_jax.trainer import workdir as workdir_lib
 # pylint: enable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -78,7 +79,8 @@ def run_config(workdir: str):
   for field, value in saved.items():
     default = config[field]
     config[field] = tuple(value) if isinstance(default, tuple) else value
-  workdir_lib.check_config_matches(config, workdir)   # the same computation, field by field
+  # The same computation, field by field.
+  workdir_lib.check_config_matches(config, workdir, configuration.create_task(config))
   return config
 
 
@@ -132,11 +134,11 @@ def test_metrics(model, variables: dict, dataset, batch_size: int) -> dict:
   @jax.jit
   def batch_metrics(v, images, labels, mask):
     logits = model.apply(v, images, train=False)
-    return pipeline.EvalMetrics.single_from_model_output(
+    return pipeline.LossAndAccuracy.single_from_model_output(
         loss=pipeline.cross_entropy_loss(logits, labels), logits=logits, labels=labels,
         mask=mask)
   total = None
-  for images, labels, mask in input_pipeline.test_batches(dataset, batch_size):
+  for images, labels, mask in image_batches.test_batches(dataset, batch_size):
     update = batch_metrics(variables, images, labels, mask)
     total = update if total is None else total.merge(update)
   result = {name: float(value) for name, value in total.compute().items()}
@@ -147,10 +149,11 @@ def reevaluate(workdir: str) -> dict | None:
   """The record of one run (on process 0; None on the others)."""
   summary = check_readable(workdir)
   config = run_config(workdir)
-  dataset = train.load_data(config)
-  steps_per_epoch = input_pipeline.steps_per_epoch(dataset, config.batch_size)
+  task = configuration.create_task(config)
+  dataset = task.load_data()
+  steps_per_epoch = task.steps_per_epoch(dataset)
   num_steps = train.total_train_steps(config, steps_per_epoch)
-  run = train.setup(config, dataset.num_classes, steps_per_epoch)
+  run = train.initial_run(config, task, task.num_outputs(dataset), steps_per_epoch)
   checkpointer = checkpoint.Checkpointer(workdir)
   try:
     latest_step = checkpointer.latest_step()
@@ -158,15 +161,14 @@ def reevaluate(workdir: str) -> dict | None:
       raise RunError(f'{workdir}: the last checkpoint is of step {latest_step}, not of the '
                      f'last step {num_steps}.')
     state, _ = checkpointer.restore(run.pipe, run.state,
-                                    batch_images=train.stream_images(config, dataset))
+                                    batch_inputs=task.stream_inputs(dataset))
   finally:
     checkpointer.close()
   state, _ = run.pipe.drain(state)   # as the trainer does after its last step
   stage_variables = run.pipe.gathered_variables(state, process=0)
   if stage_variables is None:
     return None
-  blocks = models.create_blocks(config.model, dataset.num_classes,
-                                dropout_rate=config.dropout_rate)
+  blocks, _ = task.create_blocks(task.num_outputs(dataset))
   variables = partition.merge_variables(stage_variables, run.split, len(blocks))
   if train.params_digest(variables) != summary['params_digest']:
     raise RunError(f'{workdir}: the restored and drained variables are not those of its '
@@ -174,7 +176,7 @@ def reevaluate(workdir: str) -> dict | None:
   model = partition.StageModule(tuple(blocks))
   variables = jax.device_put(variables, jax.local_devices()[0])
   own = test_metrics(model, variables, dataset, config.eval_batch_size)
-  batches = input_pipeline.train_batches(dataset, config.batch_size, config.seed)
+  batches = image_batches.train_batches(dataset, config.batch_size, config.seed)
   precise = precise_statistics(model, variables,
                                (next(batches) for _ in range(steps_per_epoch)))
   recomputed = test_metrics(model, {'params': variables['params'], 'batch_stats': precise},
@@ -209,7 +211,7 @@ def main(argv):
             f"{100 * record['own_statistics']['test_error']:.2f}% recomputed, "
             f"{100 * record['precise_statistics']['test_error']:.2f}% with precise BN "
             'statistics', flush=True)
-  except (RunError, checkpoint.CheckpointError, train.ConfigError) as e:
+  except (RunError, checkpoint.CheckpointError, configuration.ConfigError) as e:
     sys.exit(f'error: {e}')
   if jax.process_index() != 0:
     return

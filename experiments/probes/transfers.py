@@ -3,7 +3,8 @@ each transfer's latency? Measured without a profiler, for `python -m experiments
 --probe` (its `in_loop` record).
 
 A profiler changes what it observes (it was never on during the speed-up's timed loops), so
-this watches the loop itself: `Pipeline.move` is wrapped to note every array a stage sends, and a
+this watches the loop itself: the pipeline's `_transfer` (every transfer of `Pipeline.step`
+goes through it, to `distributed.move_tree`) is wrapped to note every value a stage sends, and a
 thread polls `jax.Array.is_ready` (which never blocks) for the moment each is ready on its
 stage's device and the moment it has arrived on the other process. Host wall-clock times, which
 the processes of one host share. `in_loop_times` turns them into each stage's compute and wait
@@ -14,32 +15,38 @@ import statistics
 import threading
 import time
 
+import jax
+
 
 class TransferProbe:
-  """When each array a stage sends is ready on its device, and when it has arrived at the other
-  process: `Pipeline.move` wrapped, and a thread that polls `jax.Array.is_ready` (never blocks
-  the host loop). Host wall-clock times, which all processes of one host share."""
+  """When each value a stage sends is ready on its device, and when it has arrived at the other
+  process: the pipeline's `_transfer` wrapped (on this instance), and a thread that polls
+  `jax.Array.is_ready` (never blocks the host loop). Host wall-clock times, which all processes
+  of one host share. `transfers` lists every transfer seen, as the schedule's `Transfer`s."""
 
   def __init__(self, pipe, poll_s: float = 0.001):
-    self._watched, self.ready = [], []     # (kind, index, 'sent' | 'arrived', array), times
+    self._watched, self.ready = [], []     # (kind, index, 'sent' | 'arrived', arrays), times
+    self.transfers = []
     self._counts = {'activation': 0, 'cotangent': 0}
     self._lock, self._stop = threading.Lock(), threading.Event()
     self._poll_s = poll_s
     self._pipe = pipe
-    move, first = pipe.move, pipe.shardings[0]
+    # An instance attribute shadows the class's method: restored as it was by stop().
+    self._shadowed = pipe.__dict__.get('_transfer')
+    transfer = pipe._transfer  # pylint: disable=protected-access
 
-    def probed_move(value, source, target, spec):
-      kind = 'activation' if source == first else 'cotangent'
-      index = self._counts[kind]
-      self._counts[kind] += 1
-      moved = move(value, source, target, spec)
+    def probed_transfer(value, send):
+      index = self._counts[send.kind]
+      self._counts[send.kind] += 1
+      moved = transfer(value, send)
       with self._lock:
-        for role, array in (('sent', value), ('arrived', moved)):
-          if array is not None:
-            self._watched.append((kind, index, role, array))
+        self.transfers.append(send)
+        for role, tree in (('sent', value), ('arrived', moved)):
+          if tree is not None:   # None: another process's side of the transfer
+            self._watched.append((send.kind, index, role, jax.tree_util.tree_leaves(tree)))
       return moved
 
-    pipe.move = probed_move   # shadows the class's method until stop()
+    pipe._transfer = probed_transfer  # pylint: disable=protected-access
     self._thread = threading.Thread(target=self._poll, daemon=True)
     self._thread.start()
 
@@ -48,18 +55,21 @@ class TransferProbe:
       now = time.time()
       with self._lock:
         pending = []
-        for kind, index, role, array in self._watched:
-          if array.is_ready():
+        for kind, index, role, arrays in self._watched:
+          if all(array.is_ready() for array in arrays):
             self.ready.append((kind, index, role, now))
           else:
-            pending.append((kind, index, role, array))
+            pending.append((kind, index, role, arrays))
         self._watched = pending
       time.sleep(self._poll_s)
 
   def stop(self, timeout_s: float = 120) -> list:
-    """Waits (at most `timeout_s`) until every watched array is ready, ends the thread, unwraps
-    `Pipeline.move`; every (kind, index, role, time) seen."""
-    del self._pipe.move
+    """Waits (at most `timeout_s`) until every watched value is ready, ends the thread, unwraps
+    the pipeline's `_transfer`; every (kind, index, role, time) seen."""
+    if self._shadowed is None:
+      del self._pipe._transfer  # pylint: disable=protected-access
+    else:
+      self._pipe._transfer = self._shadowed  # pylint: disable=protected-access
     deadline = time.monotonic() + timeout_s
     while True:
       with self._lock:

@@ -34,6 +34,8 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from fdg_jax.data import DataError
+
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 ARCHIVE_EXTENSIONS = ('.tar', '.tar.gz', '.tgz', '.tar.bz2', '.tar.xz')
@@ -63,10 +65,6 @@ class Dataset:
   mean: tuple[float, float, float]  # Per channel, train images in [0, 1].
   std: tuple[float, float, float]
   name: str
-
-
-class DataError(ValueError):
-  """Bad or missing data; the message names the problem and the fix."""
 
 
 def default_cache_dir() -> str:

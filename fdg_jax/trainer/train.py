@@ -3,8 +3,10 @@
 `train_and_evaluate(config, workdir)` is what `python -m fdg_jax.main` calls, and what a notebook
 calls too. Every check of the config runs before any data is read or anything is compiled
 (`configuration.validate_config`); the workdir's files, resume checks, preemption and divergence
-live in `fdg_jax.workdir`. `setup` builds the pipeline and its initial state exactly as training
-does, for the benchmarks too.
+live in `workdir.py`. The config is resolved here once per run: one task (`tasks.base.Task`,
+bound to the config), one method (`engine.methods.REGISTRY`), one optimizer recipe (whose
+learning rate is the run's schedule); the engine gets plain values. `initial_run` builds the
+pipeline and its initial state exactly as training does, for the benchmarks too.
 """
 
 import dataclasses
@@ -12,7 +14,7 @@ import hashlib
 import os
 import resource
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
@@ -21,30 +23,25 @@ import ml_collections
 import numpy as np
 import optax
 
-from fdg_jax import baselines
-from fdg_jax import checkpoint
-from fdg_jax import compensation
-from fdg_jax import distributed
-from fdg_jax import input_pipeline
-from fdg_jax import metric_writer
-from fdg_jax import models
-from fdg_jax import optimizers
-from fdg_jax import partition
-from fdg_jax import pipeline
-from fdg_jax import schedule
-from fdg_jax import tasks
-from fdg_jax import timeline
-from fdg_jax import workdir as workdir_lib
-# The errors train_and_evaluate raises with a message for the user (main.py prints them).
-from fdg_jax.configuration import ConfigError, num_stages_of, stage_device_indices, validate_config  # pylint: disable=unused-import
-from fdg_jax.workdir import DivergenceError, Preempted  # pylint: disable=unused-import
+from fdg_jax.engine import checkpoint
+from fdg_jax.engine import compensation
+from fdg_jax.engine import distributed
+from fdg_jax.engine import methods
+from fdg_jax.engine import optimizers
+from fdg_jax.engine import pipeline
+from fdg_jax.engine import schedule
+from fdg_jax.engine import stage_functions
+from fdg_jax.engine import timeline
+from fdg_jax.models import partition
+from fdg_jax.tasks import base as tasks_base
+from fdg_jax.trainer import configuration
+from fdg_jax.trainer.configuration import ConfigError, num_stages_of, stage_device_indices
+from fdg_jax.trainer import metric_writer
+from fdg_jax.trainer import optimizers as optimizer_config
+from fdg_jax.trainer import prefetch
+from fdg_jax.trainer import workdir as workdir_lib
 
 # ---------------------------------------------------------------- building a run
-
-
-# The optimizers and schedules live in optimizers.py (both tasks); the old names still work.
-create_learning_rate_schedule = optimizers.create_learning_rate_schedule
-create_optimizer = optimizers.create_optimizer
 
 
 def total_train_steps(config, steps_per_epoch: int) -> int:
@@ -53,40 +50,33 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
           else config.num_epochs * steps_per_epoch)
 
 
-def engine_method(config) -> str:
-  """The schedule config.method runs on: DDG's, or FDG's (BP is FDG with one stage)."""
-  return 'ddg' if config.method == 'ddg' else 'fdg'
-
-
-def create_compensation(config, steps_per_epoch: int) -> compensation.Compensation:
-  """The config's stale-gradient compensation (fdg_jax/compensation.py). The look-ahead ones
-  rebuild a stage's optimizer from the config's recipe; delay_momentum scales by the largest
+def create_compensation(config, recipe: optimizers.Recipe,
+                        steps_per_epoch: int) -> compensation.Compensation:
+  """The config's stale-gradient compensation (engine/compensation.py). The look-ahead ones
+  rebuild a stage's optimizer from the run's recipe; delay_momentum scales by the largest
   delay, stage 0's."""
   return compensation.Compensation(
       config.compensation, dc_lambda=config.dc_lambda, dc_adaptive=config.dc_adaptive,
       dc_decay=config.dc_decay, reschedule_steps=max(1, round(
           config.lr_reschedule_fraction * total_train_steps(config, steps_per_epoch))),
-      optimizer=optimizers.recipe(config, steps_per_epoch),
+      optimizer=recipe,
       nesterov_momentum=config.nesterov_momentum,
       nadam_momentum_decay=config.nadam_momentum_decay,
       delay_momentum_max=config.delay_momentum_max,
-      max_delay=schedule.delay(0, num_stages_of(config), engine_method(config)))
+      max_delay=schedule.delay(0, num_stages_of(config), methods.get(config.method).schedule))
 
 
-def create_pipeline(config, stages, optimizer, placements, num_classes: int,
-                    steps_per_epoch: int) -> pipeline.Pipeline:
-  """The engine of config.method on these stages (BP is the single stage of FDG's engine)."""
-  task = tasks.get(config.task)
-  if config.method == 'dgl':
-    return baselines.DGLPipeline(stages, optimizer, task.loss_fn, num_classes=num_classes,
-                                 aux_head=config.aux_head, placements=placements,
-                                 metrics=task.metrics)
+def create_pipeline(config, task: tasks_base.Task, stages, recipe: optimizers.Recipe,
+                    placements, num_outputs: int, steps_per_epoch: int) -> pipeline.Pipeline:
+  """The engine running config.method (the registry's) on these stages."""
+  method = methods.get(config.method)
   return pipeline.Pipeline(
-      stages, optimizer, task.loss_fn, metrics=task.metrics,
+      stages, optimizers.build(recipe), task.loss_fn, metrics=task.metrics,
       beta=pipeline.stage_betas(config.beta, len(stages), config.beta_compounds),
       stash=config.stash, residual_policy=config.residual_policy or None, placements=placements,
-      compensation=create_compensation(config, steps_per_epoch),
-      method=engine_method(config))
+      compensation=create_compensation(config, recipe, steps_per_epoch),
+      method=method.create(len(stages), num_classes=num_outputs,
+                           aux_head=task.aux_head() if method.local_losses else None))
 
 
 def params_digest(variables: dict) -> str:
@@ -100,17 +90,17 @@ def params_digest(variables: dict) -> str:
   return digest.hexdigest()
 
 
-def build_stages(config, num_classes: int, rng: jax.Array, check_inputs: Optional[Any] = None):
+def build_stages(config, task: tasks_base.Task, num_outputs: int, rng: jax.Array,
+                 check_inputs: Optional[Any] = None):
   """Stages, their initial variables, the split and the placements; prints the stage table.
 
-  `num_classes` is the model's output size (classes, or the vocabulary's size). With
+  `num_outputs` is the model's output size (classes, or the vocabulary's size). With
   `check_inputs` (a few inputs), checks that the composed stages reproduce the unsplit model
   on them.
   """
-  task = tasks.get(config.task)
-  blocks, names = task.create_blocks(config, num_classes)
+  blocks, names = task.create_blocks(num_outputs)
   num_stages = num_stages_of(config)
-  sample = task.input_spec(config, config.batch_size)
+  sample = task.input_spec(config.batch_size)
   flops = partition.block_flops(blocks, sample.shape, sample.dtype)
   times = None
   if config.split_by == 'time' and num_stages > 1:
@@ -119,10 +109,10 @@ def build_stages(config, num_classes: int, rng: jax.Array, check_inputs: Optiona
     times = list(distributed.broadcast_values(
         {str(i): t for i, t in enumerate(times)}, [str(i) for i in range(len(times))],
         0).values())
-  split = tuple(config.split) if config.method != 'bp' and config.split else (
+  split = tuple(config.split) if num_stages > 1 and config.split else (
       partition.balanced_split(times or flops, num_stages))
   full_model = partition.StageModule(tuple(blocks))
-  one = task.input_spec(config, 1)
+  one = task.input_spec(1)
   full_variables = jax.jit(lambda key: full_model.init(
       {'params': key, 'dropout': key}, jnp.zeros(one.shape, one.dtype), train=False))(rng)
   stages = partition.build_stages(blocks, split)
@@ -142,9 +132,6 @@ def build_stages(config, num_classes: int, rng: jax.Array, check_inputs: Optiona
   return stages, stage_variables, split, placements
 
 
-build = build_stages   # its name before tasks
-
-
 @dataclasses.dataclass
 class Run:
   """A pipeline and its initial state, as `train_and_evaluate` trains them."""
@@ -152,34 +139,30 @@ class Run:
   state: pipeline.PipelineState
   split: tuple[int, ...]
   placements: list[list[jax.Device]]   # each stage's devices
-  learning_rate: optax.Schedule
+  recipe: optimizers.Recipe            # the optimizer; its learning_rate is the run's schedule
 
 
-def initial_run(config, num_classes: int, steps_per_epoch: int,
+def initial_run(config, task: tasks_base.Task, num_outputs: int, steps_per_epoch: int,
                 check_inputs: Optional[Any] = None) -> Run:
   """Stages, optimizer, engine and initial state from the config's seed (see `build_stages`)."""
   rng = jax.random.key(config.seed)
-  stages, stage_variables, split, placements = build_stages(config, num_classes, rng,
+  stages, stage_variables, split, placements = build_stages(config, task, num_outputs, rng,
                                                             check_inputs)
-  pipe = create_pipeline(config, stages, optimizers.create_optimizer(config, steps_per_epoch),
-                         placements, num_classes, steps_per_epoch)
-  sample = tasks.get(config.task).input_spec(config, config.batch_size)
-  state = pipe.init(jax.random.fold_in(rng, 1), sample, variables=stage_variables)
-  return Run(pipe, state, split, placements,
-             optimizers.create_learning_rate_schedule(config, steps_per_epoch))
-
-
-Setup, setup = Run, initial_run   # their names before tasks
+  recipe = optimizer_config.recipe(config, steps_per_epoch)
+  pipe = create_pipeline(config, task, stages, recipe, placements, num_outputs, steps_per_epoch)
+  state = pipe.init(jax.random.fold_in(rng, 1), task.input_spec(config.batch_size),
+                    variables=stage_variables)
+  return Run(pipe, state, split, placements, recipe)
 
 
 def dry_run(config) -> None:
-  """Validate the config and print the stage table, reading no data and training nothing."""
-  validate_config(config)
-  task = tasks.get(config.task)
-  num_classes = {'cifar100': 100}.get(config.dataset, 10)
-  if config.task != 'image_classification' or config.dataset in ('imagefolder', 'cifar_python'):
-    num_classes = task.num_classes(task.load_data(config))
-  build_stages(config, num_classes, jax.random.key(config.seed))
+  """Validate the config and print the stage table, training nothing (and reading no data
+  where the config alone gives the model's output size)."""
+  task = configuration.validate_config(config)
+  num_outputs = task.known_num_outputs()
+  if num_outputs is None:
+    num_outputs = task.num_outputs(task.load_data())
+  build_stages(config, task, num_outputs, jax.random.key(config.seed))
 
 
 # ---------------------------------------------------------------- the periodic actions
@@ -209,6 +192,11 @@ class RunLog:
   items_per_step: int    # images or tokens in a batch
   items: str             # what they are ('images', 'tokens')
   loss_process: int      # the process of the last stage, which holds the training metrics
+  metrics: tuple[str, ...] = ('loss', 'accuracy')   # the names of the task's training metrics
+
+
+# How the progress line names a metric.
+_SHORT_NAMES = {'accuracy': 'acc'}
 
 
 def log_train(log: RunLog, clock: _Clock, step: int, metrics: Optional[Any],
@@ -223,7 +211,7 @@ def log_train(log: RunLog, clock: _Clock, step: int, metrics: Optional[Any],
     return None
   values = None if metrics is None else {
       f'train_{k}': float(v) for k, v in distributed.fetch(metrics).compute().items()}
-  values = distributed.broadcast_values(values, ('train_accuracy', 'train_loss'),
+  values = distributed.broadcast_values(values, tuple(f'train_{name}' for name in log.metrics),
                                         log.loss_process)
   now = time.time()
   seconds_per_step = (now - clock.time) / max(step - clock.step, 1)
@@ -232,18 +220,19 @@ def log_train(log: RunLog, clock: _Clock, step: int, metrics: Optional[Any],
   log.writer.write_scalars(step, values)
   eta = (f'ETA {_format_duration((log.num_steps - step) * seconds_per_step)}' if clock.compiled
          else 'compilation included')
-  logging.info('step %d/%d  epoch %.2f  loss %.4f  acc %.3f  lr %.4g  %.0f %s/s  %s',
-               step, log.num_steps, step / log.steps_per_epoch, values['train_loss'],
-               values['train_accuracy'], values['learning_rate'],
-               values[f'{log.items}_per_sec'], log.items, eta)
+  shown = '  '.join(f'{_SHORT_NAMES.get(name, name)} {values["train_" + name]:.3f}'
+                    for name in log.metrics if name != 'loss')
+  logging.info('step %d/%d  epoch %.2f  loss %.4f  %s  lr %.4g  %.0f %s/s  %s',
+               step, log.num_steps, step / log.steps_per_epoch, values['train_loss'], shown,
+               values['learning_rate'], values[f'{log.items}_per_sec'], log.items, eta)
   clock.time, clock.step, clock.compiled = now, step, True
   return values['train_loss']
 
 
-def evaluate(config, task, data, pipe: pipeline.Pipeline, state: pipeline.PipelineState,
-             writer, step: int) -> dict:
+def evaluate(task: tasks_base.Task, data, pipe: pipeline.Pipeline,
+             state: pipeline.PipelineState, writer, step: int) -> dict:
   """The composed stages' metrics on the evaluation split, written and printed."""
-  result = pipe.evaluate(state, task.eval_batches(config, data))
+  result = pipe.evaluate(state, task.eval_batches(data))
   writer.write_scalars(step, {f'{task.EVAL_SPLIT}_{k}': v for k, v in result.items()})
   logging.info('step %d  %s', step, task.eval_line(result))
   return result
@@ -251,11 +240,11 @@ def evaluate(config, task, data, pipe: pipeline.Pipeline, state: pipeline.Pipeli
 
 def save_checkpoint(checkpointer: checkpoint.Checkpointer, pipe: pipeline.Pipeline,
                     state: pipeline.PipelineState, step: int, extra: dict,
-                    batch_images: Callable[[int], np.ndarray]) -> None:
+                    batch_inputs: Callable[[int], np.ndarray]) -> None:
   """Checkpoint the pipeline as it is (in flight); never a diverged state. One line each."""
   workdir_lib.check_finite(state, step, None, checkpointer)
   start = time.time()
-  size = checkpointer.save(step, pipe, state, extra=extra, batch_images=batch_images)
+  size = checkpointer.save(step, pipe, state, extra=extra, batch_inputs=batch_inputs)
   logging.info('step %d  checkpoint saved (%s, training held %.2f s%s) in %s', step,
                _format_bytes(size), time.time() - start,
                '; written in the background' if checkpointer.asynchronous else '',
@@ -298,18 +287,6 @@ def _merge(total, metrics):
 # ---------------------------------------------------------------- the run
 
 
-def load_data(config, workdir: Optional[str] = None):
-  """The run's data, as its task reads it (a language model's vocabulary is stored in, and
-  on resume read from, `workdir`)."""
-  return tasks.get(config.task).load_data(config, workdir)
-
-
-def stream_images(config, data) -> Callable[[int], Any]:
-  """The inputs of the training stream's batch `batch`, by index (a checkpoint stores the
-  index, not the inputs)."""
-  return tasks.get(config.task).stream_inputs(config, data)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train per `config`, evaluate the composed model, write and return the summary.
 
@@ -318,11 +295,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   In a multi-process run (after `distributed.initialize`) every process calls this with the same
   config and workdir; process 0 writes and returns the summary, the others return None.
   """
-  validate_config(config)
-  workdir_lib.check_config_matches(config, workdir)
-  task = tasks.get(config.task)
-  dataset = task.load_data(config, workdir)
-  steps_per_epoch = task.steps_per_epoch(config, dataset)
+  task = configuration.validate_config(config)
+  workdir_lib.check_config_matches(config, workdir, task)
+  dataset = task.load_data(workdir)
+  steps_per_epoch = task.steps_per_epoch(dataset)
   if steps_per_epoch == 0:
     raise ConfigError(f'config.batch_size: {config.batch_size} is larger than the '
                       f'{task.num_train_examples(dataset)} training examples. Use a smaller '
@@ -337,20 +313,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpointer.close()   # the last checkpoint is on disk before the run ends, however
 
 
-def _train(config, task, workdir: str, dataset, steps_per_epoch: int, num_steps: int,
-           checkpointer: checkpoint.Checkpointer) -> dict[str, Any]:
+def _train(config, task: tasks_base.Task, workdir: str, dataset, steps_per_epoch: int,
+           num_steps: int, checkpointer: checkpoint.Checkpointer) -> dict[str, Any]:
   logging.info('Data: %s', task.describe(dataset))
-  run = initial_run(config, task.num_classes(dataset), steps_per_epoch,
-                    check_inputs=task.check_inputs(config, dataset))
+  run = initial_run(config, task, task.num_outputs(dataset), steps_per_epoch,
+                    check_inputs=task.check_inputs(dataset))
   pipe, state = run.pipe, run.state
   extra_params = pipe.num_extra_params(state)
   if extra_params:
     logging.info('%s: %s extra trainable parameters outside the network (auxiliary heads), not '
                  'counted in the table above.', config.method, f'{extra_params:,}')
   start_step, progress = 0, {'history': [], 'train_time_s': 0.0}
-  batch_images = task.stream_inputs(config, dataset)
+  batch_inputs = task.stream_inputs(dataset)
   if checkpointer.latest_step() is not None:
-    state, progress = checkpointer.restore(pipe, state, batch_images=batch_images)
+    state, progress = checkpointer.restore(pipe, state, batch_inputs=batch_inputs)
     start_step = state.batches_fed
     logging.info('Resumed from the checkpoint at step %d in %s.', start_step,
                  checkpointer.directory)
@@ -365,15 +341,14 @@ def _train(config, task, workdir: str, dataset, steps_per_epoch: int, num_steps:
 
   # Inputs to the first stage, targets to the last, where this process owns them; a process
   # without stage 0 may take only the targets (and the inputs' shape) from its copy of the stream.
-  batches = input_pipeline.prefetch_to_device(
-      task.train_batches(config, dataset, start_step, with_inputs=pipe.is_local[0]), 2,
+  batches = prefetch.prefetch_to_device(
+      task.train_batches(dataset, start_step, with_inputs=pipe.is_local[0]), 2,
       tuple(s if local else None for s, local in zip((pipe.shardings[0], pipe.shardings[-1]),
                                                      (pipe.is_local[0], pipe.is_local[-1]))))
   log = RunLog(writer=writer, num_steps=num_steps, steps_per_epoch=steps_per_epoch,
-               learning_rate=run.learning_rate,
-               items_per_step=config.batch_size * (config.block_size if task.ITEMS == 'tokens'
-                                                   else 1),
-               items=task.ITEMS, loss_process=distributed.process_of(pipe.shardings[-1]))
+               learning_rate=run.recipe.learning_rate, items_per_step=task.items_per_step(),
+               items=task.ITEMS, loss_process=distributed.process_of(pipe.shardings[-1]),
+               metrics=stage_functions.metric_names(task.metrics))
   eval_every = config.eval_every_steps or config.eval_every_epochs * steps_per_epoch
   report_progress = metric_writer.ReportProgress(num_train_steps=num_steps, writer=writer)
   history = list(progress['history'])
@@ -388,9 +363,9 @@ def _train(config, task, workdir: str, dataset, steps_per_epoch: int, num_steps:
     return {'history': history, 'train_time_s': progress['train_time_s'] + time.time() - start}
 
   def evaluate_now(step):
-    result = evaluate(config, task, dataset, pipe, state, writer, step)
+    result = evaluate(task, dataset, pipe, state, writer, step)
     history.append({'step': step, 'epoch': step / steps_per_epoch, **task.eval_record(result)})
-    shown = task.after_evaluation(config, dataset, pipe, state, step, workdir, writer)
+    shown = task.after_evaluation(dataset, pipe, state, step, workdir, writer)
     return {**result, **shown}
 
   timeline_end = config.timeline_start_step + config.timeline_num_steps - 1
@@ -410,9 +385,10 @@ def _train(config, task, workdir: str, dataset, steps_per_epoch: int, num_steps:
           recorder = None
       report_progress(step)
       if signals.stop_now(step):
-        save_checkpoint(checkpointer, pipe, state, step, checkpoint_extra(), batch_images)
-        raise Preempted(f'Stopped by {signals.received} at step {step}; checkpoint saved in '
-                        f'{checkpointer.directory}. Resume by running the same command again.')
+        save_checkpoint(checkpointer, pipe, state, step, checkpoint_extra(), batch_inputs)
+        raise workdir_lib.Preempted(
+            f'Stopped by {signals.received} at step {step}; checkpoint saved in '
+            f'{checkpointer.directory}. Resume by running the same command again.')
       if step == num_steps:
         break   # the last step's metrics are logged after the drain, its evaluation at the end
       if every(step, config.log_every_steps):
@@ -422,10 +398,10 @@ def _train(config, task, workdir: str, dataset, steps_per_epoch: int, num_steps:
       if every(step, eval_every):
         evaluate_now(step)
       if every(step, config.checkpoint_every_steps):
-        save_checkpoint(checkpointer, pipe, state, step, checkpoint_extra(), batch_images)
+        save_checkpoint(checkpointer, pipe, state, step, checkpoint_extra(), batch_inputs)
     if checkpointer.latest_step() != num_steps:
       # Before the drain: a longer run continues this stream.
-      save_checkpoint(checkpointer, pipe, state, num_steps, checkpoint_extra(), batch_images)
+      save_checkpoint(checkpointer, pipe, state, num_steps, checkpoint_extra(), batch_inputs)
   state, drained = pipe.drain(state)   # every batch's gradient reaches every stage
   for info in drained:
     train_metrics = _merge(train_metrics, info.metrics)
@@ -450,7 +426,7 @@ def _train(config, task, workdir: str, dataset, steps_per_epoch: int, num_steps:
   return summary
 
 
-def make_summary(config, task, data, run: Run, state: pipeline.PipelineState, result: dict,
+def make_summary(config, task: tasks_base.Task, data, run: Run, state: pipeline.PipelineState, result: dict,
                  log: RunLog, *, start_step: int, train_time: float, items_per_sec: float,
                  history: list) -> Optional[dict[str, Any]]:
   """The run's summary.json: what ran, on what, its result (the task's fields), and a digest of
@@ -489,6 +465,6 @@ def make_summary(config, task, data, run: Run, state: pipeline.PipelineState, re
       'num_processes': jax.process_count(),
       'jax_version': jax.__version__,
       'params_digest': params_digest(
-          partition.merge_variables(final_variables, run.split, task.num_blocks(config))),
+          partition.merge_variables(final_variables, run.split, task.num_blocks())),
       'history': history,
   }

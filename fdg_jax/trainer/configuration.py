@@ -1,9 +1,11 @@
 """The trainer's config: its checks before any compute, and its fields' documentation.
 
-A config is an `ml_collections.ConfigDict` from a file in `configs/` (every field is documented
-by the comment above it in `configs/default.py`). `validate_config` refuses a config that cannot
-run, naming the field and the fix, before any data is read or anything compiled.
-`field_docs` reads those comments back, for `python -m fdg_jax.main --help`.
+A config is an `ml_collections.ConfigDict` from a file in `configs/`: the trainer's fields
+(documented by the comment above each in `configs/default.py`) and its task's own fields
+(documented in the task's `config_fields`, `fdg_jax/tasks/`). `validate_config` refuses a config
+that cannot run, naming the field and the fix, before any data is read or anything compiled; it
+asks the task about the task's fields. `field_docs` reads the comments back, for
+`python -m fdg_jax.main --help`.
 """
 
 import ast
@@ -14,21 +16,18 @@ import textwrap
 import jax
 import ml_collections
 
-from fdg_jax import baselines
-from fdg_jax import compensation
-from fdg_jax import datasets
-from fdg_jax import gpt
-from fdg_jax import optimizers
-from fdg_jax import partition
-from fdg_jax import pipeline
+from fdg_jax.engine import compensation
+from fdg_jax.engine import methods
+from fdg_jax.engine import pipeline
+from fdg_jax.models import partition
 from fdg_jax import tasks
-from fdg_jax import text_data
+from fdg_jax.trainer import optimizers
 
-METHODS = ('fdg', 'bp', 'ddg', 'dgl')
 WARMUP_SHAPES = ('constant', 'linear')
 # configs/default.py, beside the package in a checkout (absent from an installed wheel).
-DEFAULT_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                   'configs', 'default.py')
+DEFAULT_CONFIG_FILE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'configs',
+    'default.py')
 
 
 class ConfigError(ValueError):
@@ -37,11 +36,11 @@ class ConfigError(ValueError):
 
 def reads_tfds(config) -> bool:
   """Whether config.dataset is read through tfds (which needs TensorFlow)."""
-  return config.dataset in datasets.TFDS_DATASETS + text_data.TFDS_DATASETS
+  return config.dataset in tasks.get(config.task).TFDS_DATASETS
 
 
 def num_stages_of(config) -> int:
-  return 1 if config.method == 'bp' else config.num_stages
+  return 1 if methods.get(config.method).whole_model else config.num_stages
 
 
 def stage_device_indices(config) -> tuple[tuple[int, ...], ...]:
@@ -54,56 +53,42 @@ def stage_device_indices(config) -> tuple[tuple[int, ...], ...]:
   return tuple(tuple(range(first, first + width)) for first in firsts)
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raise ConfigError for the first bad field, before any compute."""
+def create_task(config: ml_collections.ConfigDict):
+  """The run's task, bound to its config (`fdg_jax.tasks.base.Task`); an unknown task is a
+  ConfigError."""
+  try:
+    return tasks.get(config.task)(config)
+  except ValueError as e:
+    raise ConfigError(f'config.task: {e}') from None
+
+
+def validate_config(config: ml_collections.ConfigDict):
+  """Raise ConfigError for the first bad field, before any compute; return the run's task
+  (bound to the config)."""
   def fail(field, problem, fix):
     raise ConfigError(f'config.{field}: {problem}. {fix}')
 
-  if config.task not in tasks.TASKS:
-    fail('task', f'unknown task {config.task!r}', f'Choose one of {tuple(tasks.TASKS)}.')
-  task = tasks.get(config.task)
+  task = create_task(config)
+  missing = sorted(set(task.config_fields()) - set(config))
+  if missing:
+    fail('task', f'{config.task!r} needs its own fields {missing}, which this config lacks (a '
+         "config file's task is set in the file, which adds them)",
+         f"Use a config of that task, or set it in the file: config = tasks.configure(config, "
+         f"{config.task!r}).")
   if config.model not in task.model_names():
     fail('model', f'unknown model {config.model!r} for task {config.task!r}',
          f'Choose one of {task.model_names()}.')
-  if config.method not in METHODS:
-    fail('method', f'unknown method {config.method!r}', f'Choose one of {METHODS}.')
+  if config.method not in methods.REGISTRY:
+    fail('method', f'unknown method {config.method!r}', f'Choose one of {tuple(methods.REGISTRY)}.')
   if config.dataset not in task.DATASETS:
     fail('dataset', f'unknown dataset {config.dataset!r} for task {config.task!r}',
          f'Choose one of {task.DATASETS}.')
-  if config.dataset == 'textfile':
-    if not config.data_dir:
-      fail('data_dir', "dataset='textfile' needs data_dir",
-           'Set --config.data_dir to a UTF-8 text file or a folder of .txt files.')
-    if not os.path.exists(os.path.expanduser(config.data_dir)):
-      fail('data_dir', f'{config.data_dir!r} does not exist', 'Check the path.')
-  if config.task == 'language_model':
-    try:
-      gpt.check_transformer(config.n_layer, config.n_head, config.n_embd, config.dropout_rate)
-    except ValueError as e:
-      fail('n_embd', str(e).rstrip('.'), 'Fix the GPT sizes (n_layer, n_head, n_embd).')
-    if config.dtype not in gpt.DTYPES:
-      fail('dtype', f'unknown dtype {config.dtype!r}', f'Choose one of {gpt.DTYPES}.')
-    if config.block_size < 1:
-      fail('block_size', f'{config.block_size} is not positive', 'Use a positive context.')
-    if config.vocabulary not in ('char', 'byte'):
-      fail('vocabulary', f'unknown vocabulary {config.vocabulary!r}', "Choose 'char' or 'byte'.")
-    if not 0 < config.val_fraction < 1:
-      fail('val_fraction', f'{config.val_fraction} is outside (0, 1)', 'Use e.g. 0.1.')
-    if config.sample_temperature <= 0:
-      fail('sample_temperature', f'{config.sample_temperature} is not positive', 'Use e.g. 0.8.')
-  for message in optimizers.validate(config):
+  for message in task.validate() + optimizers.validate(config):
     raise ConfigError(message)
-  if config.dataset in ('imagefolder', 'cifar_python'):
-    if not config.data_dir:
-      fail('data_dir', f'dataset={config.dataset!r} needs data_dir',
-           'Set --config.data_dir to a folder or .tar/.tar.gz archive with train/<class>/* and '
-           'test/<class>/* images (imagefolder), or to an extracted cifar-10-batches-py or '
-           'cifar-100-python folder (cifar_python).')
-    if not os.path.exists(config.data_dir):
-      fail('data_dir', f'{config.data_dir!r} does not exist', 'Check the path.')
-  if config.method == 'dgl' and config.aux_head not in baselines.AUX_HEADS:
-    fail('aux_head', f'unknown auxiliary head {config.aux_head!r}',
-         f'Choose one of {tuple(baselines.AUX_HEADS)}.')
+  method = methods.get(config.method)
+  if method.local_losses and task.aux_head() is None:
+    fail('method', f'{config.method!r} trains each stage on an auxiliary head, which task '
+         f'{config.task!r} does not offer', 'Choose another method.')
   if config.split_by not in ('flops', 'time'):
     fail('split_by', f'unknown balance {config.split_by!r}', "Choose 'flops' or 'time'.")
   if not 0.0 < config.beta <= 1.0:
@@ -113,7 +98,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.residual_policy and config.residual_policy not in pipeline.RESIDUAL_POLICIES:
     fail('residual_policy', f'unknown policy {config.residual_policy!r}',
          f"Choose one of {pipeline.RESIDUAL_POLICIES}, or '' to keep every residual.")
-  if config.residual_policy and (config.stash != 'vjp' or config.method == 'dgl'):
+  if config.residual_policy and (config.stash != 'vjp' or method.local_losses):
     fail('residual_policy', f"{config.residual_policy!r} needs stash 'vjp' and method fdg, "
          f'ddg or bp (got stash {config.stash!r}, method {config.method!r})',
          "Set --config.residual_policy=''.")
@@ -121,10 +106,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('compensation', f'unknown compensation {config.compensation!r}',
          f'Choose one of {compensation.NAMES}.')
   if config.compensation != 'none':
-    if config.method not in ('fdg', 'ddg') or num_stages_of(config) < 2:
+    if not method.delayed_gradients or num_stages_of(config) < 2:
       fail('compensation', f'{config.compensation!r} compensates delayed gradients, which '
            f'method {config.method!r} with {num_stages_of(config)} stage(s) does not have',
-           "Use method 'fdg' or 'ddg' with num_stages >= 2, or --config.compensation=none.")
+           'Use a method with delayed gradients '
+           f'({[m.name for m in methods.REGISTRY.values() if m.delayed_gradients]}) with '
+           'num_stages >= 2, or --config.compensation=none.')
     if (config.compensation in compensation.NEEDS_FORWARD_PARAMETERS
         and config.stash != 'vjp'):
       fail('compensation', f"{config.compensation!r} acts on the parameters of each forward, "
@@ -147,8 +134,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0 < config.lr_reschedule_fraction <= 1:
     fail('lr_reschedule_fraction', f'{config.lr_reschedule_fraction} is outside (0, 1]',
          'Use a fraction of the training steps, e.g. 0.25.')
-  for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'image_size',
-                'timeline_num_steps'):
+  for field in ('batch_size', 'eval_batch_size', 'log_every_steps', 'timeline_num_steps'):
     if config[field] <= 0:
       fail(field, f'{config[field]} is not positive', 'Use a positive integer.')
   if config.num_train_steps == 0 or config.num_train_steps < -1:
@@ -162,17 +148,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     fail('warmup_shape', f'unknown warm-up {config.warmup_shape!r}',
          f'Choose one of {WARMUP_SHAPES}.')
   for field in ('warmup_epochs', 'eval_every_epochs', 'checkpoint_every_steps',
-                'timeline_start_step', 'eval_every_steps', 'eval_max_batches', 'sample_tokens'):
+                'timeline_start_step', 'eval_every_steps'):
     if config[field] < 0:
       fail(field, f'{config[field]} is negative', 'Use 0 or more (0 turns it off).')
   num_stages = num_stages_of(config)
   if num_stages < 1:
     fail('num_stages', f'{config.num_stages} stages', 'Use at least 1.')
-  num_blocks = task.num_blocks(config)
+  num_blocks = task.num_blocks()
   if num_stages > num_blocks:
     fail('num_stages', f'{num_stages} stages but {config.model} has only {num_blocks} blocks',
          f'Use at most {num_blocks} stages.')
-  if config.method != 'bp' and config.split:
+  if not method.whole_model and config.split:
     if len(config.split) != num_stages - 1:
       fail('split', f'{tuple(config.split)} has {len(config.split)} entries for {num_stages} '
            'stages', f'Give {num_stages - 1} block indices, or () to balance automatically.')
@@ -216,28 +202,37 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f'devices {list(stage_device_indices(config))})',
            f'Start as many processes as stages ({num_stages}), or place a stage on every '
            "process's devices with --config.stage_devices.")
+  return task
 
 
 # ---------------------------------------------------------------- the fields' documentation
 
 
 def field_docs(path: str = DEFAULT_CONFIG_FILE) -> dict[str, str]:
-  """{field: the comment above `config.FIELD = ...` in a config file}.
-
-  A field written right below another with no comment of its own shares that field's comment
-  (e.g. `train_subset` and `test_subset`). Empty if the file is absent (an installed wheel).
-  """
+  """{field: the comment above `config.FIELD = ...` in a config file}; empty if the file is
+  absent (an installed wheel)."""
   if not os.path.exists(path):
     return {}
   with open(path) as f:
-    source = f.read()
+    return field_docs_in(f.read())
+
+
+def task_field_docs(task) -> dict[str, str]:
+  """{field: its comment} of a task's own fields (the source of its `config_fields`)."""
+  return field_docs_in(task.config_fields_source())
+
+
+def field_docs_in(source: str) -> dict[str, str]:
+  """{field: the comment above `NAME.FIELD = ...`} in Python source (a config file's
+  `get_config`, a task's `config_fields`). A field written right below another with no comment
+  of its own shares that field's comment (e.g. `train_subset` and `test_subset`)."""
+  source = textwrap.dedent(source)
   lines = source.splitlines()
   docs, previous = {}, None
   for node in ast.walk(ast.parse(source)):
     if not (isinstance(node, ast.Assign) and len(node.targets) == 1
             and isinstance(node.targets[0], ast.Attribute)
-            and isinstance(node.targets[0].value, ast.Name)
-            and node.targets[0].value.id == 'config'):
+            and isinstance(node.targets[0].value, ast.Name)):
       continue
     comment, row = [], node.lineno - 2
     while row >= 0 and lines[row].strip().startswith('#'):
@@ -249,6 +244,27 @@ def field_docs(path: str = DEFAULT_CONFIG_FILE) -> dict[str, str]:
       docs[node.targets[0].attr] = docs.get(previous[0], '')
     previous = (node.targets[0].attr, node.end_lineno)
   return docs
+
+
+def fields_help() -> str:
+  """`--help`'s list of config fields: the trainer's (defaults of configs/default.py), then
+  each built-in task's own, with their meaning and default. Empty without configs/ (a wheel)."""
+  if not os.path.exists(DEFAULT_CONFIG_FILE):
+    return ''
+  import runpy  # pylint: disable=g-import-not-at-top
+  defaults = runpy.run_path(DEFAULT_CONFIG_FILE)['get_config']()
+  task_fields = set(tasks.get(defaults.task).config_fields())
+  trainer_fields = ml_collections.ConfigDict(
+      {k: v for k, v in defaults.items() if k not in task_fields})
+  parts = ['\n\nConfig fields (override any with --config.FIELD=VALUE; defaults of '
+           'configs/default.py, a config file may change them):\n'
+           + describe_fields(trainer_fields, field_docs())]
+  for name in tasks.BUILTIN:
+    task = tasks.get(name)
+    parts.append(f"\n\nFields of task '{name}' (config.task={name!r}; a config sets the task "
+                 'with tasks.configure, which adds them):\n'
+                 + describe_fields(task.config_fields(), task_field_docs(task)))
+  return ''.join(parts)
 
 
 def describe_fields(config: ml_collections.ConfigDict, docs: dict[str, str],

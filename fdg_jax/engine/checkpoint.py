@@ -10,6 +10,7 @@ each entry belongs to, the data position) goes into a JSON item beside the array
 import functools
 import json
 import os
+import weakref
 from typing import Callable, Optional
 
 from absl import logging
@@ -19,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fdg_jax import distributed
-from fdg_jax import pipeline as pipeline_lib
-from fdg_jax import stage_functions
+from fdg_jax.engine import distributed
+from fdg_jax.engine import pipeline as pipeline_lib
+from fdg_jax.engine import stage_functions
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -59,8 +60,66 @@ def _leaves(value) -> list:
   return jax.tree_util.tree_leaves(value)
 
 
+# ---------------------------------------------------------------- saved forwards, rebuilt
+
+
+@jax.jit
+def _bits_equal(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
+  def bits(x):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      return jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * x.dtype.itemsize}'))
+    return x
+  return jnp.all(jnp.stack([jnp.all(bits(x) == bits(y)) for x, y in zip(a, b)]))
+
+
+def bits_equal(a, b) -> bool:
+  """Whether two lists of arrays (pairwise on the same devices) are equal bit for bit."""
+  a, b = list(a), list(b)
+  return (len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype
+                                   for x, y in zip(a, b))
+          and bool(distributed.fetch(_bits_equal(a, b))))
+
+
+# Each pipeline's jitted rebuilds of its stages' forwards, made on first use.
+_REBUILDERS: 'weakref.WeakKeyDictionary' = weakref.WeakKeyDictionary()
+
+
+def rebuild_forward(pipe: pipeline_lib.Pipeline, k: int, inputs: dict):
+  """Stage k's forward from a saved entry's `inputs` (see `Saved`): (output, residual leaves)."""
+  if pipe not in _REBUILDERS:
+    _REBUILDERS[pipe] = tuple(jax.jit(stage_functions.rebuild(spec)) for spec in pipe.specs)
+  return _REBUILDERS[pipe][k](inputs)
+
+
+def rebuilt_output(pipe: pipeline_lib.Pipeline, k: int, entry: pipeline_lib.Saved):
+  """The output of `entry`'s forward rebuilt from its inputs, if the rebuild gives its
+  residuals bit for bit; None if not (or if it has no inputs).
+
+  The rebuild is exact where XLA compiles the standalone forward like the forward inside the
+  stage function (so far everywhere on this CPU); a checkpoint asks before relying on it.
+  """
+  if entry.inputs is None:
+    return None
+  y, leaves = rebuild_forward(pipe, k, entry.inputs)
+  return y if bits_equal(leaves, entry.arrays) else None
+
+
+def input_spec_of(pipe: pipeline_lib.Pipeline, k: int, input_spec):
+  """Stage k's input spec tree from a `Residuals.input_spec` record (a checkpoint's JSON): a
+  single array's (shape, dtype), or each leaf's, in the structure of the stage's input."""
+  if input_spec and isinstance(input_spec[1], str):   # one array
+    shape, dtype = input_spec
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
+  if pipe.batch_spec is None:
+    raise ValueError('Restoring saved forwards of a pytree stage input needs the batch shape: '
+                     'call init(rng, sample_input) first.')
+  structure = jax.tree_util.tree_structure(pipe.io_specs(pipe.batch_spec)[k])
+  return jax.tree_util.tree_unflatten(
+      structure, [jax.ShapeDtypeStruct(tuple(shape), dtype) for shape, dtype in input_spec])
+
+
 def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
-            batch_images: Optional[Callable[[int], np.ndarray]] = None) -> tuple[dict, dict]:
+            batch_inputs: Optional[Callable[[int], np.ndarray]] = None) -> tuple[dict, dict]:
   """(arrays, metadata) of a pipeline state: nested dicts of arrays, and JSON-able bookkeeping.
 
   Only the stages this process holds are in it (all of them in a single-process run). A saved
@@ -68,7 +127,7 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
   `pipe` rebuilds them from that bit for bit; otherwise (or without inputs) as it is. In one
   process, a stage input or an activation in flight that the previous stage's rebuilt forward of
   the same batch reproduces bit for bit is not stored either ('from_previous'): a batch in
-  flight then costs each stage's parameters, not its activations. With `batch_images` (batch
+  flight then costs each stage's parameters, not its activations. With `batch_inputs` (batch
   index -> its images, as fed: the trainer's data stream), stage 0's inputs that it reproduces
   are not stored either ('x_from_stream'); restoring then needs the same function.
   """
@@ -79,17 +138,17 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
     """Whether stage k's input `value` of `batch` is rebuilt on restore: from the data stream
     (stage 0) or from the previous stage's rebuilt forward."""
     if k == 0:
-      return chain and batch_images is not None and pipe.bits_equal(
-          _leaves(jax.device_put(batch_images(batch), pipe.shardings[0])), _leaves(value))
+      return chain and batch_inputs is not None and bits_equal(
+          _leaves(jax.device_put(batch_inputs(batch), pipe.shardings[0])), _leaves(value))
     previous = outputs.get((k - 1, batch))
-    return previous is not None and chain and pipe.bits_equal(
+    return previous is not None and chain and bits_equal(
         _leaves(jax.device_put(previous, pipe.shardings[k])), _leaves(value))
 
   saved, saved_metadata = {}, {}
   for k, queue in enumerate(state.saved):
     entries, records = {}, []
     for i, entry in enumerate(queue):
-      output = pipe.rebuilt_output(k, entry)
+      output = rebuilt_output(pipe, k, entry)
       record = {'batch': entry.batch,
                 'input_spec': entry.structure.input_spec if entry.structure else None,
                 'form': 'full' if output is None else 'compact'}
@@ -186,10 +245,10 @@ def _labels_from_old_activations(pipe: pipeline_lib.Pipeline, arrays: dict, meta
 
 
 def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, arrays: dict,
-              metadata: dict, batch_images: Optional[Callable[[int], np.ndarray]] = None
+              metadata: dict, batch_inputs: Optional[Callable[[int], np.ndarray]] = None
               ) -> pipeline_lib.PipelineState:
   """Rebuild a PipelineState; `fresh` (from `pipe.init`) gives the TrainState structure, and
-  `batch_images` the images of stage 0's saved forwards that `to_tree` took from it."""
+  `batch_inputs` the images of stage 0's saved forwards that `to_tree` took from it."""
   stages = tuple(None if fresh.stages[k] is None else
                  flax.serialization.from_state_dict(fresh.stages[k], arrays['stages'][str(k)])
                  for k in range(pipe.num_stages))
@@ -198,7 +257,7 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
 
   def input_spec(k, entry):
     if k not in specs:
-      specs[k] = pipe.input_spec_of(k, entry['input_spec'])
+      specs[k] = input_spec_of(pipe, k, entry['input_spec'])
     return specs[k]
 
   def stage_input(k):   # the spec of stage k's input, for values stored as leaves
@@ -219,20 +278,20 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
             'it): resume with the config it was written with, or start in a new --workdir.')
       if form == 'compact':
         if entry.get('x_from_stream'):
-          if batch_images is None:
+          if batch_inputs is None:
             raise CheckpointError(
                 "This checkpoint takes stage 0's inputs from the training data stream; restore "
-                'it through the trainer, or pass batch_images to Checkpointer.restore.')
-          inputs = {**inputs, 'x': jax.device_put(batch_images(entry['batch']),
+                'it through the trainer, or pass batch_inputs to Checkpointer.restore.')
+          inputs = {**inputs, 'x': jax.device_put(batch_inputs(entry['batch']),
                                                   pipe.shardings[0])}
         if entry.get('x_from_previous'):
           inputs = {**inputs, 'x': jax.device_put(outputs[(k - 1, entry['batch'])],
                                                   pipe.shardings[k])}
-        outputs[(k, entry['batch'])], leaves = pipe.rebuild_forward(k, inputs)
+        outputs[(k, entry['batch'])], leaves = rebuild_forward(pipe, k, inputs)
       else:
         leaves = _unindexed(stored['residuals'] if inputs is not None else stored)
       if pipe.stash == 'vjp':
-        structure = pipe.residual_structure(k, stages[k], input_spec(k, entry))
+        structure = pipe.method.residual_structure(k, stages[k], input_spec(k, entry))
         queue.append(pipeline_lib.Saved(arrays=leaves, batch=entry['batch'], structure=structure,
                                         inputs=inputs if pipe.keeps_inputs else None))
       else:   # stash='recompute': (the stage input, its dropout key)
@@ -423,10 +482,10 @@ class Checkpointer:
 
   def save(self, step: int, pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
            extra: Optional[dict] = None,
-           batch_images: Optional[Callable[[int], np.ndarray]] = None) -> int:
+           batch_inputs: Optional[Callable[[int], np.ndarray]] = None) -> int:
     """Start writing the checkpoint of `state` at `step` (`to_tree` says what it holds); returns
     its arrays' bytes. Returns once `state` may be changed or donated."""
-    arrays, metadata = to_tree(pipe, state, batch_images)
+    arrays, metadata = to_tree(pipe, state, batch_inputs)
     metadata['extra'] = extra or {}
     size = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(arrays))
     if self._process_files is not None:
@@ -444,10 +503,10 @@ class Checkpointer:
 
   def restore(self, pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState,
               step: Optional[int] = None,
-              batch_images: Optional[Callable[[int], np.ndarray]] = None
+              batch_inputs: Optional[Callable[[int], np.ndarray]] = None
               ) -> tuple[pipeline_lib.PipelineState, dict]:
     """The pipeline state saved at `step` (default: the latest), and its `extra` dict;
-    `batch_images` as given to `save`."""
+    `batch_inputs` as given to `save`."""
     self.wait()
     step = self.latest_step() if step is None else step
     if step is None:
@@ -467,7 +526,7 @@ class Checkpointer:
         _check_matches(fresh, target, self.directory, step)
         arrays = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))['state']
-      state = from_tree(pipe, fresh, arrays, metadata, batch_images)
+      state = from_tree(pipe, fresh, arrays, metadata, batch_inputs)
     except CheckpointError:
       raise
     except Exception as e:  # orbax/tensorstore raise many kinds; name the file and the fix

@@ -29,8 +29,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from fdg_jax import datasets
-from fdg_jax.datasets import DataError
+from fdg_jax.data import DataError
+from fdg_jax.data import image_sources
 
 DATASETS = ('textfile', 'tiny_shakespeare')
 TFDS_DATASETS = ('tiny_shakespeare',)   # read through tfds
@@ -302,7 +302,7 @@ def _read_tiny_shakespeare(data_dir: str | None) -> str:
     return read()
   except Exception:  # pylint: disable=broad-except
     # datasets' probe, so that tests can make both sources offline at once.
-    can_reach = datasets._can_reach  # pylint: disable=protected-access
+    can_reach = image_sources._can_reach  # pylint: disable=protected-access
     if not can_reach(_TFDS_DOWNLOAD_HOST, _NETWORK_PROBE_TIMEOUT_S):
       raise DataError(_offline_message(data_dir, f'cannot reach {_TFDS_DOWNLOAD_HOST[0]}')
                       ) from None

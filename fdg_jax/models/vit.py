@@ -11,7 +11,7 @@ ImageNet-1k" (Beyer et al., 2022; big_vision) found it as good or better for ViT
 scratch on small data, and it keeps the sequence at N = (32/4)^2 = 64 tokens and the first stage
 free of a token that only the head reads. Init: patch projection and head LeCun normal (flax's
 default), position embedding normal(0.02), the encoder blocks as `gpt.Block`. `dtype` as in
-`fdg_jax.gpt`: bfloat16 compute, float32 parameters, residual stream and logits.
+`fdg_jax.models.gpt`: bfloat16 compute, float32 parameters, residual stream and logits.
 """
 
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 from flax import linen as nn
 import jax.numpy as jnp
 
-from fdg_jax import gpt
+from fdg_jax.models import gpt
 
 
 class PatchEmbedding(nn.Module):

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fdg_jax import optimizers
+from fdg_jax.engine import optimizers
 
 NAMES = ('none', 'weight_prediction', 'delay_compensation', 'lr_reschedule', 'nesterov',
          'delay_momentum', 'nesterov+delay_momentum')

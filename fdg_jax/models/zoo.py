@@ -3,7 +3,7 @@
 Pipeline training with delayed gradients (FDG) splits a network into K
 consecutive stages. To make any split possible, every model here is built as a
 flat list of blocks -- stem, residual blocks, head -- each one an ``nn.Module``
-with the signature ``__call__(x, train)``. ``fdg_jax.partition.StageModule``
+with the signature ``__call__(x, train)``. ``fdg_jax.models.partition.StageModule``
 chains a contiguous slice of this list into one stage.
 
 Models:
@@ -18,7 +18,7 @@ Models:
   in kuangliu/pytorch-cifar.
 * ``wrn28_10``: pre-activation Wide ResNet-28-10 of Zagoruyko & Komodakis
   (2016).
-* ``vit_tiny``: a small Vision Transformer (``fdg_jax.vit``): 4x4 patches (64
+* ``vit_tiny``: a small Vision Transformer (``fdg_jax.models.vit``): 4x4 patches (64
   tokens), width 192, 3 heads, depth 6, global average pooling; blocks
   patch_embedding, block1..block6, head. Listed in ``VIT_NAMES``, not in
   ``MODEL_NAMES`` (the CNNs).
@@ -34,7 +34,7 @@ from typing import Any
 from flax import linen as nn
 import jax.numpy as jnp
 
-from fdg_jax import vit
+from fdg_jax.models import vit
 
 MODEL_NAMES = ('resnet8', 'resnet20', 'resnet56', 'resnet110', 'resnet18', 'wrn28_10')
 # Per ViT: depth, heads, width, patch size (32x32 inputs). ViT-Tiny's width and heads (Touvron

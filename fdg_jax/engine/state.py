@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, Optional
 
 import flax
 
-from fdg_jax.stage_functions import TrainState
+from fdg_jax.engine.stage_functions import TrainState
 
 
 @flax.struct.dataclass

@@ -42,9 +42,9 @@ from typing import Any, Iterable, Optional, Sequence
 
 import jax
 
-from fdg_jax import distributed
-from fdg_jax import pipeline as pipeline_lib
-from fdg_jax import schedule as schedule_lib
+from fdg_jax.engine import distributed
+from fdg_jax.engine import pipeline as pipeline_lib
+from fdg_jax.engine import schedule as schedule_lib
 
 
 

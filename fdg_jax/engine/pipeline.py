@@ -16,9 +16,7 @@ asynchronous dispatch lets all stages compute at once. With K = 1 the single sta
 stage, and one iteration is exactly an ordinary back-propagation step.
 """
 
-import dataclasses
 from typing import Any, Callable, Optional, Sequence
-import warnings
 
 import flax.linen as nn
 import jax
@@ -26,24 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fdg_jax import compensation as compensation_lib
-from fdg_jax import distributed
-from fdg_jax import methods as methods_lib
-from fdg_jax import schedule as schedule_lib
-from fdg_jax import stage_functions as fns
+from fdg_jax.engine import compensation as compensation_lib
+from fdg_jax.engine import distributed
+from fdg_jax.engine import methods as methods_lib
+from fdg_jax.engine import schedule as schedule_lib
+from fdg_jax.engine import stage_functions as fns
 # Re-exported: the engine's names as users and the other modules import them.
-from fdg_jax.distributed import DATA_AXIS, stage_shardings  # pylint: disable=unused-import
-from fdg_jax.schedule import delay  # pylint: disable=unused-import
-from fdg_jax.stage_functions import (  # pylint: disable=unused-import
+from fdg_jax.engine.distributed import DATA_AXIS, stage_shardings  # pylint: disable=unused-import
+from fdg_jax.engine.schedule import delay  # pylint: disable=unused-import
+from fdg_jax.engine.stage_functions import (  # pylint: disable=unused-import
     RESIDUAL_POLICIES, STASH_MODES, LossAndAccuracy, TrainState, apply_gradients,
     cross_entropy_loss, takes_train_argument)
-from fdg_jax.state import (  # pylint: disable=unused-import
+from fdg_jax.engine.state import (  # pylint: disable=unused-import
     Activation, Cotangent, PipelineState, Saved, StageOutput, StepInfo, Targets)
-from fdg_jax.methods import PHASES  # pylint: disable=unused-import
-
-# Earlier names of the same things.
-Labels = Targets
-TrainMetrics = EvalMetrics = LossAndAccuracy
+from fdg_jax.engine.methods import PHASES, spec_key  # pylint: disable=unused-import
 
 
 def stage_betas(beta: float, num_stages: int, compounded: bool = True) -> tuple[float, ...]:
@@ -56,24 +50,9 @@ def stage_betas(beta: float, num_stages: int, compounded: bool = True) -> tuple[
   return tuple(beta if k == num_stages - 2 else 1.0 for k in range(num_stages))
 
 
-@jax.jit
-def _bits_equal(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
-  def bits(x):
-    if jnp.issubdtype(x.dtype, jnp.floating):
-      return jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * x.dtype.itemsize}'))
-    return x
-  return jnp.all(jnp.stack([jnp.all(bits(x) == bits(y)) for x, y in zip(a, b)]))
-
-
 def _spec_of(tree):
   """The `jax.ShapeDtypeStruct` tree of a pytree of arrays (or of specs)."""
   return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(tuple(a.shape), a.dtype), tree)
-
-
-def _spec_key(spec) -> tuple:
-  """A hashable key of a spec tree: its structure and each leaf's shape and dtype."""
-  leaves, structure = jax.tree_util.tree_flatten(spec)
-  return structure, tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in leaves)
 
 
 class Pipeline:
@@ -104,7 +83,9 @@ class Pipeline:
       stage with a delayed gradient does about its staleness (default 'none': the paper).
     metrics: a clu `metrics.Collection` made by `single_from_model_output(loss=, logits=,
       labels=[, mask=])`, for training and evaluation (default: loss and accuracy).
-    method: 'fdg' (default), 'ddg', or a method object (`methods.py`; DGL's takes its heads).
+    method: a name in `methods.REGISTRY` that needs no options ('fdg', the default; 'ddg';
+      'bp' on one stage), or a method object (`methods.create('dgl', K, num_classes=,
+      aux_head=)` for DGL, whose heads it takes).
   """
 
   def __init__(self, stages: Sequence[nn.Module], optimizer: optax.GradientTransformation,
@@ -168,13 +149,11 @@ class Pipeline:
     # A multi-process run: each process runs only the stages on its devices.
     self.is_local = tuple(bool(s.addressable_devices) for s in self.shardings)
     self.num_processes = jax.process_count()
-    self.stage_functions = self.method.compile(self.specs)
+    self.method.compile(self.specs)
     self._predict = tuple(jax.jit(fns.predict(spec)) for spec in self.specs)
-    self._rebuild = tuple(jax.jit(fns.rebuild(spec)) for spec in self.specs)
     self.batch_spec = None        # of the inputs: from init(sample_input) or the first batch
     self._variable_specs: Optional[list] = None
     self._io_specs: dict[tuple, tuple] = {}
-    self._residual_structures: dict[tuple, fns.Residuals] = {}
 
   def delay(self, stage: int) -> int:
     """Iterations between this stage's forward of a batch and its update with that batch."""
@@ -227,7 +206,9 @@ class Pipeline:
       # (a replicated device_put may alias them whatever may_alias says: copy through the host).
       stages.append(jax.device_put(state, sharding, may_alias=False) if sharding.num_devices == 1
                     else distributed.put(jax.device_get(state), sharding))
-    stages = self.method.extend_states(self, tuple(stages), rng, self.batch_spec)
+    stages = self.method.extend_states(
+        tuple(stages), rng, None if self.batch_spec is None else self.io_specs(self.batch_spec),
+        self.state_shardings)
     none, empty = (None,) * self.num_stages, ((),) * self.num_stages
     return PipelineState(stages=tuple(stages), saved=empty, activations=none, cotangents=none,
                          targets=empty)
@@ -239,7 +220,7 @@ class Pipeline:
     return self.schedule.iteration(state.iteration, state.stream_first_batch,
                                    state.stream_offset, state.batches_fed + feeding)
 
-  def step(self, state: PipelineState, inputs=None, targets=None, **old_names
+  def step(self, state: PipelineState, inputs=None, targets=None
            ) -> tuple[PipelineState, StepInfo]:
     """One iteration of every stage, as the schedule says. `inputs=None` feeds no new batch
     (draining).
@@ -250,8 +231,6 @@ class Pipeline:
     The stage states are donated: `state` must not be used after this call. Never waits on a
     device value.
     """
-    if old_names:
-      inputs, targets = self._renamed_arguments(old_names, inputs, targets)
     feeding = inputs is not None
     if feeding:
       state = self._feed(state, inputs, targets)
@@ -268,7 +247,7 @@ class Pipeline:
         used = self._take_inputs(call, arriving_now[k], state.cotangents[k], saved[k],
                                  waiting_targets[k])
         saved[k], waiting_targets[k] = used.pop('queue'), used.pop('targets_queue')
-        output = self.method.call(self, call, stages[k], saved[k], **used)
+        output = self.method.call(call, stages[k], saved[k], **used)
         stages[k], saved[k], metrics[k] = output.stage, output.saved, output.metrics
       for send in sends:
         value = None if output is None else (
@@ -362,20 +341,11 @@ class Pipeline:
     return distributed.move_tree(value, self.shardings[send.source],
                                  self.shardings[send.target], spec)
 
-  @staticmethod
-  def _renamed_arguments(old_names: dict, inputs, targets):
-    unknown = set(old_names) - {'images', 'labels'}
-    if unknown:
-      raise TypeError(f'step() got unexpected keyword arguments {sorted(unknown)}.')
-    warnings.warn('Pipeline.step(state, images=, labels=) is now step(state, inputs, targets).',
-                  DeprecationWarning, stacklevel=3)
-    return old_names.get('images', inputs), old_names.get('labels', targets)
-
-  # ---------------------------------------------------------------- shapes and saved forwards
+  # ---------------------------------------------------------------- shapes
 
   def io_specs(self, batch_spec) -> tuple:
     """Shapes and dtypes of each stage's input for a batch like `batch_spec`, then the output's."""
-    key = _spec_key(batch_spec)
+    key = spec_key(batch_spec)
     if key not in self._io_specs:
       specs, x = [_spec_of(batch_spec)], _spec_of(batch_spec)
       for k in range(self.num_stages):
@@ -384,62 +354,11 @@ class Pipeline:
       self._io_specs[key] = tuple(specs)
     return self._io_specs[key]
 
-  def residual_structure(self, k: int, stage: TrainState, x) -> fns.Residuals:
-    """The tree structure of stage k's vjp residuals for inputs like x (traced once, cached)."""
-    cache_key = (k, _spec_key(x))
-    if cache_key not in self._residual_structures:
-      shapes = jax.eval_shape(lambda s, h: fns.residual_tree(self.specs[k], s, h), stage, x)
-      leaves, structure = jax.tree_util.tree_flatten(x)
-      input_spec = ((tuple(x.shape), jnp.dtype(x.dtype).name)   # one array, as before pytrees
-                    if jax.tree_util.treedef_is_leaf(structure) else
-                    [[list(a.shape), jnp.dtype(a.dtype).name] for a in leaves])
-      self._residual_structures[cache_key] = fns.Residuals(
-          jax.tree_util.tree_structure(shapes), input_spec)
-    return self._residual_structures[cache_key]
-
-  def input_spec_of(self, k: int, input_spec) -> Any:
-    """Stage k's input spec tree from a `Residuals.input_spec` record (a checkpoint's JSON): a
-    single array's (shape, dtype), or each leaf's, in the structure of the stage's input."""
-    if input_spec and isinstance(input_spec[1], str):   # one array
-      shape, dtype = input_spec
-      return jax.ShapeDtypeStruct(tuple(shape), dtype)
-    if self.batch_spec is None:
-      raise ValueError('Restoring saved forwards of a pytree stage input needs the batch shape: '
-                       'call init(rng, sample_input) first.')
-    structure = jax.tree_util.tree_structure(self.io_specs(self.batch_spec)[k])
-    return jax.tree_util.tree_unflatten(
-        structure, [jax.ShapeDtypeStruct(tuple(shape), dtype) for shape, dtype in input_spec])
-
-  def rebuild_forward(self, k: int, inputs: dict) -> tuple[Any, list[jax.Array]]:
-    """Stage k's forward from a saved entry's `inputs` (see `Saved`): (output, residual leaves)."""
-    return self._rebuild[k](inputs)
-
-  @staticmethod
-  def bits_equal(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> bool:
-    """Whether two lists of arrays (pairwise on the same devices) are equal bit for bit."""
-    a, b = list(a), list(b)
-    return (len(a) == len(b) and all(x.shape == y.shape and x.dtype == y.dtype
-                                     for x, y in zip(a, b))
-            and bool(distributed.fetch(_bits_equal(a, b))))
-
-  def rebuilt_output(self, k: int, entry: Saved) -> Optional[Any]:
-    """The output of `entry`'s forward rebuilt from its inputs, if the rebuild gives its
-    residuals bit for bit; None if not (or if it has no inputs).
-
-    The rebuild is exact where XLA compiles the standalone forward like the forward inside the
-    stage function (so far everywhere on this CPU); a checkpoint asks before relying on it.
-    """
-    if entry.inputs is None:
-      return None
-    y, leaves = self.rebuild_forward(k, entry.inputs)
-    return y if self.bits_equal(leaves, entry.arrays) else None
-
   # ---------------------------------------------------------------- reading the pipeline
 
   def stage_function_names(self) -> frozenset[str]:
     """Names of the jitted stage functions (a profile names their XLA modules `jit_NAME`)."""
-    return frozenset(function.__name__ for functions in self.stage_functions
-                     for function in functions.values())
+    return self.method.function_names()
 
   def stage_variables(self, state: PipelineState) -> list[Optional[dict]]:
     """Each stage's current network {'params', 'batch_stats'} (on its devices; None for a stage
@@ -507,10 +426,5 @@ class Pipeline:
       raise ValueError('evaluate() got no batches.')
     result = (None if total is None else {
         name: float(value) for name, value in distributed.fetch(total).compute().items()})
-    names = tuple(field.name for field in dataclasses.fields(self.metrics)
-                  if not field.name.startswith('_'))   # clu's own bookkeeping fields
-    return distributed.broadcast_values(result, names,
+    return distributed.broadcast_values(result, fns.metric_names(self.metrics),
                                         distributed.process_of(self.shardings[-1]))
-
-  # Moving arrays between stages lives with the distributed code; the old name still works.
-  move = staticmethod(distributed.move)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fdg_jax import compensation as compensation_lib
+from fdg_jax.engine import compensation as compensation_lib
 
 STASH_MODES = ('vjp', 'recompute')
 # Policies of jax.checkpoint_policies that a 'vjp' stash may use to keep fewer residuals: what a
@@ -51,6 +51,12 @@ class LossAndAccuracy(clu_metrics.Collection):
   """The default metrics: mean loss and accuracy of argmax(logits) against integer labels."""
   loss: clu_metrics.Average.from_output('loss')
   accuracy: clu_metrics.Accuracy
+
+
+def metric_names(metrics: type) -> tuple[str, ...]:
+  """The names of a clu metrics Collection's metrics (without clu's own bookkeeping fields)."""
+  return tuple(field.name for field in dataclasses.fields(metrics)
+               if not field.name.startswith('_'))
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

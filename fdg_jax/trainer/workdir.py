@@ -1,7 +1,7 @@
 """A run's working directory: its files, resume checks, preemption and divergence.
 
 Everything the trainer writes lives under one workdir: `config.json` (the config it ran with),
-`summary.json` (written once, at the end), `checkpoints/` (fdg_jax.checkpoint), TensorBoard
+`summary.json` (written once, at the end), `checkpoints/` (fdg_jax.engine.checkpoint), TensorBoard
 events and `log.txt` (every log line of the run, the libraries' included). Other code (the
 experiment grids, notebooks) takes the file names from here.
 """
@@ -19,37 +19,33 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from fdg_jax import distributed
-from fdg_jax import pipeline
-from fdg_jax.configuration import ConfigError
+from fdg_jax.engine import distributed
+from fdg_jax.engine import pipeline
+from fdg_jax.trainer.configuration import ConfigError
 
 SUMMARY_FILE = 'summary.json'
 CONFIG_FILE = 'config.json'
 LOG_FILE = 'log.txt'
 
-# Fields that change only the length or the logging of a run: a resumed run may change them.
+# The trainer's fields that change only the length or the logging of a run: a resumed run may
+# change them (a task adds its own: `Task.RESUMABLE_FIELDS`).
 RESUMABLE_FIELDS = frozenset({
     'num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_epochs',
-    'checkpoint_every_steps', 'eval_batch_size', 'cache_dir', 'timeline_start_step',
-    'timeline_num_steps', 'eval_every_steps', 'eval_max_batches', 'sample_tokens',
-    'sample_prompt', 'sample_temperature'})
+    'checkpoint_every_steps', 'eval_batch_size', 'timeline_start_step', 'timeline_num_steps',
+    'eval_every_steps'})
 
-# Fields added after runs could be checkpointed, with the value that computes what such a run
-# did: a saved config without one of them resumes as if it held that value.
+# The trainer's fields added after runs could be checkpointed, with the value that computes
+# what such a run did: a saved config without one of them resumes as if it held that value (a
+# task adds its own: `Task.ADDED_FIELDS`). Every run before the 'task' field was an image run.
 ADDED_FIELDS = {'residual_policy': '', 'beta_compounds': True, 'split_by': 'flops',
-                'data_parallel': 1,
-                'compensation': 'none', 'dc_lambda': 2.0, 'dc_adaptive': True,
-                'dc_decay': 0.95, 'lr_reschedule_fraction': 0.25,
+                'data_parallel': 1, 'compensation': 'none', 'dc_lambda': 2.0,
+                'dc_adaptive': True, 'dc_decay': 0.95, 'lr_reschedule_fraction': 0.25,
                 'nesterov_momentum': 0.99, 'nadam_momentum_decay': 0.004,
-                'delay_momentum_max': 0.99,
-                'warmup_shape': 'constant', 'task': 'image_classification',
-                'optimizer': 'sgd', 'adam_b1': 0.9, 'adam_b2': 0.95, 'adam_eps': 1e-8,
-                'decay_embeddings': False, 'lr_schedule': 'piecewise', 'warmup_steps': 0,
-                'lr_decay_steps': 0, 'min_learning_rate': 0.0, 'grad_clip': 0.0,
-                'eval_every_steps': 0, 'n_layer': 4, 'n_head': 4, 'n_embd': 128,
-                'block_size': 64, 'bias': False, 'dtype': 'float32', 'vocabulary': 'char',
-                'val_fraction': 0.1, 'eval_max_batches': 0, 'sample_tokens': 200,
-                'sample_prompt': '\n', 'sample_temperature': 0.8}
+                'delay_momentum_max': 0.99, 'warmup_shape': 'constant',
+                'task': 'image_classification', 'optimizer': 'sgd', 'adam_b1': 0.9,
+                'adam_b2': 0.95, 'adam_eps': 1e-8, 'decay_embeddings': False,
+                'lr_schedule': 'piecewise', 'warmup_steps': 0, 'lr_decay_steps': 0,
+                'min_learning_rate': 0.0, 'grad_clip': 0.0, 'eval_every_steps': 0}
 
 
 class DivergenceError(FloatingPointError):
@@ -71,21 +67,23 @@ def write_json(path: str, value) -> None:
   os.replace(path + '.tmp', path)
 
 
-def check_config_matches(config, workdir: str) -> None:
-  """A workdir's saved config may differ from this one only in RESUMABLE_FIELDS."""
+def check_config_matches(config, workdir: str, task) -> None:
+  """A workdir's saved config may differ from this one only in the resumable fields (the
+  trainer's and the task's). A saved field this config lacks is ignored: no code reads it (the
+  other task's fields, in configs written before each task had its own)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return
   with open(path) as f:
-    saved = {**ADDED_FIELDS, **json.load(f)}
+    saved = {**ADDED_FIELDS, **task.ADDED_FIELDS, **json.load(f)}
   current = jsonable(config)
-  differing = sorted(k for k in set(saved) | set(current)
-                     if k not in RESUMABLE_FIELDS and saved.get(k) != current.get(k))
+  resumable = RESUMABLE_FIELDS | task.RESUMABLE_FIELDS
+  differing = sorted(k for k in current if k not in resumable and saved.get(k) != current[k])
   if differing:
     details = ', '.join(f'{k}: {saved.get(k)!r} there, {current.get(k)!r} here' for k in differing)
     raise ConfigError(
         f'workdir {workdir!r} holds a run with a different computation ({details}). Only the '
-        f'length and logging fields ({", ".join(sorted(RESUMABLE_FIELDS))}) may change when '
+        f'length and logging fields ({", ".join(sorted(resumable))}) may change when '
         'resuming. Use a new --workdir, or the saved config.')
 
 
@@ -218,6 +216,11 @@ def log_file(workdir: str):
     root.setLevel(logging.INFO)
   try:
     yield
+  except Exception as e:
+    # The error, in the run's log too (the console shows it once, as main's `error:` line).
+    handler.handle(logging.LogRecord('fdg_jax', logging.ERROR, __file__, 0, '%s: %s',
+                                     (type(e).__name__, e), None))
+    raise
   finally:
     root.removeHandler(handler)
     root.setLevel(previous_level)

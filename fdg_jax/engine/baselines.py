@@ -20,21 +20,16 @@ stages forward in a pipeline like FDG. The heads are extra trainable parameters
 With K = 1 both are exactly back-propagation, like FDG.
 """
 
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import optax
 
-from fdg_jax import methods
-from fdg_jax import pipeline
-from fdg_jax import schedule
-from fdg_jax.methods import (  # pylint: disable=unused-import  (their home before methods.py)
-    AUX_HEADS, ConvAuxHead, MLPSRAuxHead, adaptive_avg_pool, conv_aux_head, mlp_sr_aux_head)
-from fdg_jax.pipeline import PipelineState, StepInfo
-
-# Every method's StepInfo has each stage's metrics (`local_metrics`).
-DGLStepInfo = StepInfo
+from fdg_jax.engine import methods
+from fdg_jax.engine import pipeline
+from fdg_jax.engine.pipeline import PipelineState
+from fdg_jax.engine import schedule
 
 
 def ddg_delay(stage: int, num_stages: int) -> int:
@@ -108,18 +103,20 @@ class DGLPipeline(pipeline.Pipeline):
   Args:
     stages, optimizer, loss_fn, placements: as `pipeline.Pipeline`.
     num_classes: the heads' output size (required when K > 1).
-    aux_head: a name in `AUX_HEADS` ('mlp-sr', default: DGL's MLP-SR-aux; 'conv': a small conv
-      head) or a factory `(stage_index, num_classes) -> nn.Module` of modules called as
-      `head.apply(variables, y, train=bool)`.
+    aux_head: a factory `(stage_index, num_classes) -> nn.Module` of modules called as
+      `head.apply(variables, y, train=bool)` (required when K > 1); the zoo's are in
+      `fdg_jax.models.aux_heads.AUX_HEADS` ('mlp-sr': DGL's MLP-SR-aux, 'conv': a small conv
+      head, 'vit', 'lm'), e.g. `aux_head=aux_heads.get('mlp-sr')`.
   """
 
   def __init__(self, stages: Sequence[nn.Module], optimizer: optax.GradientTransformation,
                loss_fn: Callable[[Any, Any], jax.Array] = pipeline.cross_entropy_loss,
                *, num_classes: Optional[int] = None,
-               aux_head: Union[str, Callable[[int, int], nn.Module]] = 'mlp-sr',
+               aux_head: Optional[Callable[[int, int], nn.Module]] = None,
                placements: Optional[Sequence[Any]] = None, metrics: type = pipeline.LossAndAccuracy):
     super().__init__(stages, optimizer, loss_fn, placements=placements, metrics=metrics,
-                     method=methods.LocalLosses(len(stages), num_classes, aux_head))
+                     method=methods.create('dgl', len(stages), num_classes=num_classes,
+                                           aux_head=aux_head))
     self.num_classes = num_classes
     self.aux_heads = self.method.aux_heads
 
