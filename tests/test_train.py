@@ -17,6 +17,7 @@ from configs import cpu_quick
 from configs import default as default_config
 from fdg_jax import data
 from fdg_jax.data import image_sources
+from fdg_jax.engine import methods
 from fdg_jax.engine import optimizers
 from fdg_jax.engine import timeline
 from fdg_jax import tasks
@@ -366,6 +367,9 @@ def test_cli_help_dry_run_and_misspelt_field(tmp_path):
   help_text = cli('--help').stdout
   for field, doc in configuration.field_docs().items():
     assert f'--config.{field}  (default ' in help_text, field
+  methods_section = help_text.split('Methods (config.method):')[1]
+  for name, info in methods.REGISTRY.items():   # the registry's methods, with what they are
+    assert f'  {name}: {info.description}' in methods_section, name
   for name in tasks.BUILTIN:   # each task's own fields, under it
     section = help_text.split(f"Fields of task '{name}'")[1]
     for field in tasks.get(name).config_fields():

@@ -44,6 +44,10 @@ def spec_key(tree) -> tuple:
   return structure, tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in leaves)
 
 
+def _names(functions: Sequence[dict[str, Callable]]) -> frozenset[str]:
+  return frozenset(f.__name__ for by_phase in functions for f in by_phase.values())
+
+
 def count_params(tree) -> int:
   """Number of scalars in a pytree of arrays."""
   return int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(tree)))
@@ -118,7 +122,7 @@ class DelayedGradients:
 
   def function_names(self) -> frozenset[str]:
     """Names of the jitted stage functions (a profile names their XLA modules `jit_NAME`)."""
-    return frozenset(f.__name__ for functions in self.functions for f in functions.values())
+    return _names(self.functions)
 
 
 class LocalLosses:
@@ -192,7 +196,7 @@ class LocalLosses:
     return [0 if s is None else count_params(s.params.get('aux', {})) for s in states]
 
   def function_names(self) -> frozenset[str]:
-    return frozenset(f.__name__ for functions in self.functions for f in functions.values())
+    return _names(self.functions)
 
 
 # ================================================================================ the registry
@@ -204,7 +208,7 @@ class MethodInfo:
   name: str                  # config.method
   label: str                 # in tables and figures
   schedule: str              # its row of schedule.py
-  description: str           # one line, for --help and the README
+  description: str           # one line, for --help
   whole_model: bool = False  # trains the unsplit model as one stage (K = 1)
   delayed_gradients: bool = False   # non-last stages apply stale gradients: compensations apply
   local_losses: bool = False        # non-last stages train on auxiliary heads (extra parameters)

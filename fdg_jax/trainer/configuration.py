@@ -259,6 +259,8 @@ def fields_help() -> str:
   parts = ['\n\nConfig fields (override any with --config.FIELD=VALUE; defaults of '
            'configs/default.py, a config file may change them):\n'
            + describe_fields(trainer_fields, field_docs())]
+  parts.append('\n\nMethods (config.method):\n' + '\n'.join(
+      f'  {name}: {info.description}' for name, info in methods.REGISTRY.items()))
   for name in tasks.BUILTIN:
     task = tasks.get(name)
     parts.append(f"\n\nFields of task '{name}' (config.task={name!r}; a config sets the task "
