@@ -256,3 +256,151 @@ def test_every_registered_method_runs_on_a_schedule_row():
   assert [name for name, info in methods.REGISTRY.items() if info.whole_model] == ['bp']
   with pytest.raises(ValueError, match="method='gpipe' is not one of"):
     methods.get('gpipe')
+
+
+# ------------------------------------------------------------------ microbatch programs
+
+def test_1f1b_three_stages_four_microbatches_is_the_papers_figure():
+  # PipeDream-flush / Megatron (Narayanan et al. 2021, Fig. 4 top, with K = 3, M = 4 and unit
+  # forward and backward times): stage k forwards K - k microbatches before its first backward,
+  # then alternates; the last stage alternates from the start; one update per stage at the end.
+  assert schedule_lib.render(schedule_lib.ticks('1f1b', 3, 4, 1), 3) == '\n'.join([
+      'stage 0: F0 F1 F2 .  .  B0 F3 B1 .  B2 .  B3',
+      'stage 1: .  F0 F1 .  B0 F2 B1 F3 B2 .  B3 .',
+      'stage 2: .  .  F0 B0 F1 B1 F2 B2 F3 B3 .  .',
+  ])
+
+
+def test_gpipe_three_stages_four_microbatches():
+  assert [[' '.join(map(str, tick.get(k, ()))) for tick in schedule_lib.ticks('gpipe', 3, 4, 1)]
+          for k in range(3)] == [
+      ['F0', 'F1', 'F2', 'F3', '', '', '', '', 'B0', 'B1', 'B2', 'B3 U0'],
+      ['', 'F0', 'F1', 'F2', 'F3', '', '', 'B0', 'B1', 'B2', 'B3 U0', ''],
+      ['', '', 'F0', 'F1', 'F2', 'F3', 'B0', 'B1', 'B2', 'B3 U0', '', ''],
+  ]
+
+
+def test_fdg_with_two_microbatches_updates_only_between_batches():
+  # K = 2, M = 2, three batches: stage 1 (the last) applies batch b at the start of batch b + 1;
+  # stage 0 gets batch b's last cotangent while it forwards batch b + 1 and applies it at the
+  # start of batch b + 2 (weights_lag 2 = 1 + ceil((D - 1) / M), D = 2).
+  assert [[' '.join(map(str, tick.get(k, ()))) for tick in schedule_lib.ticks('fdg', 2, 2, 3)]
+          for k in range(2)] == [
+      ['F0', 'F1', 'B0 F2', 'B1 F3', 'B2 U0 F4', 'B3 F5', 'B4 U1', 'B5 U2'],
+      ['', 'F0 B0', 'F1 B1', 'U0 F2 B2', 'F3 B3', 'U1 F4 B4', 'F5 B5 U2', ''],
+  ]
+
+
+@pytest.mark.parametrize('name', ['gpipe', '1f1b'])
+@pytest.mark.parametrize('num_stages, microbatches', [(1, 1), (2, 1), (2, 4), (3, 4), (4, 8)])
+def test_synchronous_schedules_flush_with_the_known_bubble(name, num_stages, microbatches):
+  K, M = num_stages, microbatches
+  table = schedule_lib.ticks(name, K, M, 2)
+  assert len(table) == 2 * 2 * (M + K - 1)          # two batches, each a full flush
+  for k in range(K):
+    busy = sum(any(a.kind in 'FB' for a in tick.get(k, ())) for tick in table)
+    assert busy == 2 * 2 * M                           # idle share (K-1) / (M+K-1)
+    assert 1 - busy / len(table) == pytest.approx((K - 1) / (M + K - 1))
+    updates = [t for t, tick in enumerate(table) for a in tick.get(k, ()) if a.kind == 'U']
+    assert len(updates) == 2 and updates[0] < len(table) // 2   # one per batch, in its flush
+
+
+@pytest.mark.parametrize('num_stages, microbatches', [(2, 4), (3, 4), (4, 8), (4, 3)])
+def test_1f1b_keeps_at_most_k_minus_k_microbatches_and_gpipe_m(num_stages, microbatches):
+  K, M = num_stages, microbatches
+  for name, bound in (('1f1b', lambda k: min(K - k, M)), ('gpipe', lambda k: M)):
+    for k in range(K):
+      in_flight, most = set(), 0
+      for tick in schedule_lib.ticks(name, K, M, 2):
+        for action in tick.get(k, ()):
+          if action.kind == 'F':
+            in_flight.add(action.index)
+          elif action.kind == 'B':
+            in_flight.remove(action.index)
+          most = max(most, len(in_flight))
+      assert most == bound(k), (name, k)
+
+
+@pytest.mark.parametrize('name', schedule_lib.PROGRAMS)
+@pytest.mark.parametrize('num_stages', [1, 2, 3, 4])
+@pytest.mark.parametrize('microbatches', [1, 2, 3, 8])
+def test_every_program_is_complete_and_ordered(name, num_stages, microbatches):
+  """Every microbatch is forwarded and back-propagated once per stage, F before B, every
+  batch applied once after its M backwards, in batch order; the ticks respect the transfers."""
+  K, M, N = num_stages, microbatches, 3
+  table = schedule_lib.ticks(name, K, M, N)
+  tick_of = {}
+  for t, tick in enumerate(table):
+    for k, actions in tick.items():
+      for action in actions:
+        assert (action.kind, k, action.index) not in tick_of
+        tick_of[action.kind, k, action.index] = t
+  for k in range(K):
+    assert [a for a in schedule_lib.program(name, k, K, M, N) if a.kind == 'U'] == [
+        schedule_lib.Action('U', b) for b in range(N)]
+    for i in range(N * M):
+      assert tick_of['F', k, i] <= tick_of['B', k, i]
+      assert tick_of['B', k, i] <= tick_of['U', k, i // M]
+      if k > 0:
+        assert tick_of['F', k - 1, i] < tick_of['F', k, i]      # sent, used a tick later
+      if k < K - 1:
+        assert tick_of['B', k + 1, i] < tick_of['B', k, i]
+
+
+@pytest.mark.parametrize('num_stages', [1, 2, 3, 4])
+@pytest.mark.parametrize('microbatches', [1, 2, 3, 4, 6, 8])
+def test_fdg_with_microbatches_delays_by_weights_lag(num_stages, microbatches):
+  """In each stage's program, batch b's update comes just before the first forward of batch
+  b + weights_lag (or in the drain); every microbatch of a batch forwards with one set of
+  weights; M = 1 is FDG (lag 2(K-1-k)), M >= 2(K-1) - 1 leaves one update stale
+  (PipeDream-2BW)."""
+  K, M, N = num_stages, microbatches, 12
+  for k in range(K):
+    lag = schedule_lib.weights_lag(k, K, M)
+    if M == 1:
+      assert lag == max(1, 2 * (K - 1 - k))
+    if M >= 2 * (K - 1) - 1:
+      assert lag == (1 if k == K - 1 else 2)   # one update stale, whatever K
+    applied = 0
+    for action in schedule_lib.program('fdg', k, K, M, N):
+      if action.kind == 'U':
+        applied += 1
+      elif action.kind == 'F':
+        batch, m = divmod(action.index, M)
+        assert applied == max(0, batch - lag + 1), (k, action)   # batches 0 .. batch - lag
+    assert applied == N
+
+
+def test_simulate_is_the_cost_model_of_a_program():
+  """Measured times in, each action's start and end out: the last stage's forward waits for the
+  activation (plus the latency), and a 1F1B step takes (M + K - 1) (F + B) with equal stages."""
+  K, M, f, b = 2, 4, 1.0, 2.0
+  programs = [schedule_lib.program('1f1b', k, K, M, 1) for k in range(K)]
+  timed = schedule_lib.simulate(programs, f, b)
+  assert max(end for stage in timed for _, _, end in stage) == (M + K - 1) * (f + b)
+  delayed = schedule_lib.simulate(programs, f, b, latency=0.5)
+  first_forward_of_last = next(start for a, start, _ in delayed[1] if a.kind == 'F')
+  assert first_forward_of_last == f + 0.5
+  with pytest.raises(ValueError, match='deadlock'):
+    schedule_lib.simulate([[schedule_lib.Action('B', 0)], [schedule_lib.Action('F', 0)]], 1, 1)
+
+
+@pytest.mark.parametrize('num_stages', [1, 2, 3, 4])
+def test_fdg_program_with_one_microbatch_is_fdgs_schedule(num_stages):
+  """M = 1: each stage forwards and back-propagates batch b at the iterations FDG's schedule
+  forwards and updates it, and applies it before its next forward."""
+  K, N = num_stages, 5
+  forwards, updates, _ = when(stream(schedule_lib.Schedule('fdg', K), N, extra=0))
+  table = schedule_lib.ticks('fdg', K, 1, N)
+  for t, tick in enumerate(table):
+    for k, actions in tick.items():
+      for action in actions:
+        if action.kind == 'F':
+          assert forwards[k, action.index] == t
+        elif action.kind == 'B':
+          assert updates[k, action.index] == t
+  for k in range(K):
+    kinds = [a.kind for a in schedule_lib.program('fdg', k, K, 1, N)]
+    assert ''.join(kinds) == ('FBU' * N if k == K - 1 else 'F' * min(N, 2 * (K - 1 - k))
+                              + 'BUF' * max(0, N - 2 * (K - 1 - k))
+                              + 'BU' * min(N, 2 * (K - 1 - k)))

@@ -123,3 +123,183 @@ class Schedule:
       calls.append(call)
       sends.append(tuple(out))
     return Iteration(t, tuple(calls), tuple(sends))
+
+
+# ======================================================================= microbatch programs
+#
+# With M microbatches, batch b is the microbatches b*M .. b*M + M - 1 (global indices), and a
+# schedule is each stage's *program*: the ordered list of its actions, as JaxPP and
+# torch.distributed.pipelining write theirs. F(i) forwards microbatch i and keeps what its
+# backward needs; B(i) back-propagates it (the last stage from the loss, the others from the
+# cotangent stage k+1 sent) and adds its gradient to its batch's sum; U(b) applies the mean
+# gradient of batch b's M microbatches (one optimizer update per batch, for every method).
+#
+# * 'gpipe': per batch, all M forwards, then all M backwards, then U (a flush per batch).
+# * '1f1b' (PipeDream-flush, Megatron): per batch, min(K-1-k, M) warm-up forwards, then one
+#   forward and one backward in turn, then the remaining backwards, then U.
+# * 'fdg' with microbatches (PipeDream-2BW's semantics; M = 1 is FDG): in lockstep tick t,
+#   stage k back-propagates microbatch t - (2(K-1) - k), then, if its next forward starts a
+#   batch, applies every batch whose last backward is in, then forwards microbatch t - k (the
+#   last stage forwards first and back-propagates the same microbatch). Its weights change only
+#   between batches, so every microbatch of a batch forwards with the same weights, and the
+#   gradient of batch b first reaches the weights that forward batch b + 1 + ceil((D_k - 1) / M),
+#   D_k = 2(K-1-k) (`weights_lag`). No flush: after the last batch, the drain.
+#
+# `ticks` lays the programs out in time (unit-time actions, an update taking none), the table
+# the tests compare with the literature's figures; `simulate` does the same with measured
+# times, the cost model that compares schedules at K larger than this machine's cores.
+
+PROGRAMS = ('gpipe', '1f1b', 'fdg')
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+  """One action of a stage's program: 'F' / 'B' of microbatch `index`, or 'U' of batch `index`."""
+  kind: str
+  index: int
+
+  def __str__(self) -> str:
+    return f'{self.kind}{self.index}'
+
+
+def program(name: str, stage: int, num_stages: int, microbatches: int,
+            num_batches: int) -> list[Action]:
+  """Stage `stage`'s actions for `num_batches` batches of `microbatches` microbatches."""
+  if name not in PROGRAMS:
+    raise ValueError(f'schedule {name!r} is not one of {PROGRAMS}.')
+  k, K, M = stage, num_stages, microbatches
+  if name == 'fdg':
+    return _fdg_program(k, K, M, num_batches)
+  actions = []
+  for b in range(num_batches):
+    first = b * M
+    if name == 'gpipe':
+      forwards, backwards = list(range(M)), list(range(M))
+      order = [('F', m) for m in forwards] + [('B', m) for m in backwards]
+    else:
+      warmup = min(K - 1 - k, M)
+      order = [('F', m) for m in range(warmup)]
+      for m in range(M - warmup):
+        order += [('F', warmup + m), ('B', m)]
+      order += [('B', m) for m in range(M - warmup, M)]
+    actions += [Action(kind, first + m) for kind, m in order] + [Action('U', b)]
+  return actions
+
+
+def _fdg_program(k: int, K: int, M: int, num_batches: int) -> list[Action]:
+  last, total = K - 1, num_batches * M
+  backward_lag = 2 * last - k           # tick t back-propagates microbatch t - backward_lag
+  actions, done, applied = [], [0] * num_batches, 0
+
+  def apply_completed():
+    nonlocal applied
+    while applied < num_batches and done[applied] == M:
+      actions.append(Action('U', applied))
+      applied += 1
+
+  for t in range(total + backward_lag):
+    forward, backward = t - k, t - backward_lag
+    forward = forward if 0 <= forward < total else None
+    backward = backward if 0 <= backward < total else None
+    if k < last and backward is not None:
+      actions.append(Action('B', backward))
+      done[backward // M] += 1
+    if forward is not None and forward % M == 0:
+      apply_completed()                # a batch boundary: the weights change only here
+    if forward is not None:
+      actions.append(Action('F', forward))
+    if k == last and backward is not None:
+      actions.append(Action('B', backward))
+      done[backward // M] += 1
+    if forward is None:
+      apply_completed()                # the drain: no forward left to keep weights for
+  apply_completed()
+  return actions
+
+
+def weights_lag(stage: int, num_stages: int, microbatches: int) -> int:
+  """FDG with microbatches: the gradient of batch b first reaches the weights that forward batch
+  b + weights_lag, which therefore miss weights_lag - 1 updates. The last stage's lag is 1 (no
+  stale update); once M >= 2(K-1) - 1 every other stage's is 2: one update stale whatever K
+  (PipeDream-2BW's W(t+1) = W(t) - lr * grad f(W(t-1))); at M = 1 it is FDG's delay 2(K-1-k)."""
+  delay = 2 * (num_stages - 1 - stage)
+  return 1 + max(0, -(-(delay - 1) // microbatches))
+
+
+def simulate(programs: list[list[Action]], forward_time, backward_time, update_time=0.0,
+             latency=0.0) -> list[list[tuple[Action, float, float]]]:
+  """Each stage's actions with their (start, end) times when every stage runs its program in
+  order, an F waiting for its input from stage k-1 and a B for its cotangent from stage k+1
+  (each `latency` after the sender's end) and for its own F. Times may be numbers or
+  per-stage sequences. The cost model of a schedule on K devices (an event simulation)."""
+  K = len(programs)
+  per_stage = lambda value: list(value) if isinstance(value, (list, tuple)) else [value] * K
+  durations = {'F': per_stage(forward_time), 'B': per_stage(backward_time),
+               'U': per_stage(update_time)}
+  ends: dict[tuple[str, int, int], float] = {}
+  position, free = [0] * K, [0.0] * K
+  timeline = [[] for _ in range(K)]
+  while any(position[k] < len(programs[k]) for k in range(K)):
+    progressed = False
+    for k in range(K):
+      while position[k] < len(programs[k]):
+        action = programs[k][position[k]]
+        needs = []
+        if action.kind == 'F' and k > 0:
+          needs.append(('F', k - 1, action.index))
+        if action.kind == 'B':
+          needs.append(('F', k, action.index))
+          if k < K - 1:
+            needs.append(('B', k + 1, action.index))
+        if any(need not in ends for need in needs):
+          break
+        ready = max([free[k]] + [ends[n] + (latency if n[1] != k else 0.0) for n in needs])
+        end = ready + durations[action.kind][k]
+        ends[(action.kind, k, action.index)] = end
+        free[k] = end
+        timeline[k].append((action, ready, end))
+        position[k] += 1
+        progressed = True
+    if not progressed:
+      raise ValueError('the programs deadlock: an action waits for one that never runs')
+  return timeline
+
+
+def ticks(name: str, num_stages: int, microbatches: int, num_batches: int
+          ) -> list[dict[int, tuple[Action, ...]]]:
+  """The programs laid out in ticks: tick -> {stage: its actions in that tick}. FDG's are its
+  lockstep iterations; GPipe's and 1F1B's come from `simulate` with unit-time F and B (an
+  update takes no time: it shares the tick of the backward before it)."""
+  programs = [program(name, k, num_stages, microbatches, num_batches)
+              for k in range(num_stages)]
+  table: dict[int, dict[int, list[Action]]] = {}
+  if name == 'fdg':
+    for k, actions in enumerate(programs):
+      backward_lag = 2 * (num_stages - 1) - k
+      at = [a.index + (k if a.kind == 'F' else backward_lag) if a.kind in 'FB' else None
+            for a in actions]
+      for i, action in enumerate(actions):
+        t = at[i]
+        if t is None:   # an update: the tick of the forward it comes before, else (the drain)
+          following = next((j for j in range(i, len(actions)) if at[j] is not None), None)
+          t = (at[following] if following is not None and actions[following].kind == 'F'
+               else next(x for x in reversed(at[:i]) if x is not None))   # of the backward
+        table.setdefault(t, {}).setdefault(k, []).append(action)
+  else:
+    for k, timed in enumerate(simulate(programs, 1.0, 1.0)):
+      for action, start, end in timed:
+        t = int(start) if action.kind != 'U' else int(end) - 1
+        table.setdefault(t, {}).setdefault(k, []).append(action)
+  return [{k: tuple(v) for k, v in sorted(table.get(t, {}).items())}
+          for t in range(max(table) + 1)]
+
+
+def render(table: list[dict[int, tuple[Action, ...]]], num_stages: int,
+           updates: bool = False) -> str:
+  """A tick table as text, one row per stage ('.' where a stage idles), as the papers draw it
+  (their figures leave the updates out; `updates=True` shows them)."""
+  cells = [[' '.join(str(a) for a in tick.get(k, ()) if updates or a.kind != 'U') or '.'
+            for tick in table] for k in range(num_stages)]
+  widths = [max(len(row[t]) for row in cells) for t in range(len(table))]
+  return '\n'.join(f'stage {k}: ' + ' '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+                   for k, row in enumerate(cells))
