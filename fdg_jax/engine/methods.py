@@ -48,6 +48,20 @@ def _names(functions: Sequence[dict[str, Callable]]) -> frozenset[str]:
   return frozenset(f.__name__ for by_phase in functions for f in by_phase.values())
 
 
+def _residual_structure(cache: dict, spec: fns.StageSpec, k: int, stage: fns.TrainState,
+                        x) -> fns.Residuals:
+  """The tree structure of stage k's vjp residuals for inputs like x, traced once into `cache`."""
+  cache_key = (k, spec_key(x))
+  if cache_key not in cache:
+    shapes = jax.eval_shape(lambda s, h: fns.residual_tree(spec, s, h), stage, x)
+    leaves, structure = jax.tree_util.tree_flatten(x)
+    input_spec = ((tuple(x.shape), jnp.dtype(x.dtype).name)   # one array, as before pytrees
+                  if jax.tree_util.treedef_is_leaf(structure) else
+                  [[list(a.shape), jnp.dtype(a.dtype).name] for a in leaves])
+    cache[cache_key] = fns.Residuals(jax.tree_util.tree_structure(shapes), input_spec)
+  return cache[cache_key]
+
+
 def count_params(tree) -> int:
   """Number of scalars in a pytree of arrays."""
   return int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(tree)))
@@ -75,16 +89,7 @@ class DelayedGradients:
 
   def residual_structure(self, k: int, stage: fns.TrainState, x) -> fns.Residuals:
     """The tree structure of stage k's vjp residuals for inputs like x (traced once, cached)."""
-    cache_key = (k, spec_key(x))
-    if cache_key not in self._residual_structures:
-      shapes = jax.eval_shape(lambda s, h: fns.residual_tree(self.specs[k], s, h), stage, x)
-      leaves, structure = jax.tree_util.tree_flatten(x)
-      input_spec = ((tuple(x.shape), jnp.dtype(x.dtype).name)   # one array, as before pytrees
-                    if jax.tree_util.treedef_is_leaf(structure) else
-                    [[list(a.shape), jnp.dtype(a.dtype).name] for a in leaves])
-      self._residual_structures[cache_key] = fns.Residuals(
-          jax.tree_util.tree_structure(shapes), input_spec)
-    return self._residual_structures[cache_key]
+    return _residual_structure(self._residual_structures, self.specs[k], k, stage, x)
 
   def call(self, call, stage, queue, *, x, cotangent, entry, targets) -> StageOutput:
     """Stage `call.stage`'s call; its new forward is saved at the end of `queue`."""
@@ -194,6 +199,80 @@ class LocalLosses:
   def extra_param_counts(self, states) -> list[int]:
     """Parameters of each stage's auxiliary head (0 for the last stage and another process's)."""
     return [0 if s is None else count_params(s.params.get('aux', {})) for s in states]
+
+  def function_names(self) -> frozenset[str]:
+    return _names(self.functions)
+
+
+# ========================================================================= GPipe and 1F1B
+
+
+class Synchronous:
+  """GPipe or 1F1B (PipeDream-flush): each batch as M microbatches through every stage's program
+  (`schedule.program`), then one update per stage with the batch's mean gradient: BP's update
+  (BatchNorm per microbatch, as GPipe), at the price of the bubble. Nothing stays in flight
+  between batches. `grad_clip` > 0 clips by the whole model's norm: each stage contributes the
+  squared norm of its gradient, one scalar moved to every other stage (as Megatron does), so the
+  optimizer given to the pipeline must not clip again."""
+
+  def __init__(self, name: str, microbatches: int, grad_clip: float = 0.0):
+    if name not in ('gpipe', '1f1b'):
+      raise ValueError(f"Synchronous is 'gpipe' or '1f1b'; got {name!r}.")
+    if microbatches < 1:
+      raise ValueError(f'microbatches={microbatches}: use 1 or more.')
+    self.name = name
+    self.microbatches = microbatches
+    self.grad_clip = grad_clip
+    self.specs: tuple[fns.StageSpec, ...] = ()
+    self.functions: tuple[dict[str, Callable], ...] = ()
+    self._residual_structures: dict[tuple, fns.Residuals] = {}
+
+  def compile(self, specs: Sequence[fns.StageSpec]) -> None:
+    self.specs = tuple(specs)
+    last = len(specs) - 1
+    self.functions = tuple(
+        {**({'loss': jax.jit(fns.microbatch_loss(spec), donate_argnums=(0, 1))} if k == last
+            else {'forward': jax.jit(fns.microbatch_forward(spec), donate_argnums=0),
+                  'backward': jax.jit(fns.microbatch_backward(spec), donate_argnums=0,
+                                      static_argnames='residuals')}),
+         'norm': jax.jit(fns.squared_norm),
+         'update': jax.jit(fns.apply_mean(spec, self.microbatches, self.grad_clip),
+                           donate_argnums=0)}
+        for k, spec in enumerate(specs))
+
+  def residual_structure(self, k: int, stage: fns.TrainState, x) -> fns.Residuals:
+    return _residual_structure(self._residual_structures, self.specs[k], k, stage, x)
+
+  def forward(self, k: int, stage, x):
+    """A non-last stage's F: (stage, output, Saved entry of its residuals)."""
+    structure = self.residual_structure(k, stage, x)
+    stage, y, leaves = self.functions[k]['forward'](stage, x)
+    return stage, y, Saved(arrays=leaves, batch=None, structure=structure)
+
+  def backward(self, k: int, total, entry: Saved, cotangent):
+    """A non-last stage's B: (gradient sum, input cotangent)."""
+    return self.functions[k]['backward'](total, entry.arrays, cotangent,
+                                         residuals=entry.structure)
+
+  def loss(self, k: int, stage, total, x, targets):
+    """The last stage's F and B: (stage, gradient sum, input cotangent, metrics)."""
+    return self.functions[k]['loss'](stage, total, x, targets)
+
+  def squared_norm(self, k: int, total):
+    return self.functions[k]['norm'](total)
+
+  def update(self, k: int, stage, total, squared_norms):
+    return self.functions[k]['update'](stage, total, squared_norms)
+
+  def extend_states(self, states, rng, io_specs, state_shardings):
+    del rng, io_specs, state_shardings
+    return states
+
+  def network_variables(self, stage: fns.TrainState) -> dict:
+    return {'params': stage.params, 'batch_stats': stage.batch_stats}
+
+  def extra_param_counts(self, states) -> list[int]:
+    return [0] * len(states)
 
   def function_names(self) -> frozenset[str]:
     return _names(self.functions)

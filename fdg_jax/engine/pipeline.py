@@ -50,6 +50,20 @@ def stage_betas(beta: float, num_stages: int, compounded: bool = True) -> tuple[
   return tuple(beta if k == num_stages - 2 else 1.0 for k in range(num_stages))
 
 
+def _split(tree, parts: int) -> list:
+  """A batch (a pytree of arrays, or of specs where another process holds it) as `parts`
+  microbatches along the leading axis."""
+  def piece(leaf, m):
+    size = leaf.shape[0] // parts
+    if leaf.shape[0] % parts:
+      raise ValueError(f'A batch of {leaf.shape[0]} does not split into {parts} microbatches: '
+                       'use a batch size that the number of microbatches divides.')
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct((size, *leaf.shape[1:]), leaf.dtype)
+    return leaf[m * size:(m + 1) * size]
+  return [jax.tree_util.tree_map(lambda leaf: piece(leaf, m), tree) for m in range(parts)]
+
+
 def _spec_of(tree):
   """The `jax.ShapeDtypeStruct` tree of a pytree of arrays (or of specs)."""
   return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(tuple(a.shape), a.dtype), tree)
@@ -125,7 +139,13 @@ class Pipeline:
       raise ValueError(f'{len(placements)} placements for {len(stages)} stages.')
     self.num_stages = len(stages)
     self.method = methods_lib.create(method, self.num_stages) if isinstance(method, str) else method
-    self.schedule = schedule_lib.Schedule(self.method.name, self.num_stages)
+    # A synchronous schedule (GPipe, 1F1B) runs its microbatch programs, the same every batch;
+    # the other methods walk their iteration schedule.
+    self.microbatches = getattr(self.method, 'microbatches', None)
+    self.schedule = (schedule_lib.Schedule(self.method.name, self.num_stages)
+                     if self.microbatches is None else None)
+    self.ticks = (schedule_lib.ticks(self.method.name, self.num_stages, self.microbatches, 1)
+                  if self.microbatches is not None else None)
     self.modules = tuple(stages)
     self.optimizer = optimizer
     self.loss_fn = loss_fn
@@ -137,7 +157,7 @@ class Pipeline:
     self.compensation = compensation
     self.specs = tuple(
         fns.StageSpec(module=module, loss_fn=loss_fn, metrics=metrics, first=k == 0,
-                      delay=self.schedule.delay(k), beta=self.betas[k], stash=stash,
+                      delay=self.delay(k), beta=self.betas[k], stash=stash,
                       residual_policy=residual_policy, compensation=compensation)
         for k, module in enumerate(stages))
     self.keeps_inputs = self.specs[0].keeps_inputs
@@ -156,8 +176,9 @@ class Pipeline:
     self._io_specs: dict[tuple, tuple] = {}
 
   def delay(self, stage: int) -> int:
-    """Iterations between this stage's forward of a batch and its update with that batch."""
-    return self.schedule.delay(stage)
+    """Iterations between this stage's forward of a batch and its update with that batch (none
+    in a synchronous schedule)."""
+    return self.schedule.delay(stage) if self.schedule is not None else 0
 
   # ---------------------------------------------------------------- the initial state
 
@@ -231,6 +252,8 @@ class Pipeline:
     The stage states are donated: `state` must not be used after this call. Never waits on a
     device value.
     """
+    if self.schedule is None:
+      return self._step_synchronous(state, inputs, targets)
     feeding = inputs is not None
     if feeding:
       state = self._feed(state, inputs, targets)
@@ -273,6 +296,8 @@ class Pipeline:
 
   def drain(self, state: PipelineState) -> tuple[PipelineState, list[StepInfo]]:
     """Run iterations without new batches until every batch has updated every stage."""
+    if self.schedule is None:   # a synchronous schedule flushes every batch
+      return state, []
     infos = []
     while self.plan(state, feeding=False).calls:
       state, info = self.step(state)
@@ -328,18 +353,86 @@ class Pipeline:
       used['cotangent'], used['entry'], queue = cotangent.value, queue[0], queue[1:]
     return {**used, 'queue': queue, 'targets_queue': targets_queue}
 
-  def _transfer(self, value, send: schedule_lib.Transfer):
-    """Moves what stage `send.source` sends to stage `send.target`'s devices."""
+  def _transfer(self, value, send: schedule_lib.Transfer, batch_spec=None):
+    """Moves what stage `send.source` sends to stage `send.target`'s devices (`batch_spec`: of
+    the inputs it came from, if not the batch's: a microbatch's)."""
     spec = None
     if not self.is_local[send.source]:   # an activation is its source stage's output; a
-      if self.batch_spec is None:        # cotangent has the shape of its source stage's input
+      batch_spec = batch_spec or self.batch_spec   # cotangent has the shape of its source
+      if batch_spec is None:                       # stage's input
         raise ValueError('A multi-process pipeline takes its batch shape from init(sample_input) '
                          'or the first batch fed; it has neither.')
-      spec = self.io_specs(self.batch_spec)[send.source + (send.kind == 'activation')]
+      spec = self.io_specs(batch_spec)[send.source + (send.kind == 'activation')]
       if send.kind == 'cotangent':
         spec = fns.differentiable_part(spec)
     return distributed.move_tree(value, self.shardings[send.source],
                                  self.shardings[send.target], spec)
+
+  def _step_synchronous(self, state: PipelineState, inputs, targets
+                        ) -> tuple[PipelineState, StepInfo]:
+    """One batch through a synchronous schedule: its M microbatches through every stage's
+    program (`self.ticks`, the same each batch), each action on its stage's devices, each output
+    moved as soon as it is made; then one update per stage. Nothing stays in flight."""
+    if inputs is None:
+      raise ValueError('A synchronous schedule (GPipe, 1F1B) flushes every batch: there is '
+                       'nothing to drain; step() needs a batch.')
+    method, num_stages, batch = self.method, self.num_stages, state.batches_fed
+    xs, ys = _split(inputs, self.microbatches), _split(targets, self.microbatches)
+    micro_spec = _spec_of(xs[0])
+    if self.batch_spec is None or self.num_processes > 1:
+      self.batch_spec = _spec_of(inputs)
+    stages = list(state.stages)
+    arrived = [{} for _ in range(num_stages)]     # activations and cotangents, by microbatch
+    saved = [{} for _ in range(num_stages)]
+    held = {}                                     # the last stage's input cotangents until B
+    totals, norms, metrics = [None] * num_stages, [None] * num_stages, None
+    for tick in self.ticks:
+      for k, actions in tick.items():
+        local = self.is_local[k]
+        for action in actions:
+          i, out = action.index, None
+          if action.kind == 'F' and local:
+            x = distributed.put(xs[i], self.shardings[0]) if k == 0 else arrived[k].pop(('F', i))
+            if k == num_stages - 1:
+              stages[k], totals[k], held[i], update = method.loss(
+                  k, stages[k], totals[k], x, distributed.put(ys[i], self.shardings[k]))
+              metrics = update if metrics is None else metrics.merge(update)
+            else:
+              stages[k], out, saved[k][i] = method.forward(k, stages[k], x)
+          elif action.kind == 'B' and local:
+            if k == num_stages - 1:
+              out = held.pop(i)
+            else:
+              totals[k], out = method.backward(k, totals[k], saved[k].pop(i),
+                                               arrived[k].pop(('B', i)))
+          elif action.kind == 'U':
+            if local and method.grad_clip > 0:
+              norms[k] = method.squared_norm(k, totals[k])
+            elif local:
+              stages[k], totals[k] = method.update(k, stages[k], totals[k], None), None
+            continue
+          if action.kind == 'F' and k < num_stages - 1:
+            out = self._transfer(out, schedule_lib.Transfer('activation', i, k, k + 1),
+                                 micro_spec)
+            if out is not None:
+              arrived[k + 1]['F', i] = out
+          elif action.kind == 'B' and k > 0:
+            out = self._transfer(out, schedule_lib.Transfer('cotangent', i, k, k - 1),
+                                 micro_spec)
+            if out is not None:
+              arrived[k - 1]['B', i] = out
+    if method.grad_clip > 0:   # the whole model's norm: every stage's share on every stage
+      scalar = jax.ShapeDtypeStruct((), jnp.float32)
+      gathered = [[distributed.move_tree(norms[j], self.shardings[j], self.shardings[k], scalar)
+                   for j in range(num_stages)] for k in range(num_stages)]
+      for k in range(num_stages):
+        if self.is_local[k]:
+          stages[k] = method.update(k, stages[k], totals[k], gathered[k])
+    everyone = (batch,) * num_stages
+    new_state = state.replace(stages=tuple(stages), iteration=state.iteration + 1,
+                              batches_fed=batch + 1)
+    return new_state, StepInfo(iteration=state.iteration, forwarded=everyone, updated=everyone,
+                               local_metrics=(None,) * (num_stages - 1) + (metrics,))
 
   # ---------------------------------------------------------------- shapes
 

@@ -259,6 +259,76 @@ def last_update(spec: StageSpec) -> Callable:
   return update_then_forward
 
 
+# ------------------------------------------------------------ microbatches (GPipe, 1F1B)
+
+
+def microbatch_forward(spec: StageSpec) -> Callable:
+  """One microbatch's forward in a synchronous schedule: `(state, x) -> (state, y, saved)`, saved
+  the vjp's residual leaves. BatchNorm normalises the microbatch and its running statistics are
+  updated once per microbatch, as GPipe does."""
+  def forward(state: TrainState, x):
+    dropout_key, key = jax.random.split(state.dropout_key)
+    y, pullback, batch_stats = stage_vjp(spec, state.params, state.batch_stats, x, key)
+    state = state.replace(batch_stats=batch_stats, dropout_key=dropout_key)
+    return state, y, jax.tree_util.tree_leaves(pullback)
+  return forward
+
+
+def _accumulate(total, grads):
+  return grads if total is None else jax.tree_util.tree_map(jnp.add, total, grads)
+
+
+def microbatch_backward(spec: StageSpec) -> Callable:
+  """`(total, saved, cotangent, *, residuals) -> (total + gradient, input_cotangent)`: one
+  microbatch's backward through its saved forward, its gradient added to the batch's sum (None
+  before the batch's first)."""
+  del spec
+  def backward(total, saved, cotangent, *, residuals):
+    grads, *rest = jax.tree_util.tree_unflatten(residuals.value, saved)(cotangent)
+    return _accumulate(total, grads), (rest[0] if rest else None)
+  return backward
+
+
+def microbatch_loss(spec: StageSpec) -> Callable:
+  """The last stage in a synchronous schedule: `(state, total, x, targets) -> (state, total +
+  gradient, input_cotangent, metrics)`, the gradient of the microbatch's mean loss."""
+  def forward_backward(state: TrainState, total, x, targets):
+    dropout_key, key = jax.random.split(state.dropout_key)
+
+    def loss_of(params, h):
+      h = x if spec.first else with_differentiable_part(x, h)
+      outputs, batch_stats = train_forward(spec, params, state.batch_stats, h, key)
+      return jnp.mean(spec.loss_fn(outputs, targets)), (outputs, batch_stats)
+
+    (loss, (outputs, batch_stats)), (grads, input_cotangent) = jax.value_and_grad(
+        loss_of, argnums=(0, 1), has_aux=True)(
+            state.params, None if spec.first else differentiable_part(x))
+    state = state.replace(batch_stats=batch_stats, dropout_key=dropout_key)
+    metrics = spec.metrics.single_from_model_output(loss=loss, logits=outputs, labels=targets)
+    return state, _accumulate(total, grads), input_cotangent, metrics
+  return forward_backward
+
+
+def squared_norm(tree) -> jax.Array:
+  """The squared global norm of a pytree (a stage's share of the whole model's)."""
+  return sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(tree))
+
+
+def apply_mean(spec: StageSpec, microbatches: int, grad_clip: float) -> Callable:
+  """`(state, total, squared_norms) -> state`: the update with the batch's mean gradient,
+  total / M, clipped when grad_clip > 0 by the whole model's norm, the root of the stages'
+  summed `squared_norms` of their gradient sums, over M (optax.clip_by_global_norm's rule)."""
+  del spec
+  def update(state: TrainState, total, squared_norms):
+    grads = jax.tree_util.tree_map(lambda g: g / microbatches, total)
+    if grad_clip > 0:
+      norm = jnp.sqrt(sum(squared_norms)) / microbatches
+      scale = jnp.where(norm < grad_clip, 1.0, grad_clip / norm)
+      grads = jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), grads)
+    return state.apply_gradients(grads=grads)
+  return update
+
+
 def local_update(spec: StageSpec, aux_head: Optional[nn.Module]) -> Callable:
   """DGL's stage: `(state, x, targets) -> (state, y, metrics)`; trains the stage (and its
   auxiliary head, without one: the stage's own output is scored) on its local loss, and sends

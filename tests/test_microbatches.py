@@ -1,0 +1,125 @@
+"""Synchronous schedules (GPipe, 1F1B) against back-propagation: each batch as M microbatches,
+one update per batch with the mean of their gradients, BatchNorm per microbatch (as GPipe), and
+gradient clipping by the whole model's norm. The reference is written from that rule alone: one
+device, no jit, the stages composed."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from fdg_jax.engine import methods
+from fdg_jax.engine import pipeline
+from tiny import initial_variables
+from tiny import make_optimizer
+from tiny import mean_loss
+from tiny import tiny_batches
+
+
+def naive_microbatched_bp(modules, variables, optimizer, batches, microbatches):
+  """BP of the composed stages with per-microbatch BatchNorm: for each batch, each microbatch's
+  mean-loss gradient at the batch's parameters (running statistics updated microbatch after
+  microbatch), their mean, one optimizer step."""
+  params = [v['params'] for v in variables]
+  stats = [v['batch_stats'] for v in variables]
+  opt_state = optimizer.init(params)
+  for inputs, labels in batches:
+    size = len(labels) // microbatches
+    grads = None
+    for m in range(microbatches):
+      x, y = inputs[m * size:(m + 1) * size], labels[m * size:(m + 1) * size]
+
+      def loss(p, x=x, y=y):
+        new_stats, h = [], x
+        for module, p_k, s_k in zip(modules, p, stats):
+          h, mutated = module.apply({'params': p_k, 'batch_stats': s_k}, h, train=True,
+                                    mutable=['batch_stats'])
+          new_stats.append(mutated['batch_stats'])
+        return mean_loss(h, y), new_stats
+
+      g, stats = jax.grad(loss, has_aux=True)(params)
+      grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+    grads = jax.tree.map(lambda g: g / microbatches, grads)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  return [{'params': p, 'batch_stats': s} for p, s in zip(params, stats)]
+
+
+def train(name, num_stages, microbatches, optimizer, batches, grad_clip=0.0, devices=None):
+  modules, variables = initial_variables(num_stages)
+  method = methods.Synchronous(name, microbatches, grad_clip=grad_clip)
+  pipe = pipeline.Pipeline(modules, optimizer, mean_loss_per_example,
+                           placements=devices or jax.devices()[:num_stages], method=method)
+  state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  infos = []
+  for inputs, labels in batches:
+    state, info = pipe.step(state, inputs, labels)
+    infos.append(info)
+  return pipe, state, infos, modules, variables
+
+
+def mean_loss_per_example(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+SLOW = pytest.mark.slow   # more stages and microbatches: more to compile
+
+
+@pytest.mark.parametrize('name', ['gpipe', '1f1b'])
+@pytest.mark.parametrize('num_stages, microbatches', [
+    (1, 2), (2, 4), (4, 2), pytest.param(1, 1, marks=SLOW), pytest.param(2, 1, marks=SLOW),
+    pytest.param(3, 4, marks=SLOW), pytest.param(4, 8, marks=SLOW),
+    pytest.param(3, 8, marks=SLOW)])
+def test_synchronous_schedule_is_bp_with_sgd(name, num_stages, microbatches):
+  batches = tiny_batches(3, batch_size=8)
+  pipe, state, infos, modules, variables = train(name, num_stages, microbatches,
+                                                 make_optimizer(), batches)
+  expected = naive_microbatched_bp(modules, variables, make_optimizer(), batches, microbatches)
+  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
+                              rtol=1e-5, atol=1e-6)
+  assert [int(s.step) for s in state.stages] == [3] * num_stages   # one update per batch
+  assert [info.updated for info in infos] == [(b,) * num_stages for b in range(3)]
+  assert not state.in_flight and pipe.drain(state) == (state, [])
+
+
+@pytest.mark.parametrize('name', ['gpipe', '1f1b'])
+@pytest.mark.parametrize('num_stages, microbatches, grad_clip', [
+    (2, 4, 0.05), pytest.param(2, 4, 0.0, marks=SLOW), pytest.param(1, 2, 0.05, marks=SLOW),
+    pytest.param(4, 2, 0.05, marks=SLOW)])
+def test_synchronous_schedule_is_bp_with_adamw_and_the_whole_models_clipping(
+    name, num_stages, microbatches, grad_clip):
+  batches = tiny_batches(3, batch_size=8)
+  adamw = optax.adamw(1e-2, weight_decay=0.1)
+  pipe, state, _, modules, variables = train(name, num_stages, microbatches, adamw, batches,
+                                             grad_clip=grad_clip)
+  reference = optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
+  expected = naive_microbatched_bp(modules, variables, reference, batches, microbatches)
+  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
+                              rtol=1e-5, atol=1e-6)
+  if grad_clip:   # the clip took effect: per-stage clipping would give other numbers
+    unclipped = naive_microbatched_bp(modules, variables, adamw, batches, microbatches)
+    with pytest.raises(AssertionError):
+      chex.assert_trees_all_close(expected, unclipped, rtol=1e-5, atol=1e-6)
+
+
+def test_microbatch_metrics_cover_the_batch():
+  """The last stage's metrics of a step merge its M microbatches: the batch's mean loss at the
+  parameters it started from, each microbatch normalised on its own."""
+  batches = tiny_batches(1, batch_size=8)
+  _, _, infos, modules, variables = train('1f1b', 2, 4, make_optimizer(), batches)
+  inputs, labels = batches[0]
+  losses = []
+  for m in range(4):
+    h = inputs[2 * m:2 * m + 2]
+    for module, v in zip(modules, variables):
+      h = module.apply(v, h, train=True, mutable=['batch_stats'])[0]
+    losses.append(mean_loss(h, labels[2 * m:2 * m + 2]))
+  metrics = infos[0].local_metrics[-1].compute()
+  assert float(metrics['loss']) == pytest.approx(float(jnp.mean(jnp.stack(losses))), rel=1e-5)
+
+
+def test_a_batch_the_microbatches_do_not_divide_is_refused():
+  batches = tiny_batches(1, batch_size=6)
+  with pytest.raises(ValueError, match='does not split into 4 microbatches'):
+    train('gpipe', 2, 4, make_optimizer(), batches)
