@@ -29,9 +29,16 @@ def get_config():
   # tfds data directory ('' = tfds default), or the folder / archive of the local datasets.
   config.data_dir = ''
   # 'fdg' (this paper), 'bp' (the unsplit model, ordinary back-propagation on one device),
-  # 'ddg' (Huo et al. 2018: forward-locked, delayed gradients) or 'dgl' (Belilovsky et al.
-  # 2019: each stage trains on an auxiliary classifier's local loss).
+  # 'ddg' (Huo et al. 2018: forward-locked, delayed gradients), 'dgl' (Belilovsky et al.
+  # 2019: each stage trains on an auxiliary classifier's local loss), or the synchronous
+  # pipelines over config.microbatches, 'gpipe' and '1f1b' (BP's update, with a bubble);
+  # `--help` lists them (fdg_jax.engine.methods.REGISTRY).
   config.method = 'fdg'
+  # M, microbatches per batch: every method still makes one update per batch, with the mean
+  # of its microbatches' gradients. 'gpipe' and '1f1b' pipeline the microbatches (BatchNorm
+  # normalises each; grad_clip clips by the whole model's norm, as BP); 'bp' accumulates them;
+  # 1 = the whole batch at once.
+  config.microbatches = 1
   # K, the number of pipeline stages (ignored by 'bp', which is one stage).
   config.num_stages = 2
   # Block index where each stage after the first starts, e.g. (15,); () = balance by split_by.

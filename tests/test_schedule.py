@@ -248,14 +248,17 @@ def test_every_registered_method_runs_on_a_schedule_row():
   object runs the row it names."""
   from fdg_jax.engine import methods   # pylint: disable=import-outside-toplevel
   from fdg_jax.models import aux_heads   # pylint: disable=import-outside-toplevel
-  assert {info.schedule for info in methods.REGISTRY.values()} == set(schedule_lib.METHODS)
+  assert {info.schedule for info in methods.REGISTRY.values()} == (
+      set(schedule_lib.METHODS) | {'gpipe', '1f1b'})
   for name, info in methods.REGISTRY.items():
     assert info.name == name and info.label
     method = info.create(2, num_classes=3, aux_head=aux_heads.get('conv'))
     assert method.name == info.schedule, name
   assert [name for name, info in methods.REGISTRY.items() if info.whole_model] == ['bp']
-  with pytest.raises(ValueError, match="method='gpipe' is not one of"):
-    methods.get('gpipe')
+  with pytest.raises(ValueError, match="method='zero_bubble' is not one of"):
+    methods.get('zero_bubble')
+  with pytest.raises(ValueError, match='does not take microbatches'):
+    methods.create('fdg', 2, microbatches=2)
 
 
 # ------------------------------------------------------------------ microbatch programs

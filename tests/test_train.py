@@ -89,6 +89,27 @@ def test_train_and_evaluate_on_tfds_mock_data(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('method, microbatches', [('gpipe', 2), ('1f1b', 4), ('bp', 2)])
+def test_trainer_runs_the_synchronous_schedules(method, microbatches, tmp_path):
+  """GPipe, 1F1B (K = 2) and BP over microbatches through the trainer: one update per batch,
+  every stage at the same step, nothing in flight; grad_clip reaches the engine as the whole
+  model's clipping, and the optimizer itself does not clip."""
+  data = write_image_folder(tmp_path / 'data')
+  config = small_config(dataset='imagefolder', data_dir=data, method=method,
+                        microbatches=microbatches, grad_clip=1.0,
+                        cache_dir=str(tmp_path / 'cache'), checkpoint_every_steps=3)
+  summary = train.train_and_evaluate(config, str(tmp_path / 'work'))
+  num_stages = 1 if method == 'bp' else 2
+  check_summary(summary, str(tmp_path / 'work'), method=method, num_stages=num_stages,
+                microbatches=microbatches, steps=6)
+  task = configuration.create_task(config)
+  run = train.initial_run(config, task, 3, 10)
+  assert run.pipe.method.microbatches == microbatches and run.pipe.method.grad_clip == 1.0
+  assert run.recipe.grad_clip == 1.0   # the run's recipe says it; the stages' optimizers don't
+  assert all(len(s.opt_state) == 2 for s in run.state.stages)   # decay, sgd: no clipping
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('method, num_stages', [('ddg', 3), ('dgl', 3)])   # BP: quick config
 def test_train_and_evaluate_other_methods_on_image_folder(method, num_stages, tmp_path):
   data = write_image_folder(tmp_path / 'data')
@@ -227,6 +248,12 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
      'config.lr_reschedule_fraction'),
     (dict(warmup_shape='cosine'), 'config.warmup_shape'),
     (dict(task='language_model'), 'config.task'),   # its fields come with tasks.configure
+    (dict(microbatches=0), 'config.microbatches'),
+    (dict(method='fdg', microbatches=2), 'config.microbatches'),
+    (dict(method='dgl', microbatches=2, aux_head='conv'), 'config.microbatches'),
+    (dict(method='gpipe', microbatches=3), 'config.batch_size'),
+    (dict(method='1f1b', microbatches=2, stash='recompute'), 'config.stash'),
+    (dict(method='1f1b', compensation='nesterov'), 'config.compensation'),
     (dict(task='no_such_task'), 'config.task'),
 ])
 def test_bad_config_fails_before_any_compute(overrides, field, tmp_path, monkeypatch):

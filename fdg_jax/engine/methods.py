@@ -291,17 +291,29 @@ class MethodInfo:
   whole_model: bool = False  # trains the unsplit model as one stage (K = 1)
   delayed_gradients: bool = False   # non-last stages apply stale gradients: compensations apply
   local_losses: bool = False        # non-last stages train on auxiliary heads (extra parameters)
-  # (num_stages, num_classes, aux_head) -> the method object the executor runs.
+  takes_microbatches: bool = False  # splits a batch into config.microbatches
+  synchronous: bool = False         # flushes every batch: BP's update (GPipe, 1F1B)
+  # (num_stages, num_classes, aux_head, microbatches, grad_clip) -> the method object the
+  # executor runs.
   factory: Callable[..., Any] = None
 
   def create(self, num_stages: int, *, num_classes: Optional[int] = None,
-             aux_head: Optional[Callable[[int, int], nn.Module]] = None):
-    return self.factory(num_stages, num_classes, aux_head)
+             aux_head: Optional[Callable[[int, int], nn.Module]] = None,
+             microbatches: int = 1, grad_clip: float = 0.0):
+    """The method object; a synchronous one (GPipe, 1F1B, BP over microbatches) clips by the
+    whole model's norm itself (`grad_clip`), so its optimizer must not clip."""
+    if microbatches > 1 and not self.takes_microbatches:
+      raise ValueError(f'method={self.name!r} does not take microbatches (got {microbatches}).')
+    return self.factory(num_stages, num_classes, aux_head, microbatches, grad_clip)
 
 
 REGISTRY: dict[str, MethodInfo] = {info.name: info for info in (
-    MethodInfo('bp', 'BP', 'fdg', 'back-propagation of the unsplit model on one stage',
-               whole_model=True, factory=lambda *_: DelayedGradients('fdg')),
+    MethodInfo('bp', 'BP', 'fdg', 'back-propagation of the unsplit model on one stage (with '
+               'microbatches: their mean gradient, as GPipe on one stage)', whole_model=True,
+               takes_microbatches=True,
+               factory=lambda _, __, ___, microbatches, grad_clip: (
+                   DelayedGradients('fdg') if microbatches == 1 else
+                   Synchronous('gpipe', microbatches, grad_clip))),
     MethodInfo('fdg', 'FDG', 'fdg', 'fully decoupled training with delayed gradients (Zhuang '
                'et al. 2019)', delayed_gradients=True,
                factory=lambda *_: DelayedGradients('fdg')),
@@ -310,8 +322,18 @@ REGISTRY: dict[str, MethodInfo] = {info.name: info for info in (
                factory=lambda *_: DelayedGradients('ddg')),
     MethodInfo('dgl', 'DGL', 'dgl', 'decoupled greedy learning: each stage trains on an '
                "auxiliary head's local loss (Belilovsky et al. 2019)", local_losses=True,
-               factory=lambda num_stages, num_classes, aux_head: LocalLosses(
+               factory=lambda num_stages, num_classes, aux_head, *_: LocalLosses(
                    num_stages, num_classes, aux_head)),
+    MethodInfo('gpipe', 'GPipe', 'gpipe', 'synchronous pipeline: all microbatches forward, then '
+               "all backward, one update: BP's (Huang et al. 2019)", takes_microbatches=True,
+               synchronous=True,
+               factory=lambda _, __, ___, microbatches, grad_clip: Synchronous(
+                   'gpipe', microbatches, grad_clip)),
+    MethodInfo('1f1b', '1F1B', '1f1b', 'synchronous pipeline, one forward one backward '
+               "(PipeDream-flush, Megatron): BP's update, fewer microbatches in flight",
+               takes_microbatches=True, synchronous=True,
+               factory=lambda _, __, ___, microbatches, grad_clip: Synchronous(
+                   '1f1b', microbatches, grad_clip)),
 )}
 
 

@@ -43,6 +43,13 @@ def num_stages_of(config) -> int:
   return 1 if methods.get(config.method).whole_model else config.num_stages
 
 
+def runs_synchronously(config) -> bool:
+  """Whether config.method flushes every batch over microbatches (GPipe, 1F1B; BP over more
+  than one microbatch)."""
+  method = methods.get(config.method)
+  return method.synchronous or (method.whole_model and config.microbatches > 1)
+
+
 def stage_device_indices(config) -> tuple[tuple[int, ...], ...]:
   """Global device indices of each stage: D = config.data_parallel consecutive devices from
   config.stage_devices[k] (one entry: the same for all stages), or from k * D."""
@@ -98,6 +105,20 @@ def validate_config(config: ml_collections.ConfigDict):
   if config.residual_policy and config.residual_policy not in pipeline.RESIDUAL_POLICIES:
     fail('residual_policy', f'unknown policy {config.residual_policy!r}',
          f"Choose one of {pipeline.RESIDUAL_POLICIES}, or '' to keep every residual.")
+  if config.microbatches < 1:
+    fail('microbatches', f'{config.microbatches} microbatches', 'Use 1 or more.')
+  if config.microbatches > 1 and not method.takes_microbatches:
+    fail('microbatches', f'method {config.method!r} does not take microbatches (FDG with '
+         'microbatches, PipeDream-2BW, is not built yet; DDG and DGL have no microbatch '
+         'schedule)', "Use --config.microbatches=1, or method 'gpipe', '1f1b' or 'bp'.")
+  micro_size, rest = divmod(config.batch_size, config.microbatches)
+  if rest or (config.data_parallel > 0 and micro_size % config.data_parallel):
+    fail('batch_size', f'{config.batch_size} does not split into {config.microbatches} '
+         f'microbatches of a size data_parallel={config.data_parallel} divides',
+         'Use a batch size that microbatches x data_parallel divides.')
+  if runs_synchronously(config) and config.stash != 'vjp':
+    fail('stash', f"{config.stash!r} is for delayed gradients; a synchronous schedule "
+         'back-propagates each microbatch through its saved forward', "Use --config.stash=vjp.")
   if config.residual_policy and (config.stash != 'vjp' or method.local_losses):
     fail('residual_policy', f"{config.residual_policy!r} needs stash 'vjp' and method fdg, "
          f'ddg or bp (got stash {config.stash!r}, method {config.method!r})',

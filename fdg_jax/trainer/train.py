@@ -63,20 +63,30 @@ def create_compensation(config, recipe: optimizers.Recipe,
       nesterov_momentum=config.nesterov_momentum,
       nadam_momentum_decay=config.nadam_momentum_decay,
       delay_momentum_max=config.delay_momentum_max,
-      max_delay=schedule.delay(0, num_stages_of(config), methods.get(config.method).schedule))
+      max_delay=stage_delay(config, 0))
+
+
+def stage_delay(config, stage: int) -> int:
+  """Stage `stage`'s delay under config.method (0 without delayed gradients)."""
+  method = methods.get(config.method)
+  return (schedule.delay(stage, num_stages_of(config), method.schedule)
+          if method.delayed_gradients else 0)
 
 
 def create_pipeline(config, task: tasks_base.Task, stages, recipe: optimizers.Recipe,
                     placements, num_outputs: int, steps_per_epoch: int) -> pipeline.Pipeline:
   """The engine running config.method (the registry's) on these stages."""
   method = methods.get(config.method)
+  if configuration.runs_synchronously(config):   # it clips by the whole model's norm itself
+    recipe = dataclasses.replace(recipe, grad_clip=0.0)
   return pipeline.Pipeline(
       stages, optimizers.build(recipe), task.loss_fn, metrics=task.metrics,
       beta=pipeline.stage_betas(config.beta, len(stages), config.beta_compounds),
       stash=config.stash, residual_policy=config.residual_policy or None, placements=placements,
       compensation=create_compensation(config, recipe, steps_per_epoch),
       method=method.create(len(stages), num_classes=num_outputs,
-                           aux_head=task.aux_head() if method.local_losses else None))
+                           aux_head=task.aux_head() if method.local_losses else None,
+                           microbatches=config.microbatches, grad_clip=config.grad_clip))
 
 
 def params_digest(variables: dict) -> str:
@@ -442,6 +452,7 @@ def make_summary(config, task: tasks_base.Task, data, run: Run, state: pipeline.
       'dataset': getattr(data, 'name', config.dataset),
       'method': config.method,
       'num_stages': pipe.num_stages,
+      'microbatches': config.microbatches,
       'beta': config.beta,
       'beta_compounds': config.beta_compounds,
       'stash': config.stash,

@@ -45,7 +45,8 @@ ADDED_FIELDS = {'residual_policy': '', 'beta_compounds': True, 'split_by': 'flop
                 'task': 'image_classification', 'optimizer': 'sgd', 'adam_b1': 0.9,
                 'adam_b2': 0.95, 'adam_eps': 1e-8, 'decay_embeddings': False,
                 'lr_schedule': 'piecewise', 'warmup_steps': 0, 'lr_decay_steps': 0,
-                'min_learning_rate': 0.0, 'grad_clip': 0.0, 'eval_every_steps': 0}
+                'min_learning_rate': 0.0, 'grad_clip': 0.0, 'eval_every_steps': 0,
+                'microbatches': 1}
 
 
 class DivergenceError(FloatingPointError):
