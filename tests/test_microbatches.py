@@ -48,7 +48,7 @@ def naive_microbatched_bp(modules, variables, optimizer, batches, microbatches):
 
 def train(name, num_stages, microbatches, optimizer, batches, grad_clip=0.0, devices=None):
   modules, variables = initial_variables(num_stages)
-  method = methods.Synchronous(name, microbatches, grad_clip=grad_clip)
+  method = methods.Microbatched(name, microbatches, grad_clip=grad_clip)
   pipe = pipeline.Pipeline(modules, optimizer, mean_loss_per_example,
                            placements=devices or jax.devices()[:num_stages], method=method)
   state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
@@ -123,3 +123,143 @@ def test_a_batch_the_microbatches_do_not_divide_is_refused():
   batches = tiny_batches(1, batch_size=6)
   with pytest.raises(ValueError, match='does not split into 4 microbatches'):
     train('gpipe', 2, 4, make_optimizer(), batches)
+
+
+# ------------------------------------------------------------- FDG with microbatches (2BW)
+
+
+def naive_fdg_microbatches(modules, variables, optimizer, batches, microbatches, beta):
+  """FDG with microbatches from DESIGN section 8, one device, no jit. Lockstep tick t: a
+  non-last stage k first back-propagates the cotangent of microbatch t - 2(K-1) + k through the
+  forward it made (its parameters, statistics and input then; the cotangent scaled by beta) and
+  adds the gradient to its batch's sum; if the microbatch it forwards next starts a batch, it
+  applies the mean gradient of every batch whose backwards are all in (in batch order); then it
+  forwards microbatch t - k (BatchNorm in training mode). The last stage forwards, takes the
+  gradient of the microbatch's mean loss and its input cotangent at its current parameters. With
+  no forward left (the drain), completed batches are applied at once."""
+  K, M = len(modules), microbatches
+  params = [v['params'] for v in variables]
+  stats = [v['batch_stats'] for v in variables]
+  opt_states = [optimizer.init(p) for p in params]
+  xs, ys = [], []
+  for inputs, labels in batches:
+    size = len(labels) // M
+    xs += [inputs[m * size:(m + 1) * size] for m in range(M)]
+    ys += [labels[m * size:(m + 1) * size] for m in range(M)]
+  total = len(xs)
+  sums = [{} for _ in range(K)]
+  done = [{} for _ in range(K)]
+  applied = [0] * K
+  forwards = [{} for _ in range(K)]    # microbatch -> (params, stats, input) of its forward
+  activation, cotangent = {}, {}       # (stage, microbatch) -> value, arriving next tick
+
+  def forward(k, p, s, x):
+    y, new = modules[k].apply({'params': p, 'batch_stats': s}, x, train=True,
+                              mutable=['batch_stats'])
+    return y, new['batch_stats']
+
+  def add(k, i, g):
+    b = i // M
+    sums[k][b] = g if b not in sums[k] else jax.tree.map(jnp.add, sums[k][b], g)
+    done[k][b] = done[k].get(b, 0) + 1
+
+  def apply_completed(k):
+    while done[k].get(applied[k]) == M:
+      g = jax.tree.map(lambda a: a / M, sums[k].pop(applied[k]))
+      updates, opt_states[k] = optimizer.update(g, opt_states[k], params[k])
+      params[k] = optax.apply_updates(params[k], updates)
+      applied[k] += 1
+
+  for t in range(total + 2 * (K - 1) + 1):
+    arriving_activation, arriving_cotangent = {}, {}
+    for k in range(K):
+      f, b = t - k, t - (2 * (K - 1) - k)
+      f = f if 0 <= f < total else None
+      b = b if 0 <= b < total else None
+      if k < K - 1 and b is not None:
+        p, s, x = forwards[k].pop(b)
+        c = cotangent.pop((k, b)) * beta
+        if k == 0:
+          g = jax.vjp(lambda q: forward(k, q, s, x)[0], p)[1](c)[0]
+        else:
+          g, dx = jax.vjp(lambda q, h: forward(k, q, s, h)[0], p, x)[1](c)
+          arriving_cotangent[k - 1, b] = dx
+        add(k, b, g)
+      if f is not None and f % M == 0:
+        apply_completed(k)
+      if f is not None:
+        x = xs[f] if k == 0 else activation.pop((k, f))
+        if k < K - 1:
+          forwards[k][f] = (params[k], stats[k], x)
+          y, stats[k] = forward(k, params[k], stats[k], x)
+          arriving_activation[k + 1, f] = y
+        else:
+          def loss(q, h, s=stats[k], f=f):
+            y, new_stats = forward(k, q, s, h)
+            return mean_loss(y, ys[f]), new_stats
+          (g, dx), stats[k] = jax.grad(loss, argnums=(0, 1), has_aux=True)(params[k], x)
+          if k > 0:
+            arriving_cotangent[k - 1, f] = dx
+          add(k, f, g)
+      if f is None:
+        apply_completed(k)
+    activation.update(arriving_activation)
+    cotangent.update(arriving_cotangent)
+  assert applied == [len(batches)] * K and not activation and not cotangent
+  return [{'params': p, 'batch_stats': s} for p, s in zip(params, stats)]
+
+
+def train_fdg(num_stages, microbatches, optimizer, batches, beta):
+  modules, variables = initial_variables(num_stages)
+  method = methods.Microbatched('fdg', microbatches)
+  pipe = pipeline.Pipeline(modules, optimizer, mean_loss_per_example, beta=beta,
+                           placements=jax.devices()[:num_stages], method=method)
+  state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  infos = []
+  for inputs, labels in batches:
+    state, info = pipe.step(state, inputs, labels)
+    infos.append(info)
+  state, drained = pipe.drain(state)
+  return pipe, state, infos + drained, modules, variables
+
+
+@pytest.mark.parametrize('num_stages, microbatches', [
+    (2, 2), (3, 4), (4, 2), pytest.param(1, 4, marks=SLOW), pytest.param(2, 1, marks=SLOW),
+    pytest.param(3, 1, marks=SLOW), pytest.param(4, 8, marks=SLOW),
+    pytest.param(4, 4, marks=SLOW)])
+def test_fdg_with_microbatches_matches_its_naive_reference(num_stages, microbatches):
+  batches = tiny_batches(5, batch_size=8)
+  pipe, state, _, modules, variables = train_fdg(num_stages, microbatches, make_optimizer(),
+                                                 batches, beta=0.5)
+  expected = naive_fdg_microbatches(modules, variables, make_optimizer(), batches,
+                                    microbatches, beta=0.5)
+  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
+                              rtol=1e-5, atol=1e-6)
+  assert [int(s.step) for s in state.stages] == [5] * num_stages   # one update per batch
+  assert not state.in_flight
+
+
+@pytest.mark.parametrize('num_stages, microbatches', [(2, 4), pytest.param(3, 2, marks=SLOW)])
+def test_fdg_with_microbatches_and_adamw_matches_its_naive_reference(num_stages, microbatches):
+  batches = tiny_batches(4, batch_size=8)
+  adamw = optax.adamw(1e-2, weight_decay=0.1)
+  pipe, state, _, modules, variables = train_fdg(num_stages, microbatches, adamw, batches,
+                                                 beta=1.0)
+  expected = naive_fdg_microbatches(modules, variables, adamw, batches, microbatches, beta=1.0)
+  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
+                              rtol=1e-5, atol=1e-6)
+
+
+def test_fdg_with_one_microbatch_is_fdg():
+  """M = 1 through the microbatch programs computes what the FDG engine computes."""
+  batches = tiny_batches(5, batch_size=8)
+  pipe, state, _, modules, variables = train_fdg(3, 1, make_optimizer(), batches, beta=0.5)
+  fdg = pipeline.Pipeline(modules, make_optimizer(), mean_loss_per_example, beta=0.5,
+                          placements=jax.devices()[:3])
+  fdg_state = fdg.init(jax.random.key(1), batches[0][0], variables=variables)
+  for inputs, labels in batches:
+    fdg_state, _ = fdg.step(fdg_state, inputs, labels)
+  fdg_state, _ = fdg.drain(fdg_state)
+  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)),
+                              jax.device_get(fdg.stage_variables(fdg_state)),
+                              rtol=1e-5, atol=1e-6)

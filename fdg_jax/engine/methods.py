@@ -204,23 +204,33 @@ class LocalLosses:
     return _names(self.functions)
 
 
-# ========================================================================= GPipe and 1F1B
+# =========================================================== GPipe, 1F1B and FDG over microbatches
 
 
-class Synchronous:
-  """GPipe or 1F1B (PipeDream-flush): each batch as M microbatches through every stage's program
-  (`schedule.program`), then one update per stage with the batch's mean gradient: BP's update
-  (BatchNorm per microbatch, as GPipe), at the price of the bubble. Nothing stays in flight
-  between batches. `grad_clip` > 0 clips by the whole model's norm: each stage contributes the
-  squared norm of its gradient, one scalar moved to every other stage (as Megatron does), so the
-  optimizer given to the pipeline must not clip again."""
+class Microbatched:
+  """A batch as M microbatches through every stage's program (`schedule.program`): F, B of a
+  microbatch, U of a batch (the mean of its microbatches' gradients).
+
+  * 'gpipe', '1f1b' (PipeDream-flush): synchronous, BP's update for every batch (BatchNorm per
+    microbatch, as GPipe), at the price of the bubble; nothing stays in flight between batches.
+    `grad_clip` > 0 clips by the whole model's norm: each stage contributes the squared norm of
+    its gradient, one scalar moved to every other stage (as Megatron does), so the optimizer
+    given to the pipeline must not clip again. The incoming cotangent is not scaled (beta is
+    FDG's).
+  * 'fdg': FDG with microbatches (PipeDream-2BW's semantics, `schedule.fdg_actions`): no flush;
+    a stage's weights change only between batches; each non-last stage scales the cotangent it
+    receives by its beta; clipping, if any, is the optimizer's, per stage.
+  """
 
   def __init__(self, name: str, microbatches: int, grad_clip: float = 0.0):
-    if name not in ('gpipe', '1f1b'):
-      raise ValueError(f"Synchronous is 'gpipe' or '1f1b'; got {name!r}.")
+    if name not in ('gpipe', '1f1b', 'fdg'):
+      raise ValueError(f"Microbatched is 'gpipe', '1f1b' or 'fdg'; got {name!r}.")
     if microbatches < 1:
       raise ValueError(f'microbatches={microbatches}: use 1 or more.')
+    if name == 'fdg' and grad_clip:
+      raise ValueError('FDG clips per stage, in its optimizer: pass grad_clip=0.')
     self.name = name
+    self.synchronous = name != 'fdg'
     self.microbatches = microbatches
     self.grad_clip = grad_clip
     self.specs: tuple[fns.StageSpec, ...] = ()
@@ -228,6 +238,8 @@ class Synchronous:
     self._residual_structures: dict[tuple, fns.Residuals] = {}
 
   def compile(self, specs: Sequence[fns.StageSpec]) -> None:
+    if self.synchronous:   # exact: no shrinking
+      specs = [dataclasses.replace(spec, beta=1.0) for spec in specs]
     self.specs = tuple(specs)
     last = len(specs) - 1
     self.functions = tuple(
@@ -313,7 +325,7 @@ REGISTRY: dict[str, MethodInfo] = {info.name: info for info in (
                takes_microbatches=True,
                factory=lambda _, __, ___, microbatches, grad_clip: (
                    DelayedGradients('fdg') if microbatches == 1 else
-                   Synchronous('gpipe', microbatches, grad_clip))),
+                   Microbatched('gpipe', microbatches, grad_clip))),
     MethodInfo('fdg', 'FDG', 'fdg', 'fully decoupled training with delayed gradients (Zhuang '
                'et al. 2019)', delayed_gradients=True,
                factory=lambda *_: DelayedGradients('fdg')),
@@ -327,12 +339,12 @@ REGISTRY: dict[str, MethodInfo] = {info.name: info for info in (
     MethodInfo('gpipe', 'GPipe', 'gpipe', 'synchronous pipeline: all microbatches forward, then '
                "all backward, one update: BP's (Huang et al. 2019)", takes_microbatches=True,
                synchronous=True,
-               factory=lambda _, __, ___, microbatches, grad_clip: Synchronous(
+               factory=lambda _, __, ___, microbatches, grad_clip: Microbatched(
                    'gpipe', microbatches, grad_clip)),
     MethodInfo('1f1b', '1F1B', '1f1b', 'synchronous pipeline, one forward one backward '
                "(PipeDream-flush, Megatron): BP's update, fewer microbatches in flight",
                takes_microbatches=True, synchronous=True,
-               factory=lambda _, __, ___, microbatches, grad_clip: Synchronous(
+               factory=lambda _, __, ___, microbatches, grad_clip: Microbatched(
                    '1f1b', microbatches, grad_clip)),
 )}
 

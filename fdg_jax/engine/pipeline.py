@@ -36,7 +36,7 @@ from fdg_jax.engine.stage_functions import (  # pylint: disable=unused-import
     RESIDUAL_POLICIES, STASH_MODES, LossAndAccuracy, TrainState, apply_gradients,
     cross_entropy_loss, takes_train_argument)
 from fdg_jax.engine.state import (  # pylint: disable=unused-import
-    Activation, Cotangent, PipelineState, Saved, StageOutput, StepInfo, Targets)
+    Activation, Cotangent, Microbatches, PipelineState, Saved, StageOutput, StepInfo, Targets)
 from fdg_jax.engine.methods import PHASES, spec_key  # pylint: disable=unused-import
 
 
@@ -48,6 +48,39 @@ def stage_betas(beta: float, num_stages: int, compounded: bool = True) -> tuple[
   if compounded:
     return (beta,) * num_stages
   return tuple(beta if k == num_stages - 2 else 1.0 for k in range(num_stages))
+
+
+class _Flight:
+  """The host's working copy of what a method over microbatches holds, for one step."""
+
+  def __init__(self, stages):
+    num_stages = len(stages)
+    self.stages = list(stages)
+    self.arrived = [{} for _ in range(num_stages)]
+    self.saved = [{} for _ in range(num_stages)]
+    self.sums = [{} for _ in range(num_stages)]
+    self.held, self.inputs, self.targets = {}, {}, {}
+    self.progress = [schedule_lib.FdgProgress()] * num_stages
+    self.norms = [None] * num_stages
+    self.forwarded, self.updated = [None] * num_stages, [None] * num_stages
+    self.metrics = None
+
+  @classmethod
+  def of(cls, stages, kept: Optional[Microbatches]) -> '_Flight':
+    flight = cls(stages)
+    if kept is not None:
+      flight.arrived = [dict(d) for d in kept.arrived]
+      flight.saved = [dict(d) for d in kept.saved]
+      flight.sums = [dict(d) for d in kept.sums]
+      flight.held, flight.inputs, flight.targets = (dict(kept.held), dict(kept.inputs),
+                                                    dict(kept.targets))
+      flight.progress = list(kept.progress)
+    return flight
+
+  def freeze(self) -> Microbatches:
+    return Microbatches(arrived=tuple(self.arrived), saved=tuple(self.saved),
+                        sums=tuple(self.sums), held=self.held, inputs=self.inputs,
+                        targets=self.targets, progress=tuple(self.progress))
 
 
 def _split(tree, parts: int) -> list:
@@ -139,13 +172,13 @@ class Pipeline:
       raise ValueError(f'{len(placements)} placements for {len(stages)} stages.')
     self.num_stages = len(stages)
     self.method = methods_lib.create(method, self.num_stages) if isinstance(method, str) else method
-    # A synchronous schedule (GPipe, 1F1B) runs its microbatch programs, the same every batch;
-    # the other methods walk their iteration schedule.
+    # A method over microbatches (GPipe, 1F1B, FDG with M > 1) runs its stages' programs of
+    # actions (schedule.program); the others walk their iteration schedule.
     self.microbatches = getattr(self.method, 'microbatches', None)
     self.schedule = (schedule_lib.Schedule(self.method.name, self.num_stages)
                      if self.microbatches is None else None)
     self.ticks = (schedule_lib.ticks(self.method.name, self.num_stages, self.microbatches, 1)
-                  if self.microbatches is not None else None)
+                  if self.microbatches is not None and self.method.synchronous else None)
     self.modules = tuple(stages)
     self.optimizer = optimizer
     self.loss_fn = loss_fn
@@ -253,7 +286,7 @@ class Pipeline:
     device value.
     """
     if self.schedule is None:
-      return self._step_synchronous(state, inputs, targets)
+      return self._step_microbatches(state, inputs, targets)
     feeding = inputs is not None
     if feeding:
       state = self._feed(state, inputs, targets)
@@ -297,7 +330,10 @@ class Pipeline:
   def drain(self, state: PipelineState) -> tuple[PipelineState, list[StepInfo]]:
     """Run iterations without new batches until every batch has updated every stage."""
     if self.schedule is None:   # a synchronous schedule flushes every batch
-      return state, []
+      if not state.in_flight:
+        return state, []
+      state, info = self._step_microbatches(state, None, None)
+      return state, [info]
     infos = []
     while self.plan(state, feeding=False).calls:
       state, info = self.step(state)
@@ -368,71 +404,103 @@ class Pipeline:
     return distributed.move_tree(value, self.shardings[send.source],
                                  self.shardings[send.target], spec)
 
-  def _step_synchronous(self, state: PipelineState, inputs, targets
-                        ) -> tuple[PipelineState, StepInfo]:
-    """One batch through a synchronous schedule: its M microbatches through every stage's
-    program (`self.ticks`, the same each batch), each action on its stage's devices, each output
-    moved as soon as it is made; then one update per stage. Nothing stays in flight."""
-    if inputs is None:
+  def _step_microbatches(self, state: PipelineState, inputs, targets
+                         ) -> tuple[PipelineState, StepInfo]:
+    """One batch as M microbatches through the stages' programs, each action on its stage's
+    devices and each output moved as soon as it is made. A synchronous schedule runs its whole
+    flush (`self.ticks`, the same every batch) and keeps nothing; FDG with microbatches runs the
+    M lockstep ticks in which this batch enters stage 0 (`schedule.fdg_actions`), or, with no
+    batch, the drain, and keeps what is in flight (`state.microbatches`)."""
+    method, num_stages, M = self.method, self.num_stages, self.microbatches
+    batch = state.batches_fed
+    if inputs is None and method.synchronous:
       raise ValueError('A synchronous schedule (GPipe, 1F1B) flushes every batch: there is '
                        'nothing to drain; step() needs a batch.')
-    method, num_stages, batch = self.method, self.num_stages, state.batches_fed
-    xs, ys = _split(inputs, self.microbatches), _split(targets, self.microbatches)
-    micro_spec = _spec_of(xs[0])
-    if self.batch_spec is None or self.num_processes > 1:
-      self.batch_spec = _spec_of(inputs)
-    stages = list(state.stages)
-    arrived = [{} for _ in range(num_stages)]     # activations and cotangents, by microbatch
-    saved = [{} for _ in range(num_stages)]
-    held = {}                                     # the last stage's input cotangents until B
-    totals, norms, metrics = [None] * num_stages, [None] * num_stages, None
-    for tick in self.ticks:
-      for k, actions in tick.items():
-        local = self.is_local[k]
-        for action in actions:
-          i, out = action.index, None
-          if action.kind == 'F' and local:
-            x = distributed.put(xs[i], self.shardings[0]) if k == 0 else arrived[k].pop(('F', i))
-            if k == num_stages - 1:
-              stages[k], totals[k], held[i], update = method.loss(
-                  k, stages[k], totals[k], x, distributed.put(ys[i], self.shardings[k]))
-              metrics = update if metrics is None else metrics.merge(update)
-            else:
-              stages[k], out, saved[k][i] = method.forward(k, stages[k], x)
-          elif action.kind == 'B' and local:
-            if k == num_stages - 1:
-              out = held.pop(i)
-            else:
-              totals[k], out = method.backward(k, totals[k], saved[k].pop(i),
-                                               arrived[k].pop(('B', i)))
-          elif action.kind == 'U':
-            if local and method.grad_clip > 0:
-              norms[k] = method.squared_norm(k, totals[k])
-            elif local:
-              stages[k], totals[k] = method.update(k, stages[k], totals[k], None), None
-            continue
-          if action.kind == 'F' and k < num_stages - 1:
-            out = self._transfer(out, schedule_lib.Transfer('activation', i, k, k + 1),
-                                 micro_spec)
-            if out is not None:
-              arrived[k + 1]['F', i] = out
-          elif action.kind == 'B' and k > 0:
-            out = self._transfer(out, schedule_lib.Transfer('cotangent', i, k, k - 1),
-                                 micro_spec)
-            if out is not None:
-              arrived[k - 1]['B', i] = out
-    if method.grad_clip > 0:   # the whole model's norm: every stage's share on every stage
-      scalar = jax.ShapeDtypeStruct((), jnp.float32)
-      gathered = [[distributed.move_tree(norms[j], self.shardings[j], self.shardings[k], scalar)
-                   for j in range(num_stages)] for k in range(num_stages)]
-      for k in range(num_stages):
-        if self.is_local[k]:
-          stages[k] = method.update(k, stages[k], totals[k], gathered[k])
-    everyone = (batch,) * num_stages
-    new_state = state.replace(stages=tuple(stages), iteration=state.iteration + 1,
-                              batches_fed=batch + 1)
-    return new_state, StepInfo(iteration=state.iteration, forwarded=everyone, updated=everyone,
-                               local_metrics=(None,) * (num_stages - 1) + (metrics,))
+    flight = _Flight.of(state.stages, state.microbatches)
+    micro_spec = None
+    if inputs is not None:
+      if self.batch_spec is None or self.num_processes > 1:
+        self.batch_spec = _spec_of(inputs)
+      pieces = zip(_split(inputs, M), _split(targets, M))
+      for m, (x, y) in enumerate(pieces):
+        micro_spec = _spec_of(x)
+        if self.is_local[0]:
+          flight.inputs[batch * M + m] = distributed.put(x, self.shardings[0])
+        if self.is_local[-1]:
+          flight.targets[batch * M + m] = distributed.put(y, self.shardings[-1])
+    micro_spec = micro_spec or _split(self.batch_spec, M)[0]
+    if method.synchronous:
+      for tick in self.ticks:
+        for k, actions in tick.items():
+          for action in actions:
+            offset = batch if action.kind == 'U' else batch * M
+            self._act(flight, k, schedule_lib.Action(action.kind, action.index + offset),
+                      micro_spec)
+      if method.grad_clip > 0:   # the whole model's norm: every stage's share on every stage
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        gathered = [[distributed.move_tree(flight.norms[j], self.shardings[j], self.shardings[k],
+                                           scalar) for j in range(num_stages)]
+                    for k in range(num_stages)]
+        for k in range(num_stages):
+          if self.is_local[k]:
+            flight.stages[k] = method.update(k, flight.stages[k], flight.sums[k].pop(batch),
+                                             gathered[k])
+      flight.forwarded = flight.updated = [batch] * num_stages
+    else:
+      fed = batch + (inputs is not None)
+      ticks = (range(batch * M, fed * M) if inputs is not None else
+               range(fed * M, fed * M + 2 * (num_stages - 1) + 1))   # the drain
+      for t in ticks:
+        for k in range(num_stages):
+          actions, flight.progress[k] = schedule_lib.fdg_actions(
+              k, num_stages, M, t, fed * M, flight.progress[k])
+          for action in actions:
+            self._act(flight, k, action, micro_spec)
+    new_state = state.replace(
+        stages=tuple(flight.stages), iteration=state.iteration + 1,
+        batches_fed=batch + (inputs is not None),
+        microbatches=None if method.synchronous else flight.freeze())
+    return new_state, StepInfo(iteration=state.iteration, forwarded=tuple(flight.forwarded),
+                               updated=tuple(flight.updated),
+                               local_metrics=(None,) * (num_stages - 1) + (flight.metrics,))
+
+  def _act(self, flight: '_Flight', k: int, action: schedule_lib.Action, micro_spec) -> None:
+    """One action of stage k's program (where this process owns the stage), then the transfer
+    it makes (every process takes part in it)."""
+    method, last, local = self.method, self.num_stages - 1, self.is_local[k]
+    i, out = action.index, None
+    if action.kind == 'U':
+      flight.updated[k] = i
+      if local and method.grad_clip > 0:
+        flight.norms[k] = method.squared_norm(k, flight.sums[k][i])
+      elif local:
+        flight.stages[k] = method.update(k, flight.stages[k], flight.sums[k].pop(i), None)
+      return
+    batch = i // self.microbatches
+    if action.kind == 'F':
+      flight.forwarded[k] = batch
+      if local:
+        x = flight.inputs.pop(i) if k == 0 else flight.arrived[k].pop(('F', i))
+        if k == last:
+          flight.stages[k], flight.sums[k][batch], flight.held[i], metrics = method.loss(
+              k, flight.stages[k], flight.sums[k].get(batch), x, flight.targets.pop(i))
+          flight.metrics = metrics if flight.metrics is None else flight.metrics.merge(metrics)
+        else:
+          flight.stages[k], out, flight.saved[k][i] = method.forward(k, flight.stages[k], x)
+      if k < last:
+        out = self._transfer(out, schedule_lib.Transfer('activation', i, k, k + 1), micro_spec)
+        if out is not None:
+          flight.arrived[k + 1]['F', i] = out
+    else:
+      if local and k == last:
+        out = flight.held.pop(i)
+      elif local:
+        flight.sums[k][batch], out = method.backward(
+            k, flight.sums[k].get(batch), flight.saved[k].pop(i), flight.arrived[k].pop(('B', i)))
+      if k > 0:
+        out = self._transfer(out, schedule_lib.Transfer('cotangent', i, k, k - 1), micro_spec)
+        if out is not None:
+          flight.arrived[k - 1]['B', i] = out
 
   # ---------------------------------------------------------------- shapes
 

@@ -187,34 +187,53 @@ def program(name: str, stage: int, num_stages: int, microbatches: int,
 
 
 def _fdg_program(k: int, K: int, M: int, num_batches: int) -> list[Action]:
-  last, total = K - 1, num_batches * M
-  backward_lag = 2 * last - k           # tick t back-propagates microbatch t - backward_lag
-  actions, done, applied = [], [0] * num_batches, 0
+  total, progress, actions = num_batches * M, FdgProgress(), []
+  for t in range(total + 2 * (K - 1) - k + 1):   # the last tick only applies what is left
+    tick, progress = fdg_actions(k, K, M, t, total, progress)
+    actions += tick
+  return actions
+
+
+@dataclasses.dataclass(frozen=True)
+class FdgProgress:
+  """What one stage of FDG with microbatches has back-propagated and applied: `done[b]`
+  backwards of batch b are in; batches 0 .. applied - 1 are applied."""
+  done: tuple[tuple[int, int], ...] = ()   # (batch, backwards in), batches not yet applied
+  applied: int = 0
+
+
+def fdg_actions(stage: int, num_stages: int, microbatches: int, t: int, total: int,
+                progress: FdgProgress) -> tuple[list[Action], FdgProgress]:
+  """Stage `stage`'s actions in lockstep tick t of FDG with microbatches (the rule above), when
+  `total` microbatches have been fed (the final number in the drain), and its progress after."""
+  k, last, M = stage, num_stages - 1, microbatches
+  forward, backward = t - k, t - (2 * last - k)
+  forward = forward if 0 <= forward < total else None
+  backward = backward if 0 <= backward < total else None
+  done, applied, actions = dict(progress.done), progress.applied, []
 
   def apply_completed():
     nonlocal applied
-    while applied < num_batches and done[applied] == M:
+    while done.get(applied) == M:
       actions.append(Action('U', applied))
+      del done[applied]
       applied += 1
 
-  for t in range(total + backward_lag):
-    forward, backward = t - k, t - backward_lag
-    forward = forward if 0 <= forward < total else None
-    backward = backward if 0 <= backward < total else None
-    if k < last and backward is not None:
-      actions.append(Action('B', backward))
-      done[backward // M] += 1
-    if forward is not None and forward % M == 0:
-      apply_completed()                # a batch boundary: the weights change only here
-    if forward is not None:
-      actions.append(Action('F', forward))
-    if k == last and backward is not None:
-      actions.append(Action('B', backward))
-      done[backward // M] += 1
-    if forward is None:
-      apply_completed()                # the drain: no forward left to keep weights for
-  apply_completed()
-  return actions
+  def back_propagate():
+    actions.append(Action('B', backward))
+    done[backward // M] = done.get(backward // M, 0) + 1
+
+  if k < last and backward is not None:
+    back_propagate()
+  if forward is not None and forward % M == 0:
+    apply_completed()                # a batch boundary: the weights change only here
+  if forward is not None:
+    actions.append(Action('F', forward))
+  if k == last and backward is not None:
+    back_propagate()
+  if forward is None:
+    apply_completed()                # the drain: no forward left to keep weights for
+  return actions, FdgProgress(tuple(sorted(done.items())), applied)
 
 
 def weights_lag(stage: int, num_stages: int, microbatches: int) -> int:

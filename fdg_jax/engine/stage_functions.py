@@ -280,10 +280,10 @@ def _accumulate(total, grads):
 
 def microbatch_backward(spec: StageSpec) -> Callable:
   """`(total, saved, cotangent, *, residuals) -> (total + gradient, input_cotangent)`: one
-  microbatch's backward through its saved forward, its gradient added to the batch's sum (None
-  before the batch's first)."""
-  del spec
+  microbatch's backward through its saved forward, the cotangent scaled by the stage's beta,
+  its gradient added to the batch's sum (None before the batch's first)."""
   def backward(total, saved, cotangent, *, residuals):
+    cotangent = jax.tree_util.tree_map(lambda c: c * jnp.asarray(spec.beta, c.dtype), cotangent)
     grads, *rest = jax.tree_util.tree_unflatten(residuals.value, saved)(cotangent)
     return _accumulate(total, grads), (rest[0] if rest else None)
   return backward

@@ -51,6 +51,27 @@ class Saved:
 
 
 @flax.struct.dataclass
+class Microbatches:
+  """What FDG with microbatches holds between batches (a synchronous schedule holds nothing):
+  per stage, the activations and cotangents that arrived, keyed ('F' or 'B', microbatch), its
+  saved forwards by microbatch and its gradient sums by batch; the last stage's input
+  cotangents waiting for their B; the inputs and targets of microbatches fed and not yet used;
+  and each stage's `schedule.FdgProgress` (host values)."""
+  arrived: tuple[dict, ...]
+  saved: tuple[dict, ...]
+  sums: tuple[dict, ...]
+  held: dict
+  inputs: dict
+  targets: dict
+  progress: tuple = flax.struct.field(pytree_node=False)
+
+  @property
+  def in_flight(self) -> bool:
+    return any(self.arrived) or any(self.saved) or any(self.sums) or bool(
+        self.held or self.inputs or self.targets)
+
+
+@flax.struct.dataclass
 class PipelineState:
   """Everything the pipeline holds between iterations.
 
@@ -69,6 +90,7 @@ class PipelineState:
   batches_fed: int = flax.struct.field(pytree_node=False, default=0)
   stream_first_batch: int = flax.struct.field(pytree_node=False, default=0)
   stream_offset: int = flax.struct.field(pytree_node=False, default=0)
+  microbatches: Optional[Microbatches] = None   # FDG with microbatches, between batches
 
   @property
   def labels(self) -> tuple[tuple[Targets, ...], ...]:
@@ -80,7 +102,8 @@ class PipelineState:
     """True while some batch this process holds has not yet reached every stage's update."""
     return (any(a is not None for a in self.activations)
             or any(c is not None for c in self.cotangents)
-            or any(self.saved) or any(self.targets))
+            or any(self.saved) or any(self.targets)
+            or (self.microbatches is not None and self.microbatches.in_flight))
 
 
 @dataclasses.dataclass(frozen=True)
