@@ -110,6 +110,24 @@ def test_trainer_runs_the_synchronous_schedules(method, microbatches, tmp_path):
 
 
 @pytest.mark.slow
+def test_trainer_runs_fdg_with_microbatches_and_resumes_it(tmp_path):
+  """FDG K = 2 over 2 microbatches through the trainer, checkpointed with microbatches in
+  flight and resumed: the same parameters as the uninterrupted run, bit for bit."""
+  data = write_image_folder(tmp_path / 'data')
+  config = small_config(dataset='imagefolder', data_dir=data, method='fdg', microbatches=2,
+                        cache_dir=str(tmp_path / 'cache'), grad_clip=1.0)
+  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  check_summary(straight, str(tmp_path / 'straight'), method='fdg', num_stages=2,
+                microbatches=2, steps=6)
+  first = train.train_and_evaluate(small_config(**{**config.to_dict(), 'num_train_steps': 3}),
+                                   str(tmp_path / 'resumed'))
+  assert first['steps'] == 3
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert resumed['resumed_from_step'] == 3
+  assert resumed['params_digest'] == straight['params_digest']
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('method, num_stages', [('ddg', 3), ('dgl', 3)])   # BP: quick config
 def test_train_and_evaluate_other_methods_on_image_folder(method, num_stages, tmp_path):
   data = write_image_folder(tmp_path / 'data')
@@ -249,8 +267,9 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
     (dict(warmup_shape='cosine'), 'config.warmup_shape'),
     (dict(task='language_model'), 'config.task'),   # its fields come with tasks.configure
     (dict(microbatches=0), 'config.microbatches'),
-    (dict(method='fdg', microbatches=2), 'config.microbatches'),
+    (dict(method='ddg', microbatches=2), 'config.microbatches'),
     (dict(method='dgl', microbatches=2, aux_head='conv'), 'config.microbatches'),
+    (dict(method='fdg', microbatches=2, compensation='nesterov'), 'config.compensation'),
     (dict(method='gpipe', microbatches=3), 'config.batch_size'),
     (dict(method='1f1b', microbatches=2, stash='recompute'), 'config.stash'),
     (dict(method='1f1b', compensation='nesterov'), 'config.compensation'),

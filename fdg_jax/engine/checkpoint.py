@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from fdg_jax.engine import distributed
 from fdg_jax.engine import pipeline as pipeline_lib
+from fdg_jax.engine import schedule
 from fdg_jax.engine import stage_functions
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -199,7 +200,75 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
       'labels': {str(k): [entry.batch for entry in queue]
                  for k, queue in enumerate(state.targets) if queue},
   }
+  if state.microbatches is not None:
+    arrays['microbatches'], metadata['microbatches'] = _microbatches_tree(state.microbatches)
   return arrays, metadata
+
+
+# What a method over microbatches holds, by group: the stage whose devices hold it (None: the
+# stage named in the tree's path).
+_MICROBATCH_GROUPS = {'arrived': None, 'saved': None, 'sums': None, 'held': -1, 'inputs': 0,
+                      'targets': -1}
+
+
+def _microbatches_tree(kept) -> tuple[dict, dict]:
+  """(arrays, metadata) of FDG's microbatches in flight (`state.Microbatches`), in full form:
+  every array as it is, each saved forward's residual leaves with its input spec."""
+  by_stage = lambda group, store: {str(k): {key: store(value) for key, value in entries.items()}
+                                   for k, entries in enumerate(group) if entries}
+  arrays = {
+      'arrived': by_stage([{f'{kind}{i}': v for (kind, i), v in d.items()} for d in kept.arrived],
+                          _stored),
+      'saved': by_stage([{str(i): e for i, e in d.items()} for d in kept.saved],
+                        lambda e: _indexed(jax.tree_util.tree_leaves(e.arrays))),
+      'sums': by_stage([{str(b): g for b, g in d.items()} for d in kept.sums],
+                       flax.serialization.to_state_dict),
+      'held': {str(i): _stored(v) for i, v in kept.held.items()},
+      'inputs': {str(i): _stored(v) for i, v in kept.inputs.items()},
+      'targets': {str(i): _stored(v) for i, v in kept.targets.items()},
+  }
+  arrays = {group: tree for group, tree in arrays.items() if tree}
+  metadata = {
+      'progress': [[[list(item) for item in p.done], p.applied] for p in kept.progress],
+      'input_specs': {str(k): {str(i): e.structure.input_spec for i, e in d.items()}
+                      for k, d in enumerate(kept.saved) if d},
+      'partition_specs': {'/'.join(str(p.key) for p in path): _partition_spec(leaf)
+                          for path, leaf in jax.tree_util.tree_flatten_with_path(arrays)[0]},
+  }
+  return arrays, metadata
+
+
+def _microbatches_from_tree(pipe: pipeline_lib.Pipeline, stages, arrays: dict, metadata: dict):
+  """`state.Microbatches` from `_microbatches_tree`'s arrays and metadata."""
+  micro_spec = pipeline_lib.microbatch_spec(pipe)
+  specs = pipe.io_specs(micro_spec)
+  cotangent_of = lambda k: stage_functions.differentiable_part(specs[k])
+  num_stages, last = pipe.num_stages, pipe.num_stages - 1
+  group = lambda name: arrays.get(name, {})
+  arrived = [{} for _ in range(num_stages)]
+  for k, entries in group('arrived').items():
+    for key, value in entries.items():
+      kind, i, k = key[0], int(key[1:]), int(k)
+      arrived[k][kind, i] = _restored(value, specs[k] if kind == 'F' else cotangent_of(k + 1))
+  saved = [{} for _ in range(num_stages)]
+  for k, entries in group('saved').items():
+    k = int(k)
+    for i, leaves in entries.items():
+      input_spec = input_spec_of(pipe, k, metadata['input_specs'][str(k)][i])
+      saved[k][int(i)] = pipeline_lib.Saved(
+          arrays=_unindexed(leaves), batch=int(i),
+          structure=pipe.method.residual_structure(k, stages[k], input_spec))
+  sums = [{} for _ in range(num_stages)]
+  for k, entries in group('sums').items():
+    sums[int(k)] = {int(b): flax.serialization.from_state_dict(stages[int(k)].params, g)
+                    for b, g in entries.items()}
+  return pipeline_lib.Microbatches(
+      arrived=tuple(arrived), saved=tuple(saved), sums=tuple(sums),
+      held={int(i): _restored(v, cotangent_of(last)) for i, v in group('held').items()},
+      inputs={int(i): _restored(v, specs[0]) for i, v in group('inputs').items()},
+      targets={int(i): v for i, v in group('targets').items()},
+      progress=tuple(schedule.FdgProgress(tuple(tuple(item) for item in done), applied)
+                     for done, applied in metadata['progress']))
 
 
 def _partition_spec(array: jax.Array) -> Optional[list]:
@@ -213,6 +282,15 @@ def _sharding_for(pipe: pipeline_lib.Pipeline, keys: tuple[str, ...], metadata: 
                   ) -> jax.sharding.Sharding:
   """Where an array of the checkpoint tree belongs, from its path: a stage's state on all its
   devices, batch-shaped arrays split over them, a saved forward's arrays as they were saved."""
+  if keys[0] == 'microbatches':
+    where = _MICROBATCH_GROUPS[keys[1]]
+    stage = int(keys[2]) if where is None else where % pipe.num_stages
+    spec = metadata['microbatches']['partition_specs'].get('/'.join(keys[1:]))
+    if spec is None:
+      return pipe.state_shardings[stage] if keys[1] in ('saved', 'sums') else pipe.shardings[stage]
+    return jax.sharding.NamedSharding(
+        pipe.state_shardings[stage].mesh,
+        jax.sharding.PartitionSpec(*(tuple(a) if isinstance(a, list) else a for a in spec)))
   group, stage = keys[0], int(keys[1])
   if group == 'activations' and keys[2] == 'labels':
     return pipe.shardings[-1]   # a checkpoint from before labels had their own queues
@@ -323,7 +401,10 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
       cotangents=tuple(cotangents), targets=labels, iteration=metadata['iteration'],
       batches_fed=metadata['batches_fed'],
       stream_first_batch=metadata.get('stream_first_batch', 0),
-      stream_offset=metadata.get('stream_offset', 0))
+      stream_offset=metadata.get('stream_offset', 0),
+      microbatches=(_microbatches_from_tree(pipe, stages, arrays.get('microbatches', {}),
+                                            metadata['microbatches'])
+                    if 'microbatches' in metadata else None))
 
 
 def _index_key(index: tuple, shape: tuple) -> str:

@@ -327,8 +327,12 @@ REGISTRY: dict[str, MethodInfo] = {info.name: info for info in (
                    DelayedGradients('fdg') if microbatches == 1 else
                    Microbatched('gpipe', microbatches, grad_clip))),
     MethodInfo('fdg', 'FDG', 'fdg', 'fully decoupled training with delayed gradients (Zhuang '
-               'et al. 2019)', delayed_gradients=True,
-               factory=lambda *_: DelayedGradients('fdg')),
+               'et al. 2019); with microbatches, weights change only between batches '
+               '(PipeDream-2BW: one update stale once M >= 2(K-1) - 1)', delayed_gradients=True,
+               takes_microbatches=True,
+               factory=lambda _, __, ___, microbatches, ____: (
+                   DelayedGradients('fdg') if microbatches == 1 else
+                   Microbatched('fdg', microbatches))),
     MethodInfo('ddg', 'DDG', 'ddg', 'decoupled parallel back-propagation: forward locked, '
                'delayed gradients (Huo et al. 2018)', delayed_gradients=True,
                factory=lambda *_: DelayedGradients('ddg')),

@@ -83,6 +83,13 @@ class _Flight:
                         targets=self.targets, progress=tuple(self.progress))
 
 
+def microbatch_spec(pipe: 'Pipeline'):
+  """The shapes and dtypes of one microbatch of the pipeline's batches."""
+  if pipe.batch_spec is None:
+    raise ValueError('The pipeline has no batch shape yet: call init(rng, sample_input).')
+  return _split(pipe.batch_spec, pipe.microbatches)[0]
+
+
 def _split(tree, parts: int) -> list:
   """A batch (a pytree of arrays, or of specs where another process holds it) as `parts`
   microbatches along the leading axis."""
@@ -428,7 +435,7 @@ class Pipeline:
           flight.inputs[batch * M + m] = distributed.put(x, self.shardings[0])
         if self.is_local[-1]:
           flight.targets[batch * M + m] = distributed.put(y, self.shardings[-1])
-    micro_spec = micro_spec or _split(self.batch_spec, M)[0]
+    micro_spec = micro_spec or microbatch_spec(self)
     if method.synchronous:
       for tick in self.ticks:
         for k, actions in tick.items():

@@ -108,17 +108,21 @@ def validate_config(config: ml_collections.ConfigDict):
   if config.microbatches < 1:
     fail('microbatches', f'{config.microbatches} microbatches', 'Use 1 or more.')
   if config.microbatches > 1 and not method.takes_microbatches:
-    fail('microbatches', f'method {config.method!r} does not take microbatches (FDG with '
-         'microbatches, PipeDream-2BW, is not built yet; DDG and DGL have no microbatch '
-         'schedule)', "Use --config.microbatches=1, or method 'gpipe', '1f1b' or 'bp'.")
+    fail('microbatches', f'method {config.method!r} has no microbatch schedule',
+         f"Use --config.microbatches=1, or one of "
+         f"{[m.name for m in methods.REGISTRY.values() if m.takes_microbatches]}.")
+  if config.microbatches > 1 and config.compensation != 'none':
+    fail('compensation', f'{config.compensation!r} with microbatches: the compensations do not '
+         'yet take the delay in updates that microbatches give', 'Use --config.microbatches=1, '
+         'or --config.compensation=none.')
   micro_size, rest = divmod(config.batch_size, config.microbatches)
   if rest or (config.data_parallel > 0 and micro_size % config.data_parallel):
     fail('batch_size', f'{config.batch_size} does not split into {config.microbatches} '
          f'microbatches of a size data_parallel={config.data_parallel} divides',
          'Use a batch size that microbatches x data_parallel divides.')
-  if runs_synchronously(config) and config.stash != 'vjp':
-    fail('stash', f"{config.stash!r} is for delayed gradients; a synchronous schedule "
-         'back-propagates each microbatch through its saved forward', "Use --config.stash=vjp.")
+  if config.microbatches > 1 and config.stash != 'vjp':
+    fail('stash', f"{config.stash!r} with microbatches: every microbatch is back-propagated "
+         'through its saved forward', "Use --config.stash=vjp.")
   if config.residual_policy and (config.stash != 'vjp' or method.local_losses):
     fail('residual_policy', f"{config.residual_policy!r} needs stash 'vjp' and method fdg, "
          f'ddg or bp (got stash {config.stash!r}, method {config.method!r})',
