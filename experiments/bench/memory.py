@@ -19,6 +19,14 @@ Each (stash, K) runs in its own process (`--isolate`, the default) so that the p
 
 Prints a markdown table; the last stdout line is one JSON object, also written to
 experiments/results/bench_memory_<model>.json.
+
+`--schedules=gpipe,1f1b --microbatches=M` measures the synchronous schedules instead (issue 36):
+their residuals live only within a step, so one step's every action is watched and each stage's
+peak of saved microbatch forwards (entries and bytes) recorded: 1F1B holds at most min(K-k, M)
+entries at stage k, GPipe M, each one microbatch's residuals.
+
+    python -m experiments.bench.memory --schedules=gpipe,1f1b --microbatches=8 \
+        --num_stages=2,4 --output=bench_memory_schedules_resnet56_b128_m8.json
 """
 
 import json
@@ -44,7 +52,11 @@ flags.DEFINE_string('output', '', "File name under experiments/results/ (or an a
                     "'' = bench_memory_<model>_b<batch>_<size>px.json.")
 flags.DEFINE_integer('image_size', 32, 'Side of the square input images.')
 flags.DEFINE_bool('isolate', True, 'Run each configuration in its own process (own peak RSS).')
-flags.DEFINE_string('only', '', 'Internal: run one "stash:K" here and print its JSON line.')
+flags.DEFINE_string('schedules', '', "Comma-separated synchronous schedules ('gpipe', '1f1b') "
+                    'to measure over --microbatches instead of the stash modes.')
+flags.DEFINE_integer('microbatches', 4, 'Microbatches per batch for --schedules.')
+flags.DEFINE_string('only', '', 'Internal: run one "stash:K" (or "schedule:K") here and print '
+                    'its JSON line.')
 FLAGS = flags.FLAGS
 
 MODULE = 'experiments.bench.memory'   # --isolate runs each configuration as this module
@@ -93,10 +105,84 @@ def measure(mode: str, num_stages: int) -> dict:
   }
 
 
+def measure_schedule(name: str, num_stages: int) -> dict:
+  """One step of a synchronous schedule watched action by action: each stage's peak of saved
+  microbatch forwards (a step's residuals are gone when it ends)."""
+  microbatches = FLAGS.microbatches
+  config = common.make_config(FLAGS.model, name, num_stages, FLAGS.batch_size,
+                              FLAGS.image_size, stage_devices=(0,) * num_stages)
+  config.microbatches = microbatches
+  pipe, state = common.build_pipeline(config)
+  batches = common.random_batches(pipe, FLAGS.batch_size, FLAGS.image_size, 2)
+  for inputs, targets in batches:   # compiles every action
+    state, _ = pipe.step(state, inputs, targets)
+  jax.block_until_ready(state)
+  peaks = [{'entries': 0, 'bytes': 0, 'entry_bytes': 0} for _ in range(num_stages)]
+  act = pipe._act   # pylint: disable=protected-access
+
+  def watched(flight, k, action, micro_spec):
+    act(flight, k, action, micro_spec)
+    for j, entries in enumerate(flight.saved):
+      held = sum(tree_bytes(entry.arrays) for entry in entries.values())
+      if held > peaks[j]['bytes']:
+        peaks[j].update(entries=len(entries), bytes=held,
+                        entry_bytes=max(tree_bytes(e.arrays) for e in entries.values()))
+
+  pipe._act = watched   # pylint: disable=protected-access
+  state, _ = pipe.step(state, *batches[0])
+  jax.block_until_ready(state)
+  del pipe._act   # pylint: disable=protected-access
+  bound = (lambda k: min(num_stages - k, microbatches)) if name == '1f1b' else (
+      lambda k: microbatches)
+  stages = [{'stage': k, 'peak_entries': p['entries'], 'bound': bound(k) if k < num_stages - 1
+             else 0, 'peak_saved_bytes': p['bytes'], 'entry_bytes': p['entry_bytes']}
+            for k, p in enumerate(peaks)]
+  return {
+      'schedule': name, 'num_stages': num_stages, 'microbatches': microbatches,
+      'stages': stages, 'saved_bytes': sum(s['peak_saved_bytes'] for s in stages),
+      'peaks_equal_bounds': all(s['peak_entries'] == s['bound'] for s in stages),
+      'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+  }
+
+
+def schedules_main() -> None:
+  """--schedules: GPipe's and 1F1B's peaks, a table and the JSON result."""
+  rows = []
+  for name in FLAGS.schedules.split(','):
+    for k in (int(k) for k in FLAGS.num_stages.split(',')):
+      print(f'{name} K={k} M={FLAGS.microbatches} ...', flush=True)
+      rows.append(run_isolated(name, k) if FLAGS.isolate else measure_schedule(name, k))
+  print(f'\n{FLAGS.model}, batch {FLAGS.batch_size}, {FLAGS.microbatches} microbatches, every '
+        'stage on one device (MiB = 2^20 bytes; the last stage keeps no residuals: its forward '
+        'and backward are one call)\n')
+  print('| schedule | K | stage | peak entries | bound | one entry MiB | peak saved MiB |')
+  print('|---|---|---|---|---|---|---|')
+  for row in rows:
+    for s in row['stages']:
+      print(f'| {row["schedule"]} | {row["num_stages"]} | {s["stage"]} | {s["peak_entries"]} | '
+            f'{s["bound"]} | {s["entry_bytes"] / MIB:.2f} | {s["peak_saved_bytes"] / MIB:.2f} |')
+  print('\n| schedule | K | peak saved MiB (all stages) | peak RSS MiB |')
+  print('|---|---|---|---|')
+  for row in rows:
+    print(f'| {row["schedule"]} | {row["num_stages"]} | {row["saved_bytes"] / MIB:.1f} | '
+          f'{row["peak_rss_bytes"] / MIB:.0f} |')
+  result = {
+      'benchmark': 'memory_schedules', 'model': FLAGS.model, 'batch_size': FLAGS.batch_size,
+      'image_size': FLAGS.image_size, 'microbatches': FLAGS.microbatches,
+      'isolated_processes': FLAGS.isolate,
+      'peaks_equal_bounds': all(r['peaks_equal_bounds'] for r in rows), 'configs': rows,
+      'device': str(jax.devices()[0]), 'machine': common.machine(),
+      'command': experiments.command_line(),
+  }
+  name = (FLAGS.output or f'bench_memory_schedules_{FLAGS.model}_b{FLAGS.batch_size}_'
+          f'm{FLAGS.microbatches}.json')
+  common.print_json(result, os.path.join(common.RESULTS_DIR, name))
+
+
 def run_isolated(stash: str, num_stages: int) -> dict:
   argv = [sys.executable, '-m', MODULE, f'--model={FLAGS.model}',
           f'--batch_size={FLAGS.batch_size}', f'--image_size={FLAGS.image_size}',
-          f'--only={stash}:{num_stages}']
+          f'--microbatches={FLAGS.microbatches}', f'--only={stash}:{num_stages}']
   done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                         cwd=experiments.REPO, check=False)
   if done.returncode:
@@ -107,8 +193,13 @@ def run_isolated(stash: str, num_stages: int) -> dict:
 def main(argv):
   del argv
   if FLAGS.only:
-    stash, num_stages = FLAGS.only.split(':')
-    print(json.dumps(measure(stash, int(num_stages))), flush=True)
+    mode, num_stages = FLAGS.only.split(':')
+    measured = (measure_schedule(mode, int(num_stages)) if mode in ('gpipe', '1f1b') else
+                measure(mode, int(num_stages)))
+    print(json.dumps(measured), flush=True)
+    return
+  if FLAGS.schedules:
+    schedules_main()
     return
   ks = [int(k) for k in FLAGS.num_stages.split(',')]
   modes = FLAGS.stash.split(',')
