@@ -67,7 +67,29 @@ def count_params(tree) -> int:
   return int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(tree)))
 
 
-class DelayedGradients:
+class _NetworkOnly:
+  """The state hooks of a method whose stages hold only their network (not DGL)."""
+  functions: tuple[dict[str, Callable], ...] = ()
+
+  def extend_states(self, states, rng, io_specs, state_shardings):
+    """No state beyond the network's."""
+    del rng, io_specs, state_shardings
+    return states
+
+  def network_variables(self, stage: fns.TrainState) -> dict:
+    """A stage state's network variables."""
+    return {'params': stage.params, 'batch_stats': stage.batch_stats}
+
+  def extra_param_counts(self, states) -> list[int]:
+    """Trainable parameters outside the network, per stage: none."""
+    return [0] * len(states)
+
+  def function_names(self) -> frozenset[str]:
+    """Names of the jitted stage functions (a profile names their XLA modules `jit_NAME`)."""
+    return _names(self.functions)
+
+
+class DelayedGradients(_NetworkOnly):
   """FDG or DDG: non-last stages update with a delayed cotangent, then forward."""
 
   def __init__(self, name: str = 'fdg'):
@@ -111,23 +133,6 @@ class DelayedGradients:
                              structure=residuals_out if spec.stash == 'vjp' else None,
                              inputs=None if inputs is None else {**inputs, 'x': x}),)
     return StageOutput(stage, queue, activation=y, cotangent=input_cotangent)
-
-  def extend_states(self, states, rng, io_specs, state_shardings):
-    """No state beyond the network's."""
-    del rng, io_specs, state_shardings
-    return states
-
-  def network_variables(self, stage: fns.TrainState) -> dict:
-    """A stage state's network variables."""
-    return {'params': stage.params, 'batch_stats': stage.batch_stats}
-
-  def extra_param_counts(self, states) -> list[int]:
-    """Trainable parameters outside the network, per stage: none."""
-    return [0] * len(states)
-
-  def function_names(self) -> frozenset[str]:
-    """Names of the jitted stage functions (a profile names their XLA modules `jit_NAME`)."""
-    return _names(self.functions)
 
 
 class LocalLosses:
@@ -207,7 +212,7 @@ class LocalLosses:
 # =========================================================== GPipe, 1F1B and FDG over microbatches
 
 
-class Microbatched:
+class Microbatched(_NetworkOnly):
   """A batch as M microbatches through every stage's program (`schedule.program`): F, B of a
   microbatch, U of a batch (the mean of its microbatches' gradients).
 
@@ -275,19 +280,6 @@ class Microbatched:
 
   def update(self, k: int, stage, total, squared_norms):
     return self.functions[k]['update'](stage, total, squared_norms)
-
-  def extend_states(self, states, rng, io_specs, state_shardings):
-    del rng, io_specs, state_shardings
-    return states
-
-  def network_variables(self, stage: fns.TrainState) -> dict:
-    return {'params': stage.params, 'batch_stats': stage.batch_stats}
-
-  def extra_param_counts(self, states) -> list[int]:
-    return [0] * len(states)
-
-  def function_names(self) -> frozenset[str]:
-    return _names(self.functions)
 
 
 # ================================================================================ the registry

@@ -237,24 +237,30 @@ def update_then_forward(spec: StageSpec) -> Callable:
   return update_then_forward
 
 
+def _loss_gradients(spec: StageSpec, state: TrainState, x, targets):
+  """The loss-computing stage's training forward at its current parameters: (state with its
+  new BatchNorm statistics and dropout key, parameter gradient, input cotangent, metrics)."""
+  dropout_key, key = jax.random.split(state.dropout_key)
+
+  def loss_of(params, h):
+    h = x if spec.first else with_differentiable_part(x, h)
+    outputs, batch_stats = train_forward(spec, params, state.batch_stats, h, key)
+    return jnp.mean(spec.loss_fn(outputs, targets)), (outputs, batch_stats)
+
+  (loss, (outputs, batch_stats)), (grads, input_cotangent) = jax.value_and_grad(
+      loss_of, argnums=(0, 1), has_aux=True)(
+          state.params, None if spec.first else differentiable_part(x))
+  metrics = spec.metrics.single_from_model_output(loss=loss, logits=outputs, labels=targets)
+  return (state.replace(batch_stats=batch_stats, dropout_key=dropout_key), grads,
+          input_cotangent, metrics)
+
+
 def last_update(spec: StageSpec) -> Callable:
   """The stage that computes the loss: `(state, x, targets) -> (state, input_cotangent,
   metrics)`, at its current parameters (no staleness)."""
   def update_then_forward(state: TrainState, x, targets):   # the name profiles look for
-    dropout_key, key = jax.random.split(state.dropout_key)
-
-    def loss_of(params, h):
-      h = x if spec.first else with_differentiable_part(x, h)
-      outputs, batch_stats = train_forward(spec, params, state.batch_stats, h, key)
-      return jnp.mean(spec.loss_fn(outputs, targets)), (outputs, batch_stats)
-
-    (loss, (outputs, batch_stats)), (grads, input_cotangent) = jax.value_and_grad(
-        loss_of, argnums=(0, 1), has_aux=True)(
-            state.params, None if spec.first else differentiable_part(x))
-    state = state.apply_gradients(grads=grads).replace(
-        batch_stats=batch_stats, dropout_key=dropout_key)
-    metrics = spec.metrics.single_from_model_output(loss=loss, logits=outputs, labels=targets)
-    return state, input_cotangent, metrics
+    state, grads, input_cotangent, metrics = _loss_gradients(spec, state, x, targets)
+    return state.apply_gradients(grads=grads), input_cotangent, metrics
 
   return update_then_forward
 
@@ -293,18 +299,7 @@ def microbatch_loss(spec: StageSpec) -> Callable:
   """The last stage in a synchronous schedule: `(state, total, x, targets) -> (state, total +
   gradient, input_cotangent, metrics)`, the gradient of the microbatch's mean loss."""
   def forward_backward(state: TrainState, total, x, targets):
-    dropout_key, key = jax.random.split(state.dropout_key)
-
-    def loss_of(params, h):
-      h = x if spec.first else with_differentiable_part(x, h)
-      outputs, batch_stats = train_forward(spec, params, state.batch_stats, h, key)
-      return jnp.mean(spec.loss_fn(outputs, targets)), (outputs, batch_stats)
-
-    (loss, (outputs, batch_stats)), (grads, input_cotangent) = jax.value_and_grad(
-        loss_of, argnums=(0, 1), has_aux=True)(
-            state.params, None if spec.first else differentiable_part(x))
-    state = state.replace(batch_stats=batch_stats, dropout_key=dropout_key)
-    metrics = spec.metrics.single_from_model_output(loss=loss, logits=outputs, labels=targets)
+    state, grads, input_cotangent, metrics = _loss_gradients(spec, state, x, targets)
     return state, _accumulate(total, grads), input_cotangent, metrics
   return forward_backward
 
