@@ -1,7 +1,8 @@
 """One process of a multi-process engine run (tests/test_multiprocess.py starts them through
 fdg_jax.launch): the tiny pipeline of tests/tiny.py (or, for a method 'fdg+dict' or 'fdg+mask',
-the stages of tests/test_pytree_stages.py that pass pytrees; for 'fdg@NAME', a compensation)
-with stage k on process k, fed the same batches as the single-process reference, drained;
+the stages of tests/test_pytree_stages.py that pass pytrees; for 'fdg@NAME', a compensation;
+for 'gpipe.m2', '1f1b.m4.clip' or 'fdg.m4', that method over microbatches) with stage k on
+process k, fed the same batches as the single-process reference, drained;
 process 0 writes every stage's variables."""
 
 import argparse
@@ -14,6 +15,7 @@ from fdg_jax.engine import baselines
 from fdg_jax.engine import checkpoint
 from fdg_jax.engine import compensation as compensation_lib
 from fdg_jax.engine import distributed
+from fdg_jax.engine import methods
 from fdg_jax.engine import pipeline
 from fdg_jax.engine import schedule
 from fdg_jax.models import aux_heads
@@ -22,6 +24,9 @@ from tiny import NUM_CLASSES, RECIPE, initial_variables, make_optimizer, tiny_ba
 
 NUM_BATCHES = 12
 BETA = 0.7
+# The whole model's clipping of a synchronous schedule ('.clip'): small enough that every batch
+# of tiny's run is clipped, so each stage's update depends on every stage's squared norm.
+GRAD_CLIP = 0.05
 
 
 def parse(name):
@@ -31,8 +36,22 @@ def parse(name):
   return method, kind, compensation
 
 
+def microbatched(method):
+  """'NAME.mM[.clip]' (NAME gpipe, 1f1b or fdg) -> its `methods.Microbatched`; None otherwise."""
+  name, *options = method.split('.')
+  if not options:
+    return None
+  microbatches = int(options[0].removeprefix('m'))
+  return methods.Microbatched(name, microbatches,
+                              grad_clip=GRAD_CLIP if 'clip' in options[1:] else 0.0)
+
+
 def make_pipeline(method, num_stages, stash, placements):
   method, kind, compensation = parse(method)
+  if microbatched(method):   # tiny's stages, a method over microbatches
+    modules, variables = initial_variables(num_stages)
+    return pipeline.Pipeline(modules, make_optimizer(), beta=BETA, stash=stash,
+                             placements=placements, method=microbatched(method)), variables
   if kind:   # stages that pass a pytree of kind 'dict' or 'mask'
     return pytree_pipeline(kind, num_stages, method, stash, placements, beta=BETA)
   modules, variables = initial_variables(num_stages)
@@ -92,6 +111,8 @@ def main():
   # part, 'resume', checkpoints the run half-way and restores it into a new pipeline. METHOD
   # 'fdg+dict' or 'fdg+mask' (any method, '+' a kind): stages that pass that pytree. METHOD
   # 'fdg@nesterov' (FDG or DDG, '@' a compensation): tiny's optimizer, with that compensation.
+  # METHOD '1f1b.m4.clip' ('gpipe', '1f1b' or 'fdg', '.mM' microbatches, '.clip' the whole
+  # model's clipping of a synchronous schedule): that method over M microbatches.
   parser.add_argument('--runs')
   args = parser.parse_args()
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)

@@ -1,6 +1,8 @@
-"""The trainer on tests/test_train.py's tiny image folder, for FDG, DDG and DGL (K = 2) one after
-the other in this process: stage k on process k when started by fdg_jax.launch, every stage on
-device 0 when run alone (tests/test_multiprocess.py compares the two)."""
+"""The trainer on tests/test_train.py's tiny image folder, for FDG, DDG, DGL, 1F1B over 2
+microbatches (clipped by the whole model's norm) and FDG over 2 microbatches (K = 2) one after
+the other in this process, each in OUT_DIR/NAME: stage k on process k when started by
+fdg_jax.launch, every stage on device 0 when run alone (tests/test_multiprocess.py compares the
+two)."""
 
 import argparse
 import os
@@ -11,7 +13,12 @@ from fdg_jax.engine import distributed
 from fdg_jax.trainer import train
 from test_train import small_config
 
-METHODS = ('fdg', 'ddg', 'dgl')
+# NAME: the config's fields besides small_config's. The methods over microbatches also draw
+# the timeline of steps 8-9 (it only observes: the numbers stay the same).
+TIMELINE = dict(timeline_start_step=8, timeline_num_steps=2)
+METHODS = {'fdg': dict(method='fdg'), 'ddg': dict(method='ddg'), 'dgl': dict(method='dgl'),
+           '1f1b.m2': dict(method='1f1b', microbatches=2, grad_clip=1.0, **TIMELINE),
+           'fdg.m2': dict(method='fdg', microbatches=2, **TIMELINE)}
 
 
 def main():
@@ -24,12 +31,12 @@ def main():
   parser.add_argument('--steps', type=int)
   args = parser.parse_args()
   distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-  for method in METHODS:
-    config = small_config(dataset='imagefolder', data_dir=args.data, method=method,
+  for name, fields in METHODS.items():
+    config = small_config(dataset='imagefolder', data_dir=args.data, **fields,
                           num_train_steps=args.steps, checkpoint_every_steps=args.steps,
                           cache_dir=os.path.join(args.out_dir, f'cache_{jax.process_index()}'),
                           stage_devices=() if jax.process_count() > 1 else (0, 0))
-    train.train_and_evaluate(config, os.path.join(args.out_dir, method))
+    train.train_and_evaluate(config, os.path.join(args.out_dir, name))
   print(f'process {jax.process_index()} done', flush=True)
 
 

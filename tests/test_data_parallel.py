@@ -1,6 +1,8 @@
 """A stage on several devices (its batch split over them, its state replicated) computes what
 the same stage computes on one device: FDG, DDG and DGL against their naive single-device
-references, uneven meshes between stages, BP on 2 devices against 1, and bit-exact resume."""
+references, uneven meshes between stages, BP on 2 devices against 1, and bit-exact resume; GPipe,
+1F1B and FDG over microbatches against one device per stage, also fed batches already split over
+the stage's devices."""
 
 import chex
 import jax
@@ -9,6 +11,8 @@ import pytest
 
 from fdg_jax.engine import baselines
 from fdg_jax.engine import checkpoint
+from fdg_jax.engine import distributed
+from fdg_jax.engine import methods
 from fdg_jax.engine import pipeline
 from fdg_jax.models import aux_heads
 from test_baselines import naive_ddg, naive_dgl, run as run_fed
@@ -161,3 +165,109 @@ def test_bad_placements_are_refused(placement, message):
   modules, _ = initial_variables(1)
   with pytest.raises(ValueError, match=message):
     pipeline.Pipeline(modules, make_optimizer(), placements=[placement])
+
+
+# ------------------------------------------------------------- methods over microbatches
+
+
+def microbatched(placements, name, microbatches, grad_clip=0.0):
+  modules, variables = initial_variables(len(placements))
+  pipe = pipeline.Pipeline(
+      modules, make_optimizer(), beta=BETA, placements=placements,
+      method=methods.Microbatched(name, microbatches, grad_clip=grad_clip))
+  return pipe, variables
+
+
+@pytest.mark.parametrize('name, microbatches, grad_clip', [
+    ('gpipe', 2, 0.0), ('1f1b', 4, 0.05), ('fdg', 2, 0.0), ('fdg', 4, 0.0)])
+def test_methods_over_microbatches_on_two_by_two_devices_equal_one_device_per_stage(
+    name, microbatches, grad_clip):
+  """GPipe, 1F1B (clipped by the whole model's norm: a stage's squared norm is reduced over its
+  devices, then moved to the other stage's) and FDG with microbatches at K = 2 x D = 2: each
+  microbatch split over its stage's devices computes what one device per stage computes (batch 8:
+  a microbatch of 2 or 4, split in 1 or 2 per device)."""
+  batches = tiny_batches(NUM_BATCHES, batch_size=8)
+  results = []
+  for placements in ([devices(0), devices(1)], [devices(0, 1), devices(2, 3)]):
+    pipe, variables = microbatched(placements, name, microbatches, grad_clip)
+    state, _, _ = run_fed(pipe, batches, variables)
+    assert [int(s.step) for s in state.stages] == [NUM_BATCHES] * 2
+    results.append(jax.device_get(pipe.stage_variables(state)))
+  chex.assert_trees_all_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['1f1b', 'fdg'])
+@pytest.mark.parametrize('layout, batch_size, microbatches', [
+    (((0, 1), (2, 3)), 6, 3), (((0, 1, 2), (3, 4)), 12, 2)])
+def test_batches_already_split_over_a_stage_split_into_microbatches(
+    name, layout, batch_size, microbatches):
+  """What the trainer feeds: each batch already on its stage's devices (inputs on stage 0's,
+  targets on the last stage's), split over them. The microbatches are cut from that split
+  batch, and their boundaries need not be the devices' (a batch of 6 on 2 devices as 3 + 3, its
+  microbatches 2 + 2 + 2): the batch over M dividing by each stage's D is enough. Every
+  microbatch in flight stays split over its stage's devices, and the run computes what one
+  device per stage computes from host batches."""
+  batches = tiny_batches(NUM_BATCHES, batch_size=batch_size)
+  pipe, variables = microbatched([devices(0), devices(1)], name, microbatches)
+  state, _, _ = run_fed(pipe, batches, variables)
+  expected = jax.device_get(pipe.stage_variables(state))
+
+  pipe, variables = microbatched([devices(*d) for d in layout], name, microbatches)
+  state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  for inputs, labels in batches:
+    inputs = distributed.put(inputs, pipe.shardings[0])
+    labels = distributed.put(labels, pipe.shardings[-1])
+    assert len(inputs.sharding.device_set) == len(layout[0])
+    state, _ = pipe.step(state, inputs, labels)
+    kept = state.microbatches
+    if name == 'fdg':   # what is in flight between batches: on its stage's devices, split
+      assert kept.in_flight
+      batch_shaped = ([(pipe.shardings[k], v) for k, d in enumerate(kept.arrived)
+                       for v in d.values()] +
+                      [(pipe.shardings[0], v) for v in kept.inputs.values()] +
+                      [(pipe.shardings[-1], v) for v in kept.targets.values()] +
+                      [(pipe.shardings[-1], v) for v in kept.held.values()])
+      assert batch_shaped
+      for sharding, value in batch_shaped:
+        for leaf in jax.tree_util.tree_leaves(value):
+          assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+          assert not leaf.sharding.is_fully_replicated
+    else:
+      assert kept is None
+  state, _ = pipe.drain(state)
+  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
+                              rtol=1e-5, atol=1e-6)
+
+
+def test_resume_of_fdg_with_microbatches_on_spread_stages_is_bit_exact(tmp_path):
+  """FDG over 4 microbatches at K = 2 x D = 2, checkpointed with microbatches in flight: every
+  array (the stages' states, gradient sums, saved forwards, activations, cotangents, inputs and
+  targets in flight) restores with the sharding it had, and the resumed run ends bit for bit
+  where the straight one does."""
+  batches = tiny_batches(NUM_BATCHES, batch_size=8)
+  placements = [devices(0, 1), devices(2, 3)]
+  pipe, variables = microbatched(placements, 'fdg', 4)
+  straight, _, _ = run_fed(pipe, batches, variables)
+  expected = jax.device_get(pipe.stage_variables(straight))
+
+  pipe, variables = microbatched(placements, 'fdg', 4)
+  state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  for images, labels in batches[:3]:
+    state, _ = pipe.step(state, images, labels)
+  def shardings(state):
+    return [leaf.sharding for leaf in jax.tree_util.tree_leaves((state.stages,
+                                                                 state.microbatches))]
+  saved_shardings = shardings(state)
+  assert len(saved_shardings) > len(jax.tree_util.tree_leaves(state.stages))
+  checkpointer = checkpoint.Checkpointer(str(tmp_path))
+  checkpointer.save(3, pipe, state)
+  checkpointer.wait()
+  del state
+  pipe, variables = microbatched(placements, 'fdg', 4)
+  fresh = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  restored, _ = checkpointer.restore(pipe, fresh)
+  assert shardings(restored) == saved_shardings
+  for images, labels in batches[3:]:
+    restored, _ = pipe.step(restored, images, labels)
+  resumed, _ = pipe.drain(restored)
+  chex.assert_trees_all_equal(jax.device_get(pipe.stage_variables(resumed)), expected)

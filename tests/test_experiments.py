@@ -27,8 +27,11 @@ from experiments.paper import fig4a_beta
 from experiments.paper import published
 from experiments.paper import table2
 from experiments.paper import table4
+from experiments.bench import action_timeline
+from experiments.bench import schedule_cost
 from experiments.probes import transfers
 from fdg_jax.engine import checkpoint as checkpoint_lib
+from fdg_jax.engine import schedule as schedule_lib
 from fdg_jax.trainer import workdir as workdir_lib
 from conftest import OTHER_XLA_FLAGS
 
@@ -469,13 +472,19 @@ def test_in_loop_times_reads_each_stage_s_compute_wait_and_transfers():
 def speedup(tmp_path, *args):
   return subprocess.run([sys.executable, '-m', 'experiments.bench.speedup', *args,
                          f'--output={tmp_path / "speedup.json"}'],
-                        capture_output=True, text=True, cwd=REPO)
+                        capture_output=True, text=True, cwd=REPO, timeout=1800)
 
 
 @pytest.mark.parametrize('args, message', [
     (['--task=language_model', '--model=resnet20'], '--model is for image_classification'),
     (['--task=language_model', '--n_embd=30', '--n_head=4'], 'not a multiple of --n_head'),
     (['--variant_env=LD_PRELOAD=/nonexistent/libtcmalloc.so'], 'does not exist'),
+    (['--configs=bp_1core,pipedream_m2'], "unknown ['pipedream_m2']"),
+    (['--configs=1f1b_m0'], "unknown ['1f1b_m0']"),
+    (['--microbatches=3'], 'does not split into that many microbatches'),   # batch 128
+    (['--microbatches=two'], 'give numbers >= 2'),
+    (['--microbatches=1'], 'give numbers >= 2'),
+    (['--configs=fdg_m1'], "unknown ['fdg_m1']"),
 ])
 def test_bench_speedup_refuses_bad_flags_before_running(tmp_path, args, message):
   done = speedup(tmp_path, *args)
@@ -506,6 +515,218 @@ def test_bench_speedup_runs_a_gpt_with_an_allocator_variant(tmp_path):
     assert len(result['stage_compute_ms'][name]) == 2 and result['exchange_ms'][name] > 0
   # The plain run's timeline lies beside the result.
   assert (tmp_path / 'speedup_flops_timeline.png').exists()
+
+
+# The speed-up benchmark's names, commands and configs over microbatches, read in a process of
+# their own: the benchmark's flags (--model, ...) would clash with the grids' in this one.
+SPEEDUP_COMMANDS = """
+import json
+from experiments.bench import speedup
+from fdg_jax.trainer import configuration
+FLAGS = speedup.FLAGS
+FLAGS(['speedup', '--task=language_model', '--batch_size=16', '--timeline_iters=3',
+       '--configs=bp_1core,fdg,fdg_m8', '--microbatches=2,4'])
+names = speedup.config_names()
+commands = {name: speedup.commands(name, [0, 1], events=True) for name in names}
+config = speedup.make_config('1f1b', 2, 4)
+configuration.validate_config(config)
+worker = commands['1f1b_m4'][0]
+FLAGS.unparse_flags()
+FLAGS(['speedup', *worker[worker.index('--') + 1:]])
+print(json.dumps({
+    'names': names, 'commands': commands,
+    'parsed': {n: speedup.microbatched(n) for n in ('1f1b_m4', 'gpipe_m2', 'fdg_m16', 'fdg',
+                                                    'fdg_time', 'gpipe_m0', 'bp_m2', 'fdg_mx',
+                                                    '1f1b_m1', 'fdg_m1')},
+    'config': {k: config[k] for k in ('task', 'method', 'num_stages', 'microbatches',
+                                      'batch_size')},
+    'worker': [FLAGS.method, speedup.worker_microbatches(), FLAGS.split_by]}))
+"""
+
+
+def test_bench_speedup_names_and_commands_over_microbatches():
+  """--microbatches=2,4 adds GPipe, 1F1B and FDG at each M after --configs; each runs as fdg
+  does (two pinned processes through fdg_jax.launch, the FLOP split), its worker reading its M
+  back; the config the worker builds is the trainer's, which accepts it."""
+  done = subprocess.run([sys.executable, '-c', SPEEDUP_COMMANDS], capture_output=True, text=True,
+                        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  got = json.loads(done.stdout.splitlines()[-1])
+  assert got['names'] == ['bp_1core', 'fdg', 'fdg_m8', 'gpipe_m2', '1f1b_m2', 'fdg_m2',
+                          'gpipe_m4', '1f1b_m4', 'fdg_m4']
+  assert got['parsed'] == {'1f1b_m4': ['1f1b', 4], 'gpipe_m2': ['gpipe', 2], 'fdg_m16': ['fdg', 16],
+                           'fdg': None, 'fdg_time': None, 'gpipe_m0': None, 'bp_m2': None,
+                           'fdg_mx': None, '1f1b_m1': ['1f1b', 1], 'fdg_m1': None}
+  [command] = got['commands']['1f1b_m4']
+  launch = command[:command.index('--') + 1]
+  assert launch[1:] == ['-m', 'fdg_jax.launch', '--num_processes=2', '--module',
+                        'experiments.bench.speedup', '--']
+  assert got['commands']['fdg'][0][:len(launch)] == launch   # as FDG runs
+  worker = command[len(launch):]
+  for flag in ('--method=1f1b', '--microbatches=4', '--split_by=flops', '--timeline_events=True',
+               '--timeline_iters=3', '--task=language_model', '--batch_size=16'):
+    assert flag in worker
+  assert '--microbatches=2' in got['commands']['fdg_m2'][0]
+  assert not any(a.startswith('--microbatches') for a in got['commands']['fdg'][0])
+  assert len(got['commands']['bp_1core']) == 1
+  assert got['config'] == {'task': 'language_model', 'method': '1f1b', 'num_stages': 2,
+                           'microbatches': 4, 'batch_size': 16}
+  assert got['worker'] == ['1f1b', 4, 'flops']
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason='the benchmark pins two cores')
+def test_bench_speedup_runs_1f1b_and_fdg_over_microbatches(tmp_path):
+  """The smallest GPT, 1F1B and FDG with M = 2, K = 2 in two processes: time per batch, each
+  stage's busy share and bubble from the action timeline, the ratio, the side-by-side drawing."""
+  done = speedup(tmp_path, '--task=language_model', '--n_layer=2', '--n_embd=16', '--n_head=2',
+                 '--block_size=8', '--batch_size=4', '--configs=1f1b_m2,fdg_m2', '--iters=2',
+                 '--warmup=3', '--timeline_iters=2', '--repeats=1')
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  with open(tmp_path / 'speedup.json') as f:
+    result = json.load(f)
+  assert set(result['ms_per_iter']) == {'1f1b_m2', 'fdg_m2'}
+  one_f_one_b, fdg = result['microbatched']['1f1b_m2'], result['microbatched']['fdg_m2']
+  assert (one_f_one_b['method'], one_f_one_b['microbatches']) == ('1f1b', 2)
+  assert one_f_one_b['bubble_theory'] == pytest.approx(1 / 3) and 'bubble_theory' not in fdg
+  for entry in (one_f_one_b, fdg):
+    assert len(entry['stage_compute_ms']) == 2 and all(ms > 0 for ms in entry['stage_compute_ms'])
+    assert entry['bubble'] == pytest.approx([1 - s for s in entry['busy_share']])
+    assert entry['exchange_ms'] > 0 and entry['timeline_ms_per_iter'] > 0
+    assert 'over_bp_1core' not in entry   # BP was not run
+  assert result['fdg_over_1f1b']['2'] == pytest.approx(
+      result['ms_per_iter']['1f1b_m2'] / result['ms_per_iter']['fdg_m2'])
+  assert 'capacity' not in result and 'fdg_over_bp_1core' not in result
+  assert (tmp_path / 'speedup_m2_timelines.png').exists()
+
+
+def _named(name):
+  """A stand-in for a jitted function: the trace names its module jit_NAME."""
+  def function():
+    pass
+  function.__name__ = name
+  return function
+
+
+def test_action_timeline_ties_executions_to_actions():
+  """A trace written by hand for stage 0 of 1F1B (K = 2, M = 2, one batch): F0 F1 B0 B1 U0.
+  The backward compiled twice (B0 without a gradient sum yet), so its executions are two runs of
+  run_ids; each run is one compiled function's calls in order. Busy time counts overlaps once."""
+  Action = schedule_lib.Action
+  method = mock.Mock(microbatches=2, grad_clip=0.0, functions=(
+      {'forward': _named('forward'), 'backward': _named('backward'), 'norm': _named('norm'),
+       'update': _named('update')},
+      {'loss': _named('forward_backward'), 'norm': _named('norm'), 'update': _named('update')}))
+  actions = [(0, Action('F', 0)), (0, Action('F', 1)), (0, Action('B', 0)), (0, Action('B', 1)),
+             (0, Action('U', 0))]
+
+  def ops(module, run_id, start, end):   # two op events of one execution
+    middle = (start + end) / 2
+    return [{'ph': 'X', 'ts': t0, 'dur': t1 - t0, 'name': 'fusion',
+             'args': {'hlo_module': f'jit_{module}', 'run_id': str(run_id),
+                      'device_ordinal': '0'}} for t0, t1 in ((start, middle), (middle, end))]
+  trace = {'traceEvents': [
+      *ops('forward', 40, 0, 1000), *ops('forward', 41, 1000, 2000),
+      *ops('backward', -7, 3000, 5000),         # printed signed: the first variant's run
+      *ops('backward', 900, 4500, 6000),        # overlaps the last by 0.5 ms
+      *ops('update', 12, 6000, 6500),
+      {'ph': 'X', 'ts': 0, 'dur': 9000, 'name': 'other', 'args': {'hlo_module': 'jit_other',
+                                                                   'run_id': '1'}}]}
+  events = action_timeline.events_from_trace(trace, actions, method, 2, {0: (0,)})
+  assert [(e.label, e.batch, e.start_ms, e.end_ms) for e in events] == [
+      ('F0', 0, 0.0, 1.0), ('F1', 0, 1.0, 2.0), ('B0', 0, 3.0, 5.0), ('B1', 0, 4.5, 6.0),
+      ('U0', 0, 6.0, 6.5)]
+  assert action_timeline.busy_ms(events, 0) == pytest.approx(5.5)
+  assert action_timeline.span_ms(events) == pytest.approx(6.5)
+  # Executions the actions do not explain keep their kind, without an index.
+  unexplained = action_timeline.events_from_trace(trace, actions[:4], method, 2, {0: (0,)})
+  assert [e.label for e in unexplained] == ['F0', 'F1', 'B0', 'B1', 'U']
+
+
+@pytest.mark.parametrize('num_stages', [2, 3, 4, 8])
+@pytest.mark.parametrize('microbatches', [1, 2, 4, 8])
+def test_schedule_cost_of_equal_unit_stages(num_stages, microbatches):
+  """Equal stages, F = B = 1, no latency: GPipe and 1F1B take (M + K - 1)(F + B) a batch (their
+  bubble (K - 1)/(M + K - 1)), an update U more after the flush; FDG's steady state is one
+  stage's work, M (F + B) + U, whatever K."""
+  K, M = num_stages, microbatches
+  for name in ('gpipe', '1f1b'):
+    predicted = schedule_cost.predict(name, K, M, 1.0, 1.0)
+    assert predicted['ms_per_batch'] == pytest.approx((M + K - 1) * 2)
+    assert predicted['bubble'] == pytest.approx(schedule_cost.bubble_theory(K, M))
+    assert predicted['speedup'] == pytest.approx(K * M / (M + K - 1))
+    assert schedule_cost.time_per_batch(name, K, M, 1.0, 1.0, 0.5) == pytest.approx(
+        (M + K - 1) * 2 + 0.5)
+  fdg = schedule_cost.predict('fdg', K, M, 1.0, 1.0, 0.5)
+  assert fdg['ms_per_batch'] == pytest.approx(2 * M + 0.5) and fdg['bubble'] == pytest.approx(0)
+  # Unequal stages: the slowest stage's work sets FDG's pace.
+  slow = [1.0] * (K - 1) + [3.0]
+  assert schedule_cost.time_per_batch('fdg', K, M, slow, 1.0, 0.5) == pytest.approx(4 * M + 0.5)
+
+
+def fake_stage_times():
+  """Stage times as --measure writes them: stage 0's forward 10 and backward 20 ms, the last
+  stage's fused forward, loss and backward 30 ms, updates of 5 ms."""
+  micro = {'forward_ms': 10.0, 'backward_ms': 20.0, 'loss_ms': 30.0, 'microbatch_size': 4}
+  return {'model': 'gpt1x8_h1_t4', 'batch_size': 16, 'update_ms': [5.0, 5.0],
+          'micro': {'1': micro, '4': micro}}
+
+
+def test_schedule_cost_stage_times_and_validation_by_hand():
+  """K = 2 is the two measured stages (the last stage's backward is in its fused forward); K = 4
+  splits the model's forward and backward (the fused loss in stage 0's ratio 1:2) into equal
+  stages. Validation against a speedup result, by hand, latency 0: FDG (M = 4) runs each stage's
+  work, M (10 + 20) + 5 = 125 ms; 1F1B's critical path is stage 0's F0, the last stage's four
+  fused calls, stage 0's last backward and its update, 10 + 4 x 30 + 20 + 5 = 155 ms; plain FDG
+  (M = 1) 35 ms. A measured 250 ms is a -50% error."""
+  entry = fake_stage_times()
+  assert schedule_cost.stage_times(entry, 4, 2) == ([10.0, 30.0], [20.0, 0.0], [5.0, 5.0])
+  assert schedule_cost.stage_times(entry, 4, 4) == ([5.0, 5.0, 5.0, 15.0], [10.0, 10.0, 10.0, 0.0],
+                                                    [2.5] * 4)
+  result = {'model': 'gpt1x8_h1_t4', 'batch_size': 16,
+            'ms_per_iter': {'fdg': 35.0, 'fdg_m4': 250.0, '1f1b_m4': 155.0, 'fdg_m4+env': 1.0},
+            'exchange_ms': {'fdg': 0.0, 'fdg_m4': 0.0, '1f1b_m4': 0.0},
+            'microbatched': {'1f1b_m4': {'method': '1f1b', 'microbatches': 4},
+                             'fdg_m4': {'method': 'fdg', 'microbatches': 4},
+                             'fdg_m4+env': {'method': 'fdg', 'microbatches': 4}}}
+  rows = {r['config']: r for r in schedule_cost.validation(result, entry, 24)}
+  assert set(rows) == {'fdg', '1f1b_m4', 'fdg_m4'}   # variants left out
+  assert rows['fdg']['predicted_ms'] == pytest.approx(35.0) and rows['fdg']['error'] == 0
+  assert rows['1f1b_m4']['predicted_ms'] == pytest.approx(155.0)
+  assert rows['fdg_m4']['predicted_ms'] == pytest.approx(125.0)
+  assert rows['fdg_m4']['error'] == pytest.approx(-0.5)
+  # The latency is half the measured round trip, and it lengthens the prediction.
+  result['exchange_ms']['1f1b_m4'] = 4.0
+  [late] = [r for r in schedule_cost.validation(result, entry, 24) if r['config'] == '1f1b_m4']
+  assert late['latency_ms'] == 2.0 and late['predicted_ms'] > 155.0
+
+
+def test_schedule_cost_command_validates_and_tabulates(tmp_path):
+  """The command reads stage times and a speedup result: the validation's table and JSON, then
+  the K = 2, 4, 8 table; it refuses a result of a model it has no times for."""
+  times, result = tmp_path / 'times.json', tmp_path / 'speedup.json'
+  times.write_text(json.dumps({'models': {'gpt1x8_h1_t4_b16': fake_stage_times()}}))
+  result.write_text(json.dumps({
+      'model': 'gpt1x8_h1_t4', 'batch_size': 16, 'ms_per_iter': {'fdg_m4': 250.0},
+      'exchange_ms': {'fdg_m4': 0.0},
+      'microbatched': {'fdg_m4': {'method': 'fdg', 'microbatches': 4}}}))
+  run = lambda *args: subprocess.run(
+      [sys.executable, '-m', 'experiments.bench.schedule_cost', f'--times={times}', *args],
+      capture_output=True, text=True, cwd=REPO, timeout=300)
+  done = run(f'--validate={result}')
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert '| fdg_m4 | 0.0 | 250 | 125 | -50.0% |' in done.stdout
+  assert json.loads(done.stdout.splitlines()[-1])['max_abs_error'] == pytest.approx(0.5)
+  done = run('--microbatches=4', f'--output={tmp_path / "table.json"}')
+  assert done.returncode == 0, done.stderr[-3000:]
+  rows = json.loads((tmp_path / 'table.json').read_text())['tables']['gpt1x8_h1_t4_b16']
+  assert [(r['num_stages'], r['schedule']) for r in rows] == [
+      (K, name) for K in (2, 4, 8) for name in ('gpipe', '1f1b', 'fdg')]
+  # Each stage works M (F + B) + U = 125 ms a batch: 250 ms in all on one device.
+  assert '| 2 | 4 | 0.0 | 215 (1.16) | 155 (1.61) | 125 (2.00) |' in done.stdout
+  result.write_text(json.dumps({'model': 'resnet20', 'batch_size': 128}))
+  done = run(f'--validate={result}')
+  assert done.returncode != 0 and 'has no stage times of resnet20_b128' in done.stderr
 
 
 # ------------------------------------------------------------------ the language-model grid
@@ -627,3 +848,52 @@ def test_shakespeare_grid_report_from_summaries(tmp_path):
   (bp,) = [g for g in reports.aggregate(results) if g.key[1] == 'bp']
   steps, mean, _ = bp.curve('val_loss', 'step')
   assert steps == [10, 20] and mean == pytest.approx([2.01, 1.91])
+
+
+def test_a_grid_of_methods_over_microbatches_dry_run_lists_their_commands(tmp_path):
+  """A grid's cells of 1F1B and FDG with microbatches (the script's `microbatches` override, or
+  `--set microbatches=M` for every cell): M is in their names and labels (the registry's
+  labels), another M is another cell, and `--dry_run` prints each command with
+  `--config.method=1f1b --config.microbatches=4`. A method without microbatches refuses them
+  before anything runs."""
+  f = 'configs/cifar10_resnet20.py'
+  opts = options(tmp_path)
+  one_f_one_b = cells_lib.make_cell(opts, f, method='1f1b', num_stages=4, seed=0,
+                                    script_overrides={'microbatches': 4})
+  fdg = cells_lib.make_cell(options(tmp_path, sets=('microbatches=2',)), f, method='fdg',
+                            num_stages=2, beta=0.5, seed=1)
+  gpipe = cells_lib.make_cell(opts, f, method='gpipe', num_stages=2, seed=0)
+  assert (one_f_one_b.name, one_f_one_b.label) == ('resnet20_1f1b_k4_m4_seed0', '1F1B K=4 M=4')
+  assert (fdg.name, fdg.label) == ('resnet20_fdg_k2_beta0.5_m2_seed1', 'FDG K=2 β=0.5 M=2')
+  assert (gpipe.name, gpipe.label, gpipe.microbatches) == ('resnet20_gpipe_k2_seed0',
+                                                           'GPipe K=2', 1)
+  assert one_f_one_b.group != cells_lib.make_cell(
+      opts, f, method='1f1b', num_stages=4, seed=0, script_overrides={'microbatches': 8}).group
+  for method in ('ddg', 'dgl'):
+    with pytest.raises(cells_lib.GridError, match=f"method '{method}' does not take microbatches"):
+      cells_lib.make_cell(options(tmp_path, sets=('microbatches=4',)), f, method=method,
+                          num_stages=2, seed=0)
+
+  script = tmp_path / 'microbatch_grid.py'   # a grid script, as experiments/paper's are
+  script.write_text(
+      'from absl import app\n'
+      'from experiments.grids import cells, grid\n'
+      'def build_cells(options):\n'
+      "  return [cells.make_cell(options, 'configs/cifar10_resnet20.py', method=method,\n"
+      '                          num_stages=4, seed=seed, script_overrides=overrides)\n'
+      '          for seed in options.seeds\n'
+      "          for method, overrides in (('bp', {}), ('1f1b', {'microbatches': 4}))]\n"
+      "if __name__ == '__main__':\n"
+      "  cells.define_flags('microbatch_grid')\n"
+      "  app.run(lambda _: grid.main('microbatch_grid', build_cells, lambda *_: None))\n")
+  result = subprocess.run(
+      [sys.executable, str(script), '--dry_run', '--seeds=0', f'--out_dir={tmp_path / "out"}'],
+      cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '2 cells in' in result.stdout, result.stdout
+  (line,) = [line for line in result.stdout.splitlines() if '--config.method=1f1b' in line]
+  assert f'--workdir={tmp_path / "out" / "runs" / "resnet20_1f1b_k4_m4_seed0"}' in line
+  assert '--config.method=1f1b --config.microbatches=4' in line
+  assert '--config.num_stages=4' in line
+  assert '- resnet20_1f1b_k4_m4_seed0: to run' in result.stdout

@@ -299,3 +299,44 @@ def test_a_checkpoint_with_microbatches_in_flight_resumes_bit_for_bit(
     state, _ = pipe.step(state, inputs, labels)
   chex.assert_trees_all_equal(jax.device_get(pipe.stage_variables(pipe.drain(state)[0])),
                               straight)
+
+
+@pytest.mark.parametrize('name, grad_clip, shared_device', [
+    ('1f1b', 0.05, False), ('fdg', 0.0, False), pytest.param('gpipe', 0.0, True, marks=SLOW)])
+def test_the_timeline_has_one_event_per_jitted_call(name, grad_clip, shared_device, tmp_path):
+  """The profiler timeline of a method over microbatches (K = 3, M = 2): each step's jitted
+  calls (`StepInfo.calls`: F, B, the last stage's fused F and B, the norm, the update; a call
+  that starts its batch's gradient sum is a program of its own) each tied to one execution on
+  its stage's device, and drawn."""
+  from fdg_jax.engine import timeline   # pylint: disable=import-outside-toplevel
+  num_stages, microbatches = 3, 2
+  batches = tiny_batches(5, batch_size=8)
+  modules, variables = initial_variables(num_stages)
+  pipe = pipeline.Pipeline(
+      modules, make_optimizer(), mean_loss_per_example, beta=0.5,
+      placements=[jax.devices()[0]] * num_stages if shared_device else None,
+      method=methods.Microbatched(name, microbatches, grad_clip=grad_clip))
+  state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  for inputs, labels in batches[:3]:   # compiles every program outside the trace
+    state, _ = pipe.step(state, inputs, labels)
+  infos = []
+  recorder = timeline.TimelineRecorder(pipe, str(tmp_path / 'trace'))
+  recorder.start(state)
+  for inputs, labels in batches[3:]:
+    state, info = pipe.step(state, inputs, labels)
+    recorder.add(info)
+    infos.append(info)
+  events = recorder.stop(state)
+  calls = [call for info in infos for call in info.calls]
+  per_batch = 2 * microbatches * (num_stages - 1) + microbatches + num_stages * (
+      1 + (grad_clip > 0))   # F and B, the last stage's F+B, the updates (and norms)
+  assert len(calls) == len(events) == 2 * per_batch
+  assert sorted((e.stage, e.phase, e.batch) for e in events) == sorted(calls)
+  assert {e.phase for e in events} >= {'forward', 'backward first', 'backward', 'loss first',
+                                       'loss', 'update'} | ({'norm'} if grad_clip else set())
+  for e in events:
+    assert e.start_ms <= e.end_ms and e.devices == ((0,) if shared_device else (e.stage,)), e
+    assert e.dispatch_start_ms is not None and e.start_ms >= e.dispatch_start_ms, e
+  png = tmp_path / 'timeline.png'
+  timeline.draw_timeline(events, str(png))
+  assert png.stat().st_size > 1000

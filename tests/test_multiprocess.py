@@ -21,6 +21,7 @@ import pytest
 from conftest import OTHER_XLA_FLAGS
 from fdg_jax.engine import distributed
 from mp_engine_child import run
+import mp_trainer_child
 from test_train import TEST_MODEL, write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,12 +79,23 @@ def test_processes_compute_what_one_process_computes(tmp_path):
   the four-process test below.) Also stages that pass pytrees across processes 0-1
   (tests/test_pytree_stages.py): a dict of float arrays, and a (float, bool mask) tuple whose
   cotangent has no mask leaf. Also the look-ahead compensations (FDG: Nesterov with the delay
-  momentum; DDG: Nesterov), whose delayed stages run optimizers of their own."""
+  momentum; DDG: Nesterov), whose delayed stages run optimizers of their own. Also the methods
+  over microbatches (tests/mp_engine_child.py's '.mM'), every microbatch's activation and
+  cotangent its own transfer: GPipe, 1F1B clipped by the whole model's norm (each stage's
+  squared norm moved to every other process; every batch is clipped) and FDG, each at K = 3
+  and K = 2, one with M = 2 and the other M = 4; 1F1B with clipping at K = 2 on process 0
+  alone equals it spread bit for bit; FDG with M = 4 checkpointed half-way with microbatches in
+  flight (each process saving its stages' part) and restored into a new pipeline ends bit for
+  bit where the straight run does."""
   runs = {3: ['fdg:vjp', 'fdg:recompute', 'ddg:vjp', 'dgl:vjp',
-              'fdg@nesterov+delay_momentum:vjp', 'ddg@nesterov:vjp'],
-          2: ['fdg:vjp:on0-1', 'fdg+dict:vjp:on0-1', 'fdg+mask:recompute:on0-1']}
+              'fdg@nesterov+delay_momentum:vjp', 'ddg@nesterov:vjp',
+              'gpipe.m2:vjp', '1f1b.m4.clip:vjp', 'fdg.m4:vjp', 'fdg.m4:vjp:on0-1-2:resume'],
+          2: ['fdg:vjp:on0-1', 'fdg+dict:vjp:on0-1', 'fdg+mask:recompute:on0-1',
+              'gpipe.m4:vjp:on0-1', '1f1b.m2.clip:vjp:on0-1', 'fdg.m2:vjp:on0-1']}
+  together = ['fdg:vjp:on0-0', '1f1b.m2.clip:vjp:on0-0']   # every stage on process 0
   code, stdout = launch(3, ['--num_stages=3', f'--out_dir={tmp_path}',
-                            f'--runs={",".join(runs[3] + runs[2] + ["fdg:vjp:on0-0"])}'])
+                            f'--runs={",".join(runs[3] + runs[2] + together)}'],
+                        timeout_s=2 * TIMEOUT_S)
   assert code == 0, stdout[-5000:]
   assert all(f'[{i}] process {i} done' in stdout for i in range(3))
   for num_stages, names in runs.items():
@@ -97,9 +109,11 @@ def test_processes_compute_what_one_process_computes(tmp_path):
       chex.assert_trees_all_close(got, leaves_of(expected), rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(np.load(f'{out}-logits.npy'), np.asarray(logits),
                                  rtol=1e-5, atol=1e-6)
-  with np.load(tmp_path / 'fdg-vjp-on0-1.npz') as spread, \
-       np.load(tmp_path / 'fdg-vjp-on0-0.npz') as together:
-    chex.assert_trees_all_equal(dict(spread), dict(together))
+  for first, second in [('fdg-vjp-on0-1', 'fdg-vjp-on0-0'),   # spread, on process 0
+                        ('1f1b.m2.clip-vjp-on0-1', '1f1b.m2.clip-vjp-on0-0'),
+                        ('fdg.m4-vjp', 'fdg.m4-vjp-on0-1-2-resume')]:   # straight, resumed
+    with np.load(tmp_path / f'{first}.npz') as one, np.load(tmp_path / f'{second}.npz') as two:
+      chex.assert_trees_all_equal(dict(one), dict(two))
 
 
 def test_stages_spread_over_processes_compute_what_one_process_computes(tmp_path):
@@ -109,11 +123,14 @@ def test_stages_spread_over_processes_compute_what_one_process_computes(tmp_path
   round), K = 2 x D = 2 (FDG, DGL); the processes without a stage only take part in the
   transfers. The same variables as one process with one device per stage (rel 1e-5); a run
   checkpointed half-way (each process saving its shards) and restored into a new pipeline ends
-  bit for bit where the straight run does."""
+  bit for bit where the straight run does. Also K = 2 x D = 2 over microbatches: 1F1B clipped
+  by the whole model's norm (a stage's squared norm, replicated on its two processes' devices,
+  moved to the other stage's two) and FDG with M = 2."""
   runs = ['bp:vjp:on01', 'bp:vjp:on01:resume', 'fdg:vjp:on01-2', 'ddg:vjp:on2-01',
-          'fdg:vjp:on01-23', 'fdg:vjp:on01-23:resume', 'dgl:vjp:on01-23']
+          'fdg:vjp:on01-23', 'fdg:vjp:on01-23:resume', 'dgl:vjp:on01-23',
+          '1f1b.m2.clip:vjp:on01-23', 'fdg.m2:vjp:on01-23']
   # Seven runs in four processes: on two busy cores (the test suite's other worker, a grid)
-  # this took over 240 s once.
+  # this took over 240 s once. (Nine, with the microbatches: 80 s to 150 s on two busy cores.)
   code, stdout = launch(4, ['--num_stages=0', f'--out_dir={tmp_path}', f'--runs={",".join(runs)}'],
                         timeout_s=2 * TIMEOUT_S)
   assert code == 0, stdout[-5000:]
@@ -179,14 +196,17 @@ def test_trainer_runs_data_parallel_bp_in_two_processes(tmp_path):
 
 
 def test_trainer_in_two_processes_equals_one_pinned_process_bit_for_bit(tmp_path):
-  """The trainer (FDG, DDG, DGL at K = 2) with stage k in process k, each process pinned to its
-  core, ends with the same variables, bit for bit, as one process with one CPU device pinned to
-  one core and both stages on it: XLA:CPU computes alike with one device and one thread in both
+  """The trainer (FDG, DDG, DGL, 1F1B over 2 microbatches with the whole model's clipping, FDG
+  over 2 microbatches, at K = 2) with stage k in process k, each process pinned to its core,
+  ends with the same variables, bit for bit, as one process with one CPU device pinned to one
+  core and both stages on it: XLA:CPU computes alike with one device and one thread in both
   layouts, so the layouts can be compared exactly (two devices, or cores, in one process round
   differently)."""
   data = write_image_folder(tmp_path / 'data')
   args = [f'--data={data}', '--steps=12']
-  code, output = launch(2, [*args, f'--out_dir={tmp_path / "two"}'], module='mp_trainer_child')
+  timeout_s = TIMEOUT_S * len(mp_trainer_child.METHODS) // 3   # the runs one after the other
+  code, output = launch(2, [*args, f'--out_dir={tmp_path / "two"}'], module='mp_trainer_child',
+                        timeout_s=timeout_s)
   assert code == 0, output[-5000:]
   # The launched processes inherit conftest's XLA flags (-O2): the process alone compiles with
   # the same, since programs compiled at different levels need not round alike (with JAX 0.12
@@ -197,14 +217,20 @@ def test_trainer_in_two_processes_equals_one_pinned_process_bit_for_bit(tmp_path
   alone = subprocess.run(
       [sys.executable, '-m', 'mp_trainer_child', *args,
        f'--out_dir={tmp_path / "one"}'], preexec_fn=lambda: os.sched_setaffinity(0, {core}),
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
   assert alone.returncode == 0, alone.stderr[-5000:]
-  for method in ('fdg', 'ddg', 'dgl'):
+  for method in mp_trainer_child.METHODS:
     one, two = summary_of(tmp_path / 'one' / method), summary_of(tmp_path / 'two' / method)
     assert one['num_processes'] == 1 and two['num_processes'] == 2
     assert len(set(one['devices'])) == 1 and len(set(two['devices'])) == 2
     for key in ('params_digest', 'test_loss', 'test_accuracy'):
       assert one[key] == two[key], (method, key)
+    if 'timeline_start_step' in mp_trainer_child.METHODS[method]:   # of both processes' calls
+      assert (tmp_path / 'two' / method / 'timeline.png').stat().st_size > 1000, method
+  # Two steps of K = 2, M = 2: 1F1B's stage 0 makes F, F, B, B, the norm and U, stage 1 F+B
+  # twice, the norm and U (20 calls); FDG's, the same without the norms (16).
+  assert 'Timeline of 20 stage calls' in output and 'Timeline of 16 stage calls' in output, (
+      output[-5000:])
 
 
 def child_pid(workdir, process_id):

@@ -258,7 +258,7 @@ def test_every_registered_method_runs_on_a_schedule_row():
   with pytest.raises(ValueError, match="method='zero_bubble' is not one of"):
     methods.get('zero_bubble')
   with pytest.raises(ValueError, match='does not take microbatches'):
-    methods.create('fdg', 2, microbatches=2)
+    methods.create('ddg', 2, microbatches=2)
 
 
 # ------------------------------------------------------------------ microbatch programs

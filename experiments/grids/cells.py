@@ -144,18 +144,29 @@ class Cell:
   variant: str = ''       # a name for the script's own settings of the cell ('' = none)
 
   @property
+  def microbatches(self) -> int:
+    """M, the microbatches of a batch (config.microbatches; 1 unless the cell sets it)."""
+    return int(self.override_dict().get('microbatches', 1))
+
+  @property
   def group(self) -> tuple:
-    """The cell without its seed: what results are averaged over."""
-    return (self.model, self.method, self.num_stages, self.beta, self.variant)
+    """The cell without its seed: what results are averaged over. Its last item is the cell's
+    setting: M = `microbatches` where it is over 1, then the variant."""
+    setting = ' '.join(p for p in (f'M={self.microbatches}' if self.microbatches > 1 else '',
+                                   self.variant) if p)
+    return (self.model, self.method, self.num_stages, self.beta, setting)
 
   @property
   def name(self) -> str:
-    """A directory name: model_method[_kK][_betaB]_seedS (K and beta only where they matter)."""
+    """A directory name: model_method[_kK][_betaB][_mM]_seedS (K, beta and M only where they
+    matter)."""
     parts = [self.model, self.method]
     if self.method != 'bp':
       parts.append(f'k{self.num_stages}')
     if self.method == 'fdg':
       parts.append(f'beta{self.beta:g}')
+    if self.microbatches > 1:
+      parts.append(f'm{self.microbatches}')
     if self.variant:
       parts.append(self.variant)
     parts.append(f'seed{self.seed}')
@@ -245,7 +256,9 @@ def make_cell(options: Options, config_file: str, *, method: str, seed: int,
   then the cell's fields. `variant` names what `script_overrides` make of the cell (it goes
   into the cell's name and label). num_stages / beta default to the config file's; methods
   other than FDG run with beta = 1 (DDG has no gradient shrinking, BP and DGL do not use it)
-  and BP with K = 1.
+  and BP with K = 1. A cell of a method over microbatches (the registry's takes_microbatches:
+  GPipe, 1F1B, FDG, BP) sets `microbatches` in `script_overrides` or through `--set`; its name
+  and label carry M (`_m4`, 'M=4'), and another method refuses one.
   """
   if options.scale not in options.scales:
     raise GridError(f'--scale={options.scale!r}: choose one of {tuple(options.scales)}.')
@@ -266,6 +279,11 @@ def make_cell(options: Options, config_file: str, *, method: str, seed: int,
   overrides.update(explicit)
   num_epochs = overrides.get('num_epochs', base.num_epochs)
   overrides.update(rescale_schedule(base, num_epochs, explicit))
+  microbatches = overrides.get('microbatches', base.get('microbatches', 1))
+  if microbatches != 1 and not methods.get(method).takes_microbatches:
+    takes = tuple(name for name, info in methods.REGISTRY.items() if info.takes_microbatches)
+    raise GridError(f'microbatches={microbatches!r} (from --set or the script): method {method!r} '
+                    f'does not take microbatches; the methods that do: {takes}.')
   num_stages = 1 if method == 'bp' else (num_stages or base.num_stages)
   beta = float(beta if beta is not None else base.beta) if method == 'fdg' else 1.0
   overrides.update(method=method, model=base.model, num_stages=num_stages, beta=beta, seed=seed)

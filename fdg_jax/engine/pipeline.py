@@ -64,6 +64,7 @@ class _Flight:
     self.norms = [None] * num_stages
     self.forwarded, self.updated = [None] * num_stages, [None] * num_stages
     self.metrics = None
+    self.calls = []   # (stage, function, batch) of each jitted call, in dispatch order
 
   @classmethod
   def of(cls, stages, kept: Optional[Microbatches]) -> '_Flight':
@@ -444,14 +445,15 @@ class Pipeline:
             self._act(flight, k, schedule_lib.Action(action.kind, action.index + offset),
                       micro_spec)
       if method.grad_clip > 0:   # the whole model's norm: every stage's share on every stage
-        scalar = jax.ShapeDtypeStruct((), jnp.float32)
-        gathered = [[distributed.move_tree(flight.norms[j], self.shardings[j], self.shardings[k],
-                                           scalar) for j in range(num_stages)]
-                    for k in range(num_stages)]
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)   # replicated, as the stage's state
+        gathered = [[distributed.move_tree(flight.norms[j], self.state_shardings[j],
+                                           self.state_shardings[k], scalar)
+                     for j in range(num_stages)] for k in range(num_stages)]
         for k in range(num_stages):
           if self.is_local[k]:
             flight.stages[k] = method.update(k, flight.stages[k], flight.sums[k].pop(batch),
                                              gathered[k])
+            flight.calls.append((k, 'update', batch))
       flight.forwarded = flight.updated = [batch] * num_stages
     else:
       fed = batch + (inputs is not None)
@@ -469,7 +471,8 @@ class Pipeline:
         microbatches=None if method.synchronous else flight.freeze())
     return new_state, StepInfo(iteration=state.iteration, forwarded=tuple(flight.forwarded),
                                updated=tuple(flight.updated),
-                               local_metrics=(None,) * (num_stages - 1) + (flight.metrics,))
+                               local_metrics=(None,) * (num_stages - 1) + (flight.metrics,),
+                               calls=tuple(flight.calls))
 
   def _act(self, flight: '_Flight', k: int, action: schedule_lib.Action, micro_spec) -> None:
     """One action of stage k's program (where this process owns the stage), then the transfer
@@ -480,10 +483,13 @@ class Pipeline:
       flight.updated[k] = i
       if local and method.grad_clip > 0:
         flight.norms[k] = method.squared_norm(k, flight.sums[k][i])
+        flight.calls.append((k, 'norm', i))
       elif local:
         flight.stages[k] = method.update(k, flight.stages[k], flight.sums[k].pop(i), None)
+        flight.calls.append((k, 'update', i))
       return
     batch = i // self.microbatches
+    first = ' first' if flight.sums[k].get(batch) is None else ''   # of the batch's sum
     if action.kind == 'F':
       flight.forwarded[k] = batch
       if local:
@@ -494,6 +500,7 @@ class Pipeline:
           flight.metrics = metrics if flight.metrics is None else flight.metrics.merge(metrics)
         else:
           flight.stages[k], out, flight.saved[k][i] = method.forward(k, flight.stages[k], x)
+        flight.calls.append((k, 'loss' + first if k == last else 'forward', batch))
       if k < last:
         out = self._transfer(out, schedule_lib.Transfer('activation', i, k, k + 1), micro_spec)
         if out is not None:
@@ -504,6 +511,7 @@ class Pipeline:
       elif local:
         flight.sums[k][batch], out = method.backward(
             k, flight.sums[k].get(batch), flight.saved[k].pop(i), flight.arrived[k].pop(('B', i)))
+        flight.calls.append((k, 'backward' + first, batch))
       if k > 0:
         out = self._transfer(out, schedule_lib.Transfer('cotangent', i, k, k - 1), micro_spec)
         if out is not None:

@@ -114,6 +114,11 @@ class StepInfo:
   forwarded: tuple[Optional[int], ...]
   updated: tuple[Optional[int], ...]
   local_metrics: tuple[Any, ...]   # per stage: the last stage's loss, DGL's local losses
+  # A method over microbatches: (stage, function, batch) of each jitted call this process made,
+  # in dispatch order; `function` is the key in `method.functions[stage]` ('forward',
+  # 'backward', 'loss', 'norm', 'update'), with ' first' where the call starts its batch's
+  # gradient sum (no sum yet: a program compiled apart). The timeline ties them to the trace.
+  calls: tuple[tuple[int, str, int], ...] = ()
 
   @property
   def metrics(self):

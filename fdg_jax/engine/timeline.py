@@ -58,7 +58,8 @@ class StageEvent:
   """
   stage: int
   iteration: int
-  phase: str                 # 'fill', 'steady' or 'drain' (the last stage: always 'steady')
+  phase: str                 # 'fill', 'steady' or 'drain' (the last stage: always 'steady');
+                             # over microbatches, the function ('forward', 'backward', ...)
   batch: Optional[int]       # the batch forwarded, or for a drain call the batch updated
   devices: tuple[int, ...]
   start_ms: float
@@ -78,7 +79,9 @@ class _Call:
 
 def _calls_of(info: pipeline_lib.StepInfo, num_stages: int) -> list[_Call]:
   """The stage calls one `Pipeline.step` made, in the order it made them, with the phase the
-  engine's schedule gives each."""
+  engine's schedule gives each (a method over microbatches: its function, e.g. 'forward')."""
+  if info.calls:   # each of its stage functions is an executable of its own
+    return [_Call(k, info.iteration, function, batch) for k, function, batch in info.calls]
   calls = []
   for k in range(num_stages):
     call = schedule_lib.StageCall(k, info.forwarded[k], info.updated[k])
@@ -350,7 +353,7 @@ def draw_timeline(events: Sequence[StageEvent], png_path: str, title: str = '') 
     row = stages.index(e.stage)
     colour = colour_of.get(e.batch, 'grey')
     ax.barh(row, e.end_ms - e.start_ms, left=e.start_ms, height=0.6, color=colour,
-            edgecolor='black', linewidth=0.5, hatch='//' if e.phase != 'steady' else None)
+            edgecolor='black', linewidth=0.5, hatch='//' if e.phase in ('fill', 'drain') else None)
     ax.text((e.start_ms + e.end_ms) / 2, row, str(e.batch), ha='center', va='center',
             fontsize=7, clip_on=True)
     if has_host:
