@@ -4,8 +4,8 @@ The packages show the architecture: `engine` (the schedule, the stage functions,
 the executor, placement and transfers, optimizers, compensation, checkpoints, timelines),
 `models` (the zoo, the GPT and ViT, DGL's heads, the split), `data` (image and text sources and
 their batch streams), `tasks` (one module per task behind `tasks.base.Task`) and `trainer` (the
-config, the run, its workdir and logs); `main` and `launch` are the commands. Each package's
-`__init__` states its import rule; tests/test_layout.py checks them.
+config, the run, its workdir and logs); `main`, `sample` and `launch` are the commands. Each
+package's `__init__` states its import rule; tests/test_layout.py checks them.
 
 The library's API is here: `fdg_jax.Pipeline` on any list of flax modules, the zoo
 (`fdg_jax.models`), the split (`fdg_jax.partition`), DGL's heads (`fdg_jax.aux_heads`), the

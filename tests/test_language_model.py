@@ -16,7 +16,9 @@ from fdg_jax.data import image_sources
 from fdg_jax.data import text_data
 from fdg_jax.models import partition
 from fdg_jax.tasks import language_model
+from fdg_jax.trainer import configuration
 from fdg_jax.trainer import train
+from fdg_jax.trainer import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ('the quick brown fox jumps over a lazy dog while kings and queens speak of love and '
@@ -66,6 +68,7 @@ def test_cli_trains_fdg_and_reports_bits_per_character_and_a_sample(tmp_path):
   assert stored.kind == 'char' and stored.size == summary['vocabulary_size']
   console = result.stdout + result.stderr
   assert 'bits per token' in console and 'sample:' in console
+  assert summary['mfu'] is None and 'no MFU: no peak FLOP/s is known for 1 x cpu' in console
 
 
 @pytest.mark.slow
@@ -109,3 +112,60 @@ def test_the_split_balances_blocks_and_the_stages_compose_on_tokens(tmp_path):
   block = 12 * width * width + 2 * width   # attention 4 C^2, MLP 8 C^2, two LayerNorm scales
   assert [partition.count_params(v['params']) for v in variables] == [
       (vocab + context) * width + block, 2 * block, block + width + width * vocab]
+
+
+def test_the_vocabulary_from_the_whole_text_and_old_runs_resume_with_the_training_text(tmp_path):
+  """The default vocabulary takes a validation character the training text lacks; a workdir
+  written before `vocabulary_from` existed resumes as 'train', what it computed."""
+  text = tmp_path / 'text.txt'
+  write_text(text)
+  text.write_text(text.read_text() + '\nZebras & yaks!', encoding='utf-8')   # in validation only
+  config = tiny_config(str(text))
+  assert config.vocabulary_from == 'all'
+  loaded = language_model.LanguageModel(config).load_data(str(tmp_path / 'run'))
+  assert 'Z' in loaded.vocabulary.symbols and '&' in loaded.vocabulary.symbols
+  assert text_data.load_vocabulary(str(tmp_path / 'run')) == loaded.vocabulary
+  config.vocabulary_from = 'train'
+  with pytest.raises(data.DataError, match="the character 'Z'.*vocabulary_from='all'"):
+    language_model.LanguageModel(config).load_data()
+  config.vocabulary_from = 'every'
+  assert language_model.LanguageModel(config).validate() == [
+      "config.vocabulary_from: unknown source 'every'. Choose one of ('all', 'train')."]
+  # A run's saved config from before the field: it built its vocabulary from the training text.
+  old = tmp_path / 'old'
+  old.mkdir()
+  saved = workdir_lib.jsonable(tiny_config(str(text)))
+  del saved['vocabulary_from']
+  (old / workdir_lib.CONFIG_FILE).write_text(json.dumps(saved))
+  task = language_model.LanguageModel(tiny_config(str(text), vocabulary_from='train'))
+  workdir_lib.check_config_matches(task.config, str(old), task)
+  task = language_model.LanguageModel(tiny_config(str(text)))
+  with pytest.raises(configuration.ConfigError, match="vocabulary_from: 'train' there, 'all' here"):
+    workdir_lib.check_config_matches(task.config, str(old), task)
+
+
+def test_mfu_in_the_summary_from_the_devices_peak(tmp_path):
+  """Model FLOPs per token x tokens per second over the devices' dense bf16 peak; none on CPU,
+  and the last line says so."""
+  assert language_model.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
+  assert language_model.peak_flops('NVIDIA H100 PCIe') == 756e12
+  assert language_model.peak_flops('NVIDIA H200') == 989e12
+  assert language_model.peak_flops('NVIDIA A100-SXM4-40GB') == 312e12
+  assert language_model.peak_flops('cpu') is None
+  task = language_model.LanguageModel(tiny_config(write_text(tmp_path / 'text.txt')))
+  loaded = task.load_data()
+  result = {'loss': 2.0, 'accuracy': 0.4}
+  flops = task.model_flops_per_token(loaded.vocabulary.size)
+  assert flops == 6 * (2 * (12 * 16 * 16 + 2 * 16) + 16 + 16 * loaded.vocabulary.size) + (
+      12 * 2 * 2 * 8 * 16)   # 6 N + 12 L H Q T (tests/test_transformers.py counts N by hand)
+  summary = task.summary_fields(loaded, result, 1000.0)
+  assert summary['model_flops_per_token'] == flops and summary['mfu'] is None
+  assert summary['mfu_devices'] == '1 x cpu'
+  assert task.final_line(summary) == ('Validation loss 2.0000 nats per token (no MFU: no peak '
+                                      'FLOP/s is known for 1 x cpu)')
+  task._device_kinds = ['NVIDIA H100 80GB HBM3'] * 2   # pylint: disable=protected-access
+  summary = task.summary_fields(loaded, result, 1000.0)
+  assert summary['mfu'] == pytest.approx(flops * 1000.0 / (2 * 989e12))
+  assert summary['peak_flops'] == 2 * 989e12
+  assert task.final_line(summary).endswith(
+      f"(MFU {summary['mfu']:.2%} of the dense bf16 peak of 2 x NVIDIA H100 80GB HBM3)")

@@ -154,14 +154,41 @@ def test_bad_inputs_give_one_clear_line(tmp_path, text_file):
     td.load_text('wikitext', text_file)
 
 
-def test_character_outside_vocabulary_named_with_position(tmp_path):
+def test_character_outside_the_training_vocabulary_named_with_position(tmp_path):
   path = tmp_path / 'input.txt'
   text = 'abc\n' * 45 + 'ab\nbZ\n' + 'abc\n' * 4  # validation: 'b\nbZ\nabc...'
   path.write_text(text)
   with pytest.raises(DataError, match=r"validation text has the character 'Z' \(U\+005A\) "
-                     r'at its line 2, column 2 \(character 184 of the whole text\).*kind=.byte.'):
-    td.load_text('textfile', str(path))
+                     r'at its line 2, column 2 \(character 184 of the whole text\).*'
+                     r"vocabulary_from='all'.*kind=.byte."):
+    td.load_text('textfile', str(path), vocabulary_from='train')
   assert td.load_text('textfile', str(path), kind='byte').val_tokens.size
+
+
+def test_the_vocabulary_comes_from_the_whole_text_by_default(tmp_path):
+  """As nanoGPT's prepare.py: a validation character the training text lacks is in the
+  vocabulary, and the text trains as it is."""
+  path = tmp_path / 'input.txt'
+  text = 'abc\n' * 45 + 'ab\nbZé\n' + 'abc\n' * 4   # 'Z' and 'é' only in the validation text
+  path.write_text(text, encoding='utf-8')
+  data = td.load_text('textfile', str(path), block_size=4)
+  cut = int(len(text) * 0.9)
+  assert data.vocabulary == td.Vocabulary.from_text(text) and data.vocabulary.size == 6
+  assert data.vocabulary.decode(data.train_tokens) == text[:cut]
+  assert data.vocabulary.decode(data.val_tokens) == text[cut:]
+  assert '(from the whole text)' in data.description
+  # The ids are the sorted characters: where both parts hold the same characters, the two
+  # sources give the same vocabulary and tokens.
+  same = tmp_path / 'same.txt'
+  same.write_text(TEXT, encoding='utf-8')
+  whole, train = (td.load_text('textfile', str(same), vocabulary_from=source)
+                  for source in td.VOCABULARY_SOURCES)
+  assert whole.vocabulary == train.vocabulary
+  np.testing.assert_array_equal(whole.train_tokens, train.train_tokens)
+  np.testing.assert_array_equal(whole.val_tokens, train.val_tokens)
+  assert '(from the training text)' in train.description
+  with pytest.raises(DataError, match="Unknown vocabulary source 'val'"):
+    td.load_text('textfile', str(same), vocabulary_from='val')
 
 
 def test_changed_vocabulary_on_resume(tmp_path, text_file):

@@ -6,6 +6,7 @@ import functools
 import math
 
 import chex
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -225,6 +226,100 @@ def test_block_flops_of_the_gpt_and_a_balanced_split():
     ranges = partition.stage_ranges(partition.balanced_split(flops, num_stages), len(blocks))
     per_stage = [len(set(range(a, b)) & set(range(1, n_layer + 1))) for a, b in ranges]
     assert per_stage == [n_layer // num_stages] * num_stages, (num_stages, ranges)
+
+
+class _WrittenOutAttention(nn.Module):
+  """The GPT's attention as it was before `jax.nn.dot_product_attention` (the reference of the
+  test below): scores in float32, -inf above the diagonal, softmax, dropout on the weights."""
+  n_head: int
+  n_embd: int
+  n_layer: int
+  dropout_rate: float = 0.0
+  bias: bool = False
+  causal: bool = True
+  dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    batch, length, _ = x.shape
+    head_size = self.n_embd // self.n_head
+    qkv = gpt.dense(3 * self.n_embd, self.bias, self.dtype, 'c_attn')(x)
+    q, k, v = (a.reshape(batch, length, self.n_head, head_size)
+               for a in jnp.split(qkv, 3, axis=-1))
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(head_size))
+    if self.causal:
+      allowed = jnp.tril(jnp.ones((length, length), bool))
+      scores = jnp.where(allowed, scores, -jnp.inf)
+    weights = nn.softmax(scores, axis=-1)
+    weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
+    y = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+    y = y.reshape(batch, length, self.n_embd)
+    y = gpt.dense(self.n_embd, self.bias, self.dtype, 'c_proj', gpt.residual_init(self.n_layer))(y)
+    return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('causal', [True, False], ids=['causal', 'vit'])
+@pytest.mark.parametrize('implementation', gpt.ATTENTION_IMPLEMENTATIONS)
+def test_every_attention_implementation_equals_the_attention_before_them(implementation,
+                                                                         causal, dtype):
+  """The outputs, and in float32 the gradients, of each way the attention runs (on this
+  platform: 'cudnn' falls back to XLA's `jax.nn.dot_product_attention` on CPU) against the
+  attention as it was before they existed; causal (the GPT) and not (the ViT's blocks). With
+  attention dropout in training the same weights are dropped."""
+  dtype = gpt.compute_dtype(dtype)
+  args = (N_HEAD, N_EMBD, N_LAYER)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(BATCH, BLOCK_SIZE, N_EMBD)), jnp.float32)
+  new = gpt.SelfAttention(*args, bias=True, causal=causal, dtype=dtype,
+                          implementation=implementation)
+  old = _WrittenOutAttention(*args, bias=True, causal=causal, dtype=dtype)
+  params = _perturbed(new.init(_key(0), x, train=False)['params'])
+  apply = lambda module, p, x: module.apply({'params': p}, x, train=False)
+  got, expected = (jax.jit(functools.partial(apply, m))(params, x) for m in (new, old))
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    loss = lambda module: lambda p, x: jnp.sum(jnp.sin(apply(module, p, x)))
+    grads = [jax.jit(jax.grad(loss(m), argnums=(0, 1)))(params, x) for m in (new, old)]
+    chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+  else:
+    scale = float(jnp.abs(expected.astype(jnp.float32)).max())
+    np.testing.assert_allclose(got.astype(jnp.float32), expected.astype(jnp.float32),
+                               atol=0.05 * scale)
+  dropped = [m.clone(dropout_rate=0.3) for m in (new, old)]
+  train = lambda module: jax.jit(lambda p, x: module.apply(
+      {'params': p}, x, train=True, rngs={'dropout': _key(4)}))
+  np.testing.assert_array_equal(train(dropped[0])(params, x), train(dropped[1])(params, x))
+
+
+def test_attention_implementation_is_chosen_per_platform():
+  gpu = jax.default_backend() == 'gpu'
+  assert gpt.attention_implementation(None, jnp.bfloat16) == ('cudnn' if gpu else 'plain')
+  assert gpt.attention_implementation(None, jnp.float32) == ('xla' if gpu else 'plain')
+  assert gpt.attention_implementation('cudnn', jnp.bfloat16) == ('cudnn' if gpu else 'xla')
+  assert gpt.attention_implementation('cudnn', jnp.float32) == 'xla'   # cuDNN: 16-bit only
+  assert gpt.attention_implementation('xla', jnp.bfloat16) == 'xla'
+  with pytest.raises(ValueError, match="'flash' is not one of"):
+    gpt.create_blocks(N_LAYER, N_HEAD, N_EMBD, BLOCK_SIZE, VOCAB, implementation='flash')
+
+
+@pytest.mark.parametrize('bias', [False, True])
+def test_flops_per_token_against_a_hand_count(bias):
+  """PaLM's 6 N + 12 L H Q T (nanoGPT's estimate_mfu), counted by hand for the tiny GPT
+  (L = 2, H = 2, Q = 8, C = 16, T = 8, V = 11): N is every parameter but the two embedding
+  tables."""
+  c = N_EMBD
+  per_block = (3 * c * c + c * c) + (4 * c * c + 4 * c * c) + 2 * c   # attention, MLP, LN scales
+  if bias:
+    per_block += 3 * c + c + 4 * c + c + 2 * c   # c_attn, c_proj, c_fc, c_proj, LN biases
+  n = N_LAYER * per_block + (2 * c if bias else c) + c * VOCAB   # ln_f, the LM head
+  expected = 6 * n + 12 * N_LAYER * N_HEAD * (N_EMBD // N_HEAD) * BLOCK_SIZE
+  assert gpt.flops_per_token(N_LAYER, N_HEAD, N_EMBD, BLOCK_SIZE, VOCAB, bias) == expected
+  assert expected == (41_472 if not bias else 43_680)   # 6 x 6,400 + 3,072; 6 x 6,768 + 3,072
+  blocks = gpt.create_blocks(N_LAYER, N_HEAD, N_EMBD, BLOCK_SIZE, VOCAB, bias=bias)
+  params = _init(blocks, _tokens())[1]['params']
+  embeddings = partition.count_params(params['blocks_0'])   # wte and wpe
+  assert partition.count_params(params) - embeddings == n
 
 
 def _lm_batches(num_batches, seed=5):

@@ -5,11 +5,16 @@ the text is split into the first 90% for training and the last 10% for validatio
 batch is `batch_size` windows of block_size + 1 tokens at uniformly drawn start positions, the
 inputs being a window's first block_size tokens and the targets its last block_size.
 
-Differences, and why:
-* A character vocabulary is the sorted set of characters of the TRAINING text (nanoGPT takes
-  the whole text's): the model can only learn characters it is trained on, and the validation
-  text stays unseen. A validation character outside it is refused at load time, naming the
-  character and its position (`kind='byte'` has no such case).
+A character vocabulary is the sorted set of characters of the whole text, as nanoGPT's
+prepare.py builds it (`vocabulary_from='all'`), so a corpus whose validation part holds a
+character the training part lacks (a rare accent, a symbol) trains as it is. `vocabulary_from=
+'train'` takes the training text's characters only (what runs before that option did): the
+validation text then stays wholly unseen, and a validation character outside the vocabulary is
+refused at load time, naming the character and its position (`kind='byte'` has no such case).
+Both give the same ids when the two parts hold the same characters (tiny Shakespeare at the
+default split does): the ids are the sorted characters.
+
+Differences from nanoGPT, and why:
 * Batches are drawn from `np.random.default_rng([seed, step])`, so step s's batch depends only
   on (seed, s) and a resumed run draws the same batches as an uninterrupted one.
 * Evaluation covers the whole validation text once with fixed windows (`eval_batches`),
@@ -35,6 +40,8 @@ from fdg_jax.data import image_sources
 DATASETS = ('textfile', 'tiny_shakespeare')
 TFDS_DATASETS = ('tiny_shakespeare',)   # read through tfds
 KINDS = ('char', 'byte')
+# Where a char vocabulary's characters come from: the whole text, or its training part only.
+VOCABULARY_SOURCES = ('all', 'train')
 VOCABULARY_FILE = 'vocabulary.json'
 _BYTE_VOCABULARY_SIZE = 256
 # Where TFDS downloads tiny_shakespeare from (karpathy/char-rnn's input.txt); probed before
@@ -75,9 +82,11 @@ class Vocabulary:
   def size(self) -> int:
     return _BYTE_VOCABULARY_SIZE if self.kind == 'byte' else len(self.symbols)
 
-  def encode(self, text: str, *, where: str = 'the text', offset: int = 0) -> np.ndarray:
+  def encode(self, text: str, *, where: str = 'the text', offset: int = 0,
+             fix: str = "Use a byte vocabulary (kind='byte'), or a char vocabulary of a text "
+                        'that holds it') -> np.ndarray:
     """int32 ids of `text`; a character outside a char vocabulary is a DataError naming it and
-    its position (counted from `offset`, the start of `text` within `where`)."""
+    its position (counted from `offset`, the start of `text` within `where`), and `fix`."""
     if self.kind == 'byte':
       return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32)
     codes = np.frombuffer(text.encode('utf-32-le'), np.uint32)
@@ -92,8 +101,7 @@ class Vocabulary:
       raise DataError(
           f'{where} has the character {char!r} (U+{ord(char):04X}) at its line {line}, column '
           f'{column} (character {offset + index} of the whole text), which is not in the char '
-          f'vocabulary of {self.size} symbols built from the training text. Use a byte '
-          "vocabulary (kind='byte'), or make the training text contain it.")
+          f'vocabulary of {self.size} symbols. {fix}.')
     return ids.astype(np.int32)
 
   def decode(self, ids) -> str:
@@ -150,19 +158,24 @@ class TextData:
   train_tokens: np.ndarray  # int32 [N]
   val_tokens: np.ndarray  # int32 [M]
   val_fraction: float
+  vocabulary_from: str = 'all'   # a char vocabulary's source: VOCABULARY_SOURCES
 
   @property
   def description(self) -> str:
-    """One line for the log, e.g. 'tiny_shakespeare, char vocabulary of 65 symbols: train
-    1,003,854 tokens, validation 111,540 tokens (the last 10%)'."""
+    """One line for the log, e.g. 'tiny_shakespeare, char vocabulary of 65 symbols (from the
+    whole text): train 1,003,854 tokens, validation 111,540 tokens (the last 10%)'."""
+    source = ''
+    if self.vocabulary.kind == 'char':
+      source = (' (from the whole text)' if self.vocabulary_from == 'all'
+                else ' (from the training text)')
     return (f'{self.name}, {self.vocabulary.kind} vocabulary of {self.vocabulary.size} '
-            f'symbols: train {len(self.train_tokens):,} tokens, validation '
+            f'symbols{source}: train {len(self.train_tokens):,} tokens, validation '
             f'{len(self.val_tokens):,} tokens (the last {self.val_fraction:.0%})')
 
 
 def load_text(dataset: str, data_dir: str | None, kind: str = 'char',
               val_fraction: float = 0.1, vocabulary: Vocabulary | None = None,
-              block_size: int | None = None) -> TextData:
+              block_size: int | None = None, vocabulary_from: str = 'all') -> TextData:
   """Reads, tokenises and splits a text: the first 1 - val_fraction for training, the rest
   for validation (nanoGPT: train = data[:int(n * 0.9)]; char vocabularies split the
   characters, byte vocabularies the bytes).
@@ -173,13 +186,18 @@ def load_text(dataset: str, data_dir: str | None, kind: str = 'char',
       train, validation and test splits joined in order are char-rnn's input.txt, so the
       default split is nanoGPT's; data_dir is the TFDS data dir, '' or None for its default).
     data_dir: see `dataset`.
-    kind: 'char' (vocabulary from the training text) or 'byte' (256 ids, UTF-8 bytes).
+    kind: 'char' (the text's characters) or 'byte' (256 ids, UTF-8 bytes).
     val_fraction: the share of the text, at its end, held out for validation, in (0, 1).
     vocabulary: the run's stored vocabulary (resume, evaluation); the text must give the same.
     block_size: if given, both splits must hold at least one window of block_size + 1 tokens.
+    vocabulary_from: a char vocabulary's characters: 'all' (the whole text's, nanoGPT's) or
+      'train' (the training text's; a validation character outside them is a DataError).
   """
   if kind not in KINDS:
     raise DataError(f'Unknown vocabulary kind {kind!r}. Use one of {KINDS}.')
+  if vocabulary_from not in VOCABULARY_SOURCES:
+    raise DataError(f'Unknown vocabulary source {vocabulary_from!r}. Use one of '
+                    f'{VOCABULARY_SOURCES}.')
   if not 0 < val_fraction < 1:
     raise DataError(f'val_fraction={val_fraction} is outside (0, 1). Use e.g. 0.1 (nanoGPT).')
   if dataset == 'textfile':
@@ -199,12 +217,15 @@ def load_text(dataset: str, data_dir: str | None, kind: str = 'char',
     tokens = Vocabulary('byte').encode(text)
     found, train_tokens, val_tokens = Vocabulary('byte'), tokens[:cut], tokens[cut:]
   else:
-    found = Vocabulary.from_text(text[:cut])
+    found = Vocabulary.from_text(text if vocabulary_from == 'all' else text[:cut])
     train_tokens = found.encode(text[:cut])
-    val_tokens = found.encode(text[cut:], where=f'{name}: the validation text', offset=cut)
+    val_tokens = found.encode(
+        text[cut:], where=f'{name}: the validation text', offset=cut,
+        fix="Build the vocabulary from the whole text (vocabulary_from='all'), use a byte "
+            "vocabulary (kind='byte'), or make the training text contain it")
   if vocabulary is not None and vocabulary != found:
     raise DataError(_changed_vocabulary_message(vocabulary, found, name))
-  data = TextData(name, found, train_tokens, val_tokens, val_fraction)
+  data = TextData(name, found, train_tokens, val_tokens, val_fraction, vocabulary_from)
   if block_size is not None:
     check_lengths(data, block_size)
   return data
@@ -233,10 +254,10 @@ def _changed_vocabulary_message(stored: Vocabulary, found: Vocabulary, name: str
     removed = ''.join(sorted(set(stored.symbols) - set(found.symbols)))
     change = f' (new characters {added[:20]!r}, missing characters {removed[:20]!r})'
   return (f'{name}: the run\'s stored vocabulary ({stored.kind}, {stored.size} symbols, in '
-          f'{VOCABULARY_FILE}) differs from the one the training text gives now ({found.kind}, '
-          f'{found.size} symbols){change}: the text or the vocabulary kind changed since the '
-          'run started. Resume with the original text and kind, or start a new run in a fresh '
-          'workdir.')
+          f'{VOCABULARY_FILE}) differs from the one the text gives now ({found.kind}, '
+          f'{found.size} symbols){change}: the text, the vocabulary kind or its source changed '
+          'since the run started. Resume with the original text, kind and vocabulary_from, or '
+          'start a new run in a fresh workdir.')
 
 
 def _read_textfile(data_dir: str | None) -> tuple[str, str]:

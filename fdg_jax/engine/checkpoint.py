@@ -638,3 +638,38 @@ def _check_matches(fresh: pipeline_lib.PipelineState, target: dict, directory: s
       raise CheckpointError(
           f'The checkpoint at step {step} in {directory} does not match the model: stage array '
           f'{key} is {have.get(key, "missing")} there and {spec} here. {fix}')
+
+
+def restore_joined(workdir: str, pipe, fresh, batch_inputs=None):
+  """(state, step): a multi-process run's checkpoint (each process's files under
+  checkpoints/process_I) restored into this one process's pipeline (sampling, evaluation): the
+  latest step every process saved, each process's stages and what they held in flight joined."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  files = [_ProcessFiles(os.path.join(directory, name), max_to_keep=0)
+           for name in sorted(os.listdir(directory)) if name.startswith('process_')]
+  common = set.intersection(*(set(f.steps()) for f in files))
+  if not common:
+    raise CheckpointError(f'No step in {directory} is saved by every process.')
+  step, arrays, metadata = max(common), {}, {}
+  for f in files:
+    try:
+      part, meta = f.load(step, lambda m: functools.partial(_sharding_for, pipe,
+                                                            metadata=m))
+    except KeyError as e:
+      raise CheckpointError(
+          f'The checkpoint at step {step} in {directory} splits an array across processes '
+          f'({e}), which one process cannot join. Sample it with the processes it trained in.'
+          ) from None
+    _join(arrays, part)
+    _join(metadata, meta)
+  return from_tree(pipe, fresh, arrays, metadata, batch_inputs), step
+
+
+def _join(into: dict, part: dict) -> None:
+  """Nested dicts joined: the processes' parts of a checkpoint are keyed by their own stages;
+  what every process holds (counters, schedule progress) is the same in all."""
+  for key, value in part.items():
+    if isinstance(value, dict) and isinstance(into.get(key), dict):
+      _join(into[key], value)
+    elif key not in into:
+      into[key] = value

@@ -6,12 +6,17 @@ The model of Karpathy's nanoGPT (model.py), cut where FDG can split it:
   block x n_layer: x + attn(ln_1(x)), then x + mlp(ln_2(x)) (pre-LayerNorm);
   head: final LayerNorm, linear LM head (no bias) -> vocabulary logits.
 
-Attention is nanoGPT's plain (non-flash) causal softmax attention written out: the scores
-are scaled by 1/sqrt(head size), future positions set to -inf and the softmax taken in
-float32; dropout acts on the attention weights and on each residual branch's output, as in
-nanoGPT. The MLP is 4x wide with the exact (erf) GELU of PyTorch's nn.GELU(). Linear and
-embedding weights start as normal(0.02), biases at zero, and the two residual projections of
-each block (attention and MLP `c_proj`) as normal(0.02 / sqrt(2 n_layer)), as in GPT-2.
+Attention is nanoGPT's: the scores scaled by 1/sqrt(head size), future positions masked, the
+softmax taken in float32, dropout on the weights. How it runs is chosen per platform
+(`attention_implementation`): on a GPU through `jax.nn.dot_product_attention`, cuDNN's fused
+(flash) attention in bfloat16 where cuDNN takes the shapes and XLA's otherwise; on CPUs written
+out with einsums ('plain'), which XLA:CPU runs about 7% faster per training step than
+`dot_product_attention`'s XLA form (docs/record/language_model.md) with the same numbers. With
+attention dropout in training (dropout_rate > 0) it is always written out, since
+`dot_product_attention` has no dropout. Dropout also acts on each residual branch's output.
+The MLP is 4x wide with the exact (erf) GELU of PyTorch's nn.GELU(). Linear and embedding
+weights start as normal(0.02), biases at zero, and the two residual projections of each block
+(attention and MLP `c_proj`) as normal(0.02 / sqrt(2 n_layer)), as in GPT-2.
 `bias=False` (nanoGPT's train.py default) drops the biases of the Dense and LayerNorm layers.
 
 Unlike nanoGPT, the input embedding (`wte`) and the LM head are NOT tied: the embedding
@@ -25,17 +30,29 @@ vocab_size x n_embd parameters: nanoGPT's shakespeare_char model (6 layers, 6 he
 float32 parameters. The residual stream -- and so what one stage sends the next -- stays in
 float32, as under PyTorch's autocast in nanoGPT (a bfloat16 branch output added to a float32
 stream gives float32), and the logits are float32.
+
+`decode=True` (`create_blocks(..., decode=True)`) builds the same model for generation: each
+attention keeps the keys and values of the positions seen so far in a 'cache' collection, and
+the embedding its next position, so that each new token costs one position's work
+(`fdg_jax.models.sampling`). The parameters are the same; training never builds it (the
+engine takes only 'params' and 'batch_stats').
 """
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 from flax import linen as nn
+import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
 DTYPES = ('float32', 'bfloat16')
+# How attention runs: None (per platform: 'cudnn' where it can run, else 'xla' on a GPU and
+# 'plain' elsewhere), 'plain' (written out with einsums), 'xla' (jax.nn.dot_product_attention's
+# XLA form) or 'cudnn' (its cuDNN fused attention where it can run: a GPU, bfloat16 or float16,
+# a head size cuDNN takes; 'xla' elsewhere).
+ATTENTION_IMPLEMENTATIONS = (None, 'plain', 'xla', 'cudnn')
 LAYER_NORM_EPSILON = 1e-5   # PyTorch's, as nanoGPT's LayerNorm
 
 normal_init = nn.initializers.normal(stddev=0.02)
@@ -73,12 +90,26 @@ def gelu(x):
   return 0.5 * x * (1 + lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
+def _next_positions(module: nn.Module, length: int) -> tuple[bool, jax.Array]:
+  """In decode mode: whether the module's cache exists yet (the first call only creates it),
+  and the positions of this call's `length` tokens (from the cache's 'index', then moved on)."""
+  initialized = module.has_variable('cache', 'index')
+  index = module.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+  start = index.value
+  if initialized:
+    index.value = start + length
+  return initialized, start + jnp.arange(length)
+
+
 class Embedding(nn.Module):
-  """Int tokens (B, T) -> token + position embeddings (B, T, n_embd), float32, dropout."""
+  """Int tokens (B, T) -> token + position embeddings (B, T, n_embd), float32, dropout.
+
+  `decode=True`: the positions continue from the previous call's (a 'cache' variable)."""
   vocab_size: int
   block_size: int
   n_embd: int
   dropout_rate: float = 0.0
+  decode: bool = False
 
   @nn.compact
   def __call__(self, tokens, train: bool):
@@ -91,12 +122,64 @@ class Embedding(nn.Module):
                        'crop the sequences or build the model with a larger block_size.')
     wte = nn.Embed(self.vocab_size, self.n_embd, embedding_init=normal_init, name='wte')
     wpe = nn.Embed(self.block_size, self.n_embd, embedding_init=normal_init, name='wpe')
-    x = wte(tokens) + wpe(jnp.arange(length))
+    positions = _next_positions(self, length)[1] if self.decode else jnp.arange(length)
+    x = wte(tokens) + wpe(positions)
     return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
 
+def attention_implementation(requested: Optional[str], dtype) -> str:
+  """What `attention` runs for `requested` (ATTENTION_IMPLEMENTATIONS) at this compute dtype on
+  the default platform: 'cudnn' where cuDNN's fused attention may run (a GPU, bfloat16 or
+  float16; cuDNN may still refuse the shapes, and `attention` then runs 'xla'), else 'xla' on
+  a GPU and 'plain' elsewhere, unless asked for one."""
+  if requested not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'attention implementation {requested!r} is not one of '
+                     f'{ATTENTION_IMPLEMENTATIONS}.')
+  gpu = jax.default_backend() == 'gpu'
+  if requested in (None, 'cudnn'):
+    if gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+      return 'cudnn'
+    return 'xla' if gpu or requested == 'cudnn' else 'plain'
+  return requested
+
+
+def attention(q, k, v, causal: bool, implementation: Optional[str] = None, mask=None):
+  """Softmax attention of (B, T, heads, head size) queries over (B, S, ...) keys and values, as
+  `attention_implementation` chooses; `mask` (broadcast to (B, heads, T, S), True where a query
+  may attend) replaces the causal mask."""
+  chosen = attention_implementation(implementation, q.dtype)
+  if chosen == 'plain':
+    return plain_attention(q, k, v, causal, mask=mask)
+  kwargs = dict(mask=mask, is_causal=causal and mask is None)
+  if chosen == 'cudnn':
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation='cudnn', **kwargs)
+    except (NotImplementedError, RuntimeError, ValueError):   # shapes or versions cuDNN refuses
+      pass
+  return jax.nn.dot_product_attention(q, k, v, implementation='xla', **kwargs)
+
+
+def plain_attention(q, k, v, causal: bool, dropout=None, mask=None):
+  """The attention written out (nanoGPT's non-flash path): float32 scores, -inf where a query
+  may not attend, softmax, `dropout` (a module or None) on the weights."""
+  length, head_size = q.shape[1], q.shape[-1]
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / math.sqrt(head_size))
+  if mask is None and causal:
+    mask = jnp.tril(jnp.ones((length, length), bool))
+  if mask is not None:
+    scores = jnp.where(mask, scores, -jnp.inf)
+  weights = nn.softmax(scores, axis=-1)
+  if dropout is not None:
+    weights = dropout(weights)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+
+
 class SelfAttention(nn.Module):
-  """Multi-head softmax self-attention (causal unless `causal=False`), output projection."""
+  """Multi-head softmax self-attention (causal unless `causal=False`), output projection.
+
+  `decode=True` (causal only): keys and values of earlier calls are kept in the 'cache'
+  collection, sized by the first call's length (the context), which only creates them."""
   n_head: int
   n_embd: int
   n_layer: int
@@ -104,6 +187,8 @@ class SelfAttention(nn.Module):
   bias: bool = False
   causal: bool = True
   dtype: Any = jnp.float32
+  decode: bool = False
+  implementation: Optional[str] = None   # ATTENTION_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -112,17 +197,35 @@ class SelfAttention(nn.Module):
     qkv = dense(3 * self.n_embd, self.bias, self.dtype, 'c_attn')(x)
     q, k, v = (a.reshape(batch, length, self.n_head, head_size)
                for a in jnp.split(qkv, 3, axis=-1))
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(head_size))
-    if self.causal:
-      allowed = jnp.tril(jnp.ones((length, length), bool))
-      scores = jnp.where(allowed, scores, -jnp.inf)
-    weights = nn.softmax(scores, axis=-1)
-    weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
-    y = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+    if self.decode:
+      if not self.causal:
+        raise ValueError('decode=True needs causal attention: there is nothing to cache.')
+      y = self._attend_cached(q, k, v)
+    elif train and self.dropout_rate > 0:
+      y = plain_attention(q, k, v, self.causal, nn.Dropout(self.dropout_rate, deterministic=False))
+    else:
+      y = attention(q, k, v, self.causal, self.implementation)
     y = y.reshape(batch, length, self.n_embd)
     y = dense(self.n_embd, self.bias, self.dtype, 'c_proj', residual_init(self.n_layer))(y)
     return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+
+  def _attend_cached(self, q, k, v):
+    """Attention of this call's queries over the cached keys and values and their own."""
+    cached_key = self.variable('cache', 'key', jnp.zeros, k.shape, k.dtype)
+    cached_value = self.variable('cache', 'value', jnp.zeros, v.shape, v.dtype)
+    initialized, positions = _next_positions(self, q.shape[1])
+    # A few queries against the cache: cuDNN's fused kernel is made for long ones.
+    implementation = ('plain' if attention_implementation(self.implementation, q.dtype) == 'plain'
+                      else 'xla')
+    if not initialized:   # the call that sizes the cache: causal attention on its own
+      return attention(q, k, v, True, implementation)
+    start = positions[0]
+    cached_key.value = lax.dynamic_update_slice(cached_key.value, k, (0, start, 0, 0))
+    cached_value.value = lax.dynamic_update_slice(cached_value.value, v, (0, start, 0, 0))
+    # A query sees the keys up to its own position; the cache's later slots are still zeros.
+    allowed = jnp.arange(cached_key.value.shape[1])[None, :] <= positions[:, None]
+    return attention(q, cached_key.value, cached_value.value, True, implementation,
+                     mask=allowed[None, None])
 
 
 class MLP(nn.Module):
@@ -145,6 +248,7 @@ class Block(nn.Module):
   """Pre-LayerNorm transformer block; `causal=False` makes it a ViT encoder block.
 
   `n_layer` is the depth of the whole network: it sets the residual projections' init scale.
+  `decode` and `implementation` as SelfAttention's.
   """
   n_head: int
   n_embd: int
@@ -153,12 +257,14 @@ class Block(nn.Module):
   bias: bool = False
   causal: bool = True
   dtype: Any = jnp.float32
+  decode: bool = False
+  implementation: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = x + SelfAttention(self.n_head, self.n_embd, self.n_layer, self.dropout_rate, self.bias,
-                          self.causal, self.dtype, name='attn')(
-                              layer_norm(self.bias, self.dtype, 'ln_1')(x), train)
+                          self.causal, self.dtype, self.decode, self.implementation,
+                          name='attn')(layer_norm(self.bias, self.dtype, 'ln_1')(x), train)
     x = x + MLP(self.n_embd, self.n_layer, self.dropout_rate, self.bias, self.dtype,
                 name='mlp')(layer_norm(self.bias, self.dtype, 'ln_2')(x), train)
     return x
@@ -211,17 +317,34 @@ def check_transformer(depth: int, heads: int, width: int, dropout_rate: float,
 
 
 def create_blocks(n_layer: int, n_head: int, n_embd: int, block_size: int, vocab_size: int,
-                  dropout_rate: float = 0.0, bias: bool = False,
-                  dtype='float32') -> list[nn.Module]:
-  """The GPT as [embedding, block x n_layer, head]; call each as `block(x, train=bool)`."""
+                  dropout_rate: float = 0.0, bias: bool = False, dtype='float32',
+                  decode: bool = False, implementation: Optional[str] = None
+                  ) -> list[nn.Module]:
+  """The GPT as [embedding, block x n_layer, head]; call each as `block(x, train=bool)`.
+  `decode=True`: the same parameters, with the key-value cache of generation (module
+  docstring); `implementation`: the attention's (ATTENTION_IMPLEMENTATIONS)."""
   check_transformer(n_layer, n_head, n_embd, dropout_rate)
   if block_size < 1 or vocab_size < 1:
     raise ValueError(f'block_size={block_size} and vocab_size={vocab_size} must be positive.')
+  attention_implementation(implementation, jnp.float32)   # a bad name fails here
   dtype = compute_dtype(dtype)
-  return ([Embedding(vocab_size, block_size, n_embd, dropout_rate)]
-          + [Block(n_head, n_embd, n_layer, dropout_rate, bias, True, dtype)
-             for _ in range(n_layer)]
+  return ([Embedding(vocab_size, block_size, n_embd, dropout_rate, decode)]
+          + [Block(n_head, n_embd, n_layer, dropout_rate, bias, True, dtype, decode,
+                   implementation) for _ in range(n_layer)]
           + [Head(vocab_size, bias, dtype)])
+
+
+def flops_per_token(n_layer: int, n_head: int, n_embd: int, block_size: int, vocab_size: int,
+                    bias: bool = False) -> int:
+  """Model FLOPs of training on one token (forward and backward), PaLM's estimate (appendix B)
+  as nanoGPT's `estimate_mfu`: 6 N + 12 L H Q T, with N the parameters that multiply (all but
+  the two embedding tables, which are looked up; the LM head counts, as in nanoGPT whose head
+  is its tied token embedding), L layers, H heads of Q features, T = block_size."""
+  width = n_embd
+  # Attention 4 C^2 and MLP 8 C^2, two LayerNorm scales; biases: 9 C in the Dense layers, 2 C.
+  block = 12 * width * width + 2 * width + (11 * width if bias else 0)
+  params = n_layer * block + width * (2 if bias else 1) + width * vocab_size   # ln_f, the head
+  return 6 * params + 12 * n_layer * n_head * (n_embd // n_head) * block_size
 
 
 def block_names(n_layer: int) -> list[str]:

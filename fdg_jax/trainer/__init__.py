@@ -7,6 +7,6 @@ files, resume checks, preemption, divergence), `metric_writer` (TensorBoard and 
 `prefetch` (batches onto the stages' devices ahead of time).
 
 Import rule (checked by tests/test_layout.py): the trainer may import every package; nothing in
-fdg_jax imports it but the commands (`fdg_jax.main`). The config is read here and only here: the
+fdg_jax imports it but the commands (`fdg_jax.main`, `fdg_jax.sample`). The config is read here and only here: the
 engine, models and data get plain values, a task reads its own fields.
 """
