@@ -3,7 +3,8 @@
 Holds the in-memory `Dataset` record and `load_dataset`, which reads a whole dataset into
 host memory as uint8 numpy arrays, resizes it, takes the optional train/test subsets and
 computes the per-channel mean/std; also `describe`, a one-line summary of a loaded dataset.
-Batching (normalisation, augmentation, batch iterators, prefetch) is in `input_pipeline`.
+Batching (normalisation, augmentation, batch iterators) is in `image_batches`; the trainer's
+`prefetch` puts batches on devices.
 
 Image-folder layout (a directory or a .tar/.tar.gz/.tgz archive, optionally
 with one top-level folder around it)::
@@ -171,7 +172,7 @@ def _train_subset_indices(num_examples: int, size: int) -> np.ndarray:
   Not stratified, unlike `_stratified_indices`, on purpose: the recorded experiment runs
   (experiments/, which set train_subset) were trained on exactly this selection in exactly
   this order, and a run is reproduced only if both stay the same (the batches of
-  `input_pipeline.train_batches` index this order). A uniform random sample of thousands of
+  `image_batches.train_batches` index this order). A uniform random sample of thousands of
   examples already holds every class in about its proportion; `describe` logs the balance.
   """
   return np.random.default_rng(_SUBSET_SEED).permutation(num_examples)[:size]

@@ -143,7 +143,7 @@ class Compensation:
       raise ValueError(
           f'compensation={self.name!r} rebuilds each delayed stage\'s optimizer and needs its '
           'description: pass Compensation(..., optimizer=optimizers.Recipe(...)) (the trainer '
-          'passes optimizers.recipe(config, steps_per_epoch)).')
+          'passes its run\'s recipe, trainer/optimizers.recipe).')
     return self.optimizer
 
   def rebuilt_optimizer(self, delay: int) -> optax.GradientTransformation:

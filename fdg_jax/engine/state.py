@@ -41,7 +41,7 @@ class Saved:
   stash='vjp': the residuals of `jax.vjp` (old activations and old weights), and in `inputs`
   what determines them: {'x': the stage input, 'params' and 'batch_stats' that forward used,
   'key': its dropout key} (`StageSpec.keeps_inputs`); a checkpoint stores only those and rebuilds
-  the residuals (`Pipeline.rebuild_forward`).
+  the residuals (`checkpoint.rebuild_forward`).
   stash='recompute': the stage input and dropout key, to redo the forward at backward time.
   """
   arrays: Any
