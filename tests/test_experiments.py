@@ -349,12 +349,14 @@ def test_relocate_writes_records_without_machine_paths(tmp_path):
   root, and the grid still takes the relocated cell for the same cell."""
   repo, clone = cells_lib.REPO, '/tmp/grid_repo'
   data = os.path.join(os.path.dirname(repo), 'shared', 'data', 'c.tar.gz')
+  # A path outside the repository's parent stays as it is (not under /tmp: a checkout may be).
+  elsewhere = '/nonexistent-elsewhere/fdg_cache'
   text = (f'# c, from {clone}\ncd {clone} && {repo}/.venv/bin/python -m fdg_jax.main '
           f'--workdir={repo}/experiments/results/g/runs/c --config.data_dir={data} '
-          f'--config.cache_dir=/tmp/fdg_cache\n')
+          f'--config.cache_dir={elsewhere}\n')
   assert relocate.relocate_text(text, [repo, clone]) == (
       '# c, from .\ncd . && python -m fdg_jax.main --workdir=experiments/results/g/runs/c '
-      '--config.data_dir=../shared/data/c.tar.gz --config.cache_dir=/tmp/fdg_cache\n')
+      f'--config.data_dir=../shared/data/c.tar.gz --config.cache_dir={elsewhere}\n')
   sibling = f'{repo}2/x'   # not inside the repository: relative to it through '..'
   assert relocate.relocate_text(sibling, [repo]) == os.path.relpath(sibling, repo)
   opts = options(tmp_path, data_dir=data)
