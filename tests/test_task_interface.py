@@ -230,6 +230,7 @@ def test_a_third_task_trains_with_fdg_from_the_cli(toy):
   assert bad.returncode != 0
   assert bad.stderr.strip().splitlines()[-1] == (
       'error: config.num_features: 0 is not positive. Use 1 or more.')
+  assert bad.stderr.count('0 is not positive') == 1   # said once, not also as a log line
   run = cli(f'--workdir={toy / "work"}')
   assert run.returncode == 0, run.stderr[-3000:]
   summary = json.loads((toy / 'work' / 'summary.json').read_text())
