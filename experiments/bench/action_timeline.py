@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import jax
 
 from fdg_jax.engine import distributed
+from fdg_jax.engine import timeline
 
 # The method's function keys (methods.Microbatched.compile) as actions.
 KIND_OF_KEY = {'forward': 'F', 'backward': 'B', 'loss': 'FB', 'norm': 'U', 'update': 'U'}
@@ -181,7 +182,7 @@ def events_from_trace(trace, actions, method, num_stages: int,
   labels = {}   # execution key -> action
   for (k, name), variants in expected_calls(actions, method, num_stages).items():
     run_ids = sorted(r for s, n, r in executions if (s, n) == (k, name))
-    runs = _consecutive_runs(run_ids)
+    runs = timeline.consecutive_runs(run_ids)
     groups = list(variants.values())
     if sorted(map(len, runs)) != sorted(map(len, groups)):
       continue   # not what the executor called: leave these unlabelled
@@ -202,16 +203,6 @@ def events_from_trace(trace, actions, method, num_stages: int,
     events.append(ActionEvent(stage=k, kind=kind, index=index, batch=batch,
                               start_ms=start / 1e3, end_ms=end / 1e3))
   return sorted(events, key=lambda e: (e.start_ms, e.stage))
-
-
-def _consecutive_runs(run_ids: Sequence[int]) -> list[list[int]]:
-  runs: list[list[int]] = []
-  for run_id in run_ids:
-    if runs and run_id == runs[-1][-1] + 1:
-      runs[-1].append(run_id)
-    else:
-      runs.append([run_id])
-  return runs
 
 
 def busy_ms(events: Sequence[ActionEvent], stage: int) -> float:

@@ -271,7 +271,7 @@ def events_from_trace(trace: dict, calls: Sequence[_Call],
 
   matched: dict[int, tuple[float, float]] = {}
   for group in groups:
-    runs = _consecutive_runs(sorted(spans_by_group[group]))
+    runs = consecutive_runs(sorted(spans_by_group[group]))
     executables = list(expected[group].items())
     counts = sorted(len(v) for _, v in executables)
     if sorted(len(r) for r in runs) != counts:
@@ -303,7 +303,7 @@ def events_from_trace(trace: dict, calls: Sequence[_Call],
   return events
 
 
-def _consecutive_runs(run_ids: Sequence[int]) -> list[list[int]]:
+def consecutive_runs(run_ids: Sequence[int]) -> list[list[int]]:
   """Sorted run_ids split into runs of consecutive integers (one run per executable)."""
   runs: list[list[int]] = []
   for run_id in run_ids:
