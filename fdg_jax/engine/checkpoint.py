@@ -167,9 +167,7 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
         else:
           inputs['x'] = _stored(inputs['x'])
         stored = {'inputs': inputs}
-      record['partition_specs'] = {
-          '/'.join(str(p.key) for p in path): _partition_spec(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+      record['partition_specs'] = _partition_specs(stored)
       entries[str(i)] = stored
       records.append(record)
     if queue:
@@ -232,8 +230,7 @@ def _microbatches_tree(kept) -> tuple[dict, dict]:
       'progress': [[[list(item) for item in p.done], p.applied] for p in kept.progress],
       'input_specs': {str(k): {str(i): e.structure.input_spec for i, e in d.items()}
                       for k, d in enumerate(kept.saved) if d},
-      'partition_specs': {'/'.join(str(p.key) for p in path): _partition_spec(leaf)
-                          for path, leaf in jax.tree_util.tree_flatten_with_path(arrays)[0]},
+      'partition_specs': _partition_specs(arrays),
   }
   return arrays, metadata
 
@@ -278,6 +275,20 @@ def _partition_spec(array: jax.Array) -> Optional[list]:
   return [list(axes) if isinstance(axes, tuple) else axes for axes in array.sharding.spec]
 
 
+def _partition_specs(tree) -> dict:
+  """{'a/b/c': `_partition_spec`} of every array of a nested dict, by its path."""
+  return {'/'.join(str(p.key) for p in path): _partition_spec(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _named_sharding(pipe: pipeline_lib.Pipeline, stage: int, spec: list
+                    ) -> jax.sharding.NamedSharding:
+  """A `_partition_spec` record as a sharding over stage `stage`'s mesh."""
+  return jax.sharding.NamedSharding(
+      pipe.state_shardings[stage].mesh,
+      jax.sharding.PartitionSpec(*(tuple(a) if isinstance(a, list) else a for a in spec)))
+
+
 def _sharding_for(pipe: pipeline_lib.Pipeline, keys: tuple[str, ...], metadata: dict
                   ) -> jax.sharding.Sharding:
   """Where an array of the checkpoint tree belongs, from its path: a stage's state on all its
@@ -288,9 +299,7 @@ def _sharding_for(pipe: pipeline_lib.Pipeline, keys: tuple[str, ...], metadata: 
     spec = metadata['microbatches']['partition_specs'].get('/'.join(keys[1:]))
     if spec is None:
       return pipe.state_shardings[stage] if keys[1] in ('saved', 'sums') else pipe.shardings[stage]
-    return jax.sharding.NamedSharding(
-        pipe.state_shardings[stage].mesh,
-        jax.sharding.PartitionSpec(*(tuple(a) if isinstance(a, list) else a for a in spec)))
+    return _named_sharding(pipe, stage, spec)
   group, stage = keys[0], int(keys[1])
   if group == 'activations' and keys[2] == 'labels':
     return pipe.shardings[-1]   # a checkpoint from before labels had their own queues
@@ -303,9 +312,7 @@ def _sharding_for(pipe: pipeline_lib.Pipeline, keys: tuple[str, ...], metadata: 
             specs[int(keys[3])] if specs else None)
     if spec is None:
       return pipe.state_shardings[stage]
-    return jax.sharding.NamedSharding(
-        pipe.state_shardings[stage].mesh,
-        jax.sharding.PartitionSpec(*(tuple(a) if isinstance(a, list) else a for a in spec)))
+    return _named_sharding(pipe, stage, spec)
   return pipe.shardings[stage]
 
 

@@ -237,8 +237,7 @@ class LanguageModel(base.Task):
 
   def mfu(self, vocabulary_size: int, tokens_per_sec: float):
     """(MFU, the devices' summed peak FLOP/s); (None, None) where a device's peak is unknown."""
-    kinds = self._device_kinds or [jax.devices()[0].device_kind]
-    peaks = [peak_flops(kind) for kind in kinds]
+    peaks = [peak_flops(kind) for kind in self._kinds()]
     if None in peaks:
       return None, None
     return self.model_flops_per_token(vocabulary_size) * tokens_per_sec / sum(peaks), sum(peaks)
@@ -263,9 +262,13 @@ class LanguageModel(base.Task):
         'mfu_devices': self._describe_devices(),
     }
 
+  def _kinds(self) -> list[str]:
+    """The kind of each device the stages ran on (set at the first evaluation)."""
+    return self._device_kinds or [jax.devices()[0].device_kind]
+
   def _describe_devices(self) -> str:
     """The devices the stages ran on, e.g. '2 x NVIDIA H100 80GB HBM3'."""
-    kinds = self._device_kinds or [jax.devices()[0].device_kind]
+    kinds = self._kinds()
     return ', '.join(f'{kinds.count(kind)} x {kind}' for kind in sorted(set(kinds)))
 
   def final_line(self, summary: dict) -> str:
