@@ -199,7 +199,7 @@ def test_changed_vocabulary_on_resume(tmp_path, text_file):
   changed = tmp_path / 'changed.txt'
   changed.write_text(TEXT.replace('z', 'Z'))
   with pytest.raises(DataError, match=f'stored vocabulary \\(char, {stored.size} symbols.*'
-                     f"gives now \\(char, {stored.size} symbols\\) \\(new characters 'Z', "
+                     f"give now \\(char, {stored.size} symbols\\) \\(new characters 'Z', "
                      "missing characters 'z'\\).*start a new run in a fresh workdir"):
     td.load_text('textfile', str(changed), vocabulary=stored)
   with pytest.raises(DataError, match=f'{stored.size} symbols.*byte, 256 symbols'):

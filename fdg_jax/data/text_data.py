@@ -20,14 +20,26 @@ Differences from nanoGPT, and why:
 * Evaluation covers the whole validation text once with fixed windows (`eval_batches`),
   rather than nanoGPT's `eval_iters` random windows.
 
+A byte-level BPE vocabulary (`kind='bpe'`, GPT-2's pre-tokenisation and byte alphabet) is
+trained by Hugging Face `tokenizers` on the training text only (`vocabulary_from` is for char
+vocabularies), so the validation text stays unseen; it decodes back to the text exactly.
+
 The vocabulary is stored with the run (`Vocabulary.save(workdir)`, `load_vocabulary(workdir)`),
 so a resumed run or a later evaluation encodes with the same ids; `load_text(...,
-vocabulary=stored)` refuses a text whose vocabulary has changed since.
+vocabulary=stored)` refuses a text whose vocabulary has changed since. A stored BPE is used as
+it is, not trained again (training is deterministic, but a later `tokenizers` could merge
+differently).
+
+Runs with different vocabularies compare by bits per character: nats per token / ln 2 divided
+by the validation text's characters per token (`TextData.chars_per_token`; 1 for a char
+vocabulary, characters per byte for a byte one, about 1.9 for a 512-token BPE of tiny
+Shakespeare).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -39,11 +51,15 @@ from fdg_jax.data import image_sources
 
 DATASETS = ('textfile', 'tiny_shakespeare')
 TFDS_DATASETS = ('tiny_shakespeare',)   # read through tfds
-KINDS = ('char', 'byte')
+# The vocabularies a text can be read with.
+KINDS = ('char', 'byte', 'bpe')
+# ... and the ids of prepared token files (`token_files`), whose text is meta.pkl's if any.
+VOCABULARY_KINDS = KINDS + ('ids',)
 # Where a char vocabulary's characters come from: the whole text, or its training part only.
 VOCABULARY_SOURCES = ('all', 'train')
 VOCABULARY_FILE = 'vocabulary.json'
 _BYTE_VOCABULARY_SIZE = 256
+UNKNOWN_ID_TEXT = '\ufffd'   # what an id decodes to where the vocabulary has no text for it
 # Where TFDS downloads tiny_shakespeare from (karpathy/char-rnn's input.txt); probed before
 # downloading because the TFDS downloader retries for minutes when there is no network.
 _TFDS_DOWNLOAD_HOST = ('raw.githubusercontent.com', 443)
@@ -55,44 +71,111 @@ _NETWORK_PROBE_TIMEOUT_S = 3.0
 
 @dataclasses.dataclass(frozen=True)
 class Vocabulary:
-  """Token ids of a text: 'char' (id i is symbols[i]) or 'byte' (the UTF-8 bytes, 256 ids).
+  """Token ids of a text, by kind:
 
-  `symbols` holds a char vocabulary's characters in id order (sorted); it is '' for 'byte'.
+  'char': id i is symbols[i], the sorted distinct characters;
+  'byte': the UTF-8 bytes, 256 ids;
+  'bpe': a byte-level BPE, `tokenizer` its Hugging Face `tokenizers` JSON;
+  'ids': the ids of prepared token files (`token_files`), `num_ids` of them (the model's
+    outputs); `itos` the text of each id where the files' meta.pkl gives it (nanoGPT's), else
+    () and no text is known: a text is then written as its decimal ids.
   """
   kind: str
   symbols: str = ''
+  tokenizer: str = ''
+  itos: tuple[str, ...] = ()
+  num_ids: int = 0
 
   def __post_init__(self):
-    if self.kind not in KINDS:
+    if self.kind not in VOCABULARY_KINDS:
       raise DataError(f'Unknown vocabulary kind {self.kind!r}. Use one of {KINDS}.')
-    if self.kind == 'byte' and self.symbols:
-      raise DataError('A byte vocabulary has no symbols (its ids are the 256 byte values).')
+    extra = [name for name in ('symbols', 'tokenizer', 'itos', 'num_ids')
+             if getattr(self, name) and name not in _FIELDS_OF_KIND[self.kind]]
+    if extra:
+      holds = ' and '.join(_FIELDS_OF_KIND[self.kind]) or 'nothing: its ids are the bytes'
+      raise DataError(f'A {self.kind} vocabulary has no {" or ".join(extra)} (it holds '
+                      f'{holds}).')
     if self.kind == 'char' and (not self.symbols
                                 or list(self.symbols) != sorted(set(self.symbols))):
       raise DataError('A char vocabulary needs its distinct characters, sorted, as symbols.')
+    if self.kind == 'bpe':
+      if not self.tokenizer:
+        raise DataError('A bpe vocabulary needs its tokenizer (the tokenizers JSON).')
+      # One spelling of the JSON, so that a trained and a stored tokenizer compare equal.
+      object.__setattr__(self, 'tokenizer', _canonical_json(self.tokenizer))
+    if self.kind == 'ids':
+      if self.num_ids < 1 or len(self.itos) > self.num_ids:
+        raise DataError(f'An ids vocabulary needs num_ids >= 1 and at most that many itos '
+                        f'entries (num_ids {self.num_ids}, {len(self.itos)} entries).')
+      object.__setattr__(self, 'itos', tuple(self.itos))
 
   @classmethod
-  def from_text(cls, text: str, kind: str = 'char') -> Vocabulary:
-    """The vocabulary of `text`: its sorted distinct characters ('char'), or bytes."""
+  def from_text(cls, text: str, kind: str = 'char', size: int = 0) -> Vocabulary:
+    """The vocabulary of `text`: its sorted distinct characters ('char'), the bytes ('byte'),
+    or a byte-level BPE of at most `size` tokens trained on it ('bpe')."""
     if kind == 'byte':
       return cls('byte')
+    if kind == 'bpe':
+      return cls('bpe', tokenizer=_train_bpe(text, size))
     return cls(kind, ''.join(sorted(set(text))))
+
+  @functools.cached_property
+  def _bpe(self):
+    """The `tokenizers.Tokenizer` of a bpe vocabulary, parsed once."""
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    return tokenizers.Tokenizer.from_str(self.tokenizer)
+
+  @functools.cached_property
+  def _stoi(self) -> dict:
+    """An ids vocabulary's id of each text of `itos` (nanoGPT's stoi)."""
+    return {text: index for index, text in enumerate(self.itos)}
 
   @property
   def size(self) -> int:
-    return _BYTE_VOCABULARY_SIZE if self.kind == 'byte' else len(self.symbols)
+    if self.kind == 'byte':
+      return _BYTE_VOCABULARY_SIZE
+    if self.kind == 'bpe':
+      return self._bpe.get_vocab_size()
+    if self.kind == 'ids':
+      return self.num_ids
+    return len(self.symbols)
+
+  @property
+  def has_text(self) -> bool:
+    """Whether ids decode to text (all but token files without meta.pkl's itos)."""
+    return self.kind != 'ids' or bool(self.itos)
+
+  def describe(self) -> str:
+    """e.g. 'char vocabulary of 65 symbols', 'byte-level BPE of 512 tokens'."""
+    if self.kind == 'bpe':
+      return f'byte-level BPE of {self.size} tokens (trained on the training text)'
+    if self.kind == 'ids':
+      text = (f"meta.pkl's itos names {len(self.itos)}" if self.itos else
+              'no meta.pkl itos: their text is not known')
+      return f'{self.num_ids} token ids ({text})'
+    return f'{self.kind} vocabulary of {self.size} symbols'
 
   def encode(self, text: str, *, where: str = 'the text', offset: int = 0,
              fix: str = "Use a byte vocabulary (kind='byte'), or a char vocabulary of a text "
                         'that holds it') -> np.ndarray:
-    """int32 ids of `text`; a character outside a char vocabulary is a DataError naming it and
-    its position (counted from `offset`, the start of `text` within `where`), and `fix`."""
+    """int32 ids of `text`; a character outside a char vocabulary (or an ids vocabulary's
+    itos, encoded character by character as nanoGPT's sample.py does) is a DataError naming it
+    and its position (counted from `offset`, the start of `text` within `where`), and `fix`.
+    Without itos, `text` is decimal ids separated by spaces (none: id 0)."""
     if self.kind == 'byte':
       return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32)
-    codes = np.frombuffer(text.encode('utf-32-le'), np.uint32)
-    table = np.frombuffer(self.symbols.encode('utf-32-le'), np.uint32)
-    ids = np.minimum(np.searchsorted(table, codes), len(table) - 1)
-    unknown = np.flatnonzero(table[ids] != codes)
+    if self.kind == 'bpe':
+      return np.asarray(self._bpe.encode(text).ids, np.int32)
+    if self.kind == 'ids' and not self.itos:
+      return _decimal_ids(text, self.num_ids, where)
+    if self.kind == 'ids':
+      ids = np.fromiter((self._stoi.get(char, -1) for char in text), np.int32, len(text))
+      unknown = np.flatnonzero(ids < 0)
+    else:
+      codes = np.frombuffer(text.encode('utf-32-le'), np.uint32)
+      table = np.frombuffer(self.symbols.encode('utf-32-le'), np.uint32)
+      ids = np.minimum(np.searchsorted(table, codes), len(table) - 1)
+      unknown = np.flatnonzero(table[ids] != codes)
     if unknown.size:
       index = int(unknown[0])
       line = text.count('\n', 0, index) + 1
@@ -100,25 +183,56 @@ class Vocabulary:
       char = text[index]
       raise DataError(
           f'{where} has the character {char!r} (U+{ord(char):04X}) at its line {line}, column '
-          f'{column} (character {offset + index} of the whole text), which is not in the char '
-          f'vocabulary of {self.size} symbols. {fix}.')
+          f'{column} (character {offset + index} of the whole text), which is not in the '
+          f'{self.kind} vocabulary of {self.size} symbols. {fix}.')
     return ids.astype(np.int32)
 
   def decode(self, ids) -> str:
-    """The text of `ids` (undecodable byte sequences become U+FFFD)."""
+    """The text of `ids` (undecodable byte sequences, and ids without text, become U+FFFD;
+    without itos, the ids in decimal)."""
     ids = np.asarray(ids).reshape(-1)
     if self.kind == 'byte':
       return ids.astype(np.uint8).tobytes().decode('utf-8', errors='replace')
-    return ''.join(self.symbols[i] for i in ids.tolist())
+    if self.kind == 'bpe':
+      return self._bpe.decode(ids.tolist(), skip_special_tokens=False)
+    if self.kind == 'ids' and not self.itos:
+      return ' '.join(map(str, ids.tolist()))
+    table = self.symbols if self.kind == 'char' else self.itos
+    return ''.join(table[i] if i < len(table) else UNKNOWN_ID_TEXT for i in ids.tolist())
+
+  def count_characters(self, ids: np.ndarray) -> int | None:
+    """The characters of the text `ids` stand for (None where the vocabulary has no text)."""
+    if not self.has_text:
+      return None
+    if self.kind == 'char':
+      return len(ids)
+    if self.kind == 'byte':   # UTF-8: every byte but a continuation byte starts a character
+      return int(np.count_nonzero((np.asarray(ids) & 0xC0) != 0x80))
+    if self.kind == 'ids':
+      lengths = np.asarray([len(t) for t in self.itos] + [1], np.int64)   # the last: U+FFFD
+      return int(lengths[np.minimum(ids, len(self.itos))].sum())
+    return len(self.decode(ids))   # a BPE decodes to its text exactly
 
   def to_json(self) -> str:
-    return json.dumps({'kind': self.kind, 'size': self.size, 'symbols': self.symbols},
-                      ensure_ascii=False)
+    value = {'kind': self.kind, 'size': self.size}
+    if self.kind in ('char', 'byte'):   # the format runs before the other kinds wrote
+      value['symbols'] = self.symbols
+    elif self.kind == 'bpe':
+      value['tokenizer'] = json.loads(self.tokenizer)
+    else:
+      value['itos'] = list(self.itos)
+    return json.dumps(value, ensure_ascii=False)
 
   @classmethod
   def from_json(cls, text: str) -> Vocabulary:
     value = json.loads(text)
-    vocabulary = cls(value['kind'], value['symbols'])
+    kind = value['kind']
+    if kind == 'bpe':
+      vocabulary = cls(kind, tokenizer=json.dumps(value['tokenizer']))
+    elif kind == 'ids':
+      vocabulary = cls(kind, itos=tuple(value['itos']), num_ids=value['size'])
+    else:
+      vocabulary = cls(kind, value['symbols'])
     if vocabulary.size != value['size']:
       raise DataError(f'A stored vocabulary says size {value["size"]} but holds '
                       f'{vocabulary.size} symbols: the file is damaged.')
@@ -131,6 +245,44 @@ class Vocabulary:
       f.write(self.to_json())
     os.replace(path + '.tmp', path)
     return path
+
+
+# The fields each kind of vocabulary holds.
+_FIELDS_OF_KIND = {'char': ('symbols',), 'byte': (), 'bpe': ('tokenizer',),
+                   'ids': ('itos', 'num_ids')}
+
+
+def _canonical_json(text: str) -> str:
+  return json.dumps(json.loads(text), ensure_ascii=False, separators=(',', ':'))
+
+
+def _train_bpe(text: str, size: int) -> str:
+  """The JSON of a byte-level BPE of at most `size` tokens trained on `text` (GPT-2's: its
+  pre-tokenising regular expression and 256-byte alphabet, no prefix space, no special tokens;
+  fewer tokens where the text has no more pairs to merge)."""
+  if size < _BYTE_VOCABULARY_SIZE:
+    raise DataError(f'A byte-level BPE of {size} tokens is smaller than its 256 bytes. Use a '
+                    'vocab_size of 256 or more, e.g. 512.')
+  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers, trainers, Tokenizer
+  # pylint: enable=g-import-not-at-top
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=size, show_progress=False, special_tokens=[],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  # One piece: the pre-tokeniser splits it as it will split the text when encoding.
+  tokenizer.train_from_iterator([text], trainer=trainer)
+  return tokenizer.to_str()
+
+
+def _decimal_ids(text: str, num_ids: int, where: str) -> np.ndarray:
+  """The ids written in `text` as decimal numbers between spaces (none: id 0)."""
+  words = text.split()
+  if not all(word.isdigit() and int(word) < num_ids for word in words):
+    raise DataError(f'{where} is {text[:40]!r}: token ids without text (no meta.pkl itos) are '
+                    f'written as decimal ids below {num_ids} between spaces. Give e.g. "0".')
+  return np.asarray([int(word) for word in words] or [0], np.int32)
 
 
 def load_vocabulary(workdir: str) -> Vocabulary | None:
@@ -152,13 +304,21 @@ def load_vocabulary(workdir: str) -> Vocabulary | None:
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: arrays don't compare.
 class TextData:
-  """A text, tokenised and split, in host memory."""
+  """A text, tokenised and split: in host memory, or memory-mapped token files."""
   name: str
   vocabulary: Vocabulary
-  train_tokens: np.ndarray  # int32 [N]
-  val_tokens: np.ndarray  # int32 [M]
-  val_fraction: float
+  train_tokens: np.ndarray  # int32 [N], or token files' uint16 memory map
+  val_tokens: np.ndarray  # int32 [M], or token files' uint16 memory map
+  val_fraction: float | None   # None: the files' split (token files)
   vocabulary_from: str = 'all'   # a char vocabulary's source: VOCABULARY_SOURCES
+  val_characters: int | None = None   # of the validation text; None: not known
+
+  @property
+  def chars_per_token(self) -> float | None:
+    """Characters per token of the validation text (None where its text is not known)."""
+    if self.val_characters is None:
+      return None
+    return self.val_characters / len(self.val_tokens)
 
   @property
   def description(self) -> str:
@@ -168,16 +328,21 @@ class TextData:
     if self.vocabulary.kind == 'char':
       source = (' (from the whole text)' if self.vocabulary_from == 'all'
                 else ' (from the training text)')
-    return (f'{self.name}, {self.vocabulary.kind} vocabulary of {self.vocabulary.size} '
-            f'symbols{source}: train {len(self.train_tokens):,} tokens, validation '
-            f'{len(self.val_tokens):,} tokens (the last {self.val_fraction:.0%})')
+    split = (f'the last {self.val_fraction:.0%}' if self.val_fraction is not None
+             else 'val.bin')
+    if self.chars_per_token not in (None, 1.0):
+      split += f'; {self.chars_per_token:.3f} characters per token'
+    return (f'{self.name}, {self.vocabulary.describe()}{source}: train '
+            f'{len(self.train_tokens):,} tokens, validation {len(self.val_tokens):,} tokens '
+            f'({split})')
 
 
 def load_text(dataset: str, data_dir: str | None, kind: str = 'char',
               val_fraction: float = 0.1, vocabulary: Vocabulary | None = None,
-              block_size: int | None = None, vocabulary_from: str = 'all') -> TextData:
+              block_size: int | None = None, vocabulary_from: str = 'all',
+              vocab_size: int = 0) -> TextData:
   """Reads, tokenises and splits a text: the first 1 - val_fraction for training, the rest
-  for validation (nanoGPT: train = data[:int(n * 0.9)]; char vocabularies split the
+  for validation (nanoGPT: train = data[:int(n * 0.9)]; char and BPE vocabularies split the
   characters, byte vocabularies the bytes).
 
   Args:
@@ -186,12 +351,15 @@ def load_text(dataset: str, data_dir: str | None, kind: str = 'char',
       train, validation and test splits joined in order are char-rnn's input.txt, so the
       default split is nanoGPT's; data_dir is the TFDS data dir, '' or None for its default).
     data_dir: see `dataset`.
-    kind: 'char' (the text's characters) or 'byte' (256 ids, UTF-8 bytes).
+    kind: 'char' (the text's characters), 'byte' (256 ids, UTF-8 bytes) or 'bpe' (a byte-level
+      BPE of at most `vocab_size` tokens, trained on the training text).
     val_fraction: the share of the text, at its end, held out for validation, in (0, 1).
-    vocabulary: the run's stored vocabulary (resume, evaluation); the text must give the same.
+    vocabulary: the run's stored vocabulary (resume, evaluation); the text must give the same
+      (a stored BPE is used as it is).
     block_size: if given, both splits must hold at least one window of block_size + 1 tokens.
     vocabulary_from: a char vocabulary's characters: 'all' (the whole text's, nanoGPT's) or
       'train' (the training text's; a validation character outside them is a DataError).
+    vocab_size: a BPE's size (256 or more); unused by the other kinds.
   """
   if kind not in KINDS:
     raise DataError(f'Unknown vocabulary kind {kind!r}. Use one of {KINDS}.')
@@ -216,6 +384,10 @@ def load_text(dataset: str, data_dir: str | None, kind: str = 'char',
   if kind == 'byte':
     tokens = Vocabulary('byte').encode(text)
     found, train_tokens, val_tokens = Vocabulary('byte'), tokens[:cut], tokens[cut:]
+  elif kind == 'bpe':
+    found = (vocabulary if vocabulary is not None and vocabulary.kind == 'bpe'
+             else Vocabulary.from_text(text[:cut], 'bpe', vocab_size))
+    train_tokens, val_tokens = found.encode(text[:cut]), found.encode(text[cut:])
   else:
     found = Vocabulary.from_text(text if vocabulary_from == 'all' else text[:cut])
     train_tokens = found.encode(text[:cut])
@@ -223,9 +395,9 @@ def load_text(dataset: str, data_dir: str | None, kind: str = 'char',
         text[cut:], where=f'{name}: the validation text', offset=cut,
         fix="Build the vocabulary from the whole text (vocabulary_from='all'), use a byte "
             "vocabulary (kind='byte'), or make the training text contain it")
-  if vocabulary is not None and vocabulary != found:
-    raise DataError(_changed_vocabulary_message(vocabulary, found, name))
-  data = TextData(name, found, train_tokens, val_tokens, val_fraction, vocabulary_from)
+  check_same_vocabulary(vocabulary, found, name)
+  data = TextData(name, found, train_tokens, val_tokens, val_fraction, vocabulary_from,
+                  found.count_characters(val_tokens))
   if block_size is not None:
     check_lengths(data, block_size)
   return data
@@ -241,10 +413,18 @@ def check_lengths(data: TextData, block_size: int) -> None:
         f'{data.name}: the training text has {len(data.train_tokens)} tokens, fewer than one '
         f'window of block_size + 1 = {window}. Use a longer text or a smaller block_size.')
   if len(data.val_tokens) < window:
+    longer = (f'Raise val_fraction (now {data.val_fraction}), use a longer text'
+              if data.val_fraction is not None else 'Write a longer val.bin')
     raise DataError(
         f'{data.name}: the validation text has {len(data.val_tokens)} tokens, fewer than one '
-        f'window of block_size + 1 = {window}. Raise val_fraction (now {data.val_fraction}), '
-        'use a longer text, or a smaller block_size.')
+        f'window of block_size + 1 = {window}. {longer}, or a smaller block_size.')
+
+
+def check_same_vocabulary(stored: Vocabulary | None, found: Vocabulary, name: str) -> None:
+  """A DataError if a run's `stored` vocabulary (None: it has none yet) differs from the one
+  its data give now (`found`)."""
+  if stored is not None and stored != found:
+    raise DataError(_changed_vocabulary_message(stored, found, name))
 
 
 def _changed_vocabulary_message(stored: Vocabulary, found: Vocabulary, name: str) -> str:
@@ -254,10 +434,11 @@ def _changed_vocabulary_message(stored: Vocabulary, found: Vocabulary, name: str
     removed = ''.join(sorted(set(stored.symbols) - set(found.symbols)))
     change = f' (new characters {added[:20]!r}, missing characters {removed[:20]!r})'
   return (f'{name}: the run\'s stored vocabulary ({stored.kind}, {stored.size} symbols, in '
-          f'{VOCABULARY_FILE}) differs from the one the text gives now ({found.kind}, '
-          f'{found.size} symbols){change}: the text, the vocabulary kind or its source changed '
-          'since the run started. Resume with the original text, kind and vocabulary_from, or '
-          'start a new run in a fresh workdir.')
+          f'{VOCABULARY_FILE}) differs from the one the data give now ({found.kind}, '
+          f'{found.size} symbols){change}: the text (or the token files\' meta.pkl), the '
+          'vocabulary kind, its source or its size changed since the run started. Resume with '
+          'the original data, vocabulary, vocabulary_from and vocab_size, or start a new run in '
+          'a fresh workdir.')
 
 
 def _read_textfile(data_dir: str | None) -> tuple[str, str]:
@@ -363,8 +544,24 @@ def train_batch(data: TextData, batch_size: int, block_size: int, seed: int,
     check_lengths(data, block_size)
   starts = np.random.default_rng([seed, step]).integers(
       0, len(tokens) - block_size, size=batch_size)
-  windows = tokens[starts[:, None] + np.arange(block_size + 1)]
+  windows = windows_at(data, tokens, starts, block_size, 'training')
   return windows[:, :-1], windows[:, 1:]
+
+
+def windows_at(data: TextData, tokens: np.ndarray, starts: np.ndarray, block_size: int,
+               split: str) -> np.ndarray:
+  """int32 [len(starts), block_size + 1]: the windows of `tokens` at `starts`. An id outside
+  the vocabulary (token files hold any uint16; their loader checks only samples of a large
+  training file) is a DataError here, before it reaches the model."""
+  windows = np.asarray(tokens[starts[:, None] + np.arange(block_size + 1)], np.int32)
+  if windows.size and windows.max() >= data.vocabulary.size:
+    row, column = np.argwhere(windows >= data.vocabulary.size)[0]
+    raise DataError(
+        f'{data.name}: the {split} tokens hold the id {windows[row, column]} at position '
+        f'{starts[row] + column:,}, outside the vocabulary of {data.vocabulary.size}. Set '
+        '--config.vocab_size above the files\' largest id, or check that they hold uint16 ids '
+        "of one tokenizer (nanoGPT's prepare.py).")
+  return windows
 
 
 def train_batches(data: TextData, batch_size: int, block_size: int, seed: int,
@@ -413,13 +610,12 @@ def eval_batches(data: TextData, batch_size: int, block_size: int,
   """
   check_lengths(data, block_size)
   starts, mask = eval_windows(len(data.val_tokens), block_size)
-  offsets = np.arange(block_size + 1)
   for number, first in enumerate(range(0, len(starts), batch_size)):
     if max_batches is not None and number >= max_batches:
       return
     batch_starts = starts[first:first + batch_size]
     batch_mask = mask[first:first + batch_size]
-    windows = data.val_tokens[batch_starts[:, None] + offsets]
+    windows = windows_at(data, data.val_tokens, batch_starts, block_size, 'validation')
     real = len(batch_starts)
     if real < batch_size:
       windows = np.concatenate([windows, np.zeros((batch_size - real, block_size + 1), np.int32)])
