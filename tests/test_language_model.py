@@ -67,7 +67,7 @@ def test_cli_trains_fdg_and_reports_bits_per_character_and_a_sample(tmp_path):
   stored = text_data.load_vocabulary(str(workdir))
   assert stored.kind == 'char' and stored.size == summary['vocabulary_size']
   console = result.stdout + result.stderr
-  assert 'bits per token' in console and 'sample:' in console
+  assert 'bits per character' in console and 'sample:' in console
   assert summary['mfu'] is None and 'no MFU: no peak FLOP/s is known for 1 x cpu' in console
 
 
