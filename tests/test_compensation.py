@@ -8,6 +8,7 @@ learning rate divided by tau ** p, p annealed from 1 to 0.
 """
 
 import dataclasses
+import functools
 
 import chex
 import flax
@@ -21,10 +22,12 @@ from configs import default as default_config
 from fdg_jax.engine import baselines
 from fdg_jax.engine import checkpoint
 from fdg_jax.engine import compensation as compensation_lib
+from fdg_jax.engine import methods
 from fdg_jax.engine import optimizers
 from fdg_jax.engine import pipeline
 from fdg_jax.trainer import configuration
 from fdg_jax.trainer import optimizers as optimizer_config
+from test_microbatches import naive_fdg_microbatches
 from tiny import RECIPE, initial_variables, make_optimizer, mean_loss, tiny_batches
 
 BETA = 0.7
@@ -499,14 +502,18 @@ def test_lookahead_resume_mid_stream_is_bit_exact(tmp_path):
   chex.assert_trees_all_equal(arrays(pipe.drain(state)[0].stages), straight)
 
 
-@pytest.mark.parametrize('method, num_stages, max_delay', [('fdg', 3, 4), ('ddg', 4, 3)])
-def test_trainer_builds_the_lookahead_from_the_config(method, num_stages, max_delay):
+@pytest.mark.parametrize('method, num_stages, microbatches, max_delay', [
+    ('fdg', 3, 1, 4), ('ddg', 4, 1, 3), ('fdg', 3, 4, 2), ('fdg', 4, 2, 4)])
+def test_trainer_builds_the_lookahead_from_the_config(method, num_stages, microbatches,
+                                                      max_delay):
   """The trainer's compensation rebuilds the config's own optimizer (its recipe: AdamW, its
   schedule and mask) with the config's look-ahead fields, and scales the delay momentum by the
-  method's largest delay (stage 0's: FDG 2(K-1), DDG K-1)."""
+  method's largest delay (stage 0's: FDG 2(K-1), DDG K-1; FDG with M microbatches, in updates,
+  1 + ceil((2(K-1) - 1) / M))."""
   from fdg_jax.trainer import train   # pylint: disable=import-outside-toplevel
   config = default_config.get_config()
   config.update(dict(method=method, num_stages=num_stages, optimizer='adamw',
+                     microbatches=microbatches,
                      compensation='nesterov+delay_momentum', nesterov_momentum=0.98,
                      nadam_momentum_decay=0.002, delay_momentum_max=0.995))
   configuration.validate_config(config)
@@ -521,3 +528,109 @@ def test_trainer_builds_the_lookahead_from_the_config(method, num_stages, max_de
   # the paper's schedule, 10 steps an epoch: lr 0.1, divided by 10 at epochs 150, 225, 275.
   assert [float(recipe.learning_rate(s)) for s in (7, 1499, 1500, 2250, 2750)] == pytest.approx(
       [0.1, 0.1, 0.01, 0.001, 0.0001])
+
+
+# ------------------------------------------- compensations with microbatches (PipeDream-2BW)
+# With M microbatches a non-last stage's gradient of batch b reaches its weights
+# 1 + ceil((2(K-1-k) - 1) / M) updates after b's forward: the forward misses
+# ceil((2(K-1-k) - 1) / M) of them (one once M >= 2(K-1) - 1), and every compensation takes that
+# delay in updates (docs/algorithm.md). Written out here from the tick rule, not from schedule.py.
+
+
+def microbatch_staleness(num_stages, microbatches):
+  """Updates each stage's forward misses: ceil((2(K-1-k) - 1) / M), the last stage's 0."""
+  return [0 if k == num_stages - 1 else -(-(2 * (num_stages - 1 - k) - 1) // microbatches)
+          for k in range(num_stages)]
+
+
+def hand_microbatch_steps(name, recipe, staleness, comp):
+  """Each stage's update by hand, `(params, mean_gradient, batch_params) -> params`, for the
+  compensation `name` at these stalenesses (delays d = staleness + 1; the last stage plain)."""
+  delays = [s + 1 if s else 0 for s in staleness]
+  rebuilt = name in compensation_lib.REBUILDS_OPTIMIZER   # else the user's, at every stage
+  hands = hand_optimizers(recipe, name, delays if rebuilt else [0] * len(delays))
+  mean_square = [None] * len(delays)
+  tree_map = jax.tree_util.tree_map
+
+  def step(k, params, grads, batch_params):
+    n = hands[k].n
+    if name == 'delay_compensation' and delays[k]:   # DC-ASGD-a on the batch's mean gradient
+      m = mean_square[k] or tree_map(jnp.zeros_like, grads)
+      mean_square[k] = tree_map(lambda m, g: comp.dc_decay * m + (1 - comp.dc_decay) * g * g,
+                                m, grads)
+      grads = tree_map(lambda g, m, now, old: g + comp.dc_lambda / jnp.sqrt(m + comp.dc_epsilon)
+                       * g * g * (now - old), grads, mean_square[k], params, batch_params)
+    new = hands[k].step(params, grads)
+    if name == 'lr_reschedule' and delays[k]:   # PipeMare: the update over tau ** p
+      factor = max(1, delays[k]) ** -max(0.0, 1.0 - n / comp.reschedule_steps)
+      new = tree_map(lambda w, v: w + factor * (v - w), params, new)
+    return new
+
+  return [functools.partial(step, k) for k in range(len(delays))]
+
+
+@pytest.mark.parametrize('name, recipe, num_stages, microbatches', [
+    ('weight_prediction', SGD, 3, 2),
+    ('delay_compensation', SGD, 2, 2),
+    ('nesterov', ADAMW, 3, 4),
+    pytest.param('weight_prediction', SGD, 4, 2, marks=pytest.mark.slow),
+    pytest.param('weight_prediction', SGD, 3, 1, marks=pytest.mark.slow),
+    pytest.param('delay_compensation', SGD, 4, 8, marks=pytest.mark.slow),
+    pytest.param('lr_reschedule', SGD, 3, 2, marks=pytest.mark.slow),
+    pytest.param('delay_momentum', SGD, 4, 2, marks=pytest.mark.slow),
+    pytest.param('nesterov+delay_momentum', ADAMW, 2, 4, marks=pytest.mark.slow),
+], ids=lambda v: v.name if isinstance(v, optimizers.Recipe) else str(v))
+def test_compensation_with_microbatches_matches_naive_formula(name, recipe, num_stages,
+                                                              microbatches):
+  """FDG with microbatches and each compensation against the tick rule written out, with the
+  compensation's formula on the delay in updates (8 batches: the updates cross the lr drop)."""
+  batches = tiny_batches(8, batch_size=8)
+  staleness = microbatch_staleness(num_stages, microbatches)
+  comp = compensation_lib.Compensation(name, optimizer=recipe, max_delay=max(staleness) + 1,
+                                       reschedule_steps=6)
+  modules, variables = initial_variables(num_stages)
+  pipe = pipeline.Pipeline(modules, optimizers.build(recipe), beta=BETA, compensation=comp,
+                           placements=jax.devices()[:num_stages],
+                           method=methods.Microbatched('fdg', microbatches))
+  assert [pipe.delay(k) for k in range(num_stages)] == [s + 1 if s else 0 for s in staleness]
+  state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  for images, labels in batches:
+    state, _ = pipe.step(state, images, labels)
+  state, _ = pipe.drain(state)
+  horizons = staleness if name == 'weight_prediction' else None
+  expected = naive_fdg_microbatches(
+      modules, variables, None, batches, microbatches, BETA,
+      stage_steps=hand_microbatch_steps(name, recipe, staleness, comp), horizons=horizons)
+  tolerance = 1e-5 if recipe.name == 'sgd' else 1e-4
+  engine = jax.device_get(pipe.stage_variables(state))
+  chex.assert_trees_all_close(engine, expected, rtol=tolerance, atol=tolerance / 10)
+  plain = naive_fdg_microbatches(modules, variables, None, batches, microbatches, BETA,
+                                 stage_steps=hand_microbatch_steps('none', recipe, staleness,
+                                                                   comp))
+  with pytest.raises(AssertionError):   # the compensation acted, beyond the tolerance
+    chex.assert_trees_all_close(engine, plain, rtol=tolerance, atol=tolerance / 10)
+
+
+def test_delay_compensation_with_microbatches_resumes_bit_for_bit(tmp_path):
+  """The parameters each batch in flight forwarded with go into the checkpoint."""
+  batches = tiny_batches(6)
+  modules, variables = initial_variables(3)
+
+  def make():
+    pipe = pipeline.Pipeline(modules, make_optimizer(), beta=BETA,
+                             compensation='delay_compensation', placements=jax.devices()[:3],
+                             method=methods.Microbatched('fdg', 2))
+    return pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+
+  pipe, state = make()
+  for i, (images, labels) in enumerate(batches):
+    if i == 3:
+      assert any(state.microbatches.forward_params)
+      checkpoint.Checkpointer(str(tmp_path)).save(3, pipe, state)
+    state, _ = pipe.step(state, images, labels)
+  straight = arrays(pipe.drain(state)[0].stages)
+  pipe, fresh = make()
+  state, _ = checkpoint.Checkpointer(str(tmp_path)).restore(pipe, fresh)
+  for images, labels in batches[3:]:
+    state, _ = pipe.step(state, images, labels)
+  chex.assert_trees_all_equal(arrays(pipe.drain(state)[0].stages), straight)

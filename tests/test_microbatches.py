@@ -3,6 +3,8 @@ one update per batch with the mean of their gradients, BatchNorm per microbatch 
 gradient clipping by the whole model's norm. The reference is written from that rule alone: one
 device, no jit, the stages composed."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -129,7 +131,8 @@ def test_a_batch_the_microbatches_do_not_divide_is_refused():
 # ------------------------------------------------------------- FDG with microbatches (2BW)
 
 
-def naive_fdg_microbatches(modules, variables, optimizer, batches, microbatches, beta):
+def naive_fdg_microbatches(modules, variables, optimizer, batches, microbatches, beta,
+                           stage_steps=None, horizons=None):
   """FDG with microbatches from DESIGN section 8, one device, no jit. Lockstep tick t: a
   non-last stage k first back-propagates the cotangent of microbatch t - 2(K-1) + k through the
   forward it made (its parameters, statistics and input then; the cotangent scaled by beta) and
@@ -137,11 +140,25 @@ def naive_fdg_microbatches(modules, variables, optimizer, batches, microbatches,
   applies the mean gradient of every batch whose backwards are all in (in batch order); then it
   forwards microbatch t - k (BatchNorm in training mode). The last stage forwards, takes the
   gradient of the microbatch's mean loss and its input cotangent at its current parameters. With
-  no forward left (the drain), completed batches are applied at once."""
+  no forward left (the drain), completed batches are applied at once.
+
+  The update is `optimizer`'s, or `stage_steps[k](params, mean_gradient, batch_params)` (a
+  compensation written by hand; batch_params: the parameters the batch's forwards were made
+  at); with `horizons`, stage k forwards at params + horizons[k] * (its last change of params),
+  weight prediction."""
   K, M = len(modules), microbatches
   params = [v['params'] for v in variables]
   stats = [v['batch_stats'] for v in variables]
-  opt_states = [optimizer.init(p) for p in params]
+  if stage_steps is None:
+    opt_states = [optimizer.init(p) for p in params]
+
+    def optax_step(k, p, g, _):
+      updates, opt_states[k] = optimizer.update(g, opt_states[k], p)
+      return optax.apply_updates(p, updates)
+
+    stage_steps = [functools.partial(optax_step, k) for k in range(K)]
+  last_change = [jax.tree.map(jnp.zeros_like, p) for p in params]
+  batch_params = [{} for _ in range(K)]   # batch -> the parameters its forwards were made at
   xs, ys = [], []
   for inputs, labels in batches:
     size = len(labels) // M
@@ -167,8 +184,9 @@ def naive_fdg_microbatches(modules, variables, optimizer, batches, microbatches,
   def apply_completed(k):
     while done[k].get(applied[k]) == M:
       g = jax.tree.map(lambda a: a / M, sums[k].pop(applied[k]))
-      updates, opt_states[k] = optimizer.update(g, opt_states[k], params[k])
-      params[k] = optax.apply_updates(params[k], updates)
+      before = params[k]
+      params[k] = stage_steps[k](before, g, batch_params[k].pop(applied[k]))
+      last_change[k] = jax.tree.map(jnp.subtract, params[k], before)
       applied[k] += 1
 
   for t in range(total + 2 * (K - 1) + 1):
@@ -190,9 +208,13 @@ def naive_fdg_microbatches(modules, variables, optimizer, batches, microbatches,
         apply_completed(k)
       if f is not None:
         x = xs[f] if k == 0 else activation.pop((k, f))
+        batch_params[k].setdefault(f // M, params[k])
         if k < K - 1:
-          forwards[k][f] = (params[k], stats[k], x)
-          y, stats[k] = forward(k, params[k], stats[k], x)
+          p = params[k]
+          if horizons:
+            p = jax.tree.map(lambda w, u: w + horizons[k] * u, p, last_change[k])
+          forwards[k][f] = (p, stats[k], x)
+          y, stats[k] = forward(k, p, stats[k], x)
           arriving_activation[k + 1, f] = y
         else:
           def loss(q, h, s=stats[k], f=f):

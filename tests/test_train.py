@@ -110,7 +110,8 @@ def test_trainer_runs_the_synchronous_schedules(method, microbatches, tmp_path):
 
 
 @pytest.mark.slow
-def test_trainer_runs_fdg_with_microbatches_and_resumes_it(tmp_path):
+@pytest.mark.parametrize('compensation', ['none', 'delay_compensation'])
+def test_trainer_runs_fdg_with_microbatches_and_resumes_it(compensation, tmp_path):
   """FDG K = 2 over 2 microbatches through the trainer, checkpointed with microbatches in
   flight and resumed: the same parameters as the uninterrupted run, bit for bit."""
   data = write_image_folder(tmp_path / 'data')
@@ -269,7 +270,7 @@ def test_cli_bad_config_is_one_clear_line(tmp_path):
     (dict(microbatches=0), 'config.microbatches'),
     (dict(method='ddg', microbatches=2), 'config.microbatches'),
     (dict(method='dgl', microbatches=2, aux_head='conv'), 'config.microbatches'),
-    (dict(method='fdg', microbatches=2, compensation='nesterov'), 'config.compensation'),
+    (dict(method='bp', microbatches=2, compensation='nesterov'), 'config.compensation'),
     (dict(method='gpipe', microbatches=3), 'config.batch_size'),
     (dict(method='1f1b', microbatches=2, stash='recompute'), 'config.stash'),
     (dict(method='1f1b', compensation='nesterov'), 'config.compensation'),

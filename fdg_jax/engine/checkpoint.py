@@ -205,8 +205,8 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
 
 # What a method over microbatches holds, by group: the stage whose devices hold it (None: the
 # stage named in the tree's path).
-_MICROBATCH_GROUPS = {'arrived': None, 'saved': None, 'sums': None, 'held': -1, 'inputs': 0,
-                      'targets': -1}
+_MICROBATCH_GROUPS = {'arrived': None, 'saved': None, 'sums': None, 'forward_params': None,
+                      'held': -1, 'inputs': 0, 'targets': -1}
 
 
 def _microbatches_tree(kept) -> tuple[dict, dict]:
@@ -221,6 +221,8 @@ def _microbatches_tree(kept) -> tuple[dict, dict]:
                         lambda e: _indexed(jax.tree_util.tree_leaves(e.arrays))),
       'sums': by_stage([{str(b): g for b, g in d.items()} for d in kept.sums],
                        flax.serialization.to_state_dict),
+      'forward_params': by_stage([{str(b): p for b, p in d.items()} for d in kept.forward_params],
+                                 flax.serialization.to_state_dict),
       'held': {str(i): _stored(v) for i, v in kept.held.items()},
       'inputs': {str(i): _stored(v) for i, v in kept.inputs.items()},
       'targets': {str(i): _stored(v) for i, v in kept.targets.items()},
@@ -255,12 +257,16 @@ def _microbatches_from_tree(pipe: pipeline_lib.Pipeline, stages, arrays: dict, m
       saved[k][int(i)] = pipeline_lib.Saved(
           arrays=_unindexed(leaves), batch=int(i),
           structure=pipe.method.residual_structure(k, stages[k], input_spec))
-  sums = [{} for _ in range(num_stages)]
-  for k, entries in group('sums').items():
-    sums[int(k)] = {int(b): flax.serialization.from_state_dict(stages[int(k)].params, g)
-                    for b, g in entries.items()}
+  def by_batch(name):   # per stage, trees shaped as the stage's parameters, by batch
+    trees = [{} for _ in range(num_stages)]
+    for k, entries in group(name).items():
+      trees[int(k)] = {int(b): flax.serialization.from_state_dict(stages[int(k)].params, tree)
+                       for b, tree in entries.items()}
+    return tuple(trees)
+
   return pipeline_lib.Microbatches(
-      arrived=tuple(arrived), saved=tuple(saved), sums=tuple(sums),
+      arrived=tuple(arrived), saved=tuple(saved), sums=by_batch('sums'),
+      forward_params=by_batch('forward_params'),
       held={int(i): _restored(v, cotangent_of(last)) for i, v in group('held').items()},
       inputs={int(i): _restored(v, specs[0]) for i, v in group('inputs').items()},
       targets={int(i): v for i, v in group('targets').items()},

@@ -4,7 +4,9 @@ A non-last stage k applies the gradient of a batch it forwarded `delay` iteratio
 (`Schedule.delay(k)`: 2(K-1-k) for FDG, K-1-k for DDG). Each call updates before it forwards, so
 between the forward of a batch and the update with its gradient the stage makes s = delay - 1
 other updates: the gradient was taken at parameters theta_n and is applied to theta_{n+s}. The
-options below act on that; the last stage (delay 0) and K = 1 are never changed.
+options below act on that; the last stage (delay 0) and K = 1 are never changed. With
+microbatches the delay counts updates (`schedule.delay`: 2 once M >= 2(K-1) - 1), and each
+option acts on that delay the same way (docs/algorithm.md).
 
 * 'none': the paper's FDG.
 * 'weight_prediction' (linear weight prediction: SpecTrain, Chen et al. 2018; Kosson et al.,
@@ -144,6 +146,9 @@ class Compensation:
           f'compensation={self.name!r} rebuilds each delayed stage\'s optimizer and needs its '
           'description: pass Compensation(..., optimizer=optimizers.Recipe(...)) (the trainer '
           'passes its run\'s recipe, trainer/optimizers.recipe).')
+    if self.optimizer.name not in ('sgd', 'adamw'):
+      raise ValueError(f'compensation={self.name!r} rebuilds SGD or AdamW with another momentum, '
+                       f'not {self.optimizer.name!r}: use another compensation with it.')
     return self.optimizer
 
   def rebuilt_optimizer(self, delay: int) -> optax.GradientTransformation:

@@ -224,7 +224,10 @@ class Microbatched(_NetworkOnly):
     FDG's).
   * 'fdg': FDG with microbatches (PipeDream-2BW's semantics, `schedule.fdg_actions`): no flush;
     a stage's weights change only between batches; each non-last stage scales the cotangent it
-    receives by its beta; clipping, if any, is the optimizer's, per stage.
+    receives by its beta; clipping, if any, is the optimizer's, per stage. A compensation acts
+    on the delay in updates (`schedule.delay`): weight prediction in `forward`, delay
+    compensation in `update` (with the parameters the batch forwarded with, kept from its
+    first forward), the others in the stage's optimizer.
   """
 
   def __init__(self, name: str, microbatches: int, grad_clip: float = 0.0):
@@ -278,8 +281,12 @@ class Microbatched(_NetworkOnly):
   def squared_norm(self, k: int, total):
     return self.functions[k]['norm'](total)
 
-  def update(self, k: int, stage, total, squared_norms):
-    return self.functions[k]['update'](stage, total, squared_norms)
+  def update(self, k: int, stage, total, squared_norms, forward_params=None):
+    return self.functions[k]['update'](stage, total, squared_norms, forward_params)
+
+  def keeps_forward_parameters(self, k: int) -> bool:
+    """Whether stage k's update needs the parameters its batch forwarded with."""
+    return self.specs[k].keeps_forward_parameters
 
 
 # ================================================================================ the registry

@@ -60,6 +60,7 @@ class _Flight:
     self.saved = [{} for _ in range(num_stages)]
     self.sums = [{} for _ in range(num_stages)]
     self.held, self.inputs, self.targets = {}, {}, {}
+    self.forward_params = [{} for _ in range(num_stages)]
     self.progress = [schedule_lib.FdgProgress()] * num_stages
     self.norms = [None] * num_stages
     self.forwarded, self.updated = [None] * num_stages, [None] * num_stages
@@ -75,13 +76,15 @@ class _Flight:
       flight.sums = [dict(d) for d in kept.sums]
       flight.held, flight.inputs, flight.targets = (dict(kept.held), dict(kept.inputs),
                                                     dict(kept.targets))
+      flight.forward_params = [dict(d) for d in kept.forward_params]
       flight.progress = list(kept.progress)
     return flight
 
   def freeze(self) -> Microbatches:
     return Microbatches(arrived=tuple(self.arrived), saved=tuple(self.saved),
                         sums=tuple(self.sums), held=self.held, inputs=self.inputs,
-                        targets=self.targets, progress=tuple(self.progress))
+                        targets=self.targets, forward_params=tuple(self.forward_params),
+                        progress=tuple(self.progress))
 
 
 def microbatch_spec(pipe: 'Pipeline'):
@@ -217,9 +220,11 @@ class Pipeline:
     self._io_specs: dict[tuple, tuple] = {}
 
   def delay(self, stage: int) -> int:
-    """Iterations between this stage's forward of a batch and its update with that batch (none
-    in a synchronous schedule)."""
-    return self.schedule.delay(stage) if self.schedule is not None else 0
+    """This stage's delay (`schedule.delay`): iterations between its forward of a batch and its
+    update with that batch; with microbatches, in updates (none in a synchronous schedule)."""
+    if self.schedule is not None:
+      return self.schedule.delay(stage)
+    return schedule_lib.delay(stage, self.num_stages, self.method.name, self.microbatches)
 
   # ---------------------------------------------------------------- the initial state
 
@@ -485,7 +490,8 @@ class Pipeline:
         flight.norms[k] = method.squared_norm(k, flight.sums[k][i])
         flight.calls.append((k, 'norm', i))
       elif local:
-        flight.stages[k] = method.update(k, flight.stages[k], flight.sums[k].pop(i), None)
+        flight.stages[k] = method.update(k, flight.stages[k], flight.sums[k].pop(i), None,
+                                         flight.forward_params[k].pop(i, None))
         flight.calls.append((k, 'update', i))
       return
     batch = i // self.microbatches
@@ -499,6 +505,10 @@ class Pipeline:
               k, flight.stages[k], flight.sums[k].get(batch), x, flight.targets.pop(i))
           flight.metrics = metrics if flight.metrics is None else flight.metrics.merge(metrics)
         else:
+          if i % self.microbatches == 0 and method.keeps_forward_parameters(k):
+            # The batch's weights, a copy: the updates donate the stage's buffers.
+            flight.forward_params[k][batch] = jax.tree_util.tree_map(jnp.copy,
+                                                                     flight.stages[k].params)
           flight.stages[k], out, flight.saved[k][i] = method.forward(k, flight.stages[k], x)
         flight.calls.append((k, 'loss' + first if k == last else 'forward', batch))
       if k < last:

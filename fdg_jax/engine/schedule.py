@@ -24,6 +24,8 @@ import dataclasses
 from typing import Optional
 
 METHODS = ('fdg', 'ddg', 'dgl')
+# The microbatch schedules that flush every batch: no delay.
+SYNCHRONOUS = ('gpipe', '1f1b')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +61,19 @@ class Iteration:
   sends: tuple[tuple[Transfer, ...], ...]   # sends[i]: the transfers after calls[i]
 
 
-def delay(stage: int, num_stages: int, method: str = 'fdg') -> int:
-  """Iterations between stage k's forward of a batch and its update with that batch (FDG:
-  2(K-1-k), DDG: K-1-k, DGL: 0): the one definition, from the lags below."""
+def delay(stage: int, num_stages: int, method: str = 'fdg', microbatches: int = 1) -> int:
+  """Stage k's delay D_k: the gradient of the batch it forwards reaches its weights D_k updates
+  later, so the forward missed D_k - 1 of them (what the compensations act on). At M = 1,
+  iterations between its forward of a batch and its update with that batch (FDG: 2(K-1-k),
+  DDG: K-1-k, DGL: 0), from the lags below; FDG with microbatches: `weights_lag` (2 once
+  M >= 2(K-1) - 1), the last stage's 0; a synchronous schedule (GPipe, 1F1B): 0. The one
+  definition."""
+  if method in SYNCHRONOUS:
+    return 0
+  if microbatches > 1:
+    if method != 'fdg':
+      raise ValueError(f'method={method!r} has no microbatch schedule.')
+    return 0 if stage == num_stages - 1 else weights_lag(stage, num_stages, microbatches)
   return Schedule(method, num_stages).delay(stage)
 
 

@@ -117,7 +117,8 @@ class StageSpec:
   loss_fn: `(outputs, targets) -> per-example (or per-token) losses`; training uses their mean.
   metrics: a clu `Collection` made by `single_from_model_output(loss=, logits=, labels=)`.
   first: whether this is stage 0 (no input cotangent to compute).
-  delay: iterations between its forward of a batch and its update with that batch.
+  delay: iterations between its forward of a batch and its update with that batch; with
+    microbatches, updates (`schedule.delay`).
   """
   module: nn.Module
   loss_fn: Callable[[Any, Any], jax.Array] = cross_entropy_loss
@@ -136,6 +137,18 @@ class StageSpec:
   def mode(self, train: bool) -> dict:
     """The `train=` keyword for the module, if it takes one."""
     return {'train': train} if self.takes_train else {}
+
+  @property
+  def predicts_weights(self) -> bool:
+    """Whether its forwards use the parameters weight prediction extrapolates."""
+    return (self.compensation.active(self.delay)
+            and self.compensation.name == 'weight_prediction')
+
+  @property
+  def keeps_forward_parameters(self) -> bool:
+    """Whether its updates need the parameters each forward used (delay compensation)."""
+    return (self.compensation.active(self.delay)
+            and self.compensation.name == 'delay_compensation')
 
   @property
   def keeps_inputs(self) -> bool:
@@ -172,6 +185,15 @@ def stage_vjp(spec: StageSpec, params, batch_stats, x, key):
   return y, pullback, stats
 
 
+def forward_parameters(spec: StageSpec, state: TrainState):
+  """The parameters a training forward uses: the current ones, or with weight prediction
+  those `staleness(delay)` updates ahead (the update still applies to the current ones)."""
+  if not spec.predicts_weights:
+    return state.params
+  return compensation_lib.predicted_parameters(
+      state.params, state.opt_state, compensation_lib.staleness(spec.delay))
+
+
 def residual_tree(spec: StageSpec, state: TrainState, x):
   """The pytree of `stage_vjp`'s residuals (for `jax.eval_shape`: its structure)."""
   return stage_vjp(spec, state.params, state.batch_stats, x, state.dropout_key)[1]
@@ -195,11 +217,6 @@ def update_then_forward(spec: StageSpec) -> Callable:
   residuals) -> (state, y, new_saved, inputs, input_cotangent)`. saved/cotangent or x may be
   None (fill, drain); `inputs` is what determines the new residuals (`StageSpec.keeps_inputs`),
   the stage input apart."""
-  compensating = spec.compensation.active(spec.delay)
-  predicting = compensating and spec.compensation.name == 'weight_prediction'
-  # Delay compensation corrects with each forward's parameters (its saved inputs).
-  keeps_parameters = compensating and spec.compensation.name == 'delay_compensation'
-
   def update_then_forward(state: TrainState, saved, forward_params, cotangent, x, *,
                           residuals=None):
     input_cotangent = None
@@ -212,17 +229,14 @@ def update_then_forward(spec: StageSpec) -> Callable:
         _, pullback, _ = stage_vjp(spec, state.params, state.batch_stats, saved_x, saved_key)
       grads, *rest = pullback(cotangent)
       input_cotangent = rest[0] if rest else None
-      if keeps_parameters:
+      if spec.keeps_forward_parameters:   # delay compensation: each forward's, saved
         state = apply_gradients(state, grads, stale_params=forward_params)
       else:
         state = state.apply_gradients(grads=grads)
     y = new_saved = inputs = None
     if x is not None:
       dropout_key, key = jax.random.split(state.dropout_key)
-      params = state.params
-      if predicting:
-        params = compensation_lib.predicted_parameters(
-            params, state.opt_state, compensation_lib.staleness(spec.delay))
+      params = forward_parameters(spec, state)
       if spec.stash == 'vjp':
         y, pullback, batch_stats = stage_vjp(spec, params, state.batch_stats, x, key)
         new_saved = jax.tree_util.tree_leaves(pullback)
@@ -265,16 +279,17 @@ def last_update(spec: StageSpec) -> Callable:
   return update_then_forward
 
 
-# ------------------------------------------------------------ microbatches (GPipe, 1F1B)
+# ------------------------------------------------ microbatches (GPipe, 1F1B, FDG with M > 1)
 
 
 def microbatch_forward(spec: StageSpec) -> Callable:
-  """One microbatch's forward in a synchronous schedule: `(state, x) -> (state, y, saved)`, saved
-  the vjp's residual leaves. BatchNorm normalises the microbatch and its running statistics are
-  updated once per microbatch, as GPipe does."""
+  """One microbatch's forward: `(state, x) -> (state, y, saved)`, saved the vjp's residual
+  leaves (at `forward_parameters`: FDG's weight prediction extrapolates). BatchNorm normalises
+  the microbatch and its running statistics are updated once per microbatch, as GPipe does."""
   def forward(state: TrainState, x):
     dropout_key, key = jax.random.split(state.dropout_key)
-    y, pullback, batch_stats = stage_vjp(spec, state.params, state.batch_stats, x, key)
+    y, pullback, batch_stats = stage_vjp(spec, forward_parameters(spec, state),
+                                         state.batch_stats, x, key)
     state = state.replace(batch_stats=batch_stats, dropout_key=dropout_key)
     return state, y, jax.tree_util.tree_leaves(pullback)
   return forward
@@ -310,16 +325,19 @@ def squared_norm(tree) -> jax.Array:
 
 
 def apply_mean(spec: StageSpec, microbatches: int, grad_clip: float) -> Callable:
-  """`(state, total, squared_norms) -> state`: the update with the batch's mean gradient,
-  total / M, clipped when grad_clip > 0 by the whole model's norm, the root of the stages'
-  summed `squared_norms` of their gradient sums, over M (optax.clip_by_global_norm's rule)."""
-  del spec
-  def update(state: TrainState, total, squared_norms):
+  """`(state, total, squared_norms, forward_params) -> state`: the update with the batch's mean
+  gradient, total / M, clipped when grad_clip > 0 by the whole model's norm, the root of the
+  stages' summed `squared_norms` of their gradient sums, over M (optax.clip_by_global_norm's
+  rule); with delay compensation corrected with `forward_params`, the parameters every
+  microbatch of the batch forwarded with (None otherwise)."""
+  def update(state: TrainState, total, squared_norms, forward_params):
     grads = jax.tree_util.tree_map(lambda g: g / microbatches, total)
     if grad_clip > 0:
       norm = jnp.sqrt(sum(squared_norms)) / microbatches
       scale = jnp.where(norm < grad_clip, 1.0, grad_clip / norm)
       grads = jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), grads)
+    if spec.keeps_forward_parameters:
+      return apply_gradients(state, grads, stale_params=forward_params)
     return state.apply_gradients(grads=grads)
   return update
 

@@ -56,19 +56,21 @@ class Microbatches:
   per stage, the activations and cotangents that arrived, keyed ('F' or 'B', microbatch), its
   saved forwards by microbatch and its gradient sums by batch; the last stage's input
   cotangents waiting for their B; the inputs and targets of microbatches fed and not yet used;
-  and each stage's `schedule.FdgProgress` (host values)."""
+  with delay compensation, per stage the parameters each batch in flight forwarded with, by
+  batch; and each stage's `schedule.FdgProgress` (host values)."""
   arrived: tuple[dict, ...]
   saved: tuple[dict, ...]
   sums: tuple[dict, ...]
   held: dict
   inputs: dict
   targets: dict
+  forward_params: tuple[dict, ...]
   progress: tuple = flax.struct.field(pytree_node=False)
 
   @property
   def in_flight(self) -> bool:
-    return any(self.arrived) or any(self.saved) or any(self.sums) or bool(
-        self.held or self.inputs or self.targets)
+    return any(self.arrived) or any(self.saved) or any(self.sums) or any(
+        self.forward_params) or bool(self.held or self.inputs or self.targets)
 
 
 @flax.struct.dataclass

@@ -111,10 +111,6 @@ def validate_config(config: ml_collections.ConfigDict):
     fail('microbatches', f'method {config.method!r} has no microbatch schedule',
          f"Use --config.microbatches=1, or one of "
          f"{[m.name for m in methods.REGISTRY.values() if m.takes_microbatches]}.")
-  if config.microbatches > 1 and config.compensation != 'none':
-    fail('compensation', f'{config.compensation!r} with microbatches: the compensations do not '
-         'yet take the delay in updates that microbatches give', 'Use --config.microbatches=1, '
-         'or --config.compensation=none.')
   micro_size, rest = divmod(config.batch_size, config.microbatches)
   if rest or (config.data_parallel > 0 and micro_size % config.data_parallel):
     fail('batch_size', f'{config.batch_size} does not split into {config.microbatches} '

@@ -67,9 +67,10 @@ def create_compensation(config, recipe: optimizers.Recipe,
 
 
 def stage_delay(config, stage: int) -> int:
-  """Stage `stage`'s delay under config.method (0 without delayed gradients)."""
+  """Stage `stage`'s delay under config.method (0 without delayed gradients; with
+  microbatches, in updates)."""
   method = methods.get(config.method)
-  return (schedule.delay(stage, num_stages_of(config), method.schedule)
+  return (schedule.delay(stage, num_stages_of(config), method.schedule, config.microbatches)
           if method.delayed_gradients else 0)
 
 
