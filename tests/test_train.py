@@ -113,10 +113,12 @@ def test_trainer_runs_the_synchronous_schedules(method, microbatches, tmp_path):
 @pytest.mark.parametrize('compensation', ['none', 'delay_compensation'])
 def test_trainer_runs_fdg_with_microbatches_and_resumes_it(compensation, tmp_path):
   """FDG K = 2 over 2 microbatches through the trainer, checkpointed with microbatches in
-  flight and resumed: the same parameters as the uninterrupted run, bit for bit."""
+  flight (with delay compensation, each batch's forward parameters too) and resumed: the same
+  parameters as the uninterrupted run, bit for bit."""
   data = write_image_folder(tmp_path / 'data')
   config = small_config(dataset='imagefolder', data_dir=data, method='fdg', microbatches=2,
-                        cache_dir=str(tmp_path / 'cache'), grad_clip=1.0)
+                        cache_dir=str(tmp_path / 'cache'), grad_clip=1.0,
+                        compensation=compensation)
   straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
   check_summary(straight, str(tmp_path / 'straight'), method='fdg', num_stages=2,
                 microbatches=2, steps=6)
