@@ -23,8 +23,9 @@ def get_config():
   # Images: 'cifar10' / 'cifar100' through tensorflow-datasets; 'cifar_python' (data_dir is an
   # extracted official cifar-10-batches-py or cifar-100-python folder); or 'imagefolder'
   # (data_dir holds train/<class>/* and test/<class>/* images, as a directory or .tar/.tar.gz
-  # archive). Text: 'tiny_shakespeare' (tensorflow-datasets) or 'textfile' (data_dir is a UTF-8
-  # text file, or a folder of .txt files).
+  # archive). Text: 'tiny_shakespeare' (tensorflow-datasets), 'textfile' (data_dir is a UTF-8
+  # text file, or a folder of .txt files) or 'tokens' (data_dir holds nanoGPT's prepared
+  # train.bin and val.bin, uint16 token ids, and optionally meta.pkl).
   config.dataset = 'cifar10'
   # tfds data directory ('' = tfds default), or the folder / archive of the local datasets.
   config.data_dir = ''
