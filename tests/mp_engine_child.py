@@ -48,10 +48,17 @@ def microbatched(method):
 
 def make_pipeline(method, num_stages, stash, placements):
   method, kind, compensation = parse(method)
-  if microbatched(method):   # tiny's stages, a method over microbatches
+  micro = microbatched(method)
+  if compensation:
+    name, microbatches = (micro.name, micro.microbatches) if micro else (method, 1)
+    compensation = compensation_lib.Compensation(
+        compensation, optimizer=RECIPE,
+        max_delay=schedule.delay(0, num_stages, name, microbatches))
+  if micro:   # tiny's stages, a method over microbatches
     modules, variables = initial_variables(num_stages)
     return pipeline.Pipeline(modules, make_optimizer(), beta=BETA, stash=stash,
-                             placements=placements, method=microbatched(method)), variables
+                             placements=placements, method=micro,
+                             compensation=compensation or 'none'), variables
   if kind:   # stages that pass a pytree of kind 'dict' or 'mask'
     return pytree_pipeline(kind, num_stages, method, stash, placements, beta=BETA)
   modules, variables = initial_variables(num_stages)
@@ -60,9 +67,6 @@ def make_pipeline(method, num_stages, stash, placements):
                                  aux_head=aux_heads.get('conv'), placements=placements)
   else:
     engine = baselines.DDGPipeline if method == 'ddg' else pipeline.Pipeline
-    if compensation:
-      compensation = compensation_lib.Compensation(
-          compensation, optimizer=RECIPE, max_delay=schedule.delay(0, num_stages, method))
     pipe = engine(modules, make_optimizer(), beta=BETA, stash=stash, placements=placements,
                   compensation=compensation or 'none')
   return pipe, variables

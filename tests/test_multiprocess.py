@@ -84,12 +84,14 @@ def test_processes_compute_what_one_process_computes(tmp_path):
   cotangent its own transfer: GPipe, 1F1B clipped by the whole model's norm (each stage's
   squared norm moved to every other process; every batch is clipped) and FDG, each at K = 3
   and K = 2, one with M = 2 and the other M = 4; 1F1B with clipping at K = 2 on process 0
-  alone equals it spread bit for bit; FDG with M = 4 checkpointed half-way with microbatches in
+  alone equals it spread bit for bit; FDG with M = 4, and with M = 2 and delay compensation
+  (each batch's forward parameters in flight), checkpointed half-way with microbatches in
   flight (each process saving its stages' part) and restored into a new pipeline ends bit for
   bit where the straight run does."""
   runs = {3: ['fdg:vjp', 'fdg:recompute', 'ddg:vjp', 'dgl:vjp',
               'fdg@nesterov+delay_momentum:vjp', 'ddg@nesterov:vjp',
-              'gpipe.m2:vjp', '1f1b.m4.clip:vjp', 'fdg.m4:vjp', 'fdg.m4:vjp:on0-1-2:resume'],
+              'gpipe.m2:vjp', '1f1b.m4.clip:vjp', 'fdg.m4:vjp', 'fdg.m4:vjp:on0-1-2:resume',
+              'fdg.m2@delay_compensation:vjp:on0-1-2:resume'],
           2: ['fdg:vjp:on0-1', 'fdg+dict:vjp:on0-1', 'fdg+mask:recompute:on0-1',
               'gpipe.m4:vjp:on0-1', '1f1b.m2.clip:vjp:on0-1', 'fdg.m2:vjp:on0-1']}
   together = ['fdg:vjp:on0-0', '1f1b.m2.clip:vjp:on0-0']   # every stage on process 0

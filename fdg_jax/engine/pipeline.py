@@ -66,6 +66,7 @@ class _Flight:
     self.forwarded, self.updated = [None] * num_stages, [None] * num_stages
     self.metrics = None
     self.calls = []   # (stage, function, batch) of each jitted call, in dispatch order
+    self.outbox = []  # (value, schedule.Transfer) made in this tick, moved at its end
 
   @classmethod
   def of(cls, stages, kept: Optional[Microbatches]) -> '_Flight':
@@ -447,8 +448,8 @@ class Pipeline:
         for k, actions in tick.items():
           for action in actions:
             offset = batch if action.kind == 'U' else batch * M
-            self._act(flight, k, schedule_lib.Action(action.kind, action.index + offset),
-                      micro_spec)
+            self._act(flight, k, schedule_lib.Action(action.kind, action.index + offset))
+        self._deliver(flight, micro_spec)
       if method.grad_clip > 0:   # the whole model's norm: every stage's share on every stage
         scalar = jax.ShapeDtypeStruct((), jnp.float32)   # replicated, as the stage's state
         gathered = [[distributed.move_tree(flight.norms[j], self.state_shardings[j],
@@ -469,7 +470,8 @@ class Pipeline:
           actions, flight.progress[k] = schedule_lib.fdg_actions(
               k, num_stages, M, t, fed * M, flight.progress[k])
           for action in actions:
-            self._act(flight, k, action, micro_spec)
+            self._act(flight, k, action)
+        self._deliver(flight, micro_spec)
     new_state = state.replace(
         stages=tuple(flight.stages), iteration=state.iteration + 1,
         batches_fed=batch + (inputs is not None),
@@ -479,9 +481,9 @@ class Pipeline:
                                local_metrics=(None,) * (num_stages - 1) + (flight.metrics,),
                                calls=tuple(flight.calls))
 
-  def _act(self, flight: '_Flight', k: int, action: schedule_lib.Action, micro_spec) -> None:
-    """One action of stage k's program (where this process owns the stage), then the transfer
-    it makes (every process takes part in it)."""
+  def _act(self, flight: '_Flight', k: int, action: schedule_lib.Action) -> None:
+    """One action of stage k's program (where this process owns the stage); what it sends goes
+    to the tick's outbox."""
     method, last, local = self.method, self.num_stages - 1, self.is_local[k]
     i, out = action.index, None
     if action.kind == 'U':
@@ -512,9 +514,7 @@ class Pipeline:
           flight.stages[k], out, flight.saved[k][i] = method.forward(k, flight.stages[k], x)
         flight.calls.append((k, 'loss' + first if k == last else 'forward', batch))
       if k < last:
-        out = self._transfer(out, schedule_lib.Transfer('activation', i, k, k + 1), micro_spec)
-        if out is not None:
-          flight.arrived[k + 1]['F', i] = out
+        flight.outbox.append((out, schedule_lib.Transfer('activation', i, k, k + 1)))
     else:
       if local and k == last:
         out = flight.held.pop(i)
@@ -523,9 +523,18 @@ class Pipeline:
             k, flight.sums[k].get(batch), flight.saved[k].pop(i), flight.arrived[k].pop(('B', i)))
         flight.calls.append((k, 'backward' + first, batch))
       if k > 0:
-        out = self._transfer(out, schedule_lib.Transfer('cotangent', i, k, k - 1), micro_spec)
-        if out is not None:
-          flight.arrived[k - 1]['B', i] = out
+        flight.outbox.append((out, schedule_lib.Transfer('cotangent', i, k, k - 1)))
+
+  def _deliver(self, flight: '_Flight', micro_spec) -> None:
+    """The tick's transfers, after all its actions were dispatched (every action of a tick
+    uses only what earlier ticks sent), in the order they were made on every process: a host
+    never waits for a peer's transfer before dispatching its own stage's work of the tick."""
+    for value, send in flight.outbox:
+      value = self._transfer(value, send, micro_spec)
+      if value is not None:
+        kind = 'F' if send.kind == 'activation' else 'B'
+        flight.arrived[send.target][kind, send.batch] = value
+    flight.outbox.clear()
 
   # ---------------------------------------------------------------- shapes
 
