@@ -899,3 +899,28 @@ def test_a_grid_of_methods_over_microbatches_dry_run_lists_their_commands(tmp_pa
   assert '--config.method=1f1b --config.microbatches=4' in line
   assert '--config.num_stages=4' in line
   assert '- resnet20_1f1b_k4_m4_seed0: to run' in result.stdout
+
+
+def test_action_recorder_records_a_running_pipeline(tmp_path):
+  """The recorder wraps the executor's `_act` on a real pipeline (FDG, K = 2, M = 2): one
+  labelled event per local action, and the executor's own method back afterwards."""
+  import jax   # pylint: disable=import-outside-toplevel  (this file's other tests need none)
+  from fdg_jax.engine import methods   # pylint: disable=import-outside-toplevel
+  from fdg_jax.engine import pipeline  # pylint: disable=import-outside-toplevel
+  from tiny import initial_variables, make_optimizer, tiny_batches  # pylint: disable=import-outside-toplevel
+  batches = tiny_batches(3, batch_size=8)
+  modules, variables = initial_variables(2)
+  pipe = pipeline.Pipeline(modules, make_optimizer(), placements=jax.devices()[:2],
+                           method=methods.Microbatched('fdg', 2))
+  state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  state, _ = pipe.step(state, *batches[0])   # compiles
+  recorder = action_timeline.ActionRecorder(pipe, str(tmp_path))
+  recorder.start(state)
+  for inputs, labels in batches[1:]:
+    state, _ = pipe.step(state, inputs, labels)
+  events = recorder.stop(state)
+  assert '_act' not in pipe.__dict__
+  # Every action is a jitted call but the last stage's B (it sends what its fused loss made).
+  calls = [(k, a) for k, a in recorder.actions if not (k == 1 and a.kind == 'B')]
+  assert len(events) == len(calls) > 0
+  assert all(e.index is not None for e in events), [e.label for e in events]

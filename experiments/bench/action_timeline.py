@@ -73,10 +73,10 @@ class ActionRecorder:
     self._shadowed = self.pipe.__dict__.get('_act')
     act = self.pipe._act  # pylint: disable=protected-access
 
-    def recorded_act(flight, k, action, micro_spec):
+    def recorded_act(flight, k, action, *rest):
       if self.pipe.is_local[k]:
         self.actions.append((k, action))
-      return act(flight, k, action, micro_spec)
+      return act(flight, k, action, *rest)
 
     self.pipe._act = recorded_act  # pylint: disable=protected-access
     if self.pipe.num_processes > 1:
