@@ -106,6 +106,22 @@ def test_synchronous_schedule_is_bp_with_adamw_and_the_whole_models_clipping(
       chex.assert_trees_all_close(expected, unclipped, rtol=1e-5, atol=1e-6)
 
 
+def test_gpipe_with_re_materialisation_is_bp():
+  """residual_policy='nothing_saveable' keeps only each microbatch's stage input and
+  recomputes the rest in its backward (GPipe's re-materialisation): still BP's update."""
+  batches = tiny_batches(3, batch_size=8)
+  modules, variables = initial_variables(2)
+  pipe = pipeline.Pipeline(modules, make_optimizer(), mean_loss_per_example,
+                           placements=jax.devices()[:2], residual_policy='nothing_saveable',
+                           method=methods.Microbatched('gpipe', 4))
+  state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  for inputs, labels in batches:
+    state, _ = pipe.step(state, inputs, labels)
+  expected = naive_microbatched_bp(modules, variables, make_optimizer(), batches, 4)
+  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
+                              rtol=1e-5, atol=1e-6)
+
+
 def test_microbatch_metrics_cover_the_batch():
   """The last stage's metrics of a step merge its M microbatches: the batch's mean loss at the
   parameters it started from, each microbatch normalised on its own."""
