@@ -130,9 +130,26 @@ def get_config():
   # 'constant': warm-up at warmup_lr throughout (the paper); 'linear': from warmup_lr at step 0
   # rising in a straight line to learning_rate at the end of warm-up (Goyal et al., 2017).
   config.warmup_shape = 'constant'
-  # 'sgd' (momentum, weight decay coupled into the gradient, as PyTorch's SGD: the paper's) or
-  # 'adamw' (Adam with decoupled weight decay on weight matrices only, as nanoGPT).
+  # 'sgd' (momentum, weight decay coupled into the gradient, as PyTorch's SGD: the paper's),
+  # 'adamw' (Adam with decoupled weight decay on weight matrices only, as nanoGPT) or 'muon'
+  # (optax.contrib.muon, as Keller Jordan's Muon and the nanoGPT speedruns use it: Muon on the
+  # hidden layers' matrices and conv kernels (a conv's (h, w, in, out) read as an (h w in, out)
+  # matrix), this AdamW at learning_rate on the rest: embeddings, the first layer (a stem conv,
+  # a patch projection), the head, biases, norm scales, DGL's heads; engine/optimizers.py:
+  # muon_dimension_numbers). The look-ahead compensations (nesterov, delay_momentum) refuse it.
   config.optimizer = 'sgd'
+  # muon: peak learning rate of Muon's matrices (Keller Jordan's default 0.02); it follows
+  # lr_schedule's shape, scaled by muon_learning_rate / learning_rate.
+  config.muon_learning_rate = 0.02
+  # muon: momentum of Muon's matrices (its beta; Keller Jordan's 0.95).
+  config.muon_momentum = 0.95
+  # muon: Nesterov momentum, as Muon's authors run it (False: plain momentum).
+  config.muon_nesterov = True
+  # muon: Newton-Schulz steps orthogonalising each update (Muon's 5).
+  config.muon_ns_steps = 5
+  # muon: decoupled weight decay of Muon's matrices, lr * muon_weight_decay * param (AdamW's
+  # parameters take weight_decay).
+  config.muon_weight_decay = 0.0
   # AdamW's beta1 (first-moment decay).
   config.adam_b1 = 0.9
   # AdamW's beta2 (second-moment decay; nanoGPT: 0.95, 0.99 for its small shakespeare_char).

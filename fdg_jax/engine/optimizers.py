@@ -4,6 +4,8 @@
   recipe) or 'adamw' (Adam with decoupled weight decay on weight matrices only: the language
   models' recipe, nanoGPT's), each with any learning rate or optax schedule
   (`warmup_cosine_schedule` is nanoGPT's).
+* 'muon' (Keller Jordan's Muon, from optax.contrib's pieces: `muon`) on the hidden layers'
+  matrices and conv kernels, with the 'adamw' recipe's AdamW on everything else.
 * grad_clip > 0: `optax.clip_by_global_norm` first in the chain. In a decoupled pipeline every
   stage has its own optimizer and state and sees only its own gradient, so this clips each
   stage's gradient by that stage's global norm: no stage sees the whole model's gradient (with
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ('sgd', 'adamw')
+OPTIMIZERS = ('sgd', 'adamw', 'muon')
 
 
 # ---------------------------------------------------------------- schedules
@@ -72,6 +74,36 @@ def weight_decay_mask(params, decay_embeddings: bool = False):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+# Modules whose kernels Muon leaves to AdamW: a network's first layer and its last (Muon is for
+# the hidden layers): the ResNets' stem 'conv', the ViT's patch 'projection', the GPT's
+# 'lm_head', the ResNets' and the ViT's classifier 'fc'. (The GPT's embeddings 'wte' and 'wpe'
+# hold tables named 'embedding', not kernels.)
+ADAMW_MODULES = ('conv', 'projection', 'lm_head', 'fc')
+# The key of DGL's auxiliary heads in a stage's parameters (methods.LocalLosses): heads, so AdamW.
+AUX_HEADS_KEY = 'aux'
+
+
+def muon_dimension_numbers(params):
+  """Per parameter, how Muon reads it as a matrix (optax's `MuonDimensionNumbers`), or None where
+  AdamW trains it: Muon's routing, decided by names within one stage's tree (so a parameter is
+  routed alike whatever K and wherever the split falls).
+
+  Muon: every 'kernel' of ndim >= 2 outside ADAMW_MODULES and DGL's heads: a Dense kernel
+  (in, out) is the matrix it is; a conv kernel (h, w, in, out) is the (h * w * in, out) matrix,
+  as Keller Jordan's Muon flattens conv filters. AdamW: embeddings, the first and last layers,
+  biases, LayerNorm and BatchNorm scales, DGL's auxiliary heads.
+  """
+  def route(path, leaf):
+    names = [getattr(key, 'key', None) for key in path]
+    ndim = jnp.ndim(leaf)
+    if (ndim < 2 or len(names) < 2 or names[-1] != 'kernel' or names[-2] in ADAMW_MODULES
+        or names[0] == AUX_HEADS_KEY):
+      return None
+    return optax.contrib.MuonDimensionNumbers(reduction_axis=tuple(range(ndim - 1)),
+                                              output_axis=ndim - 1)
+  return jax.tree_util.tree_map_with_path(route, params)
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """An optimizer described (what `build` makes), so a compensation can rebuild a variant.
@@ -79,18 +111,27 @@ class Recipe:
   'sgd': SGD with momentum (0: none) and weight decay coupled into the gradient, as PyTorch's
   SGD (every parameter decays). 'adamw': optax.adamw (PyTorch's AdamW: decay lr * weight_decay *
   param, decoupled from the moments) with b1, b2, eps, decaying only where `decay_mask(params)`
-  is True (None: every parameter). grad_clip > 0: clipped to that global norm first (per stage:
-  module docstring).
+  is True (None: every parameter). 'muon': optax.contrib.muon (momentum muon_momentum, Nesterov
+  if muon_nesterov, muon_ns_steps Newton-Schulz steps, decay lr * muon_weight_decay * param) at
+  muon_learning_rate on the parameters `muon_routing(params)` gives dimension numbers (None:
+  `muon_dimension_numbers`), and the 'adamw' recipe's AdamW, at learning_rate, on the rest.
+  grad_clip > 0: clipped to that global norm first (per stage: module docstring).
   """
   name: str
   learning_rate: Any                    # a float or an optax schedule
   momentum: float = 0.0                 # sgd
   weight_decay: float = 0.0
-  b1: float = 0.9                       # adamw
+  b1: float = 0.9                       # adamw, and muon's AdamW
   b2: float = 0.999
   eps: float = 1e-8
   decay_mask: Optional[Callable] = None
   grad_clip: float = 0.0
+  muon_learning_rate: Any = 0.02        # muon: a float or an optax schedule
+  muon_momentum: float = 0.95
+  muon_nesterov: bool = True
+  muon_ns_steps: int = 5
+  muon_weight_decay: float = 0.0
+  muon_routing: Optional[Callable] = None
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
@@ -104,10 +145,42 @@ class Recipe:
 def build(recipe: Recipe) -> optax.GradientTransformation:
   """The optimizer a Recipe describes."""
   if recipe.name == 'adamw':
-    return optax.chain(*recipe.clipping(), optax.adamw(
-        recipe.learning_rate, b1=recipe.b1, b2=recipe.b2, eps=recipe.eps,
-        weight_decay=recipe.weight_decay, mask=recipe.decay_mask))
+    return optax.chain(*recipe.clipping(), adamw(recipe))
+  if recipe.name == 'muon':
+    return optax.chain(*recipe.clipping(), muon(recipe))
   return optax.chain(
       *recipe.clipping(),
       optax.add_decayed_weights(recipe.weight_decay),
       optax.sgd(recipe.learning_rate, momentum=recipe.momentum or None))
+
+
+def adamw(recipe: Recipe) -> optax.GradientTransformation:
+  """The recipe's AdamW (no clipping)."""
+  return optax.adamw(recipe.learning_rate, b1=recipe.b1, b2=recipe.b2, eps=recipe.eps,
+                     weight_decay=recipe.weight_decay, mask=recipe.decay_mask)
+
+
+def muon(recipe: Recipe) -> optax.GradientTransformation:
+  """optax.contrib.muon on the parameters the routing gives dimension numbers, the recipe's
+  AdamW on the others (no clipping).
+
+  Not optax.contrib.muon's own AdamW for the rest: that one shares Muon's Nesterov flag (NAdam
+  where Muon is Nesterov, as by default) and decays every parameter it trains; Keller Jordan's
+  MuonWithAuxAdam runs plain Adam there, and this AdamW decays only where decay_mask says. So
+  the parameters are split here, and optax.contrib.muon sees only the Muon ones (its own AdamW
+  branch then holds nothing).
+  """
+  routing = recipe.muon_routing or muon_dimension_numbers
+
+  def labels(params):
+    return jax.tree_util.tree_map(
+        lambda numbers, _: 'adamw' if numbers is None else 'muon', routing(params), params,
+        is_leaf=lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers))
+
+  return optax.partition(
+      {'muon': optax.contrib.muon(
+          recipe.muon_learning_rate, ns_steps=recipe.muon_ns_steps, beta=recipe.muon_momentum,
+          weight_decay=recipe.muon_weight_decay, nesterov=recipe.muon_nesterov,
+          muon_weight_dimension_numbers=routing),
+       'adamw': adamw(recipe)},
+      labels)

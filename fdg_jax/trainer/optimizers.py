@@ -1,7 +1,8 @@
 """The config's optimizer and learning-rate schedule: fields in, an engine `Recipe` out.
 
-* `config.optimizer`: 'sgd' (the paper's CIFAR recipe) or 'adamw' (nanoGPT's); the Recipe says
-  what each is (`fdg_jax.engine.optimizers`).
+* `config.optimizer`: 'sgd' (the paper's CIFAR recipe), 'adamw' (nanoGPT's) or 'muon' (Muon on
+  the hidden layers' matrices at muon_learning_rate, that AdamW at learning_rate on the rest);
+  the Recipe says what each is (`fdg_jax.engine.optimizers`).
 * `config.lr_schedule`: 'piecewise' (warm-up for warmup_epochs, then learning_rate multiplied by
   lr_decay_factor at each of lr_boundaries_epochs) or 'warmup_cosine' (nanoGPT's `get_lr`, in
   steps: `optimizers.warmup_cosine_schedule`).
@@ -9,12 +10,14 @@
   model's with one stage).
 
 `recipe(config, steps_per_epoch)` is read once per run, by the trainer; its `learning_rate` is
-the run's schedule, and the compensations rebuild from the same Recipe. `validate(config)` lists
-what is wrong with these fields, before any compute.
+the run's schedule (Muon's is the same schedule scaled by muon_learning_rate / learning_rate),
+and the compensations rebuild from the same Recipe. `validate(config)` lists what is wrong with
+these fields, before any compute.
 """
 
 import optax
 
+from fdg_jax.engine import compensation
 from fdg_jax.engine import optimizers
 
 LR_SCHEDULES = ('piecewise', 'warmup_cosine')
@@ -49,12 +52,21 @@ def piecewise_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 def recipe(config, steps_per_epoch: int) -> optimizers.Recipe:
   """config's optimizer, with its schedule (`learning_rate_schedule`) as its learning rate."""
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  if config.optimizer == 'adamw':
+  if config.optimizer in ('adamw', 'muon'):
     def mask(params):
       return optimizers.weight_decay_mask(params, config.decay_embeddings)
-    return optimizers.Recipe('adamw', schedule, weight_decay=config.weight_decay,
-                             b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                             decay_mask=mask, grad_clip=config.grad_clip)
+
+    def muon_schedule(count):   # the run's schedule, peaking at muon_learning_rate
+      return schedule(count) * (config.muon_learning_rate / config.learning_rate)
+
+    muon = {} if config.optimizer == 'adamw' else dict(
+        muon_learning_rate=muon_schedule, muon_momentum=config.muon_momentum,
+        muon_nesterov=config.muon_nesterov, muon_ns_steps=config.muon_ns_steps,
+        muon_weight_decay=config.muon_weight_decay)
+    return optimizers.Recipe(
+        config.optimizer, schedule, weight_decay=config.weight_decay, b1=config.adam_b1,
+        b2=config.adam_b2, eps=config.adam_eps, decay_mask=mask, grad_clip=config.grad_clip,
+        **muon)
   return optimizers.Recipe('sgd', schedule, momentum=config.momentum,
                            weight_decay=config.weight_decay, grad_clip=config.grad_clip)
 
@@ -85,6 +97,21 @@ def validate(config) -> list[str]:
     fail('weight_decay', f'{config.weight_decay} is negative', 'Use 0 or more.')
   if config.momentum < 0:
     fail('momentum', f'{config.momentum} is negative', 'Use 0 (plain SGD) or e.g. 0.9.')
+  if config.optimizer == 'muon':
+    if not config.muon_learning_rate > 0:
+      fail('muon_learning_rate', f'{config.muon_learning_rate} is not positive',
+           'Use e.g. 0.02 (Keller Jordan\'s Muon).')
+    if not 0 <= config.muon_momentum < 1:
+      fail('muon_momentum', f'{config.muon_momentum} is outside [0, 1)', 'Use e.g. 0.95.')
+    if config.muon_ns_steps < 1:
+      fail('muon_ns_steps', f'{config.muon_ns_steps} Newton-Schulz steps', 'Use e.g. 5.')
+    if config.muon_weight_decay < 0:
+      fail('muon_weight_decay', f'{config.muon_weight_decay} is negative', 'Use 0 or more.')
+    if config.compensation in compensation.REBUILDS_OPTIMIZER:
+      fail('compensation', f'{config.compensation!r} rebuilds the delayed stages\' optimizer as '
+           'SGD or AdamW with another momentum, which is not defined for Muon',
+           "Use --config.optimizer=adamw, or compensation 'weight_prediction', "
+           "'delay_compensation' or 'lr_reschedule' with Muon.")
   if config.grad_clip < 0:
     fail('grad_clip', f'{config.grad_clip} is negative',
          'Use a positive global norm (e.g. 1.0), or 0 to turn clipping off.')

@@ -46,7 +46,9 @@ ADDED_FIELDS = {'residual_policy': '', 'beta_compounds': True, 'split_by': 'flop
                 'adam_b2': 0.95, 'adam_eps': 1e-8, 'decay_embeddings': False,
                 'lr_schedule': 'piecewise', 'warmup_steps': 0, 'lr_decay_steps': 0,
                 'min_learning_rate': 0.0, 'grad_clip': 0.0, 'eval_every_steps': 0,
-                'microbatches': 1}
+                'microbatches': 1,
+                'muon_learning_rate': 0.02, 'muon_momentum': 0.95, 'muon_nesterov': True,
+                'muon_ns_steps': 5, 'muon_weight_decay': 0.0}
 
 
 class DivergenceError(FloatingPointError):
