@@ -21,6 +21,7 @@ from experiments.grids import metrics
 from experiments.grids import relocate
 from experiments.grids import reports
 from experiments.grids import runner as runner_lib
+from experiments.lm import depth_grid
 from experiments.lm import shakespeare_grid
 from experiments.paper import compensation_grid
 from experiments.paper import fig4a_beta
@@ -32,6 +33,7 @@ from experiments.bench import schedule_cost
 from experiments.probes import transfers
 from fdg_jax.engine import checkpoint as checkpoint_lib
 from fdg_jax.engine import schedule as schedule_lib
+from fdg_jax.trainer import configuration
 from fdg_jax.trainer import workdir as workdir_lib
 from conftest import OTHER_XLA_FLAGS
 
@@ -850,6 +852,67 @@ def test_shakespeare_grid_report_from_summaries(tmp_path):
   (bp,) = [g for g in reports.aggregate(results) if g.key[1] == 'bp']
   steps, mean, _ = bp.curve('val_loss', 'step')
   assert steps == [10, 20] and mean == pytest.approx([2.01, 1.91])
+
+
+def test_depth_grid_cells_pass_the_trainers_checks_and_the_dry_run_lists_them(tmp_path, capsys):
+  """The deep recipe's grid: each method with AdamW and with Muon (cells tagged muon; the
+  Nesterov look-ahead with AdamW only), microbatches of at least 2(K - 1) that divide the batch;
+  every cell's config passes the trainer's checks before anything runs, and `--dry_run` lists
+  every cell with its command."""
+  text = tmp_path / 't.txt'
+  text.write_text('To be, or not to be.\n' * 50)
+  opts = options(tmp_path, scales=depth_grid.SCALES, dataset='textfile', data_dir=str(text))
+  cells = depth_grid.build_cells(opts)
+  per_seed = len(depth_grid.METHODS)
+  assert per_seed == 2 * 15 - 2 and len(cells) == 2 * per_seed
+  names = [c.name for c in cells[:per_seed]]
+  assert names[:8] == [
+      'gpt_bp_seed0', 'gpt_fdg_k4_beta1_seed0', 'gpt_fdg_k4_beta1_nag_seed0',
+      'gpt_fdg_k4_beta1_wp_seed0', 'gpt_fdg_k4_beta1_m8_seed0', 'gpt_1f1b_k4_m8_seed0',
+      'gpt_ddg_k4_seed0', 'gpt_dgl_k4_seed0']
+  for name in ('gpt_fdg_k8_beta1_m16_seed0', 'gpt_1f1b_k8_m16_seed0', 'gpt_bp_muon_seed0',
+               'gpt_fdg_k8_beta1_muon-wp_seed0', 'gpt_fdg_k8_beta1_m16_muon_seed0',
+               'gpt_dgl_k8_muon_seed0'):
+    assert name in names, name
+  assert not [n for n in names if 'muon-nag' in n]
+  by_name = {c.name: c for c in cells}
+  muon_m16 = by_name['gpt_fdg_k8_beta1_m16_muon_seed0']
+  assert muon_m16.label == 'FDG K=8 β=1 M=16 muon'
+  assert (muon_m16.override_dict()['optimizer'], muon_m16.microbatches) == ('muon', 16)
+  assert 'optimizer' not in by_name['gpt_fdg_k8_beta1_m16_seed0'].override_dict()
+  for cell in cells[:per_seed]:   # the trainer's own checks, as the run will make them
+    config = cells_lib.load_config(cell.config_file)
+    config.update(cell.override_dict())
+    assert config.batch_size % cell.microbatches == 0
+    assert cell.microbatches == 1 or cell.microbatches >= 2 * (cell.num_stages - 1)
+    configuration.validate_config(config)
+  grid.print_grid(cells[:per_seed], opts.output_dir)
+  printed = capsys.readouterr().out
+  assert f'{per_seed} cells in' in printed
+  for name in names:
+    assert f'- {name}: to run' in printed
+  assert '--config.method=fdg --config.microbatches=16' in printed
+  assert '--config.optimizer=muon' in printed
+
+
+def test_depth_grid_report_compares_each_optimizer_with_its_bp(tmp_path):
+  opts = options(tmp_path, scales=depth_grid.SCALES, seeds=(0, 1))
+  methods = ('bp', 'fdg_k4', 'bp_muon', 'fdg_k4_muon', 'fdg_k8_m16_muon')
+  cells = depth_grid.build_cells(opts, methods)
+  results = grid.run_grid(cells, opts.output_dir, runner=FakeLMRunner(), log=lambda _: None,
+                          metric=metrics.VAL_LOSS)
+  for r in results:   # BP with Muon 0.1 below BP with AdamW; FDG 0.15 above its BP
+    muon = r.cell.override_dict().get('optimizer') == 'muon'
+    loss = 1.9 - 0.1 * muon + 0.15 * (r.cell.method != 'bp') + 0.01 * r.cell.seed
+    r.summary = fake_lm_summary(r.cell, val_loss=loss)
+  depth_grid.report(results, opts)
+  with open(os.path.join(opts.output_dir, 'results.md')) as f:
+    md = f.read()
+  assert 'Deep character GPT' in md and 'BP with Muon' in md
+  assert '| BP | 1.9050 ± 0.0071 |' in md and '| BP muon | 1.8050 ± 0.0071 |' in md
+  for label in ('FDG K=4 β=1', 'FDG K=4 β=1 muon', 'FDG K=8 β=1 M=16 muon'):
+    (row,) = [line for line in md.splitlines() if line.startswith(f'| {label} |')]
+    assert '| +0.1500 ± 0.0000 |' in row, row   # against its own optimizer's BP
 
 
 def test_a_grid_of_methods_over_microbatches_dry_run_lists_their_commands(tmp_path):

@@ -101,7 +101,21 @@ def samples(groups) -> str:
   return '\n\n'.join(parts)
 
 
-def report(results, options: cells_lib.Options) -> None:
+def first_bp(group, groups):
+  """The reference of every group's differences: BP (this grid has one)."""
+  del group
+  return next((g for g in groups if g.key[1] == 'bp'), None)
+
+
+NANOGPT_NOTE = ("nanoGPT's own CPU run of this recipe reaches a validation loss of about 1.88 "
+                '(its README; tied embeddings, every matrix decayed, 20 random validation '
+                'batches).')
+
+
+def report(results, options: cells_lib.Options, title: str = '', reference=first_bp,
+           notes: str = NANOGPT_NOTE) -> None:
+  """results.md, results.csv and curves.png; each group's differences against
+  `reference(group, groups)`; `notes` closes the table's explanation."""
   out_dir = options.output_dir
   os.makedirs(out_dir, exist_ok=True)
   metric = metrics.VAL_LOSS
@@ -109,13 +123,12 @@ def report(results, options: cells_lib.Options) -> None:
   reports.write_csv(results, os.path.join(out_dir, 'results.csv'), CSV_FIELDS)
   reports.plot_curves(groups, os.path.join(out_dir, 'curves.png'), 'Character GPT', metric,
                       x='step')
-  bp = next((g for g in groups if g.key[1] == 'bp'), None)
   rows = []
   for g in groups:
     accuracy = g.stat('val_token_accuracy') if g.n else (float('nan'),) * 2
     rows.append([g.label, metric.format(*g.stat(metric.field)),
                  reports.fmt_num(*g.stat(BITS_PER_CHAR), digits=3),
-                 reports.fmt_difference(g, bp, metric),
+                 reports.fmt_difference(g, reference(g, groups), metric),
                  reports.fmt_pct(*accuracy), g.n,
                  reports.fmt_num(g.stat('train_time_s')[0]),
                  reports.fmt_num(g.stat('tokens_per_sec')[0])])
@@ -130,15 +143,14 @@ def report(results, options: cells_lib.Options) -> None:
            '(docs/algorithm.md). Time: the trainer\'s train_time_s (compilation and '
            'evaluations included); tokens/s: training tokens per second.\n'
            'Figure: `curves.png` (validation loss against step, mean over seeds, band ± std).'
-           "\n\nnanoGPT's own CPU run of this recipe reaches a validation loss of about 1.88 "
-           '(its README; tied embeddings, every matrix decayed, 20 random validation batches).')
+           f'\n\n{notes}')
   text = samples(groups)
   if text:
     body += ('\n\n## Samples\n\nAfter training, from each method\'s lowest seed (0 by '
              f'default):\n\n{text}\n')
-  reports.write_results_md(os.path.join(out_dir, 'results.md'),
-                           f'Character GPT on tiny Shakespeare: FDG against BP, '
-                           f'{options.scale} scale', results, options, body, metric, data_line)
+  title = title or f'Character GPT on tiny Shakespeare: FDG against BP, {options.scale} scale'
+  reports.write_results_md(os.path.join(out_dir, 'results.md'), title, results, options, body,
+                           metric, data_line)
 
 
 def main(argv):

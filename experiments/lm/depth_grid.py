@@ -1,0 +1,122 @@
+r"""Deep pipelines (issue 38): FDG at K = 4 and 8 against BP on the deep character GPT, with AdamW
+and with Muon.
+
+configs/shakespeare_char_deep_cpu.py as it is (8 layers, 4 heads, 128 wide, context 64, batch
+16, AdamW): BP; FDG at K = 4 and 8, plain, with the Nesterov look-ahead (AdamW only: it rebuilds
+the optimizer as NAdamW, which Muon refuses), with weight prediction, and with microbatches
+(PipeDream-2BW's one-update delay, M = 8 at K = 4 and 16 at K = 8, both >= 2(K - 1)); 1F1B over
+the same microbatches (BP's update, with a bubble); DDG and DGL (its auxiliary head 'lm'). Each
+with AdamW and with Muon (config.optimizer='muon'; cells tagged 'muon'), and each against BP with
+the same optimizer, as a paired difference (a seed gives every method the same initial weights
+and batches). Writes OUT_DIR/results.md (validation loss and bits per character per cell, the
+differences to BP, the seed-0 samples), results.csv and curves.png.
+
+On a 2-core CPU, with the text as a file (from the repository root; the BP baselines first):
+
+    python -m experiments.lm.depth_grid --dataset=textfile \
+        --data_dir=PATH/TO/tinyshakespeare.txt --methods=bp,bp_muon --seeds=0,1,2
+
+Run it again to resume; `--dry_run` lists the cells and their commands, `--report_only` reports
+the runs finished so far, `--methods` picks a subset (names in METHODS). Common flags
+(`--seeds`, `--set FIELD=VALUE`, `--out_dir`, `--processes`, ...): experiments/grids/cells.py.
+"""
+
+import sys
+
+from experiments.grids import cells as cells_lib
+from experiments.grids import grid
+from experiments.grids import metrics
+from experiments.lm import shakespeare_grid
+
+NAME = 'depth'
+CONFIG_FILE = 'configs/shakespeare_char_deep_cpu.py'
+SCALES = {'cpu': cells_lib.Scale({}, 'the deep CPU recipe, the config file as it is '
+                                 f'({CONFIG_FILE}: 8 layers, 128 wide, context 64, batch 16, '
+                                 '2000 steps)')}
+# M per K: PipeDream-2BW's microbatches, at least 2(K - 1) and dividing the batch of 16.
+MICROBATCHES = {4: 8, 8: 16}
+# The optimizers, as a tag in the cell's name and the config fields they set.
+OPTIMIZERS = {'adamw': ('', {}), 'muon': ('muon', {'optimizer': 'muon'})}
+
+
+def _methods() -> dict:
+  """name -> (method, K, beta, variant tag, config fields): every method with each optimizer
+  ('_muon' names the Muon one), in the order the grid runs them."""
+  rows = {'bp': ('bp', 1, '', {})}
+  for k in (4, 8):
+    m = MICROBATCHES[k]
+    rows.update({
+        f'fdg_k{k}': ('fdg', k, '', {}),
+        f'fdg_k{k}_nesterov': ('fdg', k, 'nag', {'compensation': 'nesterov'}),
+        f'fdg_k{k}_wp': ('fdg', k, 'wp', {'compensation': 'weight_prediction'}),
+        f'fdg_k{k}_m{m}': ('fdg', k, '', {'microbatches': m}),
+        f'1f1b_k{k}_m{m}': ('1f1b', k, '', {'microbatches': m}),
+        f'ddg_k{k}': ('ddg', k, '', {}),
+        f'dgl_k{k}': ('dgl', k, '', {'aux_head': 'lm'}),
+    })
+  table = {}
+  for optimizer, (tag, optimizer_fields) in OPTIMIZERS.items():
+    for name, (method, k, variant, fields) in rows.items():
+      if optimizer == 'muon' and fields.get('compensation') == 'nesterov':
+        continue   # refused: the look-ahead rebuilds SGD or AdamW (trainer/optimizers.py)
+      suffix = f'_{tag}' if tag else ''
+      table[name + suffix] = (method, k, 1.0, '-'.join(p for p in (tag, variant) if p),
+                              {**fields, **optimizer_fields})
+  return table
+
+
+METHODS = _methods()
+# Every stage on a device of its own (the config file puts all on device 0): K simulated CPU
+# devices in one process, or one process per stage with --processes.
+PLACEMENT = {'stage_devices': ()}
+
+
+def build_cells(options: cells_lib.Options, methods=tuple(METHODS)) -> list:
+  """One cell per method and seed; the seeds outermost, so every method's first seed is first."""
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise cells_lib.GridError(f'--methods: unknown {unknown}; choose from {tuple(METHODS)}.')
+  cells = []
+  for seed in options.seeds:
+    for name in methods:
+      method, num_stages, beta, variant, fields = METHODS[name]
+      cells.append(cells_lib.make_cell(options, CONFIG_FILE, method=method, seed=seed,
+                                       num_stages=num_stages, beta=beta, variant=variant,
+                                       script_overrides={**PLACEMENT, **fields}))
+  return cells
+
+
+def optimizer_of(group) -> str:
+  """'muon' for a group of cells tagged muon (its setting, e.g. 'M=8 muon-wp'), else 'adamw'."""
+  return 'muon' if 'muon' in group.key[-1].replace(' ', '-').split('-') else 'adamw'
+
+
+def same_optimizer_bp(group, groups):
+  """BP with the group's optimizer: the reference of its differences."""
+  return next((g for g in groups if g.key[1] == 'bp' and optimizer_of(g) == optimizer_of(group)),
+              None)
+
+
+def report(results, options: cells_lib.Options) -> None:
+  shakespeare_grid.report(
+      results, options, title='Deep character GPT on tiny Shakespeare: FDG at K = 4 and 8 '
+      f'against BP, AdamW and Muon, {options.scale} scale', reference=same_optimizer_bp,
+      notes="Cells tagged muon train with config.optimizer='muon' and are compared with BP "
+      'with Muon; the others with BP with AdamW. M=: microbatches per batch; nag: the '
+      'Nesterov look-ahead (AdamW only).')
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  methods = tuple(flags.FLAGS.methods)
+  sys.exit(grid.main(NAME, lambda options: build_cells(options, methods), report,
+                     metrics.VAL_LOSS, SCALES))
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  cells_lib.define_flags(NAME, SCALES)
+  flags.adopt_module_key_flags(cells_lib)   # listed by --help
+  flags.DEFINE_list('methods', list(METHODS), f'Methods to run, from {list(METHODS)}.')
+  app.run(main)
