@@ -66,24 +66,12 @@ def _methods() -> dict:
 
 
 METHODS = _methods()
-# Every stage on a device of its own (the config file puts all on device 0): K simulated CPU
-# devices in one process, or one process per stage with --processes.
-PLACEMENT = {'stage_devices': ()}
 
 
 def build_cells(options: cells_lib.Options, methods=tuple(METHODS)) -> list:
-  """One cell per method and seed; the seeds outermost, so every method's first seed is first."""
-  unknown = [m for m in methods if m not in METHODS]
-  if unknown:
-    raise cells_lib.GridError(f'--methods: unknown {unknown}; choose from {tuple(METHODS)}.')
-  cells = []
-  for seed in options.seeds:
-    for name in methods:
-      method, num_stages, beta, variant, fields = METHODS[name]
-      cells.append(cells_lib.make_cell(options, CONFIG_FILE, method=method, seed=seed,
-                                       num_stages=num_stages, beta=beta, variant=variant,
-                                       script_overrides={**PLACEMENT, **fields}))
-  return cells
+  """One cell per method and seed (every stage on a device of its own, as the Shakespeare
+  grid's); the seeds outermost."""
+  return shakespeare_grid.build_cells(options, methods, METHODS, CONFIG_FILE)
 
 
 def optimizer_of(group) -> str:

@@ -67,16 +67,19 @@ CSV_FIELDS = ('cell', 'model', 'method', 'num_stages', 'beta', 'seed', 'compensa
               'peak_host_memory_mib', 'stage_split', 'devices', 'params_digest', 'workdir')
 
 
-def build_cells(options: cells_lib.Options, methods=tuple(METHODS)) -> list:
-  """One cell per method and seed; the seeds outermost, so every method's first seed is first."""
-  unknown = [m for m in methods if m not in METHODS]
+def build_cells(options: cells_lib.Options, methods=tuple(METHODS), table=None,
+                config_file: str = CONFIG_FILE) -> list:
+  """One cell per method and seed of `config_file`; the seeds outermost, so every method's first
+  seed is first. `table`: name -> (method, K, beta, variant, fields), METHODS by default."""
+  table = METHODS if table is None else table
+  unknown = [m for m in methods if m not in table]
   if unknown:
-    raise cells_lib.GridError(f'--methods: unknown {unknown}; choose from {tuple(METHODS)}.')
+    raise cells_lib.GridError(f'--methods: unknown {unknown}; choose from {tuple(table)}.')
   cells = []
   for seed in options.seeds:
     for name in methods:
-      method, num_stages, beta, variant, fields = METHODS[name]
-      cells.append(cells_lib.make_cell(options, CONFIG_FILE, method=method, seed=seed,
+      method, num_stages, beta, variant, fields = table[name]
+      cells.append(cells_lib.make_cell(options, config_file, method=method, seed=seed,
                                        num_stages=num_stages, beta=beta, variant=variant,
                                        script_overrides={**PLACEMENT, **fields}))
   return cells
