@@ -156,7 +156,8 @@ def get_config():
   config.adam_b2 = 0.95
   # AdamW's epsilon (PyTorch's default).
   config.adam_eps = 1e-8
-  # AdamW: also decay embedding tables (nn.Embed 'embedding'); nanoGPT does, we don't by default.
+  # AdamW: also decay embedding tables (nn.Embed 'embedding', the ViT's 'position_embedding');
+  # nanoGPT does, DeiT and big_vision's ViTs don't, we don't by default.
   config.decay_embeddings = False
   # 'piecewise' (warmup_epochs, then lr_decay_factor at lr_boundaries_epochs) or
   # 'warmup_cosine' (nanoGPT's: linear warm-up over warmup_steps, cosine to min_learning_rate

@@ -60,17 +60,24 @@ def warmup_cosine_schedule(peak_value: float, end_value: float, warmup_steps: in
 # ---------------------------------------------------------------- optimizers
 
 
+# The names of embedding tables: flax `nn.Embed`'s 'embedding' (the GPT's token and position
+# embeddings) and the ViT's learned 'position_embedding' (models/vit.py).
+EMBEDDINGS = ('embedding', 'position_embedding')
+
+
 def weight_decay_mask(params, decay_embeddings: bool = False):
   """True for the parameters AdamW decays: weight matrices and kernels (ndim >= 2); False for
-  biases, LayerNorm/BatchNorm scales, and embedding tables (flax `nn.Embed`'s 'embedding')
-  unless `decay_embeddings`.
+  biases, LayerNorm/BatchNorm scales, and embedding tables (`EMBEDDINGS`) unless
+  `decay_embeddings`.
 
   nanoGPT decays every parameter with ndim >= 2, its token and position embeddings included;
-  decay_embeddings=True does the same.
+  decay_embeddings=True does the same. The ViTs of DeiT and timm (`no_weight_decay`: pos_embed,
+  cls_token) and of big_vision (decay on '.*/kernel$' only) leave the position embedding
+  undecayed, as the default here does.
   """
   def decays(path, leaf):
     name = getattr(path[-1], 'key', None) if path else None
-    return jnp.ndim(leaf) >= 2 and (decay_embeddings or name != 'embedding')
+    return jnp.ndim(leaf) >= 2 and (decay_embeddings or name not in EMBEDDINGS)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
