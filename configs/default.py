@@ -81,7 +81,11 @@ def get_config():
   # (PipeMare: learning rate divided by the delay early on, annealed to the schedule),
   # 'nesterov' (Ajanthan et al. 2025: the delayed stages' AdamW becomes NAdamW, SGD becomes
   # Nesterov SGD, momentum nesterov_momentum), 'delay_momentum' (each delayed stage's momentum
-  # or adam_b1 raised with its delay towards delay_momentum_max) or 'nesterov+delay_momentum'.
+  # or adam_b1 raised with its delay towards delay_momentum_max), 'nesterov+delay_momentum',
+  # 'error_feedback' (Zmushko et al. 2026: each stale stage's update u becomes
+  # u + ef_coefficient * (u - its previous update), any optimizer) or 'basis_rotation' (Jung et
+  # al. 2026: the delayed stages' AdamW runs in the eigenbasis of each attention and MLP
+  # matrix's gradient covariances, refreshed every rotation_frequency updates; needs 'adamw').
   # Measured (docs/record/compensation.md, language_model.md): with SGD 'weight_prediction' or
   # 'nesterov' at nesterov_momentum 0.9; with AdamW 'weight_prediction' at K = 2, 'nesterov' at
   # K = 4. None wins everywhere, so the default is the paper's 'none'.
@@ -105,6 +109,16 @@ def get_config():
   config.nadam_momentum_decay = 0.004
   # delay_momentum: the momentum the rule approaches with the delay (the paper's code: 0.99).
   config.delay_momentum_max = 0.99
+  # error_feedback: c in u + c * (u - u_previous), the correction's weight (the paper's 1).
+  config.ef_coefficient = 1.0
+  # basis_rotation: updates between refreshes of each matrix's eigenbasis (the authors' 10).
+  config.rotation_frequency = 10
+  # basis_rotation: decay of the running gradient covariances G G^T and G^T G; negative means
+  # adam_b2 (the authors' default).
+  config.rotation_decay = -1.0
+  # basis_rotation: 'bi' rotates both sides of each matrix (the authors' default), 'uni' only
+  # its smaller dimension.
+  config.rotation_geometry = 'bi'
   # Examples (images, token windows) per training batch.
   config.batch_size = 128
   # Length of training in epochs (used when num_train_steps is -1).

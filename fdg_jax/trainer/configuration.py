@@ -138,6 +138,9 @@ def validate_config(config: ml_collections.ConfigDict):
       fail('compensation', f"{config.compensation!r} acts on the parameters of each forward, "
            f"which stash {config.stash!r} does not keep (it redoes the forward at the current "
            'parameters)', "Use --config.stash=vjp, or compensation 'lr_reschedule'.")
+    if config.compensation == 'basis_rotation' and config.optimizer != 'adamw':
+      fail('compensation', "'basis_rotation' runs the delayed stages' AdamW in a rotated basis, "
+           f'which optimizer {config.optimizer!r} is not', 'Use --config.optimizer=adamw.')
     base = config.adam_b1 if config.optimizer == 'adamw' else config.momentum
     if 'delay_momentum' in config.compensation and base > config.delay_momentum_max:
       fail('delay_momentum_max', f'{config.delay_momentum_max} is below the momentum {base} '
@@ -152,6 +155,17 @@ def validate_config(config: ml_collections.ConfigDict):
     fail('dc_lambda' if config.dc_lambda < 0 else 'dc_decay',
          f'dc_lambda={config.dc_lambda}, dc_decay={config.dc_decay}',
          'Use dc_lambda >= 0 and 0 <= dc_decay < 1.')
+  if config.ef_coefficient <= 0:
+    fail('ef_coefficient', f'{config.ef_coefficient} is not positive', 'Use e.g. 1 (the paper).')
+  if config.rotation_frequency < 1:
+    fail('rotation_frequency', f'{config.rotation_frequency} updates between refreshes',
+         'Use 1 or more, e.g. 10 (the authors).')
+  if config.rotation_decay >= 1:
+    fail('rotation_decay', f'{config.rotation_decay} is not below 1',
+         "Use e.g. 0.999, or -1 for adam_b2 (the authors' default).")
+  if config.rotation_geometry not in compensation.ROTATION_GEOMETRIES:
+    fail('rotation_geometry', f'unknown geometry {config.rotation_geometry!r}',
+         f'Choose one of {compensation.ROTATION_GEOMETRIES}.')
   if not 0 < config.lr_reschedule_fraction <= 1:
     fail('lr_reschedule_fraction', f'{config.lr_reschedule_fraction} is outside (0, 1]',
          'Use a fraction of the training steps, e.g. 0.25.')

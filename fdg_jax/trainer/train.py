@@ -63,7 +63,9 @@ def create_compensation(config, recipe: optimizers.Recipe,
       nesterov_momentum=config.nesterov_momentum,
       nadam_momentum_decay=config.nadam_momentum_decay,
       delay_momentum_max=config.delay_momentum_max,
-      max_delay=stage_delay(config, 0))
+      max_delay=stage_delay(config, 0),
+      ef_coefficient=config.ef_coefficient, rotation_frequency=config.rotation_frequency,
+      rotation_decay=config.rotation_decay, rotation_geometry=config.rotation_geometry)
 
 
 def stage_delay(config, stage: int) -> int:
