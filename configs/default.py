@@ -190,6 +190,18 @@ def get_config():
   config.dropout_rate = 0.0
   # Seed of initialisation, data order and augmentation.
   config.seed = 0
+  # Another run's workdir whose network starts this new run (fine-tuning): the parameters and
+  # BatchNorm statistics of its latest checkpoint, its batches in flight completed; the
+  # optimizer state, schedule, data, length, method and K are this run's. The model's fields
+  # must be the same (a language model also keeps that run's vocabulary and encodes its own
+  # text in it). The run is evaluated once before its first step; --workdir must be new (or
+  # hold this run, interrupted: it resumes). '' = initialise from the seed.
+  config.init_from = ''
+  # Train nothing: evaluate the run in --workdir at its latest checkpoint (its batches in
+  # flight completed, as after its last step) on the evaluation split, log the result and
+  # write WORKDIR/eval_summary.json; no other file of the run changes. Give the run's own
+  # config (the resumable fields, e.g. eval_batch_size, may differ).
+  config.eval_only = False
   # Evaluate the composed model on the test split every this many epochs (0 = only at the end).
   config.eval_every_epochs = 1
   # Evaluate every this many steps instead (0 = use eval_every_epochs).

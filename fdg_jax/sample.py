@@ -18,7 +18,6 @@ fewer devices than the run puts every stage on its first.
 """
 
 import contextlib
-import json
 import os
 import sys
 
@@ -48,11 +47,10 @@ class SampleError(ValueError):
 
 
 def run_config(workdir: str):
-  """The config the run trained with: its config.json, with the fields added since at the
-  values that compute what it did (`ADDED_FIELDS`), JSON lists as the tuples they were."""
+  """The config the run trained with (`workdir.saved_config`: its config.json, with the fields
+  added since at the values that compute what it did); a workdir of no language-model run is a
+  SampleError."""
   # pylint: disable=g-import-not-at-top
-  import ml_collections
-  from fdg_jax.trainer import configuration
   from fdg_jax.trainer import workdir as workdir_lib
   # pylint: enable=g-import-not-at-top
   path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
@@ -62,19 +60,11 @@ def run_config(workdir: str):
   if not os.path.exists(path):
     raise SampleError(f'{workdir} has no {workdir_lib.CONFIG_FILE}: not the workdir of a run. '
                       'Point --workdir at the workdir of a language-model run of fdg_jax.main.')
-  with open(path) as f:
-    saved = json.load(f)
-  saved = {**workdir_lib.ADDED_FIELDS, **saved}
-  config = ml_collections.ConfigDict(
-      {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-  task = configuration.create_task(config)
-  if task.NAME != 'language_model':
+  config = workdir_lib.saved_config(workdir)
+  if config.task != 'language_model':
     raise SampleError(f'{workdir} holds a {config.task} run: samples come from a language '
                       'model. Point --workdir at a run of configs/shakespeare_char*.py or the '
                       'like.')
-  for field, value in task.ADDED_FIELDS.items():
-    if field not in config:
-      config[field] = value
   return config
 
 
@@ -102,83 +92,31 @@ def read_start(start: str) -> str:
                       'after FILE:, or the prompt itself.') from None
 
 
-def _hide_gpus_from_tensorflow() -> None:
-  """tfds reads through TensorFlow, which would take the accelerators' memory."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
-
-
 def load_model(workdir: str, data_dir=None):
   """(config, vocabulary, blocks, variables, note) of the run in `workdir`: its model's blocks
   and the composed variables of its latest checkpoint, completed as the trainer completes a
-  run (`note` says what was restored)."""
+  run (`train.restore_run`; `note` says what was restored)."""
   # pylint: disable=g-import-not-at-top
-  import jax
-  import numpy as np
-  from fdg_jax import data as data_lib
   from fdg_jax.data import text_data
   from fdg_jax.engine import checkpoint
   from fdg_jax.models import sampling
-  from fdg_jax.trainer import configuration
   from fdg_jax.trainer import train
-  from fdg_jax.trainer import workdir as workdir_lib
   # pylint: enable=g-import-not-at-top
-  config = run_config(workdir)
+  run_config(workdir)
   vocabulary = text_data.load_vocabulary(workdir)
   if vocabulary is None:
     raise SampleError(f'{workdir} has no {text_data.VOCABULARY_FILE}: its run stopped before '
                       'reading its text. Train it (python -m fdg_jax.main) until a checkpoint.')
-  layout = checkpoint.written_by(workdir)
-  if layout is None:
+  if checkpoint.written_by(workdir) is None:
     raise SampleError(f'{workdir} has no checkpoint yet. Train the run until it saves one '
                       '(config.checkpoint_every_steps, and always at its last step).')
-  num_devices = 1 + max(d for s in configuration.stage_device_indices(config) for d in s)
-  if jax.device_count() < num_devices:   # accelerators, fewer than the run's
-    logging.warning('The run used %d devices and JAX sees %d: every stage goes on device 0.',
-                    num_devices, jax.device_count())
-    config.stage_devices, config.data_parallel = (0,), 1
-  if config.split_by == 'time' and not config.split:   # the measured split, as the run had it
-    summary_path = os.path.join(workdir, workdir_lib.SUMMARY_FILE)
-    if os.path.exists(summary_path):
-      with open(summary_path) as f:
-        config.split = tuple(json.load(f)['stage_split'])
-  task = configuration.create_task(config)
-  if data_dir:
-    config.data_dir = data_dir
-  dataset = None
-  try:
-    if configuration.reads_tfds(config):
-      _hide_gpus_from_tensorflow()
-    dataset = task.load_data(workdir)   # checks the text against the stored vocabulary
-  except (data_lib.DataError, ImportError) as e:
-    logging.warning('The training text is not readable (%s): the samples come from the stages '
-                    'as checkpointed, without completing their batches in flight. Give '
-                    '--data_dir=PATH to complete them.', e)
-  steps_per_epoch = task.steps_per_epoch(dataset) if dataset is not None else 1
-  if dataset is not None:
-    batch_inputs = task.stream_inputs(dataset)
-  else:   # what the saved forwards are rebuilt from does not matter when nothing is completed
-    spec = task.input_spec(config.batch_size)
-    batch_inputs = lambda batch: np.zeros(spec.shape, spec.dtype)
   with contextlib.redirect_stdout(sys.stderr):   # the stage table: stdout is for the samples
-    run = train.initial_run(config, task, vocabulary.size, steps_per_epoch)
-  if layout == checkpoint.PROCESSES:
-    state, step = checkpoint.restore_joined(workdir, run.pipe, run.state, batch_inputs)
-  else:
-    checkpointer = checkpoint.Checkpointer(workdir)
-    try:
-      step = checkpointer.latest_step()
-      state, _ = checkpointer.restore(run.pipe, run.state, batch_inputs=batch_inputs)
-    finally:
-      checkpointer.close()
-  note = f'{config.method} K={run.pipe.num_stages}, step {step}'
-  if dataset is not None:
-    state, _ = run.pipe.drain(state)   # as the trainer does after its last step
-    note += ', its batches in flight completed'
-  else:
-    note += ', as checkpointed'
-  blocks, variables = sampling.composed(run.pipe.modules, run.pipe.gathered_variables(state))
-  return config, vocabulary, blocks, variables, note
+    config, _, restored = train.restore_run(workdir, data_dir, num_outputs=vocabulary.size,
+                                            unreadable_fix='Give --data_dir=PATH to complete '
+                                                           'them.')
+  pipe = restored.run.pipe
+  blocks, variables = sampling.composed(pipe.modules, pipe.gathered_variables(restored.state))
+  return config, vocabulary, blocks, variables, restored.note()
 
 
 def main(argv):

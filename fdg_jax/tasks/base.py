@@ -44,6 +44,9 @@ class Task(abc.ABC):
   # Its fields added after runs could be checkpointed, with the value that computes what such a
   # run did: a saved config without one of them resumes as if it held that value.
   ADDED_FIELDS: dict = {}
+  # Its fields that fix the network's variables beside config.model (their shapes or meaning): a
+  # run started from another run's network (config.init_from) must have the same values.
+  ARCHITECTURE_FIELDS: tuple[str, ...] = ()
   # `(outputs, targets) -> per-example losses` and the clu metrics of training and evaluation.
   loss_fn: Callable[[Any, Any], jax.Array] = staticmethod(stage_functions.cross_entropy_loss)
   metrics: type = stage_functions.LossAndAccuracy
@@ -96,6 +99,15 @@ class Task(abc.ABC):
   def aux_head(self) -> Optional[Callable[[int, int], nn.Module]]:
     """DGL's auxiliary head factory `(stage, num_outputs) -> module` (None: DGL not offered)."""
     return None
+
+  def start_from(self, source_workdir: str, workdir: str) -> list[str]:
+    """config.init_from: one `problem(...)` line per reason the network of the run in
+    `source_workdir` cannot start this run, beyond `ARCHITECTURE_FIELDS` (none by default);
+    otherwise what the two runs must share becomes this run's, in `workdir` (the language
+    model's vocabulary, which the network's embedding and head index). Called on a fresh start
+    only, before any data is read."""
+    del source_workdir, workdir
+    return []
 
   # ------------------------------------------------------------ data
 

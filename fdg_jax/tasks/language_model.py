@@ -23,6 +23,7 @@ is known for CPUs, and the last log line says so). The rate is the summary's: ov
 training time, its evaluations and compilation included.
 """
 
+import dataclasses
 import math
 import os
 from typing import Any, Callable, Iterator
@@ -81,6 +82,7 @@ class LanguageModel(base.Task):
                                 'sample_temperature'})
   # Runs before vocabulary_from took the training text's characters; vocab_size was 0 (unused).
   ADDED_FIELDS = {'vocabulary_from': 'train', 'vocab_size': 0}
+  ARCHITECTURE_FIELDS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias')
   # loss_fn and metrics: the defaults, per token (mean nats per token, token accuracy).
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -202,11 +204,42 @@ class LanguageModel(base.Task):
   def aux_head(self):
     return aux_heads.get(self.config.aux_head)
 
+  def start_from(self, source_workdir: str, workdir: str) -> list[str]:
+    """The source's vocabulary becomes this run's (its network's embedding and head index it),
+    so it must be of the kind (and a BPE of the size) this config makes; `load_data` then
+    encodes this run's text in it."""
+    config, source = self.config, text_data.load_vocabulary(source_workdir)
+    if source is None:
+      return [base.problem('init_from', f'the run in {source_workdir!r} has no '
+                           f'{text_data.VOCABULARY_FILE}', "Point it at a language-model run's "
+                           'workdir')]
+    kind = 'ids' if config.dataset == token_files.DATASET else config.vocabulary
+    if source.kind != kind or (kind == 'bpe' and source.size != config.vocab_size):
+      here = (f'a BPE of vocab_size {config.vocab_size}' if kind == 'bpe' else
+              f'a {kind} vocabulary')
+      return [base.problem(
+          'vocabulary', f'this run makes {here}, but the run in {source_workdir!r} was trained '
+          f'with a {source.describe()} ({text_data.VOCABULARY_FILE} there), which its '
+          'embedding and head index', 'Set the same vocabulary (and vocab_size) to start from '
+          'it, or start from a run of this vocabulary')]
+    stored = text_data.load_vocabulary(workdir)
+    if stored is not None and stored != source:
+      return [base.problem('init_from', f'--workdir {workdir!r} holds another vocabulary '
+                           f'({stored.describe()}) than the run in {source_workdir!r} '
+                           f'({source.describe()})', 'Use a new --workdir')]
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      source.save(workdir)
+    return []
+
   def load_data(self, workdir=None) -> text_data.TextData:
     """The text, tokenised with the run's stored vocabulary if it has one (a resume), else a new
     one that process 0 stores in the workdir; or the token files, memory-mapped."""
     config = self.config
     stored = text_data.load_vocabulary(workdir) if workdir else None
+    # A run started from another's network keeps that run's vocabulary (`start_from` stored it)
+    # and encodes its own text in it; a resume needs the text to give the stored one exactly.
+    kept, stored = (stored, None) if config.get('init_from') else (None, stored)
     if config.dataset == token_files.DATASET:
       data = token_files.load_token_files(config.data_dir, config.vocab_size, vocabulary=stored,
                                           block_size=config.block_size)
@@ -216,6 +249,8 @@ class LanguageModel(base.Task):
                                  vocabulary=stored, block_size=config.block_size,
                                  vocabulary_from=config.vocabulary_from,
                                  vocab_size=config.vocab_size)
+    if kept is not None and data.vocabulary != kept:
+      data = in_vocabulary(data, kept, config.init_from)
     if workdir and stored is None and jax.process_index() == 0:
       os.makedirs(workdir, exist_ok=True)
       data.vocabulary.save(workdir)
@@ -379,6 +414,21 @@ def generate(pipe, state, vocabulary: text_data.Vocabulary, prompt: str, num_tok
                               top_k=top_k, rng=np.random.default_rng(seed))
     text = vocabulary.decode(tokens[0])
   return distributed.exchange_json(text, sources=[0])[0]
+
+
+def in_vocabulary(data: text_data.TextData, vocabulary: text_data.Vocabulary,
+                  source_workdir: str) -> text_data.TextData:
+  """`data`'s text encoded in `vocabulary`, that of the run in `source_workdir` whose network
+  started this run; a character outside it is a DataError naming both vocabularies."""
+  fix = (f'The run in {source_workdir} was trained with that vocabulary (its '
+         f'{text_data.VOCABULARY_FILE}); this text gives a {data.vocabulary.describe()}. '
+         'Start from it with a text whose characters it holds, or train both runs with '
+         '--config.vocabulary=byte')
+  train_text = data.vocabulary.decode(data.train_tokens)
+  train = vocabulary.encode(train_text, where=f'{data.name}: the training text', fix=fix)
+  val = vocabulary.encode(data.vocabulary.decode(data.val_tokens), offset=len(train_text),
+                          where=f'{data.name}: the validation text', fix=fix)
+  return dataclasses.replace(data, vocabulary=vocabulary, train_tokens=train, val_tokens=val)
 
 
 TASK = LanguageModel

@@ -11,6 +11,7 @@ pipeline and its initial state exactly as training does, for the benchmarks too.
 
 import dataclasses
 import hashlib
+import json
 import os
 import resource
 import time
@@ -23,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from fdg_jax import data as data_lib
 from fdg_jax.engine import checkpoint
 from fdg_jax.engine import compensation
 from fdg_jax.engine import distributed
@@ -104,12 +106,13 @@ def params_digest(variables: dict) -> str:
 
 
 def build_stages(config, task: tasks_base.Task, num_outputs: int, rng: jax.Array,
-                 check_inputs: Optional[Any] = None):
+                 check_inputs: Optional[Any] = None, network: Optional[dict] = None):
   """Stages, their initial variables, the split and the placements; prints the stage table.
 
-  `num_outputs` is the model's output size (classes, or the vocabulary's size). With
-  `check_inputs` (a few inputs), checks that the composed stages reproduce the unsplit model
-  on them.
+  `num_outputs` is the model's output size (classes, or the vocabulary's size). The initial
+  variables are drawn from `rng`, or are `network` (the unsplit model's, another run's: see
+  `source_network`). With `check_inputs` (a few inputs), checks that the composed stages
+  reproduce the unsplit model on them.
   """
   blocks, names = task.create_blocks(num_outputs)
   num_stages = num_stages_of(config)
@@ -126,8 +129,14 @@ def build_stages(config, task: tasks_base.Task, num_outputs: int, rng: jax.Array
       partition.balanced_split(times or flops, num_stages))
   full_model = partition.StageModule(tuple(blocks))
   one = task.input_spec(1)
-  full_variables = jax.jit(lambda key: full_model.init(
-      {'params': key, 'dropout': key}, jnp.zeros(one.shape, one.dtype), train=False))(rng)
+  def init(key):
+    return full_model.init({'params': key, 'dropout': key}, jnp.zeros(one.shape, one.dtype),
+                           train=False)
+  if network is None:
+    full_variables = jax.jit(init)(rng)
+  else:
+    check_network_fits(network, jax.eval_shape(init, rng), config.init_from)
+    full_variables = network
   stages = partition.build_stages(blocks, split)
   stage_variables = partition.split_variables(full_variables, split, len(blocks))
   devices = jax.devices()
@@ -156,11 +165,12 @@ class Run:
 
 
 def initial_run(config, task: tasks_base.Task, num_outputs: int, steps_per_epoch: int,
-                check_inputs: Optional[Any] = None) -> Run:
-  """Stages, optimizer, engine and initial state from the config's seed (see `build_stages`)."""
+                check_inputs: Optional[Any] = None, network: Optional[dict] = None) -> Run:
+  """Stages, optimizer, engine and initial state from the config's seed, or with the network
+  `network` (see `build_stages`)."""
   rng = jax.random.key(config.seed)
   stages, stage_variables, split, placements = build_stages(config, task, num_outputs, rng,
-                                                            check_inputs)
+                                                            check_inputs, network)
   recipe = optimizer_config.recipe(config, steps_per_epoch)
   pipe = create_pipeline(config, task, stages, recipe, placements, num_outputs, steps_per_epoch)
   state = pipe.init(jax.random.fold_in(rng, 1), task.input_spec(config.batch_size),
@@ -176,6 +186,139 @@ def dry_run(config) -> None:
   if num_outputs is None:
     num_outputs = task.num_outputs(task.load_data())
   build_stages(config, task, num_outputs, jax.random.key(config.seed))
+
+
+def check_network_fits(network: dict, expected: dict, source: str) -> None:
+  """Another run's network must have this model's arrays, shape for shape (`expected`: the
+  model's initial variables, or their shapes); a head of another number of classes does not."""
+  def shapes(tree):
+    return {jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have, want = shapes(network), shapes(expected)
+  for key in sorted(set(have) | set(want)):
+    if have.get(key) != want.get(key):
+      raise ConfigError(
+          f'config.init_from: the network of the run in {source!r} does not fit this model: '
+          f'{key} is {have.get(key, "missing")} there and {want.get(key, "missing")} here. '
+          'Start from a run of the same model on data with as many classes.')
+
+
+# ---------------------------------------------------------------- a run restored from its workdir
+
+
+@dataclasses.dataclass
+class Restored:
+  """A run at its latest checkpoint, in this process's pipeline (`restore_latest`)."""
+  run: Run
+  state: pipeline.PipelineState
+  method: str        # config.method of the run
+  step: int          # the checkpoint's step
+  completed: bool    # its batches in flight completed (False: the stages as checkpointed)
+
+  def note(self) -> str:
+    """What was restored, e.g. 'fdg K=2, step 12, its batches in flight completed'."""
+    return (f'{self.method} K={self.run.pipe.num_stages}, step {self.step}, '
+            + ('its batches in flight completed' if self.completed else 'as checkpointed'))
+
+  def network(self, task: tasks_base.Task) -> Optional[dict]:
+    return merged_network(self.run, self.state, task)
+
+
+def merged_network(run: Run, state: pipeline.PipelineState,
+                   task: tasks_base.Task) -> Optional[dict]:
+  """The unsplit model's variables (params, batch_stats) as numpy arrays on process 0 (None on
+  the others; every process must call it)."""
+  stages = run.pipe.gathered_variables(state, process=0)
+  return None if stages is None else partition.merge_variables(stages, run.split,
+                                                               task.num_blocks())
+
+
+def restore_latest(config, task: tasks_base.Task, workdir: str, dataset,
+                   num_outputs: int) -> Restored:
+  """The run in `workdir` at its latest checkpoint, in this config's pipeline (one process
+  joins the files of a run of several: `checkpoint.restore_joined`), with the batches it had in
+  flight completed as the trainer completes them after its last step, so that a finished run
+  gives the network of its final evaluation. `dataset` None (its training data unreadable): the
+  stages as checkpointed, nothing completed."""
+  if dataset is not None:
+    steps_per_epoch, batch_inputs = task.steps_per_epoch(dataset), task.stream_inputs(dataset)
+  else:   # what the saved forwards are rebuilt from does not matter when nothing is completed
+    spec = task.input_spec(config.batch_size)
+    steps_per_epoch, batch_inputs = 1, lambda batch: np.zeros(spec.shape, spec.dtype)
+  run = initial_run(config, task, num_outputs, steps_per_epoch)
+  if jax.process_count() == 1 and checkpoint.written_by(workdir) == checkpoint.PROCESSES:
+    state, step = checkpoint.restore_joined(workdir, run.pipe, run.state, batch_inputs)
+  else:
+    checkpointer = checkpoint.Checkpointer(workdir)
+    try:
+      step = checkpointer.latest_step()
+      state, _ = checkpointer.restore(run.pipe, run.state, batch_inputs=batch_inputs)
+    finally:
+      checkpointer.close()
+  if dataset is not None:
+    state, _ = run.pipe.drain(state)
+  return Restored(run, state, config.method, step, completed=dataset is not None)
+
+
+def _keep_tensorflow_off_accelerators() -> None:
+  """tfds reads through TensorFlow, which would take the accelerators' memory."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:   # TensorFlow's devices are set up already (the trainer hid them)
+    pass
+
+
+def restore_run(workdir: str, data_dir: Optional[str] = None,
+                num_outputs: Optional[int] = None, unreadable_fix: str = ''):
+  """(config, task, Restored): the run in `workdir` restored in this process as its config.json
+  describes it (`workdir.saved_config`; `restore_latest`): with fewer devices than it used,
+  every stage on the first; a split it measured (split_by='time') as its summary records it.
+  `data_dir`: where its training data are now, if they moved. Unreadable training data are a
+  warning (ending with `unreadable_fix`): the stages as checkpointed, with `num_outputs` outputs
+  where the config does not say."""
+  config = workdir_lib.saved_config(workdir)
+  num_devices = 1 + max(d for stage in stage_device_indices(config) for d in stage)
+  if jax.device_count() < num_devices:   # accelerators, fewer than the run's
+    logging.warning('The run in %s used %d devices and JAX sees %d: every stage goes on device '
+                    '0.', workdir, num_devices, jax.device_count())
+    config.stage_devices, config.data_parallel = (0,), 1
+  summary_path = os.path.join(workdir, workdir_lib.SUMMARY_FILE)
+  if config.split_by == 'time' and not config.split and os.path.exists(summary_path):
+    with open(summary_path) as f:   # measuring again could split otherwise
+      config.split = tuple(json.load(f)['stage_split'])
+  if data_dir:
+    config.data_dir = data_dir
+  task = configuration.create_task(config)
+  dataset = None
+  try:
+    if configuration.reads_tfds(config):
+      _keep_tensorflow_off_accelerators()
+    dataset = task.load_data(workdir)   # checks the data against what the run stored
+  except (data_lib.DataError, ImportError) as e:
+    num_outputs = num_outputs or task.known_num_outputs()
+    if num_outputs is None:
+      raise
+    logging.warning('The training data of the run in %s are not readable (%s): its stages as '
+                    'checkpointed, without completing their batches in flight. %s', workdir, e,
+                    unreadable_fix)
+  if dataset is not None:
+    num_outputs = task.num_outputs(dataset)
+  return config, task, restore_latest(config, task, workdir, dataset, num_outputs)
+
+
+def source_network(config, num_outputs: int) -> tuple[dict, dict]:
+  """config.init_from's network: the unsplit model's variables of the run in that workdir at
+  its latest checkpoint, its batches in flight completed (`restore_run`), and where it came
+  from (the summary's `init_from`)."""
+  logging.info('Restoring the run in %s, whose network starts this run.', config.init_from)
+  source_config, source_task, restored = restore_run(
+      os.path.expanduser(config.init_from), num_outputs=num_outputs,
+      unreadable_fix="Make them readable at its config.data_dir to start from its final "
+                     'network.')
+  return restored.network(source_task), {
+      'workdir': config.init_from, 'step': restored.step, 'method': source_config.method,
+      'num_stages': restored.run.pipe.num_stages, 'completed': restored.completed}
 
 
 # ---------------------------------------------------------------- the periodic actions
@@ -305,10 +448,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   A workdir with a checkpoint resumes from it (the config may change only in
   `workdir.RESUMABLE_FIELDS`); the result is bit-identical to a run that was never interrupted.
+  With config.init_from a new run starts from that run's network (`source_network`), evaluated
+  once before its first step; with config.eval_only nothing is trained: `evaluate_checkpoint`.
   In a multi-process run (after `distributed.initialize`) every process calls this with the same
   config and workdir; process 0 writes and returns the summary, the others return None.
   """
   task = configuration.validate_config(config)
+  if config.eval_only:
+    return evaluate_checkpoint(config, task, workdir)
+  workdir_lib.check_init_from(config, task, workdir)
   workdir_lib.check_config_matches(config, workdir, task)
   dataset = task.load_data(workdir)
   steps_per_epoch = task.steps_per_epoch(dataset)
@@ -329,14 +477,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train(config, task: tasks_base.Task, workdir: str, dataset, steps_per_epoch: int,
            num_steps: int, checkpointer: checkpoint.Checkpointer) -> dict[str, Any]:
   logging.info('Data: %s', task.describe(dataset))
+  network, init_from = None, None
+  if config.init_from and checkpointer.latest_step() is None:   # else: resumed below
+    network, init_from = source_network(config, task.num_outputs(dataset))
   run = initial_run(config, task, task.num_outputs(dataset), steps_per_epoch,
-                    check_inputs=task.check_inputs(dataset))
+                    check_inputs=task.check_inputs(dataset), network=network)
   pipe, state = run.pipe, run.state
+  if init_from is not None:
+    init_from['params_digest'] = params_digest(merged_network(run, state, task))
+    logging.info('Network from the run in %s (%s K=%d, step %d, %s); params digest %s.',
+                 init_from['workdir'], init_from['method'], init_from['num_stages'],
+                 init_from['step'], 'its batches in flight completed' if init_from['completed']
+                 else 'as checkpointed', init_from['params_digest'][:16])
   extra_params = pipe.num_extra_params(state)
   if extra_params:
     logging.info('%s: %s extra trainable parameters outside the network (auxiliary heads), not '
                  'counted in the table above.', config.method, f'{extra_params:,}')
-  start_step, progress = 0, {'history': [], 'train_time_s': 0.0}
+  start_step, progress = 0, {'history': [], 'train_time_s': 0.0, 'init_from': init_from}
   batch_inputs = task.stream_inputs(dataset)
   if checkpointer.latest_step() is not None:
     state, progress = checkpointer.restore(pipe, state, batch_inputs=batch_inputs)
@@ -373,7 +530,8 @@ def _train(config, task: tasks_base.Task, workdir: str, dataset, steps_per_epoch
   train_metrics, trained, recorder = None, False, None
 
   def checkpoint_extra():
-    return {'history': history, 'train_time_s': progress['train_time_s'] + time.time() - start}
+    return {'history': history, 'train_time_s': progress['train_time_s'] + time.time() - start,
+            'init_from': progress.get('init_from')}
 
   def evaluate_now(step):
     result = evaluate(task, dataset, pipe, state, writer, step)
@@ -381,6 +539,8 @@ def _train(config, task: tasks_base.Task, workdir: str, dataset, steps_per_epoch
     shown = task.after_evaluation(dataset, pipe, state, step, workdir, writer)
     return {**result, **shown}
 
+  if init_from is not None:
+    evaluate_now(0)   # the network it starts from, on this run's data (nanoGPT's iteration 0)
   timeline_end = config.timeline_start_step + config.timeline_num_steps - 1
   with workdir_lib.PreemptionSignals() as signals:
     for step in range(start_step + 1, num_steps + 1):
@@ -430,7 +590,8 @@ def _train(config, task: tasks_base.Task, workdir: str, dataset, steps_per_epoch
       train_time - progress['train_time_s'])
   summary = make_summary(config, task, dataset, run, state, result, log,
                          start_step=start_step, train_time=train_time,
-                         items_per_sec=items_per_sec, history=history)
+                         items_per_sec=items_per_sec, history=history,
+                         init_from=progress.get('init_from'))
   if not speaker:
     return None
   path = os.path.join(workdir, workdir_lib.SUMMARY_FILE)
@@ -441,9 +602,10 @@ def _train(config, task: tasks_base.Task, workdir: str, dataset, steps_per_epoch
 
 def make_summary(config, task: tasks_base.Task, data, run: Run, state: pipeline.PipelineState, result: dict,
                  log: RunLog, *, start_step: int, train_time: float, items_per_sec: float,
-                 history: list) -> Optional[dict[str, Any]]:
+                 history: list, init_from: Optional[dict] = None) -> Optional[dict[str, Any]]:
   """The run's summary.json: what ran, on what, its result (the task's fields), and a digest of
-  its parameters (on process 0, which gathers every stage's variables; None on the others)."""
+  its parameters (on process 0, which gathers every stage's variables; None on the others);
+  `init_from`: the run whose network it started from (`source_network`), None: its seed."""
   pipe = run.pipe
   final_variables = pipe.gathered_variables(state, process=0)
   extra_params = pipe.num_extra_params(state)
@@ -469,6 +631,7 @@ def make_summary(config, task: tasks_base.Task, data, run: Run, state: pipeline.
       **{key: result[key] for key in ('sample',) if key in result},
       'train_time_s': train_time,
       'resumed_from_step': start_step,
+      'init_from': init_from,
       # This process's peak resident memory (on CPU it holds the devices' arrays too).
       'peak_host_memory_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       'trainable_params': sum(partition.count_params(v['params']) for v in final_variables),
@@ -482,3 +645,51 @@ def make_summary(config, task: tasks_base.Task, data, run: Run, state: pipeline.
           partition.merge_variables(final_variables, run.split, task.num_blocks())),
       'history': history,
   }
+
+
+# ---------------------------------------------------------------- evaluation only
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, task: tasks_base.Task,
+                        workdir: str) -> Optional[dict[str, Any]]:
+  """config.eval_only: the run in `workdir` at its latest checkpoint, its batches in flight
+  completed (`restore_latest`: a finished run gives its final evaluation's numbers), evaluated on
+  the task's evaluation split; the result logged (in log.txt too) and written to
+  WORKDIR/eval_summary.json. Nothing is trained or saved, and the run's own files (summary,
+  config, checkpoints, TensorBoard events) are left as they are. The config must be the run's
+  (only the resumable fields, e.g. eval_batch_size, may change). Returns the evaluation's
+  summary on process 0, None on the others."""
+  workdir_lib.check_evaluable(workdir)
+  workdir_lib.check_config_matches(config, workdir, task)
+  dataset = task.load_data(workdir)
+  with workdir_lib.log_file(workdir):
+    logging.info('Evaluation only of the run in %s. Data: %s', workdir, task.describe(dataset))
+    start = time.time()
+    restored = restore_latest(config, task, workdir, dataset, task.num_outputs(dataset))
+    writer = metric_writer.create_default_writer(workdir, just_logging=True)   # no event files
+    result = evaluate(task, dataset, restored.run.pipe, restored.state, writer, restored.step)
+    network = restored.network(task)
+    if network is None:
+      return None
+    summary = {
+        'eval_only': True,
+        'task': config.task,
+        'model': config.model,
+        'dataset': getattr(dataset, 'name', config.dataset),
+        'method': config.method,
+        'num_stages': restored.run.pipe.num_stages,
+        'checkpoint_step': restored.step,
+        'restored': restored.note(),
+        'eval_batch_size': config.eval_batch_size,
+        **task.eval_record(result),
+        'eval_time_s': time.time() - start,
+        'devices': [str(d) for stage in restored.run.placements for d in stage],
+        'num_processes': jax.process_count(),
+        'jax_version': jax.__version__,
+        'params_digest': params_digest(network),
+    }
+    path = os.path.join(workdir, workdir_lib.EVAL_SUMMARY_FILE)
+    workdir_lib.write_json(path, summary)
+    logging.info('Evaluated the checkpoint (%s); nothing trained. Evaluation in %s',
+                 restored.note(), path)
+  return summary

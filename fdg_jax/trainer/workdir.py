@@ -2,8 +2,11 @@
 
 Everything the trainer writes lives under one workdir: `config.json` (the config it ran with),
 `summary.json` (written once, at the end), `checkpoints/` (fdg_jax.engine.checkpoint), TensorBoard
-events and `log.txt` (every log line of the run, the libraries' included). Other code (the
-experiment grids, notebooks) takes the file names from here.
+events and `log.txt` (every log line of the run, the libraries' included); an evaluation-only
+run (config.eval_only) adds `eval_summary.json` and its lines in `log.txt`, and changes nothing
+else. Other code (the experiment grids, notebooks) takes the file names from here. A run may
+start from another run's network (config.init_from): `check_init_from` decides, before any
+compute, whether it can.
 """
 
 import contextlib
@@ -17,22 +20,26 @@ from typing import Optional
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from fdg_jax.engine import checkpoint
 from fdg_jax.engine import distributed
 from fdg_jax.engine import pipeline
+from fdg_jax.trainer import configuration
 from fdg_jax.trainer.configuration import ConfigError
 
 SUMMARY_FILE = 'summary.json'
 CONFIG_FILE = 'config.json'
 LOG_FILE = 'log.txt'
+EVAL_SUMMARY_FILE = 'eval_summary.json'   # the latest evaluation-only run's (config.eval_only)
 
 # The trainer's fields that change only the length or the logging of a run: a resumed run may
 # change them (a task adds its own: `Task.RESUMABLE_FIELDS`).
 RESUMABLE_FIELDS = frozenset({
     'num_epochs', 'num_train_steps', 'log_every_steps', 'eval_every_epochs',
     'checkpoint_every_steps', 'eval_batch_size', 'timeline_start_step', 'timeline_num_steps',
-    'eval_every_steps'})
+    'eval_every_steps', 'eval_only'})
 
 # The trainer's fields added after runs could be checkpointed, with the value that computes
 # what such a run did: a saved config without one of them resumes as if it held that value (a
@@ -47,9 +54,14 @@ ADDED_FIELDS = {'residual_policy': '', 'beta_compounds': True, 'split_by': 'flop
                 'adam_b2': 0.95, 'adam_eps': 1e-8, 'decay_embeddings': False,
                 'lr_schedule': 'piecewise', 'warmup_steps': 0, 'lr_decay_steps': 0,
                 'min_learning_rate': 0.0, 'grad_clip': 0.0, 'eval_every_steps': 0,
-                'microbatches': 1,
+                'microbatches': 1, 'eval_only': False, 'init_from': '',
                 'muon_learning_rate': 0.02, 'muon_momentum': 0.95, 'muon_nesterov': True,
                 'muon_ns_steps': 5, 'muon_weight_decay': 0.0}
+
+# The trainer's fields that fix the network's variables: a run started from another run's
+# network (config.init_from) must have the same values (a task adds its own:
+# `Task.ARCHITECTURE_FIELDS`).
+ARCHITECTURE_FIELDS = ('model',)
 
 
 class DivergenceError(FloatingPointError):
@@ -89,6 +101,75 @@ def check_config_matches(config, workdir: str, task) -> None:
         f'workdir {workdir!r} holds a run with a different computation ({details}). Only the '
         f'length and logging fields ({", ".join(sorted(resumable))}) may change when '
         'resuming. Use a new --workdir, or the saved config.')
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config the run in `workdir` ran with (its config.json, which must exist), with the
+  fields added since at the values that compute what it did (the trainer's and its task's
+  `ADDED_FIELDS`), JSON lists as the tuples they were."""
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    saved = {**ADDED_FIELDS, **json.load(f)}
+  config = ml_collections.ConfigDict(
+      {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+  for field, value in configuration.create_task(config).ADDED_FIELDS.items():
+    if field not in config:
+      config[field] = value
+  return config
+
+
+def check_evaluable(workdir: str) -> None:
+  """config.eval_only: the workdir must hold a checkpoint to evaluate."""
+  if checkpoint.written_by(workdir) is None:
+    raise ConfigError(
+        f'config.eval_only: --workdir {workdir!r} holds no checkpoint to evaluate. Point '
+        '--workdir at the workdir of a run that saved one, or train there first (without '
+        'eval_only).')
+
+
+def check_init_from(config, task, workdir: str) -> None:
+  """config.init_from's checks, before any data is read: the run it names has a checkpoint
+  and the same network (`ARCHITECTURE_FIELDS`, the task's, and `task.start_from`), and this
+  workdir holds no checkpoint of another run (one of this run, started from the same source,
+  is resumed as usual)."""
+  source = config.init_from
+  if not source:
+    return
+  def fail(problem, fix):
+    raise ConfigError(f'config.init_from: {problem}. {fix}')
+  if os.path.abspath(os.path.expanduser(source)) == os.path.abspath(workdir):
+    fail(f"{source!r} is this run's own --workdir", "Point it at another run's workdir (to "
+         'continue the run in --workdir, drop init_from)')
+  if checkpoint.written_by(workdir) is not None:
+    own = (saved_config(workdir).init_from
+           if os.path.exists(os.path.join(workdir, CONFIG_FILE)) else '')
+    if own == source:
+      return   # this run, interrupted: it resumes from its own checkpoint
+    fail(f'--workdir {workdir!r} already holds a checkpoint of another run ('
+         + (f'started from {own!r}' if own else 'trained from its seed')
+         + f'); starting it from {source!r} would mix the two runs',
+         'Use a new --workdir for the run that starts from it (to continue the run there, '
+         'drop init_from)')
+  if jax.process_count() > 1:
+    fail('a run of several processes cannot yet start from another run\'s network',
+         'Start the run in one process (its stages on this host\'s devices)')
+  if not os.path.isfile(os.path.join(os.path.expanduser(source), CONFIG_FILE)):
+    fail(f'{source!r} is not the workdir of a run (no {CONFIG_FILE})',
+         'Point it at the --workdir of a run of fdg_jax.main')
+  source = os.path.expanduser(source)
+  if checkpoint.written_by(source) is None:
+    fail(f'the run in {source!r} has no checkpoint yet', 'Train it until it saves one '
+         '(config.checkpoint_every_steps, and always at its last step)')
+  there = saved_config(source)
+  fields = (('task',) if there.task != config.task else
+            ARCHITECTURE_FIELDS + tuple(task.ARCHITECTURE_FIELDS))
+  differing = [field for field in fields if there.get(field) != config.get(field)]
+  if differing:
+    fail(f'the run in {source!r} has another network ('
+         + '; '.join(f'{k}: {there.get(k)!r} there, {config.get(k)!r} here' for k in differing)
+         + ')', 'Set the same fields to start from its weights, e.g. '
+         + ' '.join(f'--config.{k}={there.get(k)}' for k in differing))
+  for problem in task.start_from(source, workdir):
+    raise ConfigError(problem)
 
 
 def check_resumable(workdir: str, latest_step: Optional[int], num_steps: int) -> None:
