@@ -12,6 +12,7 @@ import functools
 
 import chex
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,10 +26,12 @@ from fdg_jax.engine import compensation as compensation_lib
 from fdg_jax.engine import methods
 from fdg_jax.engine import optimizers
 from fdg_jax.engine import pipeline
+from fdg_jax.models import gpt
+from fdg_jax.models import partition
 from fdg_jax.trainer import configuration
 from fdg_jax.trainer import optimizers as optimizer_config
 from test_microbatches import naive_fdg_microbatches
-from tiny import RECIPE, initial_variables, make_optimizer, mean_loss, tiny_batches
+from tiny import NUM_CLASSES, RECIPE, initial_variables, make_optimizer, mean_loss, tiny_batches
 
 BETA = 0.7
 WEIGHT_DECAY, MOMENTUM = 5e-4, 0.9
@@ -217,10 +220,11 @@ def test_ddg_takes_a_compensation():
                            jax.tree_util.tree_leaves(results['none'][0]['params'])[0])
 
 
-@pytest.mark.parametrize('name', ['weight_prediction', 'delay_compensation'])
+@pytest.mark.parametrize('name', ['weight_prediction', 'delay_compensation', 'error_feedback'])
 def test_resume_mid_stream_is_bit_exact(tmp_path, name):
   """A checkpoint holds the compensation's state (last update, mean square, the forwards'
-  parameters): 5 steps, save, restore into a new pipeline, 5 more equal 10 straight."""
+  parameters, error feedback's previous update): 5 steps, save, restore into a new pipeline, 5
+  more equal 10 straight."""
   batches = tiny_batches(10)
   modules, variables = initial_variables(3)
 
@@ -281,7 +285,8 @@ ADAMW = optimizers.Recipe('adamw', drop_schedule(0.01), weight_decay=0.1, b1=0.8
 
 class HandOptimizer:
   """One stage's optimizer from the formulas: `kind` 'sgd', 'nesterov_sgd', 'adamw' or 'nadamw'
-  with momentum (b1) gamma; the rest from the Recipe. `step(params, grads)` -> params."""
+  with momentum (b1) gamma; the rest from the Recipe. `step(params, grads)` -> params;
+  `changes(params, grads)`: the update of each leaf (float64), the parameters left as they are."""
 
   def __init__(self, recipe, kind, gamma, psi=0.004):
     self.r, self.kind, self.gamma, self.psi = recipe, kind, gamma, psi
@@ -289,25 +294,30 @@ class HandOptimizer:
     self.m = self.v = None
 
   def step(self, params, grads):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    return jax.tree_util.tree_unflatten(treedef, [
+        np.float32(np.asarray(x, np.float64) + change)
+        for x, change in zip(leaves, self.changes(params, grads))])
+
+  def changes(self, params, grads):
     r, g1, t = self.r, self.gamma, self.n + 1
     peak = 0.1 if r.name == 'sgd' else 0.01
     lr = lr_at(peak, self.n)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
     grads = [np.asarray(g, np.float64) for g in jax.tree_util.tree_leaves(grads)]
-    w = [np.asarray(p, np.float64) for p in leaves]
+    w = [np.asarray(p, np.float64) for p in jax.tree_util.tree_leaves(params)]
     if self.m is None:
       self.m, self.v = [np.zeros_like(x) for x in w], [np.zeros_like(x) for x in w]
     if self.kind == 'nadamw':
       mu = g1 * (1 - 0.5 * 0.96 ** (t * self.psi))
       mu_next = g1 * (1 - 0.5 * 0.96 ** ((t + 1) * self.psi))
       self.mu_product *= mu
-    new = []
+    changes = []
     for i, (x, g) in enumerate(zip(w, grads)):
       if self.kind in ('sgd', 'nesterov_sgd'):
         g = g + r.weight_decay * x
         self.m[i] = g1 * self.m[i] + g
         direction = g + g1 * self.m[i] if self.kind == 'nesterov_sgd' else self.m[i]
-        new.append(x - lr * direction)
+        changes.append(-lr * direction)
         continue
       self.m[i] = g1 * self.m[i] + (1 - g1) * g
       self.v[i] = r.b2 * self.v[i] + (1 - r.b2) * g * g
@@ -319,9 +329,9 @@ class HandOptimizer:
         direction = ((1 - mu) / (1 - self.mu_product) * g / denominator
                      + mu_next / (1 - self.mu_product * mu_next) * self.m[i] / denominator)
       decay = r.weight_decay * x if x.ndim >= 2 else 0.0
-      new.append(x - lr * (direction + decay))
+      changes.append(-lr * (direction + decay))
     self.n += 1
-    return jax.tree_util.tree_unflatten(treedef, [np.float32(x) for x in new])
+    return changes
 
 
 def hand_optimizers(recipe, name, delays):
@@ -549,6 +559,9 @@ def hand_microbatch_steps(name, recipe, staleness, comp):
   delays = [s + 1 if s else 0 for s in staleness]
   rebuilt = name in compensation_lib.REBUILDS_OPTIMIZER   # else the user's, at every stage
   hands = hand_optimizers(recipe, name, delays if rebuilt else [0] * len(delays))
+  if name == 'error_feedback':   # on the stages whose forwards miss an update
+    hands = [HandErrorFeedback(h, comp.ef_coefficient) if s else h
+             for h, s in zip(hands, staleness)]
   mean_square = [None] * len(delays)
   tree_map = jax.tree_util.tree_map
 
@@ -573,6 +586,8 @@ def hand_microbatch_steps(name, recipe, staleness, comp):
     ('weight_prediction', SGD, 3, 2),
     ('delay_compensation', SGD, 2, 2),
     ('nesterov', ADAMW, 3, 4),
+    ('error_feedback', SGD, 3, 4),   # M >= 2(K-1) - 1: one update stale, the paper's setting
+    pytest.param('error_feedback', ADAMW, 4, 2, marks=pytest.mark.slow),
     pytest.param('weight_prediction', SGD, 4, 2, marks=pytest.mark.slow),
     pytest.param('weight_prediction', SGD, 3, 1, marks=pytest.mark.slow),
     pytest.param('delay_compensation', SGD, 4, 8, marks=pytest.mark.slow),
@@ -634,3 +649,311 @@ def test_delay_compensation_with_microbatches_resumes_bit_for_bit(tmp_path):
   for images, labels in batches[3:]:
     state, _ = pipe.step(state, images, labels)
   chex.assert_trees_all_equal(arrays(pipe.drain(state)[0].stages), straight)
+
+
+# ------------------------------------------- error feedback and basis rotation (issue 38)
+#
+# Each written out from docs/algorithm.md in numpy (float64), on top of HandOptimizer: error
+# feedback's u + c (u - u_previous) on a stage's whole update, and Adam in the eigenbasis of a
+# matrix's gradient covariances (eigh at the first update, a sort and one QR step every
+# `frequency` updates). Basis rotation runs on a small MLP of square 'mlp' matrices (the tiny
+# conv net has none) with batches large enough that every covariance is full rank: its
+# eigenvectors are then unique up to sign, which the rotated Adam does not see.
+
+
+class HandErrorFeedback:
+  """`hand`'s update u_t applied as u_t + c * (u_t - u_{t-1}), the first one plain."""
+
+  def __init__(self, hand, coefficient):
+    self.hand, self.c, self.previous = hand, coefficient, None
+
+  @property
+  def n(self):
+    return self.hand.n
+
+  def step(self, params, grads):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    changes = self.hand.changes(params, grads)
+    corrected = changes if self.previous is None else [
+        u + self.c * (u - p) for u, p in zip(changes, self.previous)]
+    self.previous = changes
+    return jax.tree_util.tree_unflatten(treedef, [
+        np.float32(np.asarray(x, np.float64) + u) for x, u in zip(leaves, corrected)])
+
+
+def hand_error_feedback(recipe, delays, coefficient):
+  """Each stage's optimizer: the user's, with error feedback where the gradient is stale."""
+  plain, base = ('adamw', recipe.b1) if recipe.name == 'adamw' else ('sgd', recipe.momentum)
+  return [HandErrorFeedback(HandOptimizer(recipe, plain, base), coefficient) if d >= 2
+          else HandOptimizer(recipe, plain, base) for d in delays]
+
+
+@pytest.mark.parametrize('recipe, method, num_stages, coefficient', [
+    (SGD, 'fdg', 3, 1.0),
+    (ADAMW, 'fdg', 2, 1.0),
+    (SGD, 'ddg', 3, 0.5),   # stage 1's gradient (delay 1) is not stale: no feedback there
+], ids=lambda v: v.name if isinstance(v, optimizers.Recipe) else str(v))
+def test_error_feedback_matches_naive_formula(recipe, method, num_stages, coefficient):
+  batches = tiny_batches(8)
+  delays = delays_of(method, num_stages)
+  comp = compensation_lib.Compensation('error_feedback', optimizer=recipe,
+                                       ef_coefficient=coefficient)
+  pipe, state = run_recipe_engine(num_stages, batches, comp, method)
+  modules, variables = initial_variables(num_stages)
+  expected = naive_pipeline(modules, variables, batches,
+                            hand_error_feedback(recipe, delays, coefficient), method)
+  tolerance = 1e-5 if recipe.name == 'sgd' else 1e-4
+  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
+                              rtol=tolerance, atol=tolerance / 10)
+  plain = naive_pipeline(modules, variables, batches,
+                         hand_optimizers(recipe, 'none', [0] * num_stages), method)
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()),
+                                 expected[0]['params'], plain[0]['params'])
+  assert max(jax.tree_util.tree_leaves(moved)) > 1e-3, moved
+  assert [opt is pipe.optimizer for opt in pipe.stage_optimizers] == [d < 2 for d in delays]
+
+
+WIDTH = 4   # the MLP's square matrices; its batches of 32 make their covariances full rank
+# ADAMW with eps 1e-3. At the first update the rotated gradient Q_L^T G Q_R is diagonal (Q_L, Q_R
+# are G's singular vectors) and its other entries are rounding noise, which Adam divides by
+# sqrt(v) + eps; float32 (the engine) and float64 (the reference) round differently, so a small
+# eps makes the references differ by the noise over eps (3e-4 at eps 1e-6, 5e-7 at 1e-3, against
+# 5e-2 for what the rotation changes, measured on this MLP).
+ROTATION_ADAMW = dataclasses.replace(ADAMW, eps=1e-3)
+
+
+class MatrixBlock(nn.Module):
+  """A square matrix basis_rotation rotates (a module named 'mlp'), BatchNorm, tanh."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(WIDTH, use_bias=False, name='mlp')(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return jnp.tanh(x)
+
+
+class MatrixHead(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    return nn.Dense(NUM_CLASSES)(x)
+
+
+def matrix_variables(num_stages):
+  """Four MatrixBlocks and a head as `num_stages` stages, as tiny.initial_variables."""
+  blocks = [MatrixBlock() for _ in range(4)] + [MatrixHead()]
+  split = partition.balanced_split([1.0] * len(blocks), num_stages)
+  variables = partition.StageModule(tuple(blocks)).init(
+      jax.random.key(0), jnp.zeros((2, WIDTH)), train=False)
+  return partition.build_stages(blocks, split), partition.split_variables(
+      variables, split, len(blocks))
+
+
+def matrix_batches(num_batches, batch_size=32):
+  rng = np.random.default_rng(0)
+  return [(rng.normal(size=(batch_size, WIDTH)).astype(np.float32),
+           rng.integers(0, NUM_CLASSES, size=(batch_size,)).astype(np.int32))
+          for _ in range(num_batches)]
+
+
+class HandRotatedAdam:
+  """basis_rotation's stage optimizer from docs/algorithm.md: the ADAMW recipe's AdamW
+  (HandOptimizer) on every leaf but the 2-D 'kernel's under 'mlp', which get Adam in the
+  eigenbasis of their gradient covariances (a side not rotated keeps the identity)."""
+
+  def __init__(self, recipe, frequency, decay, geometry):
+    self.adamw = HandOptimizer(recipe, 'adamw', recipe.b1)
+    self.r, self.frequency, self.decay, self.geometry = recipe, frequency, decay, geometry
+    self.matrices = {}
+
+  @property
+  def n(self):
+    return self.adamw.n
+
+  def step(self, params, grads):
+    t = self.n + 1
+    lr = lr_at(0.01, self.n)
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    changes = self.adamw.changes(params, grads)   # AdamW's; replaced on the rotated matrices
+    for i, ((path, x), g) in enumerate(zip(paths_and_leaves, jax.tree_util.tree_leaves(grads))):
+      names = [key.key for key in path]
+      if np.ndim(x) == 2 and names[-1] == 'kernel' and 'mlp' in names:
+        direction = self.rotated_direction(i, np.asarray(g, np.float64), t)
+        changes[i] = -lr * (direction + self.r.weight_decay * np.asarray(x, np.float64))
+    return jax.tree_util.tree_unflatten(treedef, [
+        np.float32(np.asarray(x, np.float64) + u)
+        for (_, x), u in zip(paths_and_leaves, changes)])
+
+  def rotated_direction(self, i, g, t):
+    rows, cols = g.shape
+    sides = [True, True] if self.geometry == 'bi' else [rows <= cols, rows > cols]
+    s = self.matrices.setdefault(i, dict(
+        m=np.zeros_like(g), v=np.zeros_like(g), covariance=[np.zeros((rows, rows)),
+                                                            np.zeros((cols, cols))],
+        basis=[np.eye(rows), np.eye(cols)]))
+    b1, b2, eps, d = self.r.b1, self.r.b2, self.r.eps, self.decay
+    outer = [g @ g.T, g.T @ g]
+    for side in (0, 1):
+      if not sides[side]:
+        continue
+      s['covariance'][side] = d * s['covariance'][side] + (1 - d) * outer[side]
+      c, q = s['covariance'][side], s['basis'][side]
+      if t == 1:   # eigenvectors by descending eigenvalue
+        s['basis'][side] = np.linalg.eigh(c)[1][:, ::-1]
+      elif t % self.frequency == 0:   # sort by the current estimate, one QR power step
+        order = np.argsort(-np.diag(q.T @ c @ q), kind='stable')
+        s['v'] = np.take(s['v'], order, axis=side)
+        s['basis'][side] = np.linalg.qr(c @ q[:, order])[0]
+    left, right = s['basis']
+    s['m'] = b1 * s['m'] + (1 - b1) * g
+    s['v'] = b2 * s['v'] + (1 - b2) * (left.T @ g @ right) ** 2
+    rotated = (left.T @ s['m'] @ right) / (np.sqrt(s['v']) + eps)
+    return np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * left @ rotated @ right.T
+
+
+def run_rotation(comp, method, num_stages, microbatches, batches):
+  """The engine on the MLP: (stage variables after the drain, pipeline)."""
+  modules, variables = matrix_variables(num_stages)
+  make = pipeline.Pipeline if method == 'fdg' else baselines.DDGPipeline
+  pipe = make(modules, optimizers.build(comp.optimizer), beta=BETA, compensation=comp,
+              placements=jax.devices()[:num_stages],
+              **({'method': methods.Microbatched('fdg', microbatches)} if microbatches > 1
+                 else {}))
+  state = pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+  for inputs, labels in batches:
+    state, _ = pipe.step(state, inputs, labels)
+  return jax.device_get(pipe.stage_variables(pipe.drain(state)[0])), pipe
+
+
+def naive_rotation(comp, method, num_stages, microbatches, batches, rotate=True):
+  """The naive reference on the MLP, the delayed stages with HandRotatedAdam (or, rotate=False,
+  the AdamW they replace)."""
+  modules, variables = matrix_variables(num_stages)
+  delays = ([0 if k == num_stages - 1 else s + 1 for k, s in
+             enumerate(microbatch_staleness(num_stages, microbatches))]
+            if microbatches > 1 else delays_of(method, num_stages))
+  decay = comp.optimizer.b2 if comp.rotation_decay < 0 else comp.rotation_decay
+  hands = [HandRotatedAdam(comp.optimizer, comp.rotation_frequency, decay,
+                           comp.rotation_geometry) if d and rotate
+           else HandOptimizer(comp.optimizer, 'adamw', comp.optimizer.b1) for d in delays]
+  if microbatches == 1:
+    return naive_pipeline(modules, variables, batches, hands, method)
+  return naive_fdg_microbatches(
+      modules, variables, None, batches, microbatches, BETA,
+      stage_steps=[lambda p, g, _, hand=hand: hand.step(p, g) for hand in hands])
+
+
+@pytest.mark.parametrize('method, num_stages, microbatches, settings', [
+    ('fdg', 3, 1, dict(rotation_frequency=3)),   # stage 0's 8 updates refresh at 3 and 6
+    ('fdg', 3, 4, dict(rotation_frequency=2, rotation_geometry='uni', rotation_decay=0.9)),
+    pytest.param('ddg', 3, 1, dict(rotation_frequency=4), marks=pytest.mark.slow),
+    pytest.param('fdg', 4, 2, dict(rotation_frequency=1), marks=pytest.mark.slow),
+], ids=str)
+def test_basis_rotation_matches_naive_formula(method, num_stages, microbatches, settings):
+  """Every stage against the formulas written out (8 batches: the updates cross the lr drop),
+  in plain FDG or DDG and FDG with microbatches (PipeDream-2BW's one stale update at M = 4)."""
+  batches = matrix_batches(8)
+  comp = compensation_lib.Compensation('basis_rotation', optimizer=ROTATION_ADAMW, **settings)
+  engine, pipe = run_rotation(comp, method, num_stages, microbatches, batches)
+  expected = naive_rotation(comp, method, num_stages, microbatches, batches)
+  chex.assert_trees_all_close(engine, expected, rtol=1e-4, atol=1e-5)
+  assert pipe.stage_optimizers[-1] is pipe.optimizer
+  # Not the AdamW it replaces: the rotated matrices end far (beyond the tolerance) from it.
+  plain = naive_rotation(comp, method, num_stages, microbatches, batches, rotate=False)
+  moved = float(np.abs(expected[0]['params']['blocks_0']['mlp']['kernel']
+                       - plain[0]['params']['blocks_0']['mlp']['kernel']).max())
+  assert moved > 1e-3, moved
+
+
+def test_rotated_matrices_are_the_blocks_attention_and_mlp_kernels():
+  """On the GPT: the attention's and the MLP's kernels; not the embeddings, the norms or the
+  head (the authors rotate the Linear layers of 'attn' and 'mlp' only)."""
+  blocks = gpt.create_blocks(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=11)
+  params = partition.StageModule(tuple(blocks)).init(
+      jax.random.key(0), jnp.zeros((2, 8), jnp.int32), train=False)['params']
+  rotated = {jax.tree_util.keystr(path) for path, r in
+             jax.tree_util.tree_flatten_with_path(compensation_lib.rotated_matrices(params))[0]
+             if r}
+  assert rotated == {f"['blocks_1']['{m}']['{n}']['kernel']" for m, n in (
+      ('attn', 'c_attn'), ('attn', 'c_proj'), ('mlp', 'c_fc'), ('mlp', 'c_proj'))}
+
+
+def test_basis_rotation_resumes_bit_for_bit(tmp_path):
+  """The covariances, bases and moments live in the optimizer state: 5 steps (a refresh at 4),
+  save, restore into a new pipeline, 5 more equal 10 straight."""
+  batches = matrix_batches(10)
+  modules, variables = matrix_variables(3)
+  comp = compensation_lib.Compensation('basis_rotation', optimizer=ROTATION_ADAMW,
+                                       rotation_frequency=2)
+
+  def make():
+    pipe = pipeline.Pipeline(modules, optimizers.build(ROTATION_ADAMW), beta=BETA,
+                             compensation=comp, placements=jax.devices()[:3])
+    return pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+
+  pipe, state = make()
+  for i, (inputs, labels) in enumerate(batches):
+    if i == 5:
+      checkpoint.Checkpointer(str(tmp_path)).save(5, pipe, state)
+    state, _ = pipe.step(state, inputs, labels)
+  straight = arrays(pipe.drain(state)[0].stages)
+  pipe, fresh = make()
+  state, _ = checkpoint.Checkpointer(str(tmp_path)).restore(pipe, fresh)
+  for inputs, labels in batches[5:]:
+    state, _ = pipe.step(state, inputs, labels)
+  chex.assert_trees_all_equal(arrays(pipe.drain(state)[0].stages), straight)
+
+
+@pytest.mark.parametrize('settings, message', [
+    (dict(name='error_feedback', ef_coefficient=0.0), 'ef_coefficient=0.0 is not positive'),
+    (dict(name='basis_rotation', rotation_frequency=0), 'rotation_frequency=0'),
+    (dict(name='basis_rotation', rotation_decay=1.0), 'rotation_decay=1.0 is not below 1'),
+    (dict(name='basis_rotation', rotation_geometry='tri'), "rotation_geometry='tri'"),
+])
+def test_new_compensations_bad_hyperparameters_are_refused(settings, message):
+  with pytest.raises(ValueError, match=message):
+    compensation_lib.Compensation(**settings)
+
+
+@pytest.mark.parametrize('recipe', [None, SGD], ids=['no recipe', 'sgd'])
+def test_basis_rotation_without_adamw_is_refused(recipe):
+  with pytest.raises(ValueError, match="runs the delayed stages' AdamW in a rotated basis"):
+    pipeline.Pipeline(initial_variables(2)[0], make_optimizer(), placements=jax.devices()[:2],
+                      compensation=compensation_lib.Compensation('basis_rotation',
+                                                                 optimizer=recipe))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(compensation='basis_rotation'), "which optimizer 'sgd' is not"),
+    (dict(compensation='basis_rotation', optimizer='muon'), "which optimizer 'muon' is not"),
+    (dict(ef_coefficient=-1.0), 'ef_coefficient: -1.0 is not positive'),
+    (dict(rotation_frequency=0), 'rotation_frequency: 0 updates'),
+    (dict(rotation_decay=1.0), 'rotation_decay: 1.0 is not below 1'),
+    (dict(rotation_geometry='tri'), "rotation_geometry: unknown geometry 'tri'"),
+])
+def test_config_refuses_bad_new_compensations_in_one_line(overrides, message):
+  config = default_config.get_config()
+  config.update(overrides)
+  with pytest.raises(configuration.ConfigError, match=message) as error:
+    configuration.validate_config(config)
+  assert '\n' not in str(error.value)
+
+
+def test_trainer_builds_the_new_compensations_from_the_config():
+  """create_compensation passes the config's fields; with AdamW the rotation rebuilds the run's
+  own recipe at every delayed stage."""
+  from fdg_jax.trainer import train   # pylint: disable=import-outside-toplevel
+  config = default_config.get_config()
+  config.update(dict(num_stages=3, optimizer='adamw', compensation='basis_rotation',
+                     rotation_frequency=7, rotation_decay=0.98, rotation_geometry='uni',
+                     ef_coefficient=0.5))
+  configuration.validate_config(config)
+  recipe = optimizer_config.recipe(config, steps_per_epoch=10)
+  comp = train.create_compensation(config, recipe, steps_per_epoch=10)
+  assert (comp.name, comp.rotation_frequency, comp.rotation_decay, comp.rotation_geometry,
+          comp.ef_coefficient) == ('basis_rotation', 7, 0.98, 'uni', 0.5)
+  assert comp.optimizer is recipe
+  config.update(dict(compensation='error_feedback', optimizer='sgd'))
+  configuration.validate_config(config)
+  assert train.create_compensation(config, optimizer_config.recipe(config, 10), 10
+                                   ).ef_coefficient == 0.5

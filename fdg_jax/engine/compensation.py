@@ -212,8 +212,7 @@ class Compensation:
                                     rotated_matrices(params))
 
     return optax.chain(*recipe.clipping(), optax.partition(
-        {'rotated': rotated,   # the run's AdamW, its clipping outside the partition
-         'adamw': optimizers.build(dataclasses.replace(recipe, grad_clip=0.0))}, labels))
+        {'rotated': rotated, 'adamw': optimizers.adamw(recipe)}, labels))
 
   def rebuilt_optimizer(self, delay: int) -> optax.GradientTransformation:
     """The stage's optimizer: the described one with momentum gamma, in look-ahead form for
