@@ -63,6 +63,9 @@ def test_cli_trains_fdg_and_reports_bits_per_character_and_a_sample(tmp_path):
   assert summary['val_loss'] < np.log(summary['vocabulary_size'])   # it learned something
   assert len(summary['sample']) >= TINY['sample_tokens']
   assert [h['step'] for h in summary['history']] == [6, 12]
+  # Each evaluation records the run's seconds so far without the evaluations (time to loss).
+  first, second = summary['history']
+  assert 0 < first['train_s'] < second['train_s'] < summary['train_time_s']
   assert (workdir / 'samples.txt').read_text().count('--- step') == 2
   stored = text_data.load_vocabulary(str(workdir))
   assert stored.kind == 'char' and stored.size == summary['vocabulary_size']

@@ -528,15 +528,22 @@ def _train(config, task: tasks_base.Task, workdir: str, dataset, steps_per_epoch
   start = time.time()
   clock = _Clock(time=start, step=start_step)
   train_metrics, trained, recorder = None, False, None
+  # Seconds spent evaluating (and sampling), so each evaluation records the run's time without
+  # them: `train_s`, what a time-to-loss comparison reads (compilation included).
+  eval_time = progress.get('eval_time_s', 0.0)
 
   def checkpoint_extra():
     return {'history': history, 'train_time_s': progress['train_time_s'] + time.time() - start,
-            'init_from': progress.get('init_from')}
+            'eval_time_s': eval_time, 'init_from': progress.get('init_from')}
 
   def evaluate_now(step):
+    nonlocal eval_time
+    began = time.time()
     result = evaluate(task, dataset, pipe, state, writer, step)
-    history.append({'step': step, 'epoch': step / steps_per_epoch, **task.eval_record(result)})
+    history.append({'step': step, 'epoch': step / steps_per_epoch, **task.eval_record(result),
+                    'train_s': progress['train_time_s'] + began - start - eval_time})
     shown = task.after_evaluation(dataset, pipe, state, step, workdir, writer)
+    eval_time += time.time() - began
     return {**result, **shown}
 
   if init_from is not None:
