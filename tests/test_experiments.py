@@ -987,3 +987,45 @@ def test_action_recorder_records_a_running_pipeline(tmp_path):
   calls = [(k, a) for k, a in recorder.actions if not (k == 1 and a.kind == 'B')]
   assert len(events) == len(calls) > 0
   assert all(e.index is not None for e in events), [e.label for e in events]
+
+
+def test_time_to_loss_from_learning_curves_and_the_cost_model(tmp_path):
+  """Steps to BP's final loss (linear between evaluations) times each schedule's predicted
+  seconds per batch; 1F1B on BP's curve; a measured run on its own clock (train_s)."""
+  from experiments.lm import time_to_loss   # pylint: disable=import-outside-toplevel
+
+  def run(folder, method, num_stages, microbatches, losses, train_s=None):
+    workdir = tmp_path / folder
+    workdir.mkdir(parents=True)
+    history = [{'step': 100 * (i + 1), 'val_loss': loss,
+                **({'train_s': train_s[i]} if train_s else {})} for i, loss in enumerate(losses)]
+    (workdir / 'summary.json').write_text(json.dumps(
+        {'method': method, 'num_stages': num_stages, 'microbatches': microbatches,
+         'compensation': 'none', 'optimizer': 'adamw', 'history': history}))
+    (workdir / 'config.json').write_text('{}')
+
+  run('grid/runs/bp_seed0', 'bp', 1, 1, [3.0, 2.0, 1.5])
+  run('grid/runs/bp_seed1', 'bp', 1, 1, [3.0, 2.2, 1.7])              # BP's mean final: 1.6
+  run('grid/runs/fdg_k4_seed0', 'fdg', 4, 1, [3.0, 2.5, 1.9])         # never reaches 1.6
+  run('grid/runs/fdg_k4_m8_seed0', 'fdg', 4, 8, [3.0, 1.6, 1.4])      # at step 200
+  run('measured/fdg', 'fdg', 2, 1, [3.0, 1.5], train_s=[10.0, 30.0])  # 1.6 at 28.7 s
+  rows = [  # the cost model's rows for K = 4: ms per batch, speed-up over one device
+      {'num_stages': 4, 'microbatches': 1, 'schedule': 'fdg', 'ms_per_batch': 250.0,
+       'speedup': 4.0},
+      {'num_stages': 4, 'microbatches': 8, 'schedule': 'fdg', 'ms_per_batch': 300.0,
+       'speedup': 3.3},
+      {'num_stages': 4, 'microbatches': 8, 'schedule': '1f1b', 'ms_per_batch': 400.0,
+       'speedup': 2.5}]
+  text = time_to_loss.report(str(tmp_path / 'grid'), {'tables': {'gpt': rows}}, 'gpt', [4], 0.5,
+                             {'fdg K=2': str(tmp_path / 'measured' / 'fdg')},
+                             str(tmp_path / 'out'))
+  table = {line.split(' | ')[0].lstrip('| '): line.split(' | ')[1:]
+           for line in text.splitlines() if line.startswith('| ') and '---' not in line}
+  # BP: one device, 1 s a batch; its mean curve 3.0, 2.1, 1.6 reaches 1.6 at step 300, 2.1 at 200.
+  assert table['bp'][:4] == ['1.000', '300', '300', '200']
+  assert table['1f1b K=4 M=8'][:4] == ['0.400', '300', '120', '200']   # BP's curve, faster
+  assert table['fdg K=4 M=8'][:4] == ['0.300', '200', '60', '164']   # 2.1: 100 + 100 * 0.9 / 1.4
+  assert table['fdg K=4 M=8'][-1].rstrip(' |') == '2.00'           # 1F1B's 120 s over its 60 s
+  assert table['fdg K=4'][1:3] == ['never', 'never']
+  assert table['fdg K=2 (measured)'][2] == '29'
+  assert (tmp_path / 'out' / 'time_to_loss.png').stat().st_size > 1000

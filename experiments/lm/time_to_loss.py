@@ -1,0 +1,253 @@
+r"""Time to a target loss (issue 38 item 5): which schedule reaches BP's loss soonest, per K.
+
+A user chooses a schedule by the wall-clock time it takes to reach a loss, which weighs FDG's
+missing bubble against its staleness and 1F1B's exactness against its bubble. Two sources:
+
+* Predicted, any K: a grid's learning curves (validation loss against step, mean over seeds,
+  from the runs' `summary.json`; e.g. experiments/lm/depth_grid.py's) times each schedule's time
+  per batch from the cost model (`experiments.bench.schedule_cost --output=COSTS.json`, its
+  `tables`: K equal stages of measured stage times, on K devices). 1F1B and GPipe compute BP's
+  update (tests/test_microbatches.py), so they follow BP's curve at their own time per batch;
+  BP runs on one device: the model's whole work per batch. DDG and DGL have no program in the
+  cost model and are left out.
+* Measured: runs whose history has `train_s` (each evaluation's seconds so far without the
+  evaluations, fdg_jax/trainer/train.py), e.g. K = 2 in two pinned processes, given as
+  `--measured=LABEL=WORKDIR,...`: their own clock.
+
+The target is BP's final validation loss (mean over its seeds, BP with the same optimizer), and
+that plus `--margin`. A curve reaches it between two evaluations by linear interpolation; a
+schedule that never does says so. Writes OUT_DIR/time_to_loss.md (one table per K: seconds per
+batch, steps and seconds to each target, each against the fastest 1F1B) and time_to_loss.png
+(validation loss against seconds, one panel per K).
+
+    python -m experiments.bench.schedule_cost --measure=gpt:16 --n_layer=8 --n_embd=128 \
+        --n_head=4 --block_size=64 --stages=4,8 --microbatches=1,8,16 --output=COSTS.json
+    python -m experiments.lm.time_to_loss --grid_dir=experiments/results/depth_cpu \
+        --costs=COSTS.json --model=gpt8x128_h4_t64_b16
+"""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+from absl import app
+from absl import flags
+
+from experiments.grids import reports
+
+FLAGS = flags.FLAGS
+# Methods whose update is BP's: they train along BP's curve.
+SYNCHRONOUS = ('gpipe', '1f1b')
+
+
+@dataclasses.dataclass
+class Curve:
+  """One setting's validation loss (mean over its runs) against step, or against seconds."""
+  label: str
+  method: str
+  num_stages: int
+  microbatches: int
+  optimizer: str
+  steps: list
+  losses: list
+  seconds: Optional[list] = None   # measured: each evaluation's train_s (mean over runs)
+
+
+def read_runs(grid_dir: str) -> list[tuple[dict, dict]]:
+  """(summary, config) of every finished run under grid_dir/runs/ (or grid_dir itself)."""
+  runs = []
+  for path in sorted(glob.glob(os.path.join(grid_dir, 'runs', '*', 'summary.json'))
+                     + glob.glob(os.path.join(grid_dir, 'summary.json'))):
+    with open(path) as f:
+      summary = json.load(f)
+    with open(os.path.join(os.path.dirname(path), 'config.json')) as f:
+      config = json.load(f)
+    runs.append((summary, config))
+  return runs
+
+
+def label_of(summary: dict) -> str:
+  """e.g. 'fdg K=4 M=8 weight_prediction muon'."""
+  parts = [summary['method']]
+  if summary['num_stages'] > 1:
+    parts.append(f'K={summary["num_stages"]}')
+  if summary.get('microbatches', 1) > 1:
+    parts.append(f'M={summary["microbatches"]}')
+  if summary.get('compensation', 'none') != 'none':
+    parts.append(summary['compensation'])
+  if summary.get('optimizer') == 'muon':
+    parts.append('muon')
+  return ' '.join(parts)
+
+
+def curves(runs: Sequence[tuple[dict, dict]], label=None) -> list[Curve]:
+  """One Curve per setting (the runs' seeds averaged at the evaluations they share)."""
+  groups: dict[str, list[dict]] = {}
+  for summary, _ in runs:
+    groups.setdefault(label or label_of(summary), []).append(summary)
+  result = []
+  for name, summaries in groups.items():
+    by_step: dict[int, list[dict]] = {}
+    for summary in summaries:
+      for point in summary.get('history', []):
+        by_step.setdefault(point['step'], []).append(point)
+    steps = sorted(s for s, points in by_step.items() if len(points) == len(summaries) and s > 0)
+    mean = lambda field, s: reports.mean_std([p[field] for p in by_step[s]])[0]
+    first = summaries[0]
+    timed = all('train_s' in p for s in steps for p in by_step[s])
+    result.append(Curve(name, first['method'], first['num_stages'], first.get('microbatches', 1),
+                        first.get('optimizer', 'adamw'), steps,
+                        [mean('val_loss', s) for s in steps],
+                        [mean('train_s', s) for s in steps] if timed else None))
+  return result
+
+
+def first_reach(xs: Sequence[float], losses: Sequence[float], target: float) -> Optional[float]:
+  """The x at which the curve first reaches `target` (linear between evaluations), or None."""
+  for i, loss in enumerate(losses):
+    if loss <= target:
+      if i == 0:
+        return xs[0]
+      x0, x1, l0 = xs[i - 1], xs[i], losses[i - 1]
+      return x0 + (x1 - x0) * (l0 - target) / (l0 - loss)
+  return None
+
+
+def batch_seconds(rows: Sequence[dict], method: str, num_stages: int, microbatches: int
+                  ) -> Optional[float]:
+  """Seconds per batch of a setting from the cost model's rows (one model's table): BP is one
+  device doing all the work; GPipe and 1F1B, and FDG at any M, their predicted time."""
+  if method == 'bp':   # the work of whole batches (M = 1), whatever K the row splits it in
+    row = next((r for r in rows if r['schedule'] == 'fdg' and r['microbatches'] == 1), None)
+    return None if row is None else row['ms_per_batch'] * row['speedup'] / 1e3
+  row = next((r for r in rows if (r['schedule'], r['num_stages'], r['microbatches'])
+              == (method, num_stages, microbatches)), None)
+  return None if row is None else row['ms_per_batch'] / 1e3
+
+
+def predicted_rows(grid: Sequence[Curve], rows: Sequence[dict], num_stages: int,
+                   targets: dict) -> list[dict]:
+  """Every setting at K (and BP, and each synchronous schedule on BP's curve) with its seconds
+  per batch and its steps and seconds to each target (targets: optimizer -> [loss, ...])."""
+  table = []
+  bp = {c.optimizer: c for c in grid if c.method == 'bp'}
+  sync = sorted({(r['schedule'], r['microbatches']) for r in rows
+                 if r['schedule'] in SYNCHRONOUS and r['num_stages'] == num_stages})
+  entries = [(c, c.method, c.num_stages, c.microbatches) for c in grid
+             if c.method == 'bp' or (c.num_stages == num_stages and c.method == 'fdg')]
+  entries += [(curve, name, num_stages, m) for curve in bp.values() for name, m in sync]
+  for curve, method, K, M in entries:
+    seconds = batch_seconds(rows, method, K, M)
+    if seconds is None or curve.optimizer not in targets:
+      continue
+    label = curve.label if method in ('bp', 'fdg') else (
+        f'{method} K={K} M={M}' + (' muon' if curve.optimizer == 'muon' else ''))
+    steps = [first_reach(curve.steps, curve.losses, t) for t in targets[curve.optimizer]]
+    table.append({'label': label, 'optimizer': curve.optimizer, 'seconds_per_batch': seconds,
+                  'steps': steps, 'seconds': [None if s is None else s * seconds for s in steps],
+                  'curve': curve})
+  return table
+
+
+def measured_rows(measured: Sequence[Curve], targets: dict) -> list[dict]:
+  return [{'label': c.label + ' (measured)', 'optimizer': c.optimizer,
+           'seconds_per_batch': (c.seconds[-1] / c.steps[-1]), 'curve': c,
+           'steps': [first_reach(c.steps, c.losses, t) for t in targets[c.optimizer]],
+           'seconds': [first_reach(c.seconds, c.losses, t) for t in targets[c.optimizer]]}
+          for c in measured if c.optimizer in targets]
+
+
+def markdown(rows: Sequence[dict], targets: dict, margin: float) -> str:
+  fmt = lambda v, digits=0: 'never' if v is None else f'{v:,.{digits}f}'
+  best_sync = {}
+  for row in rows:
+    if row['label'].split()[0] in SYNCHRONOUS and row['seconds'][0] is not None:
+      best = best_sync.get(row['optimizer'])
+      best_sync[row['optimizer']] = min(row['seconds'][0], best or math.inf)
+  lines = ['| setting | s per batch | steps to BP | s to BP | steps to BP + '
+           f'{margin} | s to BP + {margin} | fastest 1F1B / GPipe over it |',
+           '| --- | --- | --- | --- | --- | --- | --- |']
+  for row in sorted(rows, key=lambda r: (r['optimizer'], r['seconds'][0] or math.inf)):
+    ratio = (best_sync[row['optimizer']] / row['seconds'][0]
+             if row['seconds'][0] and row['optimizer'] in best_sync else None)
+    lines.append(f'| {row["label"]} | {row["seconds_per_batch"]:.3f} | {fmt(row["steps"][0])} | '
+                 f'{fmt(row["seconds"][0])} | {fmt(row["steps"][1])} | {fmt(row["seconds"][1])} '
+                 f'| {fmt(ratio, 2)} |')
+  targets_line = '; '.join(f'{o}: BP {t[0]:.4f}' for o, t in targets.items())
+  return f'Targets (BP\'s final validation loss, mean over seeds): {targets_line}.\n\n' + (
+      '\n'.join(lines))
+
+
+def plot(panels: dict, path: str) -> None:
+  """Validation loss against seconds, one panel per K."""
+  plt = reports.pyplot()
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+  for ax, (title, rows) in zip(axes[0], panels.items()):
+    for row in rows:
+      curve = row['curve']
+      xs = curve.seconds if 'measured' in row['label'] else [
+          s * row['seconds_per_batch'] for s in curve.steps]
+      ax.plot(xs, curve.losses, marker='o', markersize=3, label=row['label'])
+    ax.set_title(title)
+    ax.set_xlabel('seconds of training')
+    ax.set_ylabel('validation loss, mean over seeds')
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize=7)
+  reports.save_figure(fig, path)
+
+
+def report(grid_dir: str, costs: dict, model: str, stages: Sequence[int], margin: float,
+           measured: dict, out_dir: str) -> str:
+  """Writes time_to_loss.md and .png under out_dir; returns the markdown."""
+  grid = curves(read_runs(grid_dir))
+  targets = {c.optimizer: [c.losses[-1], c.losses[-1] + margin] for c in grid if c.method == 'bp'}
+  if not targets:
+    raise app.UsageError(f'{grid_dir} has no finished BP run: its final loss is the target.')
+  if model not in costs['tables']:
+    raise app.UsageError(f'The cost table has no model {model!r}; it has '
+                         f'{sorted(costs["tables"])}.')
+  rows = costs['tables'][model]
+  sections, panels = [], {}
+  for K in stages:
+    table = predicted_rows(grid, [r for r in rows if r['num_stages'] == K], K, targets)
+    panels[f'K = {K} (predicted)'] = table
+    sections.append(f'## K = {K}, predicted (the cost model, {model})\n\n'
+                    + markdown(table, targets, margin))
+  if measured:
+    runs = [c for label, workdir in measured.items() for c in curves(read_runs(workdir), label)]
+    table = measured_rows([c for c in runs if c.seconds], targets)
+    panels['measured'] = table
+    sections.append('## Measured (each run\'s own clock, train_s)\n\n'
+                    + markdown(table, targets, margin))
+  text = '# Time to a target loss\n\n' + '\n\n'.join(sections) + '\n'
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'time_to_loss.md'), 'w') as f:
+    f.write(text)
+  plot(panels, os.path.join(out_dir, 'time_to_loss.png'))
+  return text
+
+
+def main(argv):
+  del argv
+  with open(FLAGS.costs) as f:
+    costs = json.load(f)
+  measured = dict(item.split('=', 1) for item in FLAGS.measured)
+  print(report(FLAGS.grid_dir, costs, FLAGS.model, [int(k) for k in FLAGS.stages], FLAGS.margin,
+               measured, FLAGS.out_dir or FLAGS.grid_dir))
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('grid_dir', 'experiments/results/depth_cpu', 'A grid\'s out_dir: its '
+                      'runs/*/summary.json and config.json.')
+  flags.DEFINE_string('costs', '', 'experiments.bench.schedule_cost\'s --output (its tables).')
+  flags.DEFINE_string('model', 'gpt8x128_h4_t64_b16', 'The cost table\'s model key.')
+  flags.DEFINE_list('stages', ['4', '8'], 'K values to predict.')
+  flags.DEFINE_float('margin', 0.05, 'The second target: BP\'s final loss plus this.')
+  flags.DEFINE_list('measured', [], 'LABEL=WORKDIR of runs timed by their own clock (train_s).')
+  flags.DEFINE_string('out_dir', '', 'Where to write (default: --grid_dir).')
+  flags.mark_flag_as_required('costs')
+  app.run(main)
