@@ -220,30 +220,39 @@ def test_ddg_takes_a_compensation():
                            jax.tree_util.tree_leaves(results['none'][0]['params'])[0])
 
 
+def assert_resumes_bit_for_bit(tmp_path, modules, variables, optimizer, batches, at,
+                               check_saved=None, **kwargs):
+  """Train on `batches` with a checkpoint after `at` of them (`check_saved(state)` first, if
+  given), restore it into a new pipeline and train on the rest: the result equals the run
+  straight through, bit for bit."""
+
+  def make():
+    pipe = pipeline.Pipeline(modules, optimizer, beta=BETA,
+                             placements=jax.devices()[:len(modules)], **kwargs)
+    return pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables)
+
+  pipe, state = make()
+  for i, (inputs, labels) in enumerate(batches):
+    if i == at:
+      if check_saved:
+        check_saved(state)
+      checkpoint.Checkpointer(str(tmp_path)).save(at, pipe, state)
+    state, _ = pipe.step(state, inputs, labels)
+  straight = arrays(pipe.drain(state)[0].stages)
+  pipe, fresh = make()
+  state, _ = checkpoint.Checkpointer(str(tmp_path)).restore(pipe, fresh)
+  for inputs, labels in batches[at:]:
+    state, _ = pipe.step(state, inputs, labels)
+  chex.assert_trees_all_equal(arrays(pipe.drain(state)[0].stages), straight)
+
+
 @pytest.mark.parametrize('name', ['weight_prediction', 'delay_compensation', 'error_feedback'])
 def test_resume_mid_stream_is_bit_exact(tmp_path, name):
   """A checkpoint holds the compensation's state (last update, mean square, the forwards'
   parameters, error feedback's previous update): 5 steps, save, restore into a new pipeline, 5
   more equal 10 straight."""
-  batches = tiny_batches(10)
-  modules, variables = initial_variables(3)
-
-  def make():
-    pipe = pipeline.Pipeline(modules, make_optimizer(), beta=BETA, compensation=name,
-                             placements=jax.devices()[:3])
-    return pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables)
-
-  pipe, state = make()
-  for i, (images, labels) in enumerate(batches):
-    if i == 5:
-      checkpoint.Checkpointer(str(tmp_path)).save(5, pipe, state)
-    state, _ = pipe.step(state, images, labels)
-  straight = arrays(pipe.drain(state)[0].stages)
-  pipe, fresh = make()
-  state, _ = checkpoint.Checkpointer(str(tmp_path)).restore(pipe, fresh)
-  for images, labels in batches[5:]:
-    state, _ = pipe.step(state, images, labels)
-  chex.assert_trees_all_equal(arrays(pipe.drain(state)[0].stages), straight)
+  assert_resumes_bit_for_bit(tmp_path, *initial_variables(3), make_optimizer(), tiny_batches(10),
+                             5, compensation=name)
 
 
 @pytest.mark.parametrize('settings, kwargs, message', [
@@ -334,14 +343,16 @@ class HandOptimizer:
     return changes
 
 
-def hand_optimizers(recipe, name, delays):
+def hand_optimizers(recipe, name, delays, ef_coefficient=1.0):
   """Each stage's HandOptimizer for compensation `name` (the formulas of docs/algorithm.md)."""
   base = recipe.b1 if recipe.name == 'adamw' else recipe.momentum
   plain, looking = (('adamw', 'nadamw') if recipe.name == 'adamw' else ('sgd', 'nesterov_sgd'))
   result = []
   for d in delays:
     gamma = base + d * (0.99 - base) / (max(delays) + 1) if 'delay_momentum' in name else 0.99
-    if d == 0:
+    if name == 'error_feedback' and d >= 2:   # the user's update, corrected where it is stale
+      result.append(HandErrorFeedback(HandOptimizer(recipe, plain, base), ef_coefficient))
+    elif d == 0 or name == 'error_feedback':
       result.append(HandOptimizer(recipe, plain, base))
     elif name == 'delay_momentum':
       result.append(HandOptimizer(recipe, plain, gamma))
@@ -422,16 +433,21 @@ def delays_of(method, num_stages):
     ('nesterov+delay_momentum', ADAMW, 'fdg', 3),
     ('delay_momentum', ADAMW, 'ddg', 3),
     ('nesterov+delay_momentum', SGD, 'ddg', 3),
+    ('error_feedback', SGD, 'fdg', 3),
+    ('error_feedback', ADAMW, 'fdg', 2),
+    ('error_feedback', SGD, 'ddg', 3),   # stage 1 (delay 1) is not stale: no feedback there
 ], ids=lambda v: v.name if isinstance(v, optimizers.Recipe) else str(v))
-def test_lookahead_matches_naive_formula(name, recipe, method, num_stages):
-  """Every stage against the formulas, 8 batches (stage 0's updates cross the lr drop)."""
+def test_stage_optimizers_match_naive_formula(name, recipe, method, num_stages):
+  """The look-ahead options and error feedback (at c = 0.5): every stage against the formulas,
+  8 batches (stage 0's updates cross the lr drop)."""
   batches = tiny_batches(8)
   delays = delays_of(method, num_stages)
-  comp = compensation_lib.Compensation(name, optimizer=recipe, max_delay=max(delays))
+  comp = compensation_lib.Compensation(name, optimizer=recipe, max_delay=max(delays),
+                                       ef_coefficient=0.5)
   pipe, state = run_recipe_engine(num_stages, batches, comp, method)
   modules, variables = initial_variables(num_stages)
-  expected = naive_pipeline(modules, variables, batches, hand_optimizers(recipe, name, delays),
-                            method)
+  expected = naive_pipeline(modules, variables, batches,
+                            hand_optimizers(recipe, name, delays, comp.ef_coefficient), method)
   tolerance = 1e-5 if recipe.name == 'sgd' else 1e-4
   chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
                               rtol=tolerance, atol=tolerance / 10)
@@ -442,6 +458,8 @@ def test_lookahead_matches_naive_formula(name, recipe, method, num_stages):
                                  expected[0]['params'], plain[0]['params'])
   assert max(jax.tree_util.tree_leaves(moved)) > 1e-3, moved
   assert pipe.stage_optimizers[-1] is pipe.optimizer
+  if name == 'error_feedback':   # the stages with a fresh gradient keep the user's optimizer
+    assert [o is pipe.optimizer for o in pipe.stage_optimizers] == [d < 2 for d in delays]
 
 
 def test_delay_momentum_rule():
@@ -490,26 +508,9 @@ def test_config_refuses_lookahead_where_it_does_not_apply(overrides, message):
 def test_lookahead_resume_mid_stream_is_bit_exact(tmp_path):
   """NAdamW's state (count, mu product, moments) is checkpointed: 5 steps, save, restore into a
   new pipeline, 5 more equal 10 straight."""
-  batches = tiny_batches(10)
-  modules, variables = initial_variables(3)
   comp = compensation_lib.Compensation('nesterov+delay_momentum', optimizer=ADAMW, max_delay=4)
-
-  def make():
-    pipe = pipeline.Pipeline(modules, optimizers.build(ADAMW), beta=BETA, compensation=comp,
-                             placements=jax.devices()[:3])
-    return pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables)
-
-  pipe, state = make()
-  for i, (images, labels) in enumerate(batches):
-    if i == 5:
-      checkpoint.Checkpointer(str(tmp_path)).save(5, pipe, state)
-    state, _ = pipe.step(state, images, labels)
-  straight = arrays(pipe.drain(state)[0].stages)
-  pipe, fresh = make()
-  state, _ = checkpoint.Checkpointer(str(tmp_path)).restore(pipe, fresh)
-  for images, labels in batches[5:]:
-    state, _ = pipe.step(state, images, labels)
-  chex.assert_trees_all_equal(arrays(pipe.drain(state)[0].stages), straight)
+  assert_resumes_bit_for_bit(tmp_path, *initial_variables(3), optimizers.build(ADAMW),
+                             tiny_batches(10), 5, compensation=comp)
 
 
 @pytest.mark.parametrize('method, num_stages, microbatches, max_delay', [
@@ -557,11 +558,9 @@ def hand_microbatch_steps(name, recipe, staleness, comp):
   """Each stage's update by hand, `(params, mean_gradient, batch_params) -> params`, for the
   compensation `name` at these stalenesses (delays d = staleness + 1; the last stage plain)."""
   delays = [s + 1 if s else 0 for s in staleness]
-  rebuilt = name in compensation_lib.REBUILDS_OPTIMIZER   # else the user's, at every stage
-  hands = hand_optimizers(recipe, name, delays if rebuilt else [0] * len(delays))
-  if name == 'error_feedback':   # on the stages whose forwards miss an update
-    hands = [HandErrorFeedback(h, comp.ef_coefficient) if s else h
-             for h, s in zip(hands, staleness)]
+  rebuilt = name in compensation_lib.REBUILDS_OPTIMIZER + ('error_feedback',)
+  hands = hand_optimizers(recipe, name, delays if rebuilt else [0] * len(delays),
+                          comp.ef_coefficient)   # else the user's optimizer at every stage
   mean_square = [None] * len(delays)
   tree_map = jax.tree_util.tree_map
 
@@ -628,27 +627,13 @@ def test_compensation_with_microbatches_matches_naive_formula(name, recipe, num_
 
 def test_delay_compensation_with_microbatches_resumes_bit_for_bit(tmp_path):
   """The parameters each batch in flight forwarded with go into the checkpoint."""
-  batches = tiny_batches(6)
-  modules, variables = initial_variables(3)
+  def holds_forward_parameters(state):
+    assert any(state.microbatches.forward_params)
 
-  def make():
-    pipe = pipeline.Pipeline(modules, make_optimizer(), beta=BETA,
-                             compensation='delay_compensation', placements=jax.devices()[:3],
+  assert_resumes_bit_for_bit(tmp_path, *initial_variables(3), make_optimizer(), tiny_batches(6),
+                             3, check_saved=holds_forward_parameters,
+                             compensation='delay_compensation',
                              method=methods.Microbatched('fdg', 2))
-    return pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables)
-
-  pipe, state = make()
-  for i, (images, labels) in enumerate(batches):
-    if i == 3:
-      assert any(state.microbatches.forward_params)
-      checkpoint.Checkpointer(str(tmp_path)).save(3, pipe, state)
-    state, _ = pipe.step(state, images, labels)
-  straight = arrays(pipe.drain(state)[0].stages)
-  pipe, fresh = make()
-  state, _ = checkpoint.Checkpointer(str(tmp_path)).restore(pipe, fresh)
-  for images, labels in batches[3:]:
-    state, _ = pipe.step(state, images, labels)
-  chex.assert_trees_all_equal(arrays(pipe.drain(state)[0].stages), straight)
 
 
 # ------------------------------------------- error feedback and basis rotation (issue 38)
@@ -679,38 +664,6 @@ class HandErrorFeedback:
     self.previous = changes
     return jax.tree_util.tree_unflatten(treedef, [
         np.float32(np.asarray(x, np.float64) + u) for x, u in zip(leaves, corrected)])
-
-
-def hand_error_feedback(recipe, delays, coefficient):
-  """Each stage's optimizer: the user's, with error feedback where the gradient is stale."""
-  plain, base = ('adamw', recipe.b1) if recipe.name == 'adamw' else ('sgd', recipe.momentum)
-  return [HandErrorFeedback(HandOptimizer(recipe, plain, base), coefficient) if d >= 2
-          else HandOptimizer(recipe, plain, base) for d in delays]
-
-
-@pytest.mark.parametrize('recipe, method, num_stages, coefficient', [
-    (SGD, 'fdg', 3, 1.0),
-    (ADAMW, 'fdg', 2, 1.0),
-    (SGD, 'ddg', 3, 0.5),   # stage 1's gradient (delay 1) is not stale: no feedback there
-], ids=lambda v: v.name if isinstance(v, optimizers.Recipe) else str(v))
-def test_error_feedback_matches_naive_formula(recipe, method, num_stages, coefficient):
-  batches = tiny_batches(8)
-  delays = delays_of(method, num_stages)
-  comp = compensation_lib.Compensation('error_feedback', optimizer=recipe,
-                                       ef_coefficient=coefficient)
-  pipe, state = run_recipe_engine(num_stages, batches, comp, method)
-  modules, variables = initial_variables(num_stages)
-  expected = naive_pipeline(modules, variables, batches,
-                            hand_error_feedback(recipe, delays, coefficient), method)
-  tolerance = 1e-5 if recipe.name == 'sgd' else 1e-4
-  chex.assert_trees_all_close(jax.device_get(pipe.stage_variables(state)), expected,
-                              rtol=tolerance, atol=tolerance / 10)
-  plain = naive_pipeline(modules, variables, batches,
-                         hand_optimizers(recipe, 'none', [0] * num_stages), method)
-  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()),
-                                 expected[0]['params'], plain[0]['params'])
-  assert max(jax.tree_util.tree_leaves(moved)) > 1e-3, moved
-  assert [opt is pipe.optimizer for opt in pipe.stage_optimizers] == [d < 2 for d in delays]
 
 
 WIDTH = 4   # the MLP's square matrices; its batches of 32 make their covariances full rank
@@ -881,27 +834,10 @@ def test_rotated_matrices_are_the_blocks_attention_and_mlp_kernels():
 def test_basis_rotation_resumes_bit_for_bit(tmp_path):
   """The covariances, bases and moments live in the optimizer state: 5 steps (a refresh at 4),
   save, restore into a new pipeline, 5 more equal 10 straight."""
-  batches = matrix_batches(10)
-  modules, variables = matrix_variables(3)
   comp = compensation_lib.Compensation('basis_rotation', optimizer=ROTATION_ADAMW,
                                        rotation_frequency=2)
-
-  def make():
-    pipe = pipeline.Pipeline(modules, optimizers.build(ROTATION_ADAMW), beta=BETA,
-                             compensation=comp, placements=jax.devices()[:3])
-    return pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables)
-
-  pipe, state = make()
-  for i, (inputs, labels) in enumerate(batches):
-    if i == 5:
-      checkpoint.Checkpointer(str(tmp_path)).save(5, pipe, state)
-    state, _ = pipe.step(state, inputs, labels)
-  straight = arrays(pipe.drain(state)[0].stages)
-  pipe, fresh = make()
-  state, _ = checkpoint.Checkpointer(str(tmp_path)).restore(pipe, fresh)
-  for inputs, labels in batches[5:]:
-    state, _ = pipe.step(state, inputs, labels)
-  chex.assert_trees_all_equal(arrays(pipe.drain(state)[0].stages), straight)
+  assert_resumes_bit_for_bit(tmp_path, *matrix_variables(3), optimizers.build(ROTATION_ADAMW),
+                             matrix_batches(10), 5, compensation=comp)
 
 
 @pytest.mark.parametrize('settings, message', [
