@@ -856,25 +856,28 @@ def test_shakespeare_grid_report_from_summaries(tmp_path):
 
 def test_depth_grid_cells_pass_the_trainers_checks_and_the_dry_run_lists_them(tmp_path, capsys):
   """The deep recipe's grid: each method with AdamW and with Muon (cells tagged muon; the
-  Nesterov look-ahead with AdamW only), microbatches of at least 2(K - 1) that divide the batch;
-  every cell's config passes the trainer's checks before anything runs, and `--dry_run` lists
-  every cell with its command."""
+  Nesterov look-ahead and basis rotation with AdamW only), each compensation alone and with
+  microbatches of at least 2(K - 1) that divide the batch, K = 4 before K = 8 and the references
+  last; every cell's config passes the trainer's checks before anything runs, and `--dry_run`
+  lists every cell with its command."""
   text = tmp_path / 't.txt'
   text.write_text('To be, or not to be.\n' * 50)
   opts = options(tmp_path, scales=depth_grid.SCALES, dataset='textfile', data_dir=str(text))
   cells = depth_grid.build_cells(opts)
   per_seed = len(depth_grid.METHODS)
-  assert per_seed == 2 * 15 - 2 and len(cells) == 2 * per_seed
+  # Per optimizer: BP, then at K = 4 and 8 plain FDG, its 4 compensations, M alone and with each
+  # (10 each), then DDG, DGL and 1F1B at both K (6); Muon without the 2 x 2 x 2 AdamW-only ones.
+  assert per_seed == 2 * (1 + 2 * 10 + 6) - 8 and len(cells) == 2 * per_seed
   names = [c.name for c in cells[:per_seed]]
   assert names[:8] == [
       'gpt_bp_seed0', 'gpt_fdg_k4_beta1_seed0', 'gpt_fdg_k4_beta1_nag_seed0',
-      'gpt_fdg_k4_beta1_wp_seed0', 'gpt_fdg_k4_beta1_m8_seed0', 'gpt_1f1b_k4_m8_seed0',
-      'gpt_ddg_k4_seed0', 'gpt_dgl_k4_seed0']
+      'gpt_fdg_k4_beta1_wp_seed0', 'gpt_fdg_k4_beta1_ef_seed0', 'gpt_fdg_k4_beta1_rot_seed0',
+      'gpt_fdg_k4_beta1_m8_seed0', 'gpt_fdg_k4_beta1_m8_nag_seed0']
   for name in ('gpt_fdg_k8_beta1_m16_seed0', 'gpt_1f1b_k8_m16_seed0', 'gpt_bp_muon_seed0',
                'gpt_fdg_k8_beta1_muon-wp_seed0', 'gpt_fdg_k8_beta1_m16_muon_seed0',
-               'gpt_dgl_k8_muon_seed0'):
+               'gpt_fdg_k8_beta1_m16_muon-ef_seed0', 'gpt_dgl_k8_muon_seed0'):
     assert name in names, name
-  assert not [n for n in names if 'muon-nag' in n]
+  assert not [n for n in names if 'muon-nag' in n or 'muon-rot' in n]
   by_name = {c.name: c for c in cells}
   muon_m16 = by_name['gpt_fdg_k8_beta1_m16_muon_seed0']
   assert muon_m16.label == 'FDG K=8 β=1 M=16 muon'

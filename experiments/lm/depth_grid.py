@@ -2,10 +2,11 @@ r"""Deep pipelines (issue 38): FDG at K = 4 and 8 against BP on the deep charact
 and with Muon.
 
 configs/shakespeare_char_deep_cpu.py as it is (8 layers, 4 heads, 128 wide, context 64, batch
-16, AdamW): BP; FDG at K = 4 and 8, plain, with the Nesterov look-ahead (AdamW only: it rebuilds
-the optimizer as NAdamW, which Muon refuses), with weight prediction, and with microbatches
-(PipeDream-2BW's one-update delay, M = 8 at K = 4 and 16 at K = 8, both >= 2(K - 1)); 1F1B over
-the same microbatches (BP's update, with a bubble); DDG and DGL (its auxiliary head 'lm'). Each
+16, AdamW): BP; FDG at K = 4 and 8, plain and with each compensation (COMPENSATIONS: the
+Nesterov look-ahead and basis rotation, AdamW only, as they rebuild AdamW; weight prediction;
+error feedback), each also with microbatches (PipeDream-2BW's one-update delay, M = 8 at K = 4
+and 16 at K = 8, both >= 2(K - 1)); then, for reference, DDG, DGL (its auxiliary head 'lm') and
+1F1B over the same microbatches (BP's update, with a bubble: a check of the grid). Each
 with AdamW and with Muon (config.optimizer='muon'; cells tagged 'muon'), and each against BP with
 the same optimizer, as a paired difference (a seed gives every method the same initial weights
 and batches). Writes OUT_DIR/results.md (validation loss and bits per character per cell, the
@@ -35,6 +36,11 @@ SCALES = {'cpu': cells_lib.Scale({}, 'the deep CPU recipe, the config file as it
                                  '2000 steps)')}
 # M per K: PipeDream-2BW's microbatches, at least 2(K - 1) and dividing the batch of 16.
 MICROBATCHES = {4: 8, 8: 16}
+# The compensations the grid screens: name in the table -> (variant tag, config.compensation).
+COMPENSATIONS = {'nesterov': ('nag', 'nesterov'), 'wp': ('wp', 'weight_prediction'),
+                 'ef': ('ef', 'error_feedback'), 'rot': ('rot', 'basis_rotation')}
+# The ones that rebuild AdamW (or SGD) for the delayed stages, and so refuse Muon.
+ADAMW_ONLY = ('nesterov', 'basis_rotation')
 # The optimizers, as a tag in the cell's name and the config fields they set.
 OPTIMIZERS = {'adamw': ('', {}), 'muon': ('muon', {'optimizer': 'muon'})}
 
@@ -43,22 +49,24 @@ def _methods() -> dict:
   """name -> (method, K, beta, variant tag, config fields): every method with each optimizer
   ('_muon' names the Muon one), in the order the grid runs them."""
   rows = {'bp': ('bp', 1, '', {})}
-  for k in (4, 8):
+  for k in (4, 8):   # K = 4 first: the screening's most informative cells run first
     m = MICROBATCHES[k]
-    rows.update({
-        f'fdg_k{k}': ('fdg', k, '', {}),
-        f'fdg_k{k}_nesterov': ('fdg', k, 'nag', {'compensation': 'nesterov'}),
-        f'fdg_k{k}_wp': ('fdg', k, 'wp', {'compensation': 'weight_prediction'}),
-        f'fdg_k{k}_m{m}': ('fdg', k, '', {'microbatches': m}),
-        f'1f1b_k{k}_m{m}': ('1f1b', k, '', {'microbatches': m}),
-        f'ddg_k{k}': ('ddg', k, '', {}),
-        f'dgl_k{k}': ('dgl', k, '', {'aux_head': 'lm'}),
-    })
+    rows[f'fdg_k{k}'] = ('fdg', k, '', {})
+    # Each compensation alone (FDG's delay 2(K-1-k)) and with 2BW's microbatches (one update).
+    for short, (variant, compensation) in COMPENSATIONS.items():
+      rows[f'fdg_k{k}_{short}'] = ('fdg', k, variant, {'compensation': compensation})
+    rows[f'fdg_k{k}_m{m}'] = ('fdg', k, '', {'microbatches': m})
+    for short, (variant, compensation) in COMPENSATIONS.items():
+      rows[f'fdg_k{k}_m{m}_{short}'] = ('fdg', k, variant, {'compensation': compensation,
+                                                            'microbatches': m})
+  for k in (4, 8):   # for reference: DDG, DGL, and 1F1B (BP's update: a check of the grid)
+    rows.update({f'ddg_k{k}': ('ddg', k, '', {}), f'dgl_k{k}': ('dgl', k, '', {'aux_head': 'lm'}),
+                 f'1f1b_k{k}_m{MICROBATCHES[k]}': ('1f1b', k, '', {'microbatches': MICROBATCHES[k]})})
   table = {}
   for optimizer, (tag, optimizer_fields) in OPTIMIZERS.items():
     for name, (method, k, variant, fields) in rows.items():
-      if optimizer == 'muon' and fields.get('compensation') == 'nesterov':
-        continue   # refused: the look-ahead rebuilds SGD or AdamW (trainer/optimizers.py)
+      if optimizer == 'muon' and fields.get('compensation') in ADAMW_ONLY:
+        continue   # refused: they rebuild SGD or AdamW (trainer/optimizers.py)
       suffix = f'_{tag}' if tag else ''
       table[name + suffix] = (method, k, 1.0, '-'.join(p for p in (tag, variant) if p),
                               {**fields, **optimizer_fields})
