@@ -617,7 +617,7 @@ def test_action_timeline_ties_executions_to_actions():
   The backward compiled twice (B0 without a gradient sum yet), so its executions are two runs of
   run_ids; each run is one compiled function's calls in order. Busy time counts overlaps once."""
   Action = schedule_lib.Action
-  method = mock.Mock(microbatches=2, grad_clip=0.0, functions=(
+  method = mock.Mock(microbatches=2, grad_clip=0.0, keeps_inputs=lambda k: False, functions=(
       {'forward': _named('forward'), 'backward': _named('backward'), 'norm': _named('norm'),
        'update': _named('update')},
       {'loss': _named('forward_backward'), 'norm': _named('norm'), 'update': _named('update')}))

@@ -10,8 +10,10 @@ The labels (which action: F3, B3, U0) come from the actions the executor took, i
 (`Pipeline._act` wrapped on the instance while recording, as experiments/probes/transfers.py
 wraps `_transfer`): the calls of one compiled function have consecutive run_ids, so the n-th
 execution of a run is its n-th call. The backward and the last stage's loss compile twice (the
-first microbatch of a batch has no gradient sum yet); the runs are told apart by their lengths,
-then by the order of their first calls. Where that does not fit, events keep their kind only.
+first microbatch of a batch has no gradient sum yet), and so does FDG's forward (the first
+microbatch of a batch returns the parameters its batch keeps); the runs are told apart by
+their lengths, then by the order of their first calls. Where that does not fit, events keep
+their kind only.
 
 `draw_side_by_side` draws several recordings one above the other on one time scale (1F1B and FDG
 at the same M, for the speed-up benchmark).
@@ -136,7 +138,9 @@ def expected_calls(actions: Sequence[tuple[int, object]], method, num_stages: in
                    ) -> dict[tuple[int, str], dict[str, list[tuple[int, object]]]]:
   """The jitted calls the executor made for `actions` (in order): (stage, function name) ->
   {variant: [(call number, action)]}; variant 'first' for a backward or loss without a gradient
-  sum yet (the first microbatch of its batch: every program runs a batch's B in order)."""
+  sum yet (the first microbatch of its batch: every program runs a batch's B in order), and for
+  the forward of a batch's first microbatch where it returns the parameters its batch keeps
+  (`method.keeps_inputs`)."""
   calls: dict[tuple[int, str], dict[str, list[tuple[int, object]]]] = {}
   last = num_stages - 1
   for number, (k, action) in enumerate(actions):
@@ -148,7 +152,8 @@ def expected_calls(actions: Sequence[tuple[int, object]], method, num_stages: in
     else:   # with clipping, the squared norm at U and the update after the batch's flush
       keys = ['norm', 'update'] if method.grad_clip > 0 else ['update']
     for key in keys:
-      first = key in ('backward', 'loss') and action.index % method.microbatches == 0
+      first = action.index % method.microbatches == 0 and (
+          key in ('backward', 'loss') or key == 'forward' and method.keeps_inputs(k))
       calls.setdefault((k, functions[key].__name__), {}).setdefault(
           'first' if first else 'rest', []).append((number, action))
   return calls

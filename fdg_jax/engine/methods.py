@@ -252,7 +252,8 @@ class Microbatched(_NetworkOnly):
     last = len(specs) - 1
     self.functions = tuple(
         {**({'loss': jax.jit(fns.microbatch_loss(spec), donate_argnums=(0, 1))} if k == last
-            else {'forward': jax.jit(fns.microbatch_forward(spec), donate_argnums=0),
+            else {'forward': jax.jit(fns.microbatch_forward(spec, self.keeps_inputs(k)),
+                                     donate_argnums=0, static_argnames='with_params'),
                   'backward': jax.jit(fns.microbatch_backward(spec), donate_argnums=0,
                                       static_argnames='residuals')}),
          'norm': jax.jit(fns.squared_norm),
@@ -263,11 +264,21 @@ class Microbatched(_NetworkOnly):
   def residual_structure(self, k: int, stage: fns.TrainState, x) -> fns.Residuals:
     return _residual_structure(self._residual_structures, self.specs[k], k, stage, x)
 
-  def forward(self, k: int, stage, x):
-    """A non-last stage's F: (stage, output, Saved entry of its residuals)."""
+  def keeps_inputs(self, k: int) -> bool:
+    """Whether stage k's saved forwards keep what determines their residuals (FDG's, where
+    `StageSpec.keeps_inputs`: a checkpoint between batches stores those; a synchronous schedule
+    holds nothing between batches), the parameters once per batch."""
+    return not self.synchronous and k < len(self.specs) - 1 and self.specs[k].keeps_inputs
+
+  def forward(self, k: int, stage, x, batch_params=None):
+    """A non-last stage's F: (stage, output, Saved entry of its residuals). Where the stage
+    keeps its forwards' inputs, the entry's parameters are `batch_params`, its batch's, or where
+    None (the batch's first forward), its own, returned by a program of its own."""
     structure = self.residual_structure(k, stage, x)
-    stage, y, leaves = self.functions[k]['forward'](stage, x)
-    return stage, y, Saved(arrays=leaves, batch=None, structure=structure)
+    stage, y, leaves, inputs = self.functions[k]['forward'](
+        stage, x, with_params=batch_params is None and self.keeps_inputs(k))
+    return stage, y, Saved(arrays=leaves, batch=None, structure=structure, inputs=(
+        None if inputs is None else {'params': batch_params, **inputs, 'x': x}))
 
   def backward(self, k: int, total, entry: Saved, cotangent):
     """A non-last stage's B: (gradient sum, input cotangent)."""
@@ -282,11 +293,11 @@ class Microbatched(_NetworkOnly):
     return self.functions[k]['norm'](total)
 
   def update(self, k: int, stage, total, squared_norms, forward_params=None):
+    """U: the update with the batch's gradient sum; `forward_params`, the parameters the batch
+    forwarded with, reach it only where it needs them (delay compensation)."""
+    if not self.specs[k].keeps_forward_parameters:
+      forward_params = None
     return self.functions[k]['update'](stage, total, squared_norms, forward_params)
-
-  def keeps_forward_parameters(self, k: int) -> bool:
-    """Whether stage k's update needs the parameters its batch forwarded with."""
-    return self.specs[k].keeps_forward_parameters
 
 
 # ================================================================================ the registry

@@ -92,10 +92,10 @@ def microbatch_spec(pipe: 'Pipeline'):
   """The shapes and dtypes of one microbatch of the pipeline's batches."""
   if pipe.batch_spec is None:
     raise ValueError('The pipeline has no batch shape yet: call init(rng, sample_input).')
-  return _split(pipe.batch_spec, pipe.microbatches)[0]
+  return split_batch(pipe.batch_spec, pipe.microbatches)[0]
 
 
-def _split(tree, parts: int) -> list:
+def split_batch(tree, parts: int) -> list:
   """A batch (a pytree of arrays, or of specs where another process holds it) as `parts`
   microbatches along the leading axis."""
   def piece(leaf, m):
@@ -435,7 +435,7 @@ class Pipeline:
     if inputs is not None:
       if self.batch_spec is None or self.num_processes > 1:
         self.batch_spec = _spec_of(inputs)
-      pieces = zip(_split(inputs, M), _split(targets, M))
+      pieces = zip(split_batch(inputs, M), split_batch(targets, M))
       for m, (x, y) in enumerate(pieces):
         micro_spec = _spec_of(x)
         if self.is_local[0]:
@@ -506,13 +506,19 @@ class Pipeline:
           flight.stages[k], flight.sums[k][batch], flight.held[i], metrics = method.loss(
               k, flight.stages[k], flight.sums[k].get(batch), x, flight.targets.pop(i))
           flight.metrics = metrics if flight.metrics is None else flight.metrics.merge(metrics)
+          name = 'loss' + first
         else:
-          if i % self.microbatches == 0 and method.keeps_forward_parameters(k):
-            # The batch's weights, a copy: the updates donate the stage's buffers.
-            flight.forward_params[k][batch] = jax.tree_util.tree_map(jnp.copy,
-                                                                     flight.stages[k].params)
-          flight.stages[k], out, flight.saved[k][i] = method.forward(k, flight.stages[k], x)
-        flight.calls.append((k, 'loss' + first if k == last else 'forward', batch))
+          # Every microbatch of a batch forwards with the same parameters: the batch keeps one
+          # copy (its first forward returns it; the updates donate the stage's buffers), which
+          # its saved forwards share and delay compensation's update reads.
+          params = flight.forward_params[k].get(batch)
+          flight.stages[k], out, flight.saved[k][i] = method.forward(k, flight.stages[k], x,
+                                                                     params)
+          name = 'forward'
+          if params is None and method.keeps_inputs(k):
+            flight.forward_params[k][batch] = flight.saved[k][i].inputs['params']
+            name = 'forward first'
+        flight.calls.append((k, name, batch))
       if k < last:
         flight.outbox.append((out, schedule_lib.Transfer('activation', i, k, k + 1)))
     else:

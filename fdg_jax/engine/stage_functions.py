@@ -194,6 +194,21 @@ def forward_parameters(spec: StageSpec, state: TrainState):
       state.params, state.opt_state, compensation_lib.staleness(spec.delay))
 
 
+def saved_forward(spec: StageSpec, state: TrainState, x, keeps_inputs: bool):
+  """A training forward kept for a later backward (stash 'vjp'), at `forward_parameters`:
+  (state with its new BatchNorm statistics and dropout key, output, the vjp's residual leaves,
+  inputs). `inputs`, with `keeps_inputs` (else None), is what determines the residuals besides
+  the stage input (which the caller keeps): {'params' the forward used, 'batch_stats' before
+  it, its dropout 'key'}; `rebuild` reruns the forward from them."""
+  dropout_key, key = jax.random.split(state.dropout_key)
+  params = forward_parameters(spec, state)
+  y, pullback, batch_stats = stage_vjp(spec, params, state.batch_stats, x, key)
+  inputs = ({'params': params, 'batch_stats': state.batch_stats, 'key': key}
+            if keeps_inputs else None)
+  return (state.replace(batch_stats=batch_stats, dropout_key=dropout_key), y,
+          jax.tree_util.tree_leaves(pullback), inputs)
+
+
 def residual_tree(spec: StageSpec, state: TrainState, x):
   """The pytree of `stage_vjp`'s residuals (for `jax.eval_shape`: its structure)."""
   return stage_vjp(spec, state.params, state.batch_stats, x, state.dropout_key)[1]
@@ -234,17 +249,13 @@ def update_then_forward(spec: StageSpec) -> Callable:
       else:
         state = state.apply_gradients(grads=grads)
     y = new_saved = inputs = None
-    if x is not None:
+    if x is not None and spec.stash == 'vjp':
+      state, y, new_saved, inputs = saved_forward(spec, state, x, spec.keeps_inputs)
+    elif x is not None:   # stash='recompute': the input and key, to redo the forward
       dropout_key, key = jax.random.split(state.dropout_key)
-      params = forward_parameters(spec, state)
-      if spec.stash == 'vjp':
-        y, pullback, batch_stats = stage_vjp(spec, params, state.batch_stats, x, key)
-        new_saved = jax.tree_util.tree_leaves(pullback)
-        if spec.keeps_inputs:   # the stage input is kept by the caller
-          inputs = {'params': params, 'batch_stats': state.batch_stats, 'key': key}
-      else:
-        y, batch_stats = train_forward(spec, params, state.batch_stats, x, key)
-        new_saved = (x, key)
+      y, batch_stats = train_forward(spec, forward_parameters(spec, state), state.batch_stats, x,
+                                     key)
+      new_saved = (x, key)
       state = state.replace(batch_stats=batch_stats, dropout_key=dropout_key)
     return state, y, new_saved, inputs, input_cotangent
 
@@ -282,16 +293,19 @@ def last_update(spec: StageSpec) -> Callable:
 # ------------------------------------------------ microbatches (GPipe, 1F1B, FDG with M > 1)
 
 
-def microbatch_forward(spec: StageSpec) -> Callable:
-  """One microbatch's forward: `(state, x) -> (state, y, saved)`, saved the vjp's residual
-  leaves (at `forward_parameters`: FDG's weight prediction extrapolates). BatchNorm normalises
-  the microbatch and its running statistics are updated once per microbatch, as GPipe does."""
-  def forward(state: TrainState, x):
-    dropout_key, key = jax.random.split(state.dropout_key)
-    y, pullback, batch_stats = stage_vjp(spec, forward_parameters(spec, state),
-                                         state.batch_stats, x, key)
-    state = state.replace(batch_stats=batch_stats, dropout_key=dropout_key)
-    return state, y, jax.tree_util.tree_leaves(pullback)
+def microbatch_forward(spec: StageSpec, keeps_inputs: bool = False) -> Callable:
+  """One microbatch's forward: `(state, x, *, with_params) -> (state, y, saved, inputs)`, saved
+  the vjp's residual leaves (at `forward_parameters`: FDG's weight prediction extrapolates),
+  `inputs` what determines them besides x (`saved_forward`; None unless `keeps_inputs`), the
+  parameters only `with_params` (static): every microbatch of a batch forwards with the same
+  ones, which the caller keeps once per batch (a copy per microbatch cost the character GPT's
+  forward 10%). BatchNorm normalises the microbatch and its running statistics are updated once
+  per microbatch, as GPipe does."""
+  def forward(state: TrainState, x, *, with_params: bool = False):
+    state, y, saved, inputs = saved_forward(spec, state, x, keeps_inputs)
+    if inputs is not None and not with_params:
+      del inputs['params']
+    return state, y, saved, inputs
   return forward
 
 

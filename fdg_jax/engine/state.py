@@ -56,8 +56,10 @@ class Microbatches:
   per stage, the activations and cotangents that arrived, keyed ('F' or 'B', microbatch), its
   saved forwards by microbatch and its gradient sums by batch; the last stage's input
   cotangents waiting for their B; the inputs and targets of microbatches fed and not yet used;
-  with delay compensation, per stage the parameters each batch in flight forwarded with, by
-  batch; and each stage's `schedule.FdgProgress` (host values)."""
+  per stage, by batch, the parameters each batch in flight forwarded with (where its saved
+  forwards keep their inputs, `StageSpec.keeps_inputs`: one copy per batch, from its first
+  forward to its update, which the entries' `inputs['params']` share and delay compensation's
+  update reads); and each stage's `schedule.FdgProgress` (host values)."""
   arrived: tuple[dict, ...]
   saved: tuple[dict, ...]
   sums: tuple[dict, ...]
@@ -119,7 +121,8 @@ class StepInfo:
   # A method over microbatches: (stage, function, batch) of each jitted call this process made,
   # in dispatch order; `function` is the key in `method.functions[stage]` ('forward',
   # 'backward', 'loss', 'norm', 'update'), with ' first' where the call starts its batch's
-  # gradient sum (no sum yet: a program compiled apart). The timeline ties them to the trace.
+  # gradient sum (no sum yet), or for a forward, returns the parameters its batch keeps
+  # (`Microbatched.keeps_inputs`): a program compiled apart. The timeline ties them to the trace.
   calls: tuple[tuple[int, str, int], ...] = ()
 
   @property
