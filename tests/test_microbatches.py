@@ -304,39 +304,128 @@ def test_fdg_with_one_microbatch_is_fdg():
                               rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('name, num_stages, microbatches', [
-    ('fdg', 3, 2), ('1f1b', 2, 2), pytest.param('fdg', 2, 4, marks=SLOW)])
-def test_a_checkpoint_with_microbatches_in_flight_resumes_bit_for_bit(
-    name, num_stages, microbatches, tmp_path):
-  """FDG's microbatches in flight (activations, cotangents, saved forwards, gradient sums,
-  inputs and targets not yet used, each stage's progress) go into the checkpoint; a synchronous
-  schedule has none between batches. Resumed, the run equals the uninterrupted one bit for bit."""
-  batches = tiny_batches(6, batch_size=8)
+def fdg_pipeline(name, num_stages, microbatches, batches, compensation='none'):
+  """A fresh pipeline (new compilation caches and residual structures, as a new process) over
+  tiny.py's BatchNorm blocks, and its initial state."""
+  modules, variables = initial_variables(num_stages)
+  pipe = pipeline.Pipeline(modules, make_optimizer(), mean_loss_per_example, beta=0.5,
+                           placements=jax.devices()[:num_stages], compensation=compensation,
+                           method=methods.Microbatched(name, microbatches))
+  return pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables)
 
-  def make():
-    modules, variables = initial_variables(num_stages)
-    pipe = pipeline.Pipeline(modules, make_optimizer(), mean_loss_per_example, beta=0.5,
-                             placements=jax.devices()[:num_stages],
-                             method=methods.Microbatched(name, microbatches))
-    return pipe, pipe.init(jax.random.key(1), batches[0][0], variables=variables)
 
-  pipe, state = make()
+def run_batches(pipe, state, batches):
   for inputs, labels in batches:
     state, _ = pipe.step(state, inputs, labels)
-  straight = jax.device_get(pipe.stage_variables(pipe.drain(state)[0]))
-  pipe, state = make()
-  for inputs, labels in batches[:3]:
-    state, _ = pipe.step(state, inputs, labels)
+  return state
+
+
+@pytest.mark.parametrize('name, num_stages, microbatches, compensation', [
+    ('fdg', 3, 2, 'none'), ('fdg', 2, 4, 'weight_prediction'), ('1f1b', 2, 2, 'none'),
+    pytest.param('fdg', 2, 4, 'none', marks=SLOW),
+    pytest.param('fdg', 3, 2, 'weight_prediction', marks=SLOW)])
+def test_a_checkpoint_with_microbatches_in_flight_resumes_bit_for_bit(
+    name, num_stages, microbatches, compensation, tmp_path):
+  """FDG's microbatches in flight (activations, cotangents, saved forwards, gradient sums,
+  inputs and targets not yet used, each stage's progress) go into the checkpoint; a synchronous
+  schedule has none between batches. Each saved forward is stored compactly (what determines
+  it: its statistics and key, its batch's parameters once per batch; its stage input from the
+  previous stage's rebuilt forward or, at stage 0, from the data stream, as the trainer saves),
+  and so is every activation in flight. Resumed, the run equals the uninterrupted one bit for
+  bit; weight prediction's extrapolated parameters are the ones kept."""
+  batches = tiny_batches(6, batch_size=8)
+  stream = [inputs for inputs, _ in batches]
+  pipe, state = fdg_pipeline(name, num_stages, microbatches, batches, compensation)
+  straight = jax.device_get(pipe.stage_variables(pipe.drain(run_batches(pipe, state, batches))[0]))
+  pipe, state = fdg_pipeline(name, num_stages, microbatches, batches, compensation)
+  state = run_batches(pipe, state, batches[:3])
   assert state.in_flight == (name == 'fdg')
+  if name == 'fdg':
+    kept = checkpoint.to_tree(pipe, state, stream.__getitem__)[1]['microbatches']
+    records = [(int(k), record) for k, d in kept['saved'].items() for record in d.values()]
+    assert len(records) == sum(map(len, state.microbatches.saved)) > 0
+    for k, record in records:
+      assert record['form'] == 'compact'
+      assert record['x_from_stream' if k == 0 else 'x_from_previous'], (k, record)
+    arrived = [k for k, d in enumerate(state.microbatches.arrived) for kind, _ in d if kind == 'F']
+    assert sorted(int(k) for k, d in kept['arrived_from_previous'].items()
+                  for _ in d) == sorted(arrived)
   checkpointer = checkpoint.Checkpointer(str(tmp_path))
-  checkpointer.save(3, pipe, state)
+  checkpointer.save(3, pipe, state, batch_inputs=stream.__getitem__)
   checkpointer.wait()
-  pipe, fresh = make()
-  state, _ = checkpointer.restore(pipe, fresh)
-  for inputs, labels in batches[3:]:
-    state, _ = pipe.step(state, inputs, labels)
+  pipe, fresh = fdg_pipeline(name, num_stages, microbatches, batches, compensation)
+  state, _ = checkpointer.restore(pipe, fresh, batch_inputs=stream.__getitem__)
+  state = run_batches(pipe, state, batches[3:])
   chex.assert_trees_all_equal(jax.device_get(pipe.stage_variables(pipe.drain(state)[0])),
                               straight)
+
+
+def written_before_compact_forms(arrays: dict, metadata: dict) -> tuple[dict, dict]:
+  """A checkpoint tree of microbatches in flight stored in full (every `rebuilt_output` None,
+  no stream) as the code before compact forms wrote it (commit 8cbdf1f and earlier): each saved
+  forward as its residual leaves, their input specs apart, no parameters per batch (delay
+  compensation's apart), every activation in flight stored."""
+  kept, meta = dict(arrays['microbatches']), dict(metadata['microbatches'])
+  kept['saved'] = {k: {i: stored['residuals'] for i, stored in d.items()}
+                   for k, d in kept['saved'].items()}
+  del kept['forward_params']
+  meta['input_specs'] = {k: {i: record['input_spec'] for i, record in d.items()}
+                         for k, d in meta.pop('saved').items()}
+  assert not meta.pop('arrived_from_previous')   # nothing is rebuilt: everything is stored
+  return {**arrays, 'microbatches': kept}, {**metadata, 'microbatches': meta}
+
+
+def test_compact_microbatch_checkpoint_is_smaller_and_older_forms_restore(tmp_path, monkeypatch):
+  """FDG, K = 3, M = 2: the compact checkpoint's arrays are a fraction of the full form's
+  (every residual leaf; what the code before compact forms wrote) and it is smaller on disk
+  than the full form with inputs (the fallback where a rebuild would not be bit for bit). All
+  three restore the same microbatches in flight, bit for bit."""
+  batches = tiny_batches(4, batch_size=8)
+  stream = [inputs for inputs, _ in batches]
+  pipe, state = fdg_pipeline('fdg', 3, 2, batches)
+  straight = jax.device_get(pipe.stage_variables(pipe.drain(run_batches(pipe, state, batches))[0]))
+  pipe, state = fdg_pipeline('fdg', 3, 2, batches)
+  state = run_batches(pipe, state, batches[:3])
+  compact_bytes = checkpoint.Checkpointer(str(tmp_path / 'compact')).save(
+      3, pipe, state, batch_inputs=stream.__getitem__)
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoint, 'rebuilt_output', lambda pipe, k, entry: None)
+    full_bytes = checkpoint.Checkpointer(str(tmp_path / 'full')).save(3, pipe, state)
+    old = written_before_compact_forms(*checkpoint.to_tree(pipe, state))
+  forms = {record['form'] for d in checkpoint.to_tree(pipe, state)[1]['microbatches'][
+      'saved'].values() for record in d.values()}
+  assert forms == {'compact'}
+  old_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(old[0]))
+  assert 5 * compact_bytes < old_bytes < full_bytes, (compact_bytes, old_bytes, full_bytes)
+
+  def size(name):
+    return checkpoint.Checkpointer(str(tmp_path / name)).size_on_disk(3)
+  assert size('compact') < size('full')
+
+  def in_flight(restored):   # what the next steps use
+    kept = restored.microbatches
+    assert kept.progress == state.microbatches.progress
+    return jax.device_get((kept.arrived, [{i: e.arrays for i, e in d.items()} for d in kept.saved],
+                           kept.sums, kept.held, kept.inputs, kept.targets))
+
+  expected = in_flight(state)
+  expected_inputs = jax.device_get([{i: e.inputs for i, e in d.items()}
+                                    for d in state.microbatches.saved])
+  for name in ('compact', 'full'):
+    other, fresh = fdg_pipeline('fdg', 3, 2, batches)
+    restored, _ = checkpoint.Checkpointer(str(tmp_path / name)).restore(
+        other, fresh, batch_inputs=stream.__getitem__)
+    chex.assert_trees_all_equal(in_flight(restored), expected)
+    chex.assert_trees_all_equal(jax.device_get([{i: e.inputs for i, e in d.items()}
+                                                for d in restored.microbatches.saved]),
+                                expected_inputs)
+  # The older form has no inputs and no parameters per batch (a batch half forwarded keeps them
+  # from its next forward); it resumes bit for bit.
+  other, fresh = fdg_pipeline('fdg', 3, 2, batches)
+  restored = checkpoint.from_tree(other, fresh, *old)
+  chex.assert_trees_all_equal(in_flight(restored), expected)
+  resumed = other.drain(run_batches(other, restored, batches[3:]))[0]
+  chex.assert_trees_all_equal(jax.device_get(other.stage_variables(resumed)), straight)
 
 
 @pytest.mark.parametrize('name, grad_clip, shared_device', [

@@ -119,6 +119,100 @@ def input_spec_of(pipe: pipeline_lib.Pipeline, k: int, input_spec):
       structure, [jax.ShapeDtypeStruct(tuple(shape), dtype) for shape, dtype in input_spec])
 
 
+class _Forwards:
+  """Saved forwards as a checkpoint stores and restores them, FDG's queues (keyed by batch) and
+  FDG's microbatches in flight (keyed by microbatch) alike.
+
+  An entry is stored compactly, as what determines its residuals (`Saved.inputs`), where the
+  rebuild gives them bit for bit (`rebuilt_output`); otherwise in full, its residual leaves
+  (with its inputs, if it has them). The stage input of a compact entry is not stored either
+  where the restore reproduces it bit for bit: in one process, from the previous stage's rebuilt
+  forward of the same key ('x_from_previous'), or at stage 0 from the data stream
+  ('x_from_stream': `stream(key)`, stage 0's input as fed, on its devices); `reproduced` says
+  the same of an activation in flight. Stages are stored and restored in order, so the previous
+  stage's rebuilt outputs are there when a stage asks for them.
+  """
+
+  def __init__(self, pipe: pipeline_lib.Pipeline, stream: Optional[Callable] = None):
+    self.pipe = pipe
+    self.stream = stream
+    self.chained = pipe.num_processes == 1   # no chaining across processes
+    self.outputs = {}   # (stage, key) -> the output of a forward stored compactly, rebuilt
+
+  def previous_output(self, k: int, key: int):
+    """Stage k-1's rebuilt output for `key`, on stage k's devices (None if there is none)."""
+    output = self.outputs.get((k - 1, key))
+    return None if output is None else jax.device_put(output, self.pipe.shardings[k])
+
+  def reproduced(self, k: int, key: int, value) -> bool:
+    """Whether stage k's input `value` for `key` is rebuilt on restore: from the data stream
+    (stage 0) or from the previous stage's rebuilt forward."""
+    if not self.chained:
+      return False
+    source = (None if self.stream is None else self.stream(key)) if k == 0 else (
+        self.previous_output(k, key))
+    return source is not None and bits_equal(_leaves(source), _leaves(value))
+
+  def store(self, k: int, key: int, entry: pipeline_lib.Saved, elsewhere=()) -> tuple[dict, dict]:
+    """(arrays, record) of stage k's saved forward `entry`; its inputs named in `elsewhere` are
+    stored elsewhere in the checkpoint (and handed back to `restore`)."""
+    output = rebuilt_output(self.pipe, k, entry)
+    record = {'form': 'full' if output is None else 'compact'}
+    inputs = None if entry.inputs is None else {
+        name: value for name, value in entry.inputs.items() if name not in elsewhere}
+    if output is None:
+      stored = _indexed(jax.tree_util.tree_leaves(entry.arrays))
+      if inputs is not None:
+        stored = {'residuals': stored, 'inputs': {**inputs, 'x': _stored(inputs['x'])}}
+      return stored, record
+    self.outputs[(k, key)] = output
+    source = 'x_from_stream' if k == 0 else 'x_from_previous'
+    record[source] = self.reproduced(k, key, inputs['x'])
+    if record[source]:
+      del inputs['x']
+    else:
+      inputs['x'] = _stored(inputs['x'])
+    return {'inputs': inputs}, record
+
+  def restore(self, k: int, key: int, stored: dict, record: dict, input_spec: Callable,
+              elsewhere: Optional[dict] = None) -> tuple[list, Optional[dict]]:
+    """(residual leaves, inputs) of an entry `store` stored (a record without 'form': one
+    written before compact forms, its residual leaves); `input_spec()` the stage input's spec
+    tree, `elsewhere` the inputs stored elsewhere."""
+    form = record.get('form')
+    inputs = stored.get('inputs') if form else None
+    if inputs is not None:
+      inputs = {**(elsewhere or {}), **inputs}
+      if 'x' in inputs:
+        inputs['x'] = _restored(inputs['x'], input_spec)
+    if form != 'compact':
+      return _unindexed(stored['residuals'] if inputs is not None else stored), inputs
+    if record.get('x_from_stream'):
+      if self.stream is None:
+        raise CheckpointError(
+            "This checkpoint takes stage 0's inputs from the training data stream; restore "
+            'it through the trainer, or pass batch_inputs to Checkpointer.restore.')
+      inputs['x'] = self.stream(key)
+    if record.get('x_from_previous'):
+      inputs['x'] = self.previous_output(k, key)
+    self.outputs[(k, key)], leaves = rebuild_forward(self.pipe, k, inputs)
+    return leaves, inputs
+
+
+def _stream(pipe: pipeline_lib.Pipeline, batch_inputs: Optional[Callable[[int], np.ndarray]]
+            ) -> Optional[Callable]:
+  """Stage 0's input as fed, on its devices, by `_Forwards` key: a batch's (`batch_inputs`:
+  batch index -> its inputs, the trainer's data stream), or with microbatches, microbatch
+  i = b M + m's, the m-th of batch b's; None without `batch_inputs`."""
+  if batch_inputs is None:
+    return None
+  if pipe.microbatches is None:
+    return lambda batch: jax.device_put(batch_inputs(batch), pipe.shardings[0])
+  M = pipe.microbatches
+  return lambda i: jax.device_put(pipeline_lib.split_batch(batch_inputs(i // M), M)[i % M],
+                                  pipe.shardings[0])
+
+
 def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
             batch_inputs: Optional[Callable[[int], np.ndarray]] = None) -> tuple[dict, dict]:
   """(arrays, metadata) of a pipeline state: nested dicts of arrays, and JSON-able bookkeeping.
@@ -131,50 +225,23 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
   flight then costs each stage's parameters, not its activations. With `batch_inputs` (batch
   index -> its images, as fed: the trainer's data stream), stage 0's inputs that it reproduces
   are not stored either ('x_from_stream'); restoring then needs the same function.
+  FDG's microbatches in flight are stored likewise (`_microbatches_tree`), by microbatch.
   """
-  outputs = {}   # (stage, batch) -> the output of a forward stored compactly, rebuilt
-  chain = pipe.num_processes == 1
-
-  def reproduced(k: int, batch: int, value: jax.Array) -> bool:
-    """Whether stage k's input `value` of `batch` is rebuilt on restore: from the data stream
-    (stage 0) or from the previous stage's rebuilt forward."""
-    if k == 0:
-      return chain and batch_inputs is not None and bits_equal(
-          _leaves(jax.device_put(batch_inputs(batch), pipe.shardings[0])), _leaves(value))
-    previous = outputs.get((k - 1, batch))
-    return previous is not None and chain and bits_equal(
-        _leaves(jax.device_put(previous, pipe.shardings[k])), _leaves(value))
-
+  forwards = _Forwards(pipe, _stream(pipe, batch_inputs))
   saved, saved_metadata = {}, {}
   for k, queue in enumerate(state.saved):
     entries, records = {}, []
     for i, entry in enumerate(queue):
-      output = rebuilt_output(pipe, k, entry)
-      record = {'batch': entry.batch,
-                'input_spec': entry.structure.input_spec if entry.structure else None,
-                'form': 'full' if output is None else 'compact'}
-      if output is None:
-        stored = _indexed(jax.tree_util.tree_leaves(entry.arrays))
-        if entry.inputs is not None:
-          stored = {'residuals': stored, 'inputs': {**entry.inputs, 'x': _stored(entry.inputs['x'])}}
-      else:
-        outputs[(k, entry.batch)] = output
-        inputs = dict(entry.inputs)
-        source = 'x_from_stream' if k == 0 else 'x_from_previous'
-        record[source] = reproduced(k, entry.batch, inputs['x'])
-        if record[source]:
-          del inputs['x']
-        else:
-          inputs['x'] = _stored(inputs['x'])
-        stored = {'inputs': inputs}
-      record['partition_specs'] = _partition_specs(stored)
+      stored, record = forwards.store(k, entry.batch, entry)
+      record.update(batch=entry.batch, partition_specs=_partition_specs(stored),
+                    input_spec=entry.structure.input_spec if entry.structure else None)
       entries[str(i)] = stored
       records.append(record)
     if queue:
       saved[str(k)], saved_metadata[str(k)] = entries, records
   activations_from_previous = [
       str(k) for k, a in enumerate(state.activations)
-      if a is not None and k > 0 and reproduced(k, a.batch, a.value)]
+      if a is not None and k > 0 and forwards.reproduced(k, a.batch, a.value)]
   arrays = {
       'stages': {str(k): flax.serialization.to_state_dict(s)
                  for k, s in enumerate(state.stages) if s is not None},
@@ -199,7 +266,8 @@ def to_tree(pipe: pipeline_lib.Pipeline, state: pipeline_lib.PipelineState,
                  for k, queue in enumerate(state.targets) if queue},
   }
   if state.microbatches is not None:
-    arrays['microbatches'], metadata['microbatches'] = _microbatches_tree(state.microbatches)
+    arrays['microbatches'], metadata['microbatches'] = _microbatches_tree(
+        state.microbatches, forwards)
   return arrays, metadata
 
 
@@ -209,16 +277,31 @@ _MICROBATCH_GROUPS = {'arrived': None, 'saved': None, 'sums': None, 'forward_par
                       'held': -1, 'inputs': 0, 'targets': -1}
 
 
-def _microbatches_tree(kept) -> tuple[dict, dict]:
-  """(arrays, metadata) of FDG's microbatches in flight (`state.Microbatches`), in full form:
-  every array as it is, each saved forward's residual leaves with its input spec."""
+def _microbatches_tree(kept, forwards: _Forwards) -> tuple[dict, dict]:
+  """(arrays, metadata) of FDG's microbatches in flight (`state.Microbatches`). Each saved
+  forward as `forwards` stores it (keyed by microbatch), without the parameters it shares with
+  its batch ('forward_params', stored once per batch); an activation that arrived, not at all
+  where the previous stage's rebuilt forward reproduces it ('arrived_from_previous'); the rest
+  as it is."""
+  M = forwards.pipe.microbatches
+  saved, records = [{} for _ in kept.saved], [{} for _ in kept.saved]
+  for k, entries in enumerate(kept.saved):   # in stage order: a stage's inputs chain back
+    for i, entry in sorted(entries.items()):
+      shared = (entry.inputs is not None
+                and entry.inputs['params'] is kept.forward_params[k].get(i // M))
+      saved[k][str(i)], records[k][str(i)] = forwards.store(
+          k, i, entry, elsewhere=('params',) if shared else ())
+      records[k][str(i)]['input_spec'] = entry.structure.input_spec
+  from_previous = [sorted(i for (kind, i), value in d.items()
+                          if kind == 'F' and k > 0 and forwards.reproduced(k, i, value))
+                   for k, d in enumerate(kept.arrived)]
   by_stage = lambda group, store: {str(k): {key: store(value) for key, value in entries.items()}
                                    for k, entries in enumerate(group) if entries}
   arrays = {
-      'arrived': by_stage([{f'{kind}{i}': v for (kind, i), v in d.items()} for d in kept.arrived],
-                          _stored),
-      'saved': by_stage([{str(i): e for i, e in d.items()} for d in kept.saved],
-                        lambda e: _indexed(jax.tree_util.tree_leaves(e.arrays))),
+      'arrived': by_stage([{f'{kind}{i}': v for (kind, i), v in d.items()
+                            if not (kind == 'F' and i in from_previous[k])}
+                           for k, d in enumerate(kept.arrived)], _stored),
+      'saved': by_stage(saved, lambda stored: stored),
       'sums': by_stage([{str(b): g for b, g in d.items()} for d in kept.sums],
                        flax.serialization.to_state_dict),
       'forward_params': by_stage([{str(b): p for b, p in d.items()} for d in kept.forward_params],
@@ -230,33 +313,23 @@ def _microbatches_tree(kept) -> tuple[dict, dict]:
   arrays = {group: tree for group, tree in arrays.items() if tree}
   metadata = {
       'progress': [[[list(item) for item in p.done], p.applied] for p in kept.progress],
-      'input_specs': {str(k): {str(i): e.structure.input_spec for i, e in d.items()}
-                      for k, d in enumerate(kept.saved) if d},
+      'saved': {str(k): d for k, d in enumerate(records) if d},
+      'arrived_from_previous': {str(k): d for k, d in enumerate(from_previous) if d},
       'partition_specs': _partition_specs(arrays),
   }
   return arrays, metadata
 
 
-def _microbatches_from_tree(pipe: pipeline_lib.Pipeline, stages, arrays: dict, metadata: dict):
-  """`state.Microbatches` from `_microbatches_tree`'s arrays and metadata."""
+def _microbatches_from_tree(pipe: pipeline_lib.Pipeline, stages, arrays: dict, metadata: dict,
+                            forwards: _Forwards):
+  """`state.Microbatches` from `_microbatches_tree`'s arrays and metadata (or those written
+  before compact forms: every saved forward's residual leaves, their input specs apart)."""
   micro_spec = pipeline_lib.microbatch_spec(pipe)
   specs = pipe.io_specs(micro_spec)
   cotangent_of = lambda k: stage_functions.differentiable_part(specs[k])
-  num_stages, last = pipe.num_stages, pipe.num_stages - 1
+  num_stages, last, M = pipe.num_stages, pipe.num_stages - 1, pipe.microbatches
   group = lambda name: arrays.get(name, {})
-  arrived = [{} for _ in range(num_stages)]
-  for k, entries in group('arrived').items():
-    for key, value in entries.items():
-      kind, i, k = key[0], int(key[1:]), int(k)
-      arrived[k][kind, i] = _restored(value, specs[k] if kind == 'F' else cotangent_of(k + 1))
-  saved = [{} for _ in range(num_stages)]
-  for k, entries in group('saved').items():
-    k = int(k)
-    for i, leaves in entries.items():
-      input_spec = input_spec_of(pipe, k, metadata['input_specs'][str(k)][i])
-      saved[k][int(i)] = pipeline_lib.Saved(
-          arrays=_unindexed(leaves), batch=int(i),
-          structure=pipe.method.residual_structure(k, stages[k], input_spec))
+
   def by_batch(name):   # per stage, trees shaped as the stage's parameters, by batch
     trees = [{} for _ in range(num_stages)]
     for k, entries in group(name).items():
@@ -264,9 +337,34 @@ def _microbatches_from_tree(pipe: pipeline_lib.Pipeline, stages, arrays: dict, m
                        for b, tree in entries.items()}
     return tuple(trees)
 
+  forward_params = by_batch('forward_params')
+  records = metadata.get('saved') or {
+      k: {i: {'input_spec': spec} for i, spec in d.items()}
+      for k, d in metadata.get('input_specs', {}).items()}
+  saved = [{} for _ in range(num_stages)]
+  for k in sorted(map(int, records)):   # in stage order: a stage's inputs chain back
+    for i, record in records[str(k)].items():
+      i = int(i)
+      input_spec = functools.partial(input_spec_of, pipe, k, record['input_spec'])
+      batch_params = forward_params[k].get(i // M)
+      leaves, inputs = forwards.restore(
+          k, i, group('saved')[str(k)][str(i)], record, input_spec,
+          elsewhere=None if batch_params is None else {'params': batch_params})
+      saved[k][i] = pipeline_lib.Saved(
+          arrays=leaves, batch=i, structure=pipe.method.residual_structure(k, stages[k],
+                                                                           input_spec()),
+          inputs=inputs if pipe.keeps_inputs else None)
+  arrived = [{} for _ in range(num_stages)]
+  for k, entries in group('arrived').items():
+    for key, value in entries.items():
+      kind, i, k = key[0], int(key[1:]), int(k)
+      arrived[k][kind, i] = _restored(value, specs[k] if kind == 'F' else cotangent_of(k + 1))
+  for k, indices in metadata.get('arrived_from_previous', {}).items():
+    for i in indices:
+      arrived[int(k)]['F', i] = forwards.previous_output(int(k), i)
   return pipeline_lib.Microbatches(
       arrived=tuple(arrived), saved=tuple(saved), sums=by_batch('sums'),
-      forward_params=by_batch('forward_params'),
+      forward_params=forward_params,
       held={int(i): _restored(v, cotangent_of(last)) for i, v in group('held').items()},
       inputs={int(i): _restored(v, specs[0]) for i, v in group('inputs').items()},
       targets={int(i): v for i, v in group('targets').items()},
@@ -343,7 +441,8 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
   stages = tuple(None if fresh.stages[k] is None else
                  flax.serialization.from_state_dict(fresh.stages[k], arrays['stages'][str(k)])
                  for k in range(pipe.num_stages))
-  saved, outputs = [], {}   # outputs: (stage, batch) -> output of a rebuilt forward
+  forwards = _Forwards(pipe, _stream(pipe, batch_inputs))
+  saved = []
   specs = {}   # stage k -> its input spec (from the first saved entry that says it)
 
   def input_spec(k, entry):
@@ -357,30 +456,13 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
   for k in range(pipe.num_stages):
     queue = []
     for i, entry in enumerate(metadata['saved'].get(str(k), [])):
-      stored = arrays['saved'][str(k)][str(i)]
-      form = entry.get('form')   # None: before compact forms, the residual leaves
-      inputs = stored.get('inputs') if form else None
-      if inputs is not None and 'x' in inputs:
-        inputs = {**inputs, 'x': _restored(inputs['x'], input_spec(k, entry))}
+      leaves, inputs = forwards.restore(k, entry['batch'], arrays['saved'][str(k)][str(i)],
+                                        entry, functools.partial(input_spec, k, entry))
       if inputs is None and pipe.compensation.name == 'delay_compensation':
         raise CheckpointError(
             f'Delay compensation needs the parameters of each saved forward, and stage {k}\'s '
             'entries in this checkpoint do not hold them (another stash or residual policy wrote '
             'it): resume with the config it was written with, or start in a new --workdir.')
-      if form == 'compact':
-        if entry.get('x_from_stream'):
-          if batch_inputs is None:
-            raise CheckpointError(
-                "This checkpoint takes stage 0's inputs from the training data stream; restore "
-                'it through the trainer, or pass batch_inputs to Checkpointer.restore.')
-          inputs = {**inputs, 'x': jax.device_put(batch_inputs(entry['batch']),
-                                                  pipe.shardings[0])}
-        if entry.get('x_from_previous'):
-          inputs = {**inputs, 'x': jax.device_put(outputs[(k - 1, entry['batch'])],
-                                                  pipe.shardings[k])}
-        outputs[(k, entry['batch'])], leaves = rebuild_forward(pipe, k, inputs)
-      else:
-        leaves = _unindexed(stored['residuals'] if inputs is not None else stored)
       if pipe.stash == 'vjp':
         structure = pipe.method.residual_structure(k, stages[k], input_spec(k, entry))
         queue.append(pipeline_lib.Saved(arrays=leaves, batch=entry['batch'], structure=structure,
@@ -392,7 +474,7 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
     saved.append(tuple(queue))
   activations = [None] * pipe.num_stages
   for k, batch in metadata['activations'].items():
-    value = (jax.device_put(outputs[(int(k) - 1, batch)], pipe.shardings[int(k)])
+    value = (forwards.previous_output(int(k), batch)
              if k in metadata.get('activations_from_previous', ()) else
              _restored(arrays['activations'][k]['value'], lambda: stage_input(int(k))))
     activations[int(k)] = pipeline_lib.Activation(value=value, batch=batch)
@@ -416,7 +498,7 @@ def from_tree(pipe: pipeline_lib.Pipeline, fresh: pipeline_lib.PipelineState, ar
       stream_first_batch=metadata.get('stream_first_batch', 0),
       stream_offset=metadata.get('stream_offset', 0),
       microbatches=(_microbatches_from_tree(pipe, stages, arrays.get('microbatches', {}),
-                                            metadata['microbatches'])
+                                            metadata['microbatches'], forwards)
                     if 'microbatches' in metadata else None))
 
 
