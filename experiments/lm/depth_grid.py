@@ -22,11 +22,7 @@ the runs finished so far, `--methods` picks a subset (names in METHODS). Common 
 (`--seeds`, `--set FIELD=VALUE`, `--out_dir`, `--processes`, ...): experiments/grids/cells.py.
 """
 
-import sys
-
 from experiments.grids import cells as cells_lib
-from experiments.grids import grid
-from experiments.grids import metrics
 from experiments.lm import shakespeare_grid
 
 NAME = 'depth'
@@ -102,17 +98,5 @@ def report(results, options: cells_lib.Options) -> None:
       'Nesterov look-ahead (AdamW only).')
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  methods = tuple(flags.FLAGS.methods)
-  sys.exit(grid.main(NAME, lambda options: build_cells(options, methods), report,
-                     metrics.VAL_LOSS, SCALES))
-
-
 if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  cells_lib.define_flags(NAME, SCALES)
-  flags.adopt_module_key_flags(cells_lib)   # listed by --help
-  flags.DEFINE_list('methods', list(METHODS), f'Methods to run, from {list(METHODS)}.')
-  app.run(main)
+  shakespeare_grid.run_script(NAME, SCALES, METHODS, build_cells, report)

@@ -156,17 +156,22 @@ def report(results, options: cells_lib.Options, title: str = '', reference=first
                            metric, data_line)
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  methods = tuple(flags.FLAGS.methods)
-  sys.exit(grid.main(NAME, lambda options: build_cells(options, methods), report,
-                     metrics.VAL_LOSS, SCALES))
+def run_script(name: str, scales: dict, methods: dict, build_cells, report) -> None:
+  """A language-model grid's command: the common flags and `--methods` (names in `methods`),
+  then the grid of the chosen methods' cells, scored and reported by validation loss."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  cells_lib.define_flags(name, scales)
+  flags.adopt_module_key_flags(cells_lib)   # listed by --help
+  flags.DEFINE_list('methods', list(methods), f'Methods to run, from {list(methods)}.')
+
+  def main(argv):
+    del argv
+    chosen = tuple(flags.FLAGS.methods)
+    sys.exit(grid.main(name, lambda options: build_cells(options, chosen), report,
+                       metrics.VAL_LOSS, scales))
+
+  app.run(main)
 
 
 if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  cells_lib.define_flags(NAME, SCALES)
-  flags.adopt_module_key_flags(cells_lib)   # listed by --help
-  flags.DEFINE_list('methods', list(METHODS), f'Methods to run, from {list(METHODS)}.')
-  app.run(main)
+  run_script(NAME, SCALES, METHODS, build_cells, report)
