@@ -14,6 +14,7 @@ import pytest
 from fdg_jax.engine import checkpoint
 from fdg_jax.engine import methods
 from fdg_jax.engine import pipeline
+from fdg_jax.engine import schedule
 from tiny import initial_variables
 from tiny import make_optimizer
 from tiny import mean_loss
@@ -386,6 +387,13 @@ def test_compact_microbatch_checkpoint_is_smaller_and_older_forms_restore(tmp_pa
   straight = jax.device_get(pipe.stage_variables(pipe.drain(run_batches(pipe, state, batches))[0]))
   pipe, state = fdg_pipeline('fdg', 3, 2, batches)
   state = run_batches(pipe, state, batches[:3])
+
+  def shares_batch_parameters(kept):   # one copy of the parameters per batch in flight
+    assert [len(p) for p in kept.forward_params] == [
+        schedule.delay(k, 3, 'fdg', 2) for k in range(2)] + [0]
+    return all(entry.inputs['params'] is kept.forward_params[k][i // 2]
+               for k, entries in enumerate(kept.saved) for i, entry in entries.items())
+  assert shares_batch_parameters(state.microbatches)
   compact_bytes = checkpoint.Checkpointer(str(tmp_path / 'compact')).save(
       3, pipe, state, batch_inputs=stream.__getitem__)
   with monkeypatch.context() as patch:
@@ -419,6 +427,7 @@ def test_compact_microbatch_checkpoint_is_smaller_and_older_forms_restore(tmp_pa
     chex.assert_trees_all_equal(jax.device_get([{i: e.inputs for i, e in d.items()}
                                                 for d in restored.microbatches.saved]),
                                 expected_inputs)
+    assert shares_batch_parameters(restored.microbatches)
   # The older form has no inputs and no parameters per batch (a batch half forwarded keeps them
   # from its next forward); it resumes bit for bit.
   other, fresh = fdg_pipeline('fdg', 3, 2, batches)
