@@ -453,6 +453,21 @@ def test_bench_memory_sizes_a_residual_policy(tmp_path):
                                                             stage['params_bytes'])
 
 
+def test_bench_memory_watches_the_schedules_saved_forwards(tmp_path):
+  """--schedules wraps the executor's `_act` to watch the residuals each stage holds: GPipe and
+  1F1B at K = 3, M = 4 reach their bounds (GPipe M at every non-last stage, 1F1B K - k)."""
+  out = tmp_path / 'bench.json'
+  subprocess.run([sys.executable, '-m', 'experiments.bench.memory', '--model=resnet8',
+                  '--batch_size=4', '--image_size=8', '--num_stages=3', '--schedules=gpipe,1f1b',
+                  '--microbatches=4', f'--output={out}'], check=True, capture_output=True,
+                 cwd=REPO)
+  with open(out) as f:
+    result = json.load(f)
+  assert result['peaks_equal_bounds']
+  peaks = {c['schedule']: [s['peak_entries'] for s in c['stages']] for c in result['configs']}
+  assert peaks == {'gpipe': [4, 4, 0], '1f1b': [3, 2, 0]}
+
+
 def test_in_loop_times_reads_each_stage_s_compute_wait_and_transfers():
   """A two-stage loop written by hand: stage 0 computes 500 ms per call and never waits; stage 1
   computes 300 ms, then waits for the next activation (20 ms after stage 0's output is ready);

@@ -120,8 +120,8 @@ def measure_schedule(name: str, num_stages: int) -> dict:
   peaks = [{'entries': 0, 'bytes': 0, 'entry_bytes': 0} for _ in range(num_stages)]
   act = pipe._act   # pylint: disable=protected-access
 
-  def watched(flight, k, action, micro_spec):
-    act(flight, k, action, micro_spec)
+  def watched(flight, k, action, *rest):
+    act(flight, k, action, *rest)
     for j, entries in enumerate(flight.saved):
       held = sum(tree_bytes(entry.arrays) for entry in entries.values())
       if held > peaks[j]['bytes']:
