@@ -1,0 +1,3 @@
+# vit_tiny_fdg_k2_seed2, from the repository root (a clean clone of the commit below), pinned to one core
+# commit 88dac7a64d2635167df0ea31da162de00119da03
+cd . && XLA_FLAGS=--xla_force_host_platform_device_count=2 taskset -c 1 python -m fdg_jax.main --config=configs/cifar10_vit_tiny.py --workdir=experiments/results/vit_cpu_small/runs/vit_tiny_fdg_k2_seed2 --config.method=fdg --config.num_stages=2 --config.seed=2 --config.dataset=imagefolder --config.data_dir=../shared/data/cifar10-jpeg.tar.gz --config.train_subset=5000 --config.num_epochs=4 --config.eval_every_epochs=2 --config.log_every_steps=50 --config.warmup_steps=8 --config.lr_decay_steps=156
