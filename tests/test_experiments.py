@@ -1047,3 +1047,29 @@ def test_time_to_loss_from_learning_curves_and_the_cost_model(tmp_path):
   assert table['fdg K=4'][1:3] == ['never', 'never']
   assert table['fdg K=2 (measured)'][2] == '29'
   assert (tmp_path / 'out' / 'time_to_loss.png').stat().st_size > 1000
+
+
+def test_op_profile_reads_a_jitted_function_s_ops_from_its_trace():
+  """bench.common.traced_op_ms: the op events of one jitted module, per iteration, by kind."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from experiments.bench import common  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def step(x):
+    return jnp.tanh(x @ x).sum()
+
+  @jax.jit
+  def other(x):
+    return jnp.exp(x).sum()
+  x = jnp.ones((96, 96))
+  jax.block_until_ready((step(x), other(x)))
+
+  def run():
+    for _ in range(2):
+      jax.block_until_ready((step(x), other(x)))
+  by_op = common.traced_op_ms(run, 'jit_step', 2)
+  assert by_op and all(ms >= 0 for ms in by_op.values())
+  kinds = {common.op_category(op) for op in by_op}
+  assert kinds & {'dot', 'ynn_fusion'}, by_op   # the product, under either kernel
+  assert not common.traced_op_ms(run, 'jit_absent', 2)

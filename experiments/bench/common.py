@@ -4,9 +4,14 @@ The experiments need no dataset: `train.initial_run` only needs the number of cl
 the language model, the vocabulary's size: tiny Shakespeare's 65 characters).
 """
 
+import collections
+import glob
+import gzip
 import json
 import os
 import platform
+import re
+import tempfile
 from typing import Optional, Sequence
 
 import jax
@@ -119,3 +124,38 @@ def print_json(result: dict, path: Optional[str] = None) -> None:
     with open(path, 'w') as f:
       f.write(line + '\n')
   print(line, flush=True)
+
+
+def op_category(op_name: str) -> str:
+  """An XLA:CPU op's kind, by its name in a profile trace."""
+  name = re.sub(r'\.\d+$', '', op_name)
+  if name.startswith('ynn_fusion'):   # XLA:CPU's YNNPACK kernels: dots, convolutions, fusions
+    return 'ynn_fusion'
+  if name.startswith('dot') or 'gemm' in name:
+    return 'dot'
+  if 'conv' in name:
+    return 'convolution'
+  if 'copy' in name or 'transpose' in name:
+    return 'copy/transpose'
+  if 'fusion' in name:
+    return 'other fusion'
+  return 'other'
+
+
+def traced_op_ms(run, hlo_module: str, iterations: int) -> collections.Counter:
+  """ms per iteration of each XLA op of `hlo_module` (a jitted function's module, e.g.
+  'jit_step'), summed over the op events of a `jax.profiler.trace` of `run()`, which runs
+  `iterations` iterations and blocks until they are done."""
+  trace_dir = tempfile.mkdtemp(prefix='fdg_op_profile_')
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  with jax.profiler.trace(trace_dir, profiler_options=options):
+    run()
+  with gzip.open(glob.glob(os.path.join(trace_dir, 'plugins/profile/*/*.trace.json.gz'))[0],
+                 'rt') as f:
+    events = json.load(f)['traceEvents']
+  by_op = collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and e.get('args', {}).get('hlo_module') == hlo_module:
+      by_op[e['name']] += e['dur'] / 1e3 / iterations
+  return by_op

@@ -12,12 +12,6 @@ The last stdout line is one JSON object.
 """
 
 import collections
-import glob
-import gzip
-import json
-import os
-import re
-import tempfile
 
 from absl import app
 from absl import flags
@@ -33,19 +27,6 @@ flags.DEFINE_integer('steps', 3, 'Steady iterations recorded per method.')
 FLAGS = flags.FLAGS
 
 
-def category(op_name: str) -> str:
-  name = re.sub(r'\.\d+$', '', op_name)
-  if name.startswith('ynn_fusion'):   # XLA:CPU's YNNPACK kernels (convolutions and their fusions)
-    return 'ynn_fusion'
-  if 'conv' in name:
-    return 'convolution'
-  if 'copy' in name or 'transpose' in name:
-    return 'copy/transpose'
-  if 'fusion' in name:
-    return 'other fusion'
-  return 'other'
-
-
 def profile(num_stages: int) -> tuple[collections.Counter, collections.Counter]:
   """(ms per iteration by category, ms per iteration by op) of `num_stages` on device 0."""
   config = common.make_config(FLAGS.model, 'bp' if num_stages == 1 else 'fdg', num_stages,
@@ -55,22 +36,15 @@ def profile(num_stages: int) -> tuple[collections.Counter, collections.Counter]:
   for t in range(2 * (num_stages - 1) + 2):   # compile and fill, outside the trace
     state, _ = pipe.step(state, *batches[t % 2])
   jax.block_until_ready(state)
-  trace_dir = tempfile.mkdtemp(prefix='fdg_op_profile_')
-  options = jax.profiler.ProfileOptions()
-  options.python_tracer_level = 0
-  with jax.profiler.trace(trace_dir, profiler_options=options):
+  def run():
+    nonlocal state
     for t in range(FLAGS.steps):
       state, _ = pipe.step(state, *batches[t % 2])
     jax.block_until_ready(state)
-  with gzip.open(glob.glob(os.path.join(trace_dir, 'plugins/profile/*/*.trace.json.gz'))[0],
-                 'rt') as f:
-    events = json.load(f)['traceEvents']
-  by_category, by_op = collections.Counter(), collections.Counter()
-  for e in events:
-    if e.get('ph') == 'X' and e.get('args', {}).get('hlo_module') == 'jit_update_then_forward':
-      ms = e['dur'] / 1e3 / FLAGS.steps
-      by_category[category(e['name'])] += ms
-      by_op[e['name']] += ms
+  by_op = common.traced_op_ms(run, 'jit_update_then_forward', FLAGS.steps)
+  by_category = collections.Counter()
+  for op, ms in by_op.items():
+    by_category[common.op_category(op)] += ms
   return by_category, by_op
 
 

@@ -56,7 +56,10 @@ def milliseconds(call) -> float:
   return round(statistics.median(windows), 2)
 
 
-def whole_model(tokens, targets) -> dict:
+def training_step(tokens, targets):
+  """The GPT's loss, its parameters, and one training step (`jax.jit`, the trainer's AdamW with
+  its schedule and clipping) as a call that advances its own parameters and optimizer state and
+  returns the loss."""
   config = shakespeare_char_cpu.get_config()
   blocks = gpt.create_blocks(FLAGS.n_layer, FLAGS.n_head, FLAGS.n_embd, FLAGS.block_size,
                              VOCAB_SIZE)
@@ -74,12 +77,17 @@ def whole_model(tokens, targets) -> dict:
     updates, state = optimizer.update(grads, state, p)
     return optax.apply_updates(p, updates), state, value
 
-  forward, forward_backward = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
   carry = [params, optimizer.init(params)]
 
   def one_step():
     carry[0], carry[1], value = step(*carry)
     return value
+  return loss, params, one_step
+
+
+def whole_model(tokens, targets) -> dict:
+  loss, params, one_step = training_step(tokens, targets)
+  forward, forward_backward = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
   return {'forward': milliseconds(lambda: forward(params)),
           'forward_backward': milliseconds(lambda: forward_backward(params)),
           'step_with_optimizer': milliseconds(one_step)}
