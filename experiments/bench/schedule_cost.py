@@ -378,7 +378,7 @@ def main(argv):
       print_table(key, rows)
       output['tables'][key] = rows
     print('\nK = 2: the two measured stages; K > 2: K equal stages of the model\'s times / K.')
-  output.update({'times': FLAGS.times, 'batches': FLAGS.batches,
+  output.update({'times': os.path.relpath(FLAGS.times, experiments.REPO), 'batches': FLAGS.batches,
                  'command': experiments.command_line()})
   from experiments.bench import common  # pylint: disable=import-outside-toplevel
   common.print_json(output, FLAGS.output or None)
