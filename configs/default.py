@@ -87,8 +87,10 @@ def get_config():
   # al. 2026: the delayed stages' AdamW runs in the eigenbasis of each attention and MLP
   # matrix's gradient covariances, refreshed every rotation_frequency updates; needs 'adamw').
   # Measured (docs/record/compensation.md, language_model.md): with SGD 'weight_prediction' or
-  # 'nesterov' at nesterov_momentum 0.9; with AdamW 'weight_prediction' at K = 2, 'nesterov' at
-  # K = 4. None wins everywhere, so the default is the paper's 'none'.
+  # 'nesterov' at nesterov_momentum 0.9; with AdamW 'weight_prediction' at K = 2. At K = 4 on
+  # the 8-layer GPT (one seed): microbatches first (M >= 2(K - 1)), then with Muon
+  # 'error_feedback' (level with BP), with AdamW 'nesterov' or 'error_feedback' (0.04 behind).
+  # None wins everywhere, so the default is the paper's 'none'.
   config.compensation = 'none'
   # delay_compensation: lambda0 of DC-ASGD-a (adaptive: divided by the root of the gradient's
   # running mean square), or lambda of DC-ASGD-c with dc_adaptive False (the paper: 0.04).
