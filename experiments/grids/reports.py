@@ -157,6 +157,12 @@ def save_figure(fig, path: str) -> None:
   pyplot().close(fig)
 
 
+def line_style(index: int) -> dict:
+  """The index-th line's colour and dash: matplotlib's ten colours, then the same colours dashed,
+  dotted, ..., so that every line of a crowded plot can be told apart."""
+  return {'color': f'C{index % 10}', 'linestyle': ('-', '--', ':', '-.')[index // 10 % 4]}
+
+
 def plot_curves(groups: Sequence[Group], path: str, title: str,
                 metric: metrics.Metric = metrics.TEST_ERROR, x: str = 'epoch') -> None:
   """`metric` against `x` (a history key: 'epoch' or 'step'), mean over seeds (band: ± std),
@@ -170,7 +176,7 @@ def plot_curves(groups: Sequence[Group], path: str, title: str,
       if not xs:
         continue
       line, = ax.plot(xs, [metric.shown(m) for m in mean], marker='o', markersize=3,
-                      label=f'{group.label} (n={group.n})')
+                      label=f'{group.label} (n={group.n})', **line_style(len(ax.lines)))
       if group.n > 1:
         ax.fill_between(xs, [metric.shown(m - s) for m, s in zip(mean, std)],
                         [metric.shown(m + s) for m, s in zip(mean, std)],

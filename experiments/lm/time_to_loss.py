@@ -190,7 +190,8 @@ def plot(panels: dict, path: str) -> None:
       curve = row['curve']
       xs = curve.seconds if 'measured' in row['label'] else [
           s * row['seconds_per_batch'] for s in curve.steps]
-      ax.plot(xs, curve.losses, marker='o', markersize=3, label=row['label'])
+      ax.plot(xs, curve.losses, marker='o', markersize=3, label=row['label'],
+              **reports.line_style(len(ax.lines)))
     ax.set_title(title)
     ax.set_xlabel('seconds of training')
     ax.set_ylabel('validation loss, mean over seeds')
