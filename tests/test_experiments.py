@@ -1047,6 +1047,8 @@ def test_time_to_loss_from_learning_curves_and_the_cost_model(tmp_path):
   assert table['fdg K=4'][1:3] == ['never', 'never']
   assert table['fdg K=2 (measured)'][2] == '29'
   assert (tmp_path / 'out' / 'time_to_loss.png').stat().st_size > 1000
+  assert time_to_loss.parse_measured(['1f1b K=2 M=8=runs/a', 'bp=runs/b']) == {
+      '1f1b K=2 M=8': 'runs/a', 'bp': 'runs/b'}
 
 
 def test_op_profile_reads_a_jitted_function_s_ops_from_its_trace():

@@ -181,6 +181,19 @@ def markdown(rows: Sequence[dict], targets: dict, margin: float) -> str:
       '\n'.join(lines))
 
 
+def fastest_synchronous_only(rows: Sequence[dict]) -> list[dict]:
+  """The rows without the synchronous schedules' slower M: of each schedule and optimizer only
+  the fastest per batch (they all follow BP's curve), so that a figure stays readable."""
+  fastest = {}
+  for row in rows:
+    key = (row['label'].split()[0], row['optimizer'])
+    if key[0] in SYNCHRONOUS and (key not in fastest or row['seconds_per_batch']
+                                  < fastest[key]['seconds_per_batch']):
+      fastest[key] = row
+  return [row for row in rows if row['label'].split()[0] not in SYNCHRONOUS
+          or fastest[(row['label'].split()[0], row['optimizer'])] is row]
+
+
 def plot(panels: dict, path: str) -> None:
   """Validation loss against seconds, one panel per K."""
   plt = reports.pyplot()
@@ -215,7 +228,7 @@ def report(grid_dir: str, costs: dict, model: str, stages: Sequence[int], margin
   sections, panels = [], {}
   for K in stages:
     table = predicted_rows(grid, [r for r in rows if r['num_stages'] == K], K, targets)
-    panels[f'K = {K} (predicted)'] = table
+    panels[f'K = {K} (predicted)'] = fastest_synchronous_only(table)
     sections.append(f'## K = {K}, predicted (the cost model, {model})\n\n'
                     + markdown(table, targets, margin))
   if measured:
@@ -232,11 +245,20 @@ def report(grid_dir: str, costs: dict, model: str, stages: Sequence[int], margin
   return text
 
 
+def parse_measured(items: Sequence[str]) -> dict:
+  """--measured's LABEL=WORKDIR items as {label: workdir}; the last '=' ends the label, so a
+  label may say 'K=2'."""
+  bad = [item for item in items if '=' not in item]
+  if bad:
+    raise app.UsageError(f'--measured items {bad} are not LABEL=WORKDIR.')
+  return dict(item.rsplit('=', 1) for item in items)
+
+
 def main(argv):
   del argv
   with open(FLAGS.costs) as f:
     costs = json.load(f)
-  measured = dict(item.split('=', 1) for item in FLAGS.measured)
+  measured = parse_measured(FLAGS.measured)
   print(report(FLAGS.grid_dir, costs, FLAGS.model, [int(k) for k in FLAGS.stages], FLAGS.margin,
                measured, FLAGS.out_dir or FLAGS.grid_dir))
 
@@ -248,7 +270,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('model', 'gpt8x128_h4_t64_b16', 'The cost table\'s model key.')
   flags.DEFINE_list('stages', ['4', '8'], 'K values to predict.')
   flags.DEFINE_float('margin', 0.05, 'The second target: BP\'s final loss plus this.')
-  flags.DEFINE_list('measured', [], 'LABEL=WORKDIR of runs timed by their own clock (train_s).')
+  flags.DEFINE_list('measured', [], 'LABEL=WORKDIR of runs timed by their own clock (train_s); '
+                    "the last '=' ends the label (e.g. '1f1b K=2 M=8=runs/1f1b').")
   flags.DEFINE_string('out_dir', '', 'Where to write (default: --grid_dir).')
   flags.mark_flag_as_required('costs')
   app.run(main)

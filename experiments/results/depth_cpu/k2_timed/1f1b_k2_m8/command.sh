@@ -1,0 +1,2 @@
+# 1f1b_k2_m8: from a clean clone of 715d7c4, every other process stopped
+python -m fdg_jax.launch --num_processes=2 -- --config=configs/shakespeare_char_deep_cpu.py --config.dataset=textfile --config.data_dir=../shared/data/tinyshakespeare.txt --config.seed=0 --workdir=experiments/results/depth_cpu/k2_timed/1f1b_k2_m8 --config.method=1f1b --config.num_stages=2 --config.microbatches=8 '--config.stage_devices=()'

@@ -1,0 +1,2 @@
+# bp_dp2: from a clean clone of 715d7c4, every other process stopped
+python -m fdg_jax.launch --num_processes=2 -- --config=configs/shakespeare_char_deep_cpu.py --config.dataset=textfile --config.data_dir=../shared/data/tinyshakespeare.txt --config.seed=0 --workdir=experiments/results/depth_cpu/k2_timed/bp_dp2 --config.method=bp --config.num_stages=1 --config.data_parallel=2 '--config.stage_devices=()'
