@@ -36,6 +36,7 @@ def profile(num_stages: int) -> tuple[collections.Counter, collections.Counter]:
   for t in range(2 * (num_stages - 1) + 2):   # compile and fill, outside the trace
     state, _ = pipe.step(state, *batches[t % 2])
   jax.block_until_ready(state)
+
   def run():
     nonlocal state
     for t in range(FLAGS.steps):
