@@ -146,16 +146,24 @@ def traced_op_ms(run, hlo_module: str, iterations: int) -> collections.Counter:
   """ms per iteration of each XLA op of `hlo_module` (a jitted function's module, e.g.
   'jit_step'), summed over the op events of a `jax.profiler.trace` of `run()`, which runs
   `iterations` iterations and blocks until they are done."""
-  trace_dir = tempfile.mkdtemp(prefix='fdg_op_profile_')
   options = jax.profiler.ProfileOptions()
   options.python_tracer_level = 0
-  with jax.profiler.trace(trace_dir, profiler_options=options):
-    run()
-  with gzip.open(glob.glob(os.path.join(trace_dir, 'plugins/profile/*/*.trace.json.gz'))[0],
-                 'rt') as f:
-    events = json.load(f)['traceEvents']
+  with tempfile.TemporaryDirectory(prefix='fdg_op_profile_') as trace_dir:
+    with jax.profiler.trace(trace_dir, profiler_options=options):
+      run()
+    with gzip.open(glob.glob(os.path.join(trace_dir, 'plugins/profile/*/*.trace.json.gz'))[0],
+                   'rt') as f:
+      events = json.load(f)['traceEvents']
   by_op = collections.Counter()
   for e in events:
     if e.get('ph') == 'X' and e.get('args', {}).get('hlo_module') == hlo_module:
       by_op[e['name']] += e['dur'] / 1e3 / iterations
   return by_op
+
+
+def ops_by_kind(by_op: dict) -> collections.Counter:
+  """`traced_op_ms`'s times summed by `op_category`."""
+  by_kind = collections.Counter()
+  for op, ms in by_op.items():
+    by_kind[op_category(op)] += ms
+  return by_kind

@@ -43,10 +43,7 @@ def profile(num_stages: int) -> tuple[collections.Counter, collections.Counter]:
       state, _ = pipe.step(state, *batches[t % 2])
     jax.block_until_ready(state)
   by_op = common.traced_op_ms(run, 'jit_update_then_forward', FLAGS.steps)
-  by_category = collections.Counter()
-  for op, ms in by_op.items():
-    by_category[common.op_category(op)] += ms
-  return by_category, by_op
+  return common.ops_by_kind(by_op), by_op
 
 
 def main(argv):

@@ -43,17 +43,20 @@ FLAGS = flags.FLAGS
 VOCAB_SIZE = 65   # tiny Shakespeare's characters
 
 
+def window_ms(call) -> float:
+  """Wall time of one call, averaged over a window of `--iterations` calls (the window ends
+  when the last call's result is ready)."""
+  start = time.perf_counter()
+  for _ in range(FLAGS.iterations):
+    out = call()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / FLAGS.iterations * 1e3
+
+
 def milliseconds(call) -> float:
   """Median wall time of one call over the timed windows, after one untimed call (compile)."""
   jax.block_until_ready(call())
-  windows = []
-  for _ in range(FLAGS.repeats):
-    start = time.perf_counter()
-    for _ in range(FLAGS.iterations):
-      out = call()
-    jax.block_until_ready(out)
-    windows.append((time.perf_counter() - start) / FLAGS.iterations * 1e3)
-  return round(statistics.median(windows), 2)
+  return round(statistics.median(window_ms(call) for _ in range(FLAGS.repeats)), 2)
 
 
 def training_step(tokens, targets):

@@ -28,13 +28,11 @@ Variants (each a JAX step built after the change, the baseline unchanged):
 The last stdout line is one JSON object.
 """
 
-import collections
 import contextlib
 import importlib.util
 import os
 import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -119,9 +117,7 @@ def jax_profile(call) -> dict:
     for _ in range(FLAGS.profile_steps):
       call()
   by_op = common.traced_op_ms(run, 'jit_step', FLAGS.profile_steps)
-  by_kind = collections.Counter()
-  for op, ms in by_op.items():
-    by_kind[common.op_category(op)] += ms
+  by_kind = common.ops_by_kind(by_op)
   return {'total_ms': round(sum(by_op.values()), 2),
           'by_kind_ms': {k: round(ms, 2) for k, ms in by_kind.most_common()},
           'longest_ms': [(op, round(ms, 2)) for op, ms in by_op.most_common(12)]}
@@ -139,13 +135,6 @@ def torch_profile(call) -> dict:
           'longest_ms': [(e.key, per_step(e.self_cpu_time_total)) for e in ops[:12]]}
 
 
-def window_ms(call) -> float:
-  start = time.perf_counter()
-  for _ in range(FLAGS.iterations):
-    call()
-  return (time.perf_counter() - start) / FLAGS.iterations * 1e3
-
-
 def main(argv):
   del argv
   unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
@@ -160,11 +149,11 @@ def main(argv):
   for variant in ['', *FLAGS.variants]:
     steps[variant or 'jax'], parameters[variant or 'jax'] = jax_step(tokens, targets, variant)
   for call in steps.values():   # warm-up: one untimed window each
-    window_ms(call)
+    gpt_step.window_ms(call)
   times = {name: [] for name in steps}
   for _ in range(FLAGS.repeats):
     for name, call in steps.items():
-      times[name].append(window_ms(call))
+      times[name].append(gpt_step.window_ms(call))
   median = {name: round(statistics.median(ms), 2) for name, ms in times.items()}
   ratios = {name: round(statistics.median(a / b for a, b in zip(ms, times['nanogpt'])), 3)
             for name, ms in times.items() if name != 'nanogpt'}
