@@ -113,12 +113,12 @@ def get_config():
   config.delay_momentum_max = 0.99
   # error_feedback: c in u + c * (u - u_previous), the correction's weight (the paper's 1).
   config.ef_coefficient = 1.0
-  # basis_rotation: updates between refreshes of each matrix's eigenbasis (the authors' 10).
+  # basis_rotation and optimizer 'rotated_adamw': updates between refreshes of each matrix's eigenbasis (the authors' 10).
   config.rotation_frequency = 10
-  # basis_rotation: decay of the running gradient covariances G G^T and G^T G; negative means
+  # basis_rotation, rotated_adamw: decay of the running gradient covariances G G^T and G^T G; negative means
   # adam_b2 (the authors' default).
   config.rotation_decay = -1.0
-  # basis_rotation: 'bi' rotates both sides of each matrix (the authors' default), 'uni' only
+  # basis_rotation, rotated_adamw: 'bi' rotates both sides of each matrix (the authors' default), 'uni' only
   # its smaller dimension.
   config.rotation_geometry = 'bi'
   # Examples (images, token windows) per training batch.
@@ -152,7 +152,10 @@ def get_config():
   # hidden layers' matrices and conv kernels (a conv's (h, w, in, out) read as an (h w in, out)
   # matrix), this AdamW at learning_rate on the rest: embeddings, the first layer (a stem conv,
   # a patch projection), the head, biases, norm scales, DGL's heads; engine/optimizers.py:
-  # muon_dimension_numbers). The look-ahead compensations (nesterov, delay_momentum) refuse it.
+  # muon_dimension_numbers), or 'rotated_adamw' (that AdamW with Adam in the eigenbasis of each
+  # attention and MLP matrix's gradient covariances, the rotation_* fields: what compensation
+  # basis_rotation gives the delayed stages, on every stage). The look-ahead compensations
+  # (nesterov, delay_momentum) refuse 'muon' and 'rotated_adamw'.
   config.optimizer = 'sgd'
   # muon: peak learning rate of Muon's matrices (Keller Jordan's default 0.02); it follows
   # lr_schedule's shape, scaled by muon_learning_rate / learning_rate.

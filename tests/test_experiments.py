@@ -881,8 +881,9 @@ def test_depth_grid_cells_pass_the_trainers_checks_and_the_dry_run_lists_them(tm
   cells = depth_grid.build_cells(opts)
   per_seed = len(depth_grid.METHODS)
   # Per optimizer: BP, then at K = 4 and 8 plain FDG, its 4 compensations, M alone and with each
-  # (10 each), then DDG, DGL and 1F1B at both K (6); Muon without the 2 x 2 x 2 AdamW-only ones.
-  assert per_seed == 2 * (1 + 2 * 10 + 6) - 8 and len(cells) == 2 * per_seed
+  # (10 each), then DDG, DGL and 1F1B at both K (6); Muon without the 2 x 2 x 2 AdamW-only ones;
+  # rotated Adam on every stage: BP and FDG with microbatches at both K (3).
+  assert per_seed == 2 * (1 + 2 * 10 + 6) - 8 + 3 and len(cells) == 2 * per_seed
   names = [c.name for c in cells[:per_seed]]
   assert names[:8] == [
       'gpt_bp_seed0', 'gpt_fdg_k4_beta1_seed0', 'gpt_fdg_k4_beta1_nag_seed0',
@@ -890,7 +891,8 @@ def test_depth_grid_cells_pass_the_trainers_checks_and_the_dry_run_lists_them(tm
       'gpt_fdg_k4_beta1_m8_seed0', 'gpt_fdg_k4_beta1_m8_nag_seed0']
   for name in ('gpt_fdg_k8_beta1_m16_seed0', 'gpt_1f1b_k8_m16_seed0', 'gpt_bp_muon_seed0',
                'gpt_fdg_k8_beta1_muon-wp_seed0', 'gpt_fdg_k8_beta1_m16_muon_seed0',
-               'gpt_fdg_k8_beta1_m16_muon-ef_seed0', 'gpt_dgl_k8_muon_seed0'):
+               'gpt_fdg_k8_beta1_m16_muon-ef_seed0', 'gpt_dgl_k8_muon_seed0',
+               'gpt_bp_rotadam_seed0', 'gpt_fdg_k8_beta1_m16_rotadam_seed0'):
     assert name in names, name
   assert not [n for n in names if 'muon-nag' in n or 'muon-rot' in n]
   by_name = {c.name: c for c in cells}
@@ -915,20 +917,27 @@ def test_depth_grid_cells_pass_the_trainers_checks_and_the_dry_run_lists_them(tm
 
 def test_depth_grid_report_compares_each_optimizer_with_its_bp(tmp_path):
   opts = options(tmp_path, scales=depth_grid.SCALES, seeds=(0, 1))
-  methods = ('bp', 'fdg_k4', 'bp_muon', 'fdg_k4_muon', 'fdg_k8_m16_muon')
+  methods = ('bp', 'fdg_k4', 'bp_muon', 'fdg_k4_muon', 'fdg_k8_m16_muon', 'bp_rotadam',
+             'fdg_k4_m8_rot', 'fdg_k4_m8_rotadam')
   cells = depth_grid.build_cells(opts, methods)
   results = grid.run_grid(cells, opts.output_dir, runner=FakeLMRunner(), log=lambda _: None,
                           metric=metrics.VAL_LOSS)
-  for r in results:   # BP with Muon 0.1 below BP with AdamW; FDG 0.15 above its BP
-    muon = r.cell.override_dict().get('optimizer') == 'muon'
-    loss = 1.9 - 0.1 * muon + 0.15 * (r.cell.method != 'bp') + 0.01 * r.cell.seed
+  for r in results:   # BP with Muon 0.1 below BP with AdamW, rotated 0.2; FDG 0.15 above its BP
+    overrides = r.cell.override_dict()
+    muon = overrides.get('optimizer') == 'muon'
+    rotated = (overrides.get('optimizer') == 'rotated_adamw'
+               or overrides.get('compensation') == 'basis_rotation')
+    loss = (1.9 - 0.1 * muon - 0.2 * rotated + 0.15 * (r.cell.method != 'bp')
+            + 0.01 * r.cell.seed)
     r.summary = fake_lm_summary(r.cell, val_loss=loss)
   depth_grid.report(results, opts)
   with open(os.path.join(opts.output_dir, 'results.md')) as f:
     md = f.read()
   assert 'Deep character GPT' in md and 'BP with Muon' in md
   assert '| BP | 1.9050 ± 0.0071 |' in md and '| BP muon | 1.8050 ± 0.0071 |' in md
-  for label in ('FDG K=4 β=1', 'FDG K=4 β=1 muon', 'FDG K=8 β=1 M=16 muon'):
+  assert '| BP rotadam | 1.7050 ± 0.0071 |' in md
+  for label in ('FDG K=4 β=1', 'FDG K=4 β=1 muon', 'FDG K=8 β=1 M=16 muon',
+                'FDG K=4 β=1 M=8 rot', 'FDG K=4 β=1 M=8 rotadam'):
     (row,) = [line for line in md.splitlines() if line.startswith(f'| {label} |')]
     assert '| +0.1500 ± 0.0000 |' in row, row   # against its own optimizer's BP
 

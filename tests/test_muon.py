@@ -245,8 +245,8 @@ def test_bad_muon_fields_are_one_line_each():
   assert [m.split(':')[0] for m in bad] == [
       'config.muon_learning_rate', 'config.muon_momentum', 'config.muon_ns_steps',
       'config.muon_weight_decay', 'config.compensation']
-  assert 'not defined for Muon' in bad[-1] and "'weight_prediction'" in bad[-1]
-  assert "Choose one of ('sgd', 'adamw', 'muon')" in optimizer_config.validate(
+  assert "not defined for 'muon'" in bad[-1] and "'weight_prediction'" in bad[-1]
+  assert "Choose one of ('sgd', 'adamw', 'muon', 'rotated_adamw')" in optimizer_config.validate(
       muon_config(optimizer='lion'))[0]
   # The muon fields are muon's: another optimizer ignores them.
   assert optimizer_config.validate(muon_config(optimizer='sgd', muon_learning_rate=0.0)) == []
@@ -313,8 +313,10 @@ def test_the_language_model_trains_with_muon_and_resumes_bit_for_bit(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('task', ['language_model', 'image_classification'])
-def test_cli_trains_with_muon(tmp_path, task):
+@pytest.mark.parametrize('task, optimizer', [('language_model', 'muon'),
+                                             ('image_classification', 'muon'),
+                                             ('language_model', 'rotated_adamw')])
+def test_cli_trains_with_muon_and_rotated_adamw(tmp_path, task, optimizer):
   if task == 'language_model':
     config = 'configs/shakespeare_char_deep_cpu.py'
     overrides = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4,
@@ -326,8 +328,8 @@ def test_cli_trains_with_muon(tmp_path, task):
     overrides = dict(model=TEST_MODEL, dataset='imagefolder', image_size=16, batch_size=8,
                      eval_batch_size=16, data_dir=write_image_folder(tmp_path / 'data'),
                      learning_rate=1e-3, cache_dir=str(tmp_path / 'cache'))
-  overrides.update(optimizer='muon', muon_learning_rate=0.02, num_train_steps=8,
-                   log_every_steps=4, stage_devices=(0,))
+  overrides.update(optimizer=optimizer, muon_learning_rate=0.02, num_train_steps=8,
+                   log_every_steps=4, stage_devices=(0,), rotation_frequency=3)
   workdir = tmp_path / 'work'
   result = subprocess.run(
       [sys.executable, '-m', 'fdg_jax.main', f'--config={config}', f'--workdir={workdir}',
@@ -336,6 +338,6 @@ def test_cli_trains_with_muon(tmp_path, task):
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((workdir / 'summary.json').read_text())
   saved = json.loads((workdir / 'config.json').read_text())
-  assert saved['optimizer'] == 'muon' and summary['steps'] == 8
+  assert saved['optimizer'] == optimizer and summary['steps'] == 8
   assert summary['num_stages'] == 2
   assert np.isfinite(summary['val_loss'] if task == 'language_model' else summary['test_error'])

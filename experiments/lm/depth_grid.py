@@ -7,8 +7,10 @@ Nesterov look-ahead and basis rotation, AdamW only, as they rebuild AdamW; weigh
 error feedback), each also with microbatches (PipeDream-2BW's one-update delay, M = 8 at K = 4
 and 16 at K = 8, both >= 2(K - 1)); then, for reference, DDG, DGL (its auxiliary head 'lm') and
 1F1B over the same microbatches (BP's update, with a bubble: a check of the grid). Each
-with AdamW and with Muon (config.optimizer='muon'; cells tagged 'muon'), and each against BP with
-the same optimizer, as a paired difference (a seed gives every method the same initial weights
+with AdamW and with Muon (config.optimizer='muon'; cells tagged 'muon'); and BP and FDG over
+microbatches with Adam in a rotated basis on every stage (config.optimizer='rotated_adamw'; cells
+tagged 'rotadam'), BP so the basis-rotation cells have a BP of their own. Each against BP with
+the same optimizer (`optimizer_of`), as a paired difference (a seed gives every method the same initial weights
 and batches). Writes OUT_DIR/results.md (validation loss and bits per character per cell, the
 differences to BP, the seed-0 samples), results.csv and curves.png.
 
@@ -66,6 +68,12 @@ def _methods() -> dict:
       suffix = f'_{tag}' if tag else ''
       table[name + suffix] = (method, k, 1.0, '-'.join(p for p in (tag, variant) if p),
                               {**fields, **optimizer_fields})
+  # Adam in a rotated basis on every stage (optimizer 'rotated_adamw', cells tagged rotadam):
+  # BP, the reference of the basis-rotation cells, and FDG over microbatches.
+  for name in ('bp', f'fdg_k4_m{MICROBATCHES[4]}', f'fdg_k8_m{MICROBATCHES[8]}'):
+    method, k, beta, _, fields = table[name]
+    table[name + '_rotadam'] = (method, k, beta, 'rotadam',
+                                {**fields, 'optimizer': 'rotated_adamw'})
   return table
 
 
@@ -79,8 +87,13 @@ def build_cells(options: cells_lib.Options, methods=tuple(METHODS)) -> list:
 
 
 def optimizer_of(group) -> str:
-  """'muon' for a group of cells tagged muon (its setting, e.g. 'M=8 muon-wp'), else 'adamw'."""
-  return 'muon' if 'muon' in group.key[-1].replace(' ', '-').split('-') else 'adamw'
+  """The optimizer a group's differences are taken against, from its tags (its setting, e.g.
+  'M=8 muon-wp'): 'muon'; 'rotated_adamw' for Adam in a rotated basis, on every stage (rotadam)
+  or on the delayed ones (rot, compensation basis_rotation); else 'adamw'."""
+  tags = group.key[-1].replace(' ', '-').split('-')
+  if 'muon' in tags:
+    return 'muon'
+  return 'rotated_adamw' if 'rotadam' in tags or 'rot' in tags else 'adamw'
 
 
 def same_optimizer_bp(group, groups):
@@ -94,8 +107,10 @@ def report(results, options: cells_lib.Options) -> None:
       results, options, title='Deep character GPT on tiny Shakespeare: FDG at K = 4 and 8 '
       f'against BP, AdamW and Muon, {options.scale} scale', reference=same_optimizer_bp,
       notes="Cells tagged muon train with config.optimizer='muon' and are compared with BP "
-      'with Muon; the others with BP with AdamW. M=: microbatches per batch; nag: the '
-      'Nesterov look-ahead (AdamW only).')
+      "with Muon; cells tagged rotadam (config.optimizer='rotated_adamw': Adam in a rotated "
+      'basis on every stage) and rot (compensation basis_rotation: on the delayed stages) with '
+      'BP with rotated Adam; the others with BP with AdamW. M=: microbatches per batch; nag: '
+      'the Nesterov look-ahead (AdamW only).')
 
 
 if __name__ == '__main__':

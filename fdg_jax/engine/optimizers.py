@@ -6,6 +6,10 @@
   (`warmup_cosine_schedule` is nanoGPT's).
 * 'muon' (Keller Jordan's Muon, from optax.contrib's pieces: `muon`) on the hidden layers'
   matrices and conv kernels, with the 'adamw' recipe's AdamW on everything else.
+* 'rotated_adamw' (Jung, Shin, Lee, ICML 2026: rotated_adam.py) Adam in the eigenbasis of each
+  attention and MLP matrix's gradient covariances, the 'adamw' recipe's AdamW on the rest
+  (`rotated_adamw`): what compensation 'basis_rotation' gives the delayed stages, here for
+  every stage (BP's reference for that compensation).
 * grad_clip > 0: `optax.clip_by_global_norm` first in the chain. In a decoupled pipeline every
   stage has its own optimizer and state and sees only its own gradient, so this clips each
   stage's gradient by that stage's global norm: no stage sees the whole model's gradient (with
@@ -24,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ('sgd', 'adamw', 'muon')
+from fdg_jax.engine import rotated_adam
+
+OPTIMIZERS = ('sgd', 'adamw', 'muon', 'rotated_adamw')
 
 
 # ---------------------------------------------------------------- schedules
@@ -122,6 +128,9 @@ class Recipe:
   if muon_nesterov, muon_ns_steps Newton-Schulz steps, decay lr * muon_weight_decay * param) at
   muon_learning_rate on the parameters `muon_routing(params)` gives dimension numbers (None:
   `muon_dimension_numbers`), and the 'adamw' recipe's AdamW, at learning_rate, on the rest.
+  'rotated_adamw': that AdamW with Adam in a rotated basis on `rotated_adam.rotated_matrices`
+  (basis refreshed every rotation_frequency updates; covariance decay rotation_decay, negative
+  for b2; rotation_geometry 'bi' or 'uni').
   grad_clip > 0: clipped to that global norm first (per stage: module docstring).
   """
   name: str
@@ -139,10 +148,15 @@ class Recipe:
   muon_ns_steps: int = 5
   muon_weight_decay: float = 0.0
   muon_routing: Optional[Callable] = None
+  rotation_frequency: int = 10          # rotated_adamw (the authors' defaults)
+  rotation_decay: float = -1.0
+  rotation_geometry: str = 'bi'
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
       raise ValueError(f'Recipe name {self.name!r} is not one of {OPTIMIZERS}.')
+    rotated_adam.check_rotation(self.rotation_frequency, self.rotation_decay,
+                                self.rotation_geometry)
 
   def clipping(self) -> list:
     """The transformations before the optimizer's own: clipping when grad_clip > 0."""
@@ -155,6 +169,8 @@ def build(recipe: Recipe) -> optax.GradientTransformation:
     return optax.chain(*recipe.clipping(), adamw(recipe))
   if recipe.name == 'muon':
     return optax.chain(*recipe.clipping(), muon(recipe))
+  if recipe.name == 'rotated_adamw':
+    return optax.chain(*recipe.clipping(), rotated_adamw(recipe))
   return optax.chain(
       *recipe.clipping(),
       optax.add_decayed_weights(recipe.weight_decay),
@@ -191,3 +207,21 @@ def muon(recipe: Recipe) -> optax.GradientTransformation:
           muon_weight_dimension_numbers=routing),
        'adamw': adamw(recipe)},
       labels)
+
+
+def rotated_adamw(recipe: Recipe) -> optax.GradientTransformation:
+  """Adam in the rotated basis (`rotated_adam.scale_by_rotated_adam`, then the recipe's
+  decoupled decay and learning rate) on `rotated_adam.rotated_matrices`, the recipe's AdamW on
+  the others (no clipping)."""
+  decay = recipe.b2 if recipe.rotation_decay < 0 else recipe.rotation_decay
+  rotated = optax.chain(
+      rotated_adam.scale_by_rotated_adam(recipe.b1, recipe.b2, recipe.eps, decay,
+                                         recipe.rotation_frequency, recipe.rotation_geometry),
+      optax.add_decayed_weights(recipe.weight_decay, recipe.decay_mask),
+      optax.scale_by_learning_rate(recipe.learning_rate))
+
+  def labels(params):
+    return jax.tree_util.tree_map(lambda r: 'rotated' if r else 'adamw',
+                                  rotated_adam.rotated_matrices(params))
+
+  return optax.partition({'rotated': rotated, 'adamw': adamw(recipe)}, labels)

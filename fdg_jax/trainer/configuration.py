@@ -19,6 +19,7 @@ import ml_collections
 from fdg_jax.engine import compensation
 from fdg_jax.engine import methods
 from fdg_jax.engine import pipeline
+from fdg_jax.engine import rotated_adam
 from fdg_jax.models import partition
 from fdg_jax import tasks
 from fdg_jax.trainer import optimizers
@@ -140,7 +141,8 @@ def validate_config(config: ml_collections.ConfigDict):
            'parameters)', "Use --config.stash=vjp, or compensation 'lr_reschedule'.")
     if config.compensation == 'basis_rotation' and config.optimizer != 'adamw':
       fail('compensation', "'basis_rotation' runs the delayed stages' AdamW in a rotated basis, "
-           f'which optimizer {config.optimizer!r} is not', 'Use --config.optimizer=adamw.')
+           f'which optimizer {config.optimizer!r} is not', 'Use --config.optimizer=adamw, or '
+           "optimizer 'rotated_adamw' with --config.compensation=none to rotate every stage.")
     base = config.adam_b1 if config.optimizer == 'adamw' else config.momentum
     if 'delay_momentum' in config.compensation and base > config.delay_momentum_max:
       fail('delay_momentum_max', f'{config.delay_momentum_max} is below the momentum {base} '
@@ -163,9 +165,9 @@ def validate_config(config: ml_collections.ConfigDict):
   if config.rotation_decay >= 1:
     fail('rotation_decay', f'{config.rotation_decay} is not below 1',
          "Use e.g. 0.999, or -1 for adam_b2 (the authors' default).")
-  if config.rotation_geometry not in compensation.ROTATION_GEOMETRIES:
+  if config.rotation_geometry not in rotated_adam.ROTATION_GEOMETRIES:
     fail('rotation_geometry', f'unknown geometry {config.rotation_geometry!r}',
-         f'Choose one of {compensation.ROTATION_GEOMETRIES}.')
+         f'Choose one of {rotated_adam.ROTATION_GEOMETRIES}.')
   if not 0 < config.lr_reschedule_fraction <= 1:
     fail('lr_reschedule_fraction', f'{config.lr_reschedule_fraction} is outside (0, 1]',
          'Use a fraction of the training steps, e.g. 0.25.')

@@ -1,8 +1,9 @@
 """The config's optimizer and learning-rate schedule: fields in, an engine `Recipe` out.
 
-* `config.optimizer`: 'sgd' (the paper's CIFAR recipe), 'adamw' (nanoGPT's) or 'muon' (Muon on
-  the hidden layers' matrices at muon_learning_rate, that AdamW at learning_rate on the rest);
-  the Recipe says what each is (`fdg_jax.engine.optimizers`).
+* `config.optimizer`: 'sgd' (the paper's CIFAR recipe), 'adamw' (nanoGPT's), 'muon' (Muon on
+  the hidden layers' matrices at muon_learning_rate, that AdamW at learning_rate on the rest) or
+  'rotated_adamw' (that AdamW run in a rotated basis on the attention and MLP matrices, with the
+  rotation_* fields); the Recipe says what each is (`fdg_jax.engine.optimizers`).
 * `config.lr_schedule`: 'piecewise' (warm-up for warmup_epochs, then learning_rate multiplied by
   lr_decay_factor at each of lr_boundaries_epochs) or 'warmup_cosine' (nanoGPT's `get_lr`, in
   steps: `optimizers.warmup_cosine_schedule`).
@@ -52,21 +53,26 @@ def piecewise_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 def recipe(config, steps_per_epoch: int) -> optimizers.Recipe:
   """config's optimizer, with its schedule (`learning_rate_schedule`) as its learning rate."""
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  if config.optimizer in ('adamw', 'muon'):
+  if config.optimizer in ('adamw', 'muon', 'rotated_adamw'):
     def mask(params):
       return optimizers.weight_decay_mask(params, config.decay_embeddings)
 
     def muon_schedule(count):   # the run's schedule, peaking at muon_learning_rate
       return schedule(count) * (config.muon_learning_rate / config.learning_rate)
 
-    muon = {} if config.optimizer == 'adamw' else dict(
-        muon_learning_rate=muon_schedule, muon_momentum=config.muon_momentum,
-        muon_nesterov=config.muon_nesterov, muon_ns_steps=config.muon_ns_steps,
-        muon_weight_decay=config.muon_weight_decay)
+    extra = {}   # the fields only Muon or the rotation reads
+    if config.optimizer == 'muon':
+      extra = dict(muon_learning_rate=muon_schedule, muon_momentum=config.muon_momentum,
+                   muon_nesterov=config.muon_nesterov, muon_ns_steps=config.muon_ns_steps,
+                   muon_weight_decay=config.muon_weight_decay)
+    if config.optimizer == 'rotated_adamw':
+      extra = dict(rotation_frequency=config.rotation_frequency,
+                   rotation_decay=config.rotation_decay,
+                   rotation_geometry=config.rotation_geometry)
     return optimizers.Recipe(
         config.optimizer, schedule, weight_decay=config.weight_decay, b1=config.adam_b1,
         b2=config.adam_b2, eps=config.adam_eps, decay_mask=mask, grad_clip=config.grad_clip,
-        **muon)
+        **extra)
   return optimizers.Recipe('sgd', schedule, momentum=config.momentum,
                            weight_decay=config.weight_decay, grad_clip=config.grad_clip)
 
@@ -107,11 +113,12 @@ def validate(config) -> list[str]:
       fail('muon_ns_steps', f'{config.muon_ns_steps} Newton-Schulz steps', 'Use e.g. 5.')
     if config.muon_weight_decay < 0:
       fail('muon_weight_decay', f'{config.muon_weight_decay} is negative', 'Use 0 or more.')
-    if config.compensation in compensation.REBUILDS_OPTIMIZER:
-      fail('compensation', f'{config.compensation!r} rebuilds the delayed stages\' optimizer as '
-           'SGD or AdamW with another momentum, which is not defined for Muon',
-           "Use --config.optimizer=adamw, or compensation 'weight_prediction', "
-           "'delay_compensation' or 'lr_reschedule' with Muon.")
+  if (config.optimizer in ('muon', 'rotated_adamw')
+      and config.compensation in compensation.REBUILDS_OPTIMIZER):
+    fail('compensation', f'{config.compensation!r} rebuilds the delayed stages\' optimizer as '
+         f'SGD or AdamW with another momentum, which is not defined for {config.optimizer!r}',
+         "Use --config.optimizer=adamw, or compensation 'weight_prediction', "
+         f"'delay_compensation', 'lr_reschedule' or 'error_feedback' with {config.optimizer!r}.")
   if config.grad_clip < 0:
     fail('grad_clip', f'{config.grad_clip} is negative',
          'Use a positive global norm (e.g. 1.0), or 0 to turn clipping off.')
