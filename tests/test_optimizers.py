@@ -158,7 +158,7 @@ def test_validate_names_each_bad_field():
   assert fields == ['config.optimizer', 'config.lr_schedule', 'config.adam_b1',
                     'config.adam_b2', 'config.adam_eps', 'config.weight_decay',
                     'config.momentum', 'config.grad_clip', 'config.warmup_steps']
-  assert "Choose one of ('sgd', 'adamw', 'muon')" in bad[0]
+  assert "Choose one of ('sgd', 'adamw', 'muon', 'rotated_adamw')" in bad[0]
   cosine = optimizer_config.validate(_config(
       lr_schedule='warmup_cosine', warmup_steps=100, lr_decay_steps=100,
       min_learning_rate=1.0, warmup_epochs=2.0))
