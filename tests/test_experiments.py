@@ -1021,14 +1021,15 @@ def test_time_to_loss_from_learning_curves_and_the_cost_model(tmp_path):
   seconds per batch; 1F1B on BP's curve; a measured run on its own clock (train_s)."""
   from experiments.lm import time_to_loss   # pylint: disable=import-outside-toplevel
 
-  def run(folder, method, num_stages, microbatches, losses, train_s=None):
+  def run(folder, method, num_stages, microbatches, losses, train_s=None, optimizer='adamw',
+          compensation='none'):
     workdir = tmp_path / folder
     workdir.mkdir(parents=True)
     history = [{'step': 100 * (i + 1), 'val_loss': loss,
                 **({'train_s': train_s[i]} if train_s else {})} for i, loss in enumerate(losses)]
     (workdir / 'summary.json').write_text(json.dumps(
         {'method': method, 'num_stages': num_stages, 'microbatches': microbatches,
-         'compensation': 'none', 'optimizer': 'adamw', 'history': history}))
+         'compensation': compensation, 'optimizer': optimizer, 'history': history}))
     (workdir / 'config.json').write_text('{}')
 
   run('grid/runs/bp_seed0', 'bp', 1, 1, [3.0, 2.0, 1.5])
@@ -1036,6 +1037,10 @@ def test_time_to_loss_from_learning_curves_and_the_cost_model(tmp_path):
   run('grid/runs/fdg_k4_seed0', 'fdg', 4, 1, [3.0, 2.5, 1.9])         # never reaches 1.6
   run('grid/runs/fdg_k4_m8_seed0', 'fdg', 4, 8, [3.0, 1.6, 1.4])      # at step 200
   run('measured/fdg', 'fdg', 2, 1, [3.0, 1.5], train_s=[10.0, 30.0])  # 1.6 at 28.7 s
+  # Basis rotation is measured against BP with rotated Adam (final 1.2), not against AdamW's.
+  run('grid/runs/bp_rotadam_seed0', 'bp', 1, 1, [3.0, 1.8, 1.2], optimizer='rotated_adamw')
+  run('grid/runs/fdg_k4_m8_rot_seed0', 'fdg', 4, 8, [3.0, 1.5, 1.3],
+      compensation='basis_rotation')
   rows = [  # the cost model's rows for K = 4: ms per batch, speed-up over one device
       {'num_stages': 4, 'microbatches': 1, 'schedule': 'fdg', 'ms_per_batch': 250.0,
        'speedup': 4.0},
@@ -1055,6 +1060,9 @@ def test_time_to_loss_from_learning_curves_and_the_cost_model(tmp_path):
   assert table['fdg K=4 M=8'][-1].rstrip(' |') == '2.00'           # 1F1B's 120 s over its 60 s
   assert table['fdg K=4'][1:3] == ['never', 'never']
   assert table['fdg K=2 (measured)'][2] == '29'
+  assert 'rotated_adamw: BP 1.2000' in text
+  assert table['fdg K=4 M=8 basis_rotation'][1:3] == ['never', 'never']   # 1.3 > 1.2
+  assert table['1f1b K=4 M=8 rotated_adamw'][:4] == ['0.400', '300', '120', '217']
   assert (tmp_path / 'out' / 'time_to_loss.png').stat().st_size > 1000
   assert time_to_loss.parse_measured(['1f1b K=2 M=8=runs/a', 'bp=runs/b']) == {
       '1f1b K=2 M=8': 'runs/a', 'bp': 'runs/b'}

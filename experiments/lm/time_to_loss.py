@@ -14,8 +14,8 @@ missing bubble against its staleness and 1F1B's exactness against its bubble. Tw
   evaluations, fdg_jax/trainer/train.py), e.g. K = 2 in two pinned processes, given as
   `--measured=LABEL=WORKDIR,...`: their own clock.
 
-The target is BP's final validation loss (mean over its seeds, BP with the same optimizer), and
-that plus `--margin`. A curve reaches it between two evaluations by linear interpolation; a
+The target is BP's final validation loss (mean over its seeds, BP with the same optimizer:
+`reference_optimizer`), and that plus `--margin`. A curve reaches it between two evaluations by linear interpolation; a
 schedule that never does says so. Writes OUT_DIR/time_to_loss.md (one table per K: seconds per
 batch, steps and seconds to each target, each against the fastest 1F1B) and time_to_loss.png
 (validation loss against seconds, one panel per K).
@@ -50,7 +50,7 @@ class Curve:
   method: str
   num_stages: int
   microbatches: int
-  optimizer: str
+  optimizer: str     # the optimizer whose BP is its target (`reference_optimizer`)
   steps: list
   losses: list
   seconds: Optional[list] = None   # measured: each evaluation's train_s (mean over runs)
@@ -78,9 +78,17 @@ def label_of(summary: dict) -> str:
     parts.append(f'M={summary["microbatches"]}')
   if summary.get('compensation', 'none') != 'none':
     parts.append(summary['compensation'])
-  if summary.get('optimizer') == 'muon':
-    parts.append('muon')
+  if summary.get('optimizer', 'adamw') != 'adamw':
+    parts.append(summary['optimizer'])
   return ' '.join(parts)
+
+
+def reference_optimizer(summary: dict) -> str:
+  """The optimizer of the BP a run is measured against: its own, but 'rotated_adamw' for
+  compensation basis_rotation (its delayed stages run that optimizer)."""
+  if summary.get('compensation') == 'basis_rotation':
+    return 'rotated_adamw'
+  return summary.get('optimizer', 'adamw')
 
 
 def curves(runs: Sequence[tuple[dict, dict]], label=None) -> list[Curve]:
@@ -99,7 +107,7 @@ def curves(runs: Sequence[tuple[dict, dict]], label=None) -> list[Curve]:
     first = summaries[0]
     timed = all('train_s' in p for s in steps for p in by_step[s])
     result.append(Curve(name, first['method'], first['num_stages'], first.get('microbatches', 1),
-                        first.get('optimizer', 'adamw'), steps,
+                        reference_optimizer(first), steps,
                         [mean('val_loss', s) for s in steps],
                         [mean('train_s', s) for s in steps] if timed else None))
   return result
@@ -144,7 +152,7 @@ def predicted_rows(grid: Sequence[Curve], rows: Sequence[dict], num_stages: int,
     if seconds is None or curve.optimizer not in targets:
       continue
     label = curve.label if method in ('bp', 'fdg') else (
-        f'{method} K={K} M={M}' + (' muon' if curve.optimizer == 'muon' else ''))
+        f'{method} K={K} M={M}' + ('' if curve.optimizer == 'adamw' else f' {curve.optimizer}'))
     steps = [first_reach(curve.steps, curve.losses, t) for t in targets[curve.optimizer]]
     table.append({'label': label, 'optimizer': curve.optimizer, 'seconds_per_batch': seconds,
                   'steps': steps, 'seconds': [None if s is None else s * seconds for s in steps],
