@@ -1,6 +1,8 @@
 """The trainer on tests/test_train.py's tiny image folder, for FDG, DDG, DGL, 1F1B over 2
-microbatches (clipped by the whole model's norm) and FDG over 2 microbatches (K = 2) one after
-the other in this process, each in OUT_DIR/NAME: stage k on process k when started by
+microbatches (clipped by the whole model's norm), FDG over 2 microbatches, FDG with error
+feedback, and the ViT (32 px: the folder resized) with FDG and basis rotation (its attention and
+MLP matrices' covariances and bases in the optimizer state, 0 x 0 arrays for the rest, saved by
+each process) (K = 2) one after the other in this process, each in OUT_DIR/NAME: stage k on process k when started by
 fdg_jax.launch, every stage on device 0 when run alone (tests/test_multiprocess.py compares the
 two)."""
 
@@ -18,7 +20,11 @@ from test_train import small_config
 TIMELINE = dict(timeline_start_step=8, timeline_num_steps=2)
 METHODS = {'fdg': dict(method='fdg'), 'ddg': dict(method='ddg'), 'dgl': dict(method='dgl'),
            '1f1b.m2': dict(method='1f1b', microbatches=2, grad_clip=1.0, **TIMELINE),
-           'fdg.m2': dict(method='fdg', microbatches=2, **TIMELINE)}
+           'fdg.m2': dict(method='fdg', microbatches=2, **TIMELINE),
+           'fdg.ef': dict(method='fdg', compensation='error_feedback'),
+           'vit.rot': dict(method='fdg', model='vit_tiny', image_size=32, optimizer='adamw',
+                           learning_rate=1e-3, compensation='basis_rotation',
+                           rotation_frequency=5)}
 
 
 def main():

@@ -199,7 +199,8 @@ def test_trainer_runs_data_parallel_bp_in_two_processes(tmp_path):
 
 def test_trainer_in_two_processes_equals_one_pinned_process_bit_for_bit(tmp_path):
   """The trainer (FDG, DDG, DGL, 1F1B over 2 microbatches with the whole model's clipping, FDG
-  over 2 microbatches, at K = 2) with stage k in process k, each process pinned to its core,
+  over 2 microbatches, FDG with error feedback, the ViT with basis rotation, at K = 2) with
+  stage k in process k, each process pinned to its core,
   ends with the same variables, bit for bit, as one process with one CPU device pinned to one
   core and both stages on it: XLA:CPU computes alike with one device and one thread in both
   layouts, so the layouts can be compared exactly (two devices, or cores, in one process round
