@@ -683,6 +683,24 @@ def test_schedule_cost_of_equal_unit_stages(num_stages, microbatches):
   assert schedule_cost.time_per_batch('fdg', K, M, slow, 1.0, 0.5) == pytest.approx(4 * M + 0.5)
 
 
+@pytest.mark.slow
+def test_schedule_cost_measures_a_gpt_with_the_optimizer_it_is_given(tmp_path):
+  """--measure in its pinned process, with --optimizer: the times keyed by model, optimizer and
+  batch, every microbatch size's stage times and both stages' update (rotated Adam's, its
+  refreshes at their rate) positive."""
+  times = tmp_path / 'times.json'
+  done = subprocess.run(
+      [sys.executable, '-m', 'experiments.bench.schedule_cost', '--measure=gpt:4', '--n_layer=2',
+       '--n_embd=16', '--n_head=2', '--block_size=8', '--microbatches=2', '--repeats=1',
+       '--warmup=1', '--optimizer=rotated_adamw', f'--times={times}'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  (key, entry), = json.loads(times.read_text())['models'].items()
+  assert key == 'gpt2x16_h2_t8_rotated_adamw_b4' and entry['optimizer'] == 'rotated_adamw'
+  assert sorted(entry['micro']) == ['1', '2'] and len(entry['update_ms']) == 2
+  assert min(entry['update_ms']) > 0 and entry['micro']['2']['microbatch_size'] == 2
+
+
 def fake_stage_times():
   """Stage times as --measure writes them: stage 0's forward 10 and backward 20 ms, the last
   stage's fused forward, loss and backward 30 ms, updates of 5 ms."""

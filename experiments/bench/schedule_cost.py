@@ -22,7 +22,10 @@ Three modes:
   squared norm where the config clips), at each microbatch size --batch / M (M = 1 and each of
   --microbatches), in one process pinned to one core with one CPU device (as each of speedup's
   processes), calling `pipe.method`'s functions with `jax.block_until_ready` after each; medians
-  of --repeats. An item is `gpt` (the GPT sized by --n_layer, --n_embd, --n_head, --block_size,
+  of --repeats, but the update's mean over at least UPDATE_CALLS calls (an optimizer that
+  refreshes something every few updates, as rotated Adam's bases every 10, pays it at its rate).
+  `--optimizer` sets the config's optimizer (default: the model's config's own, AdamW for the
+  GPT), and names the times `MODEL_OPTIMIZER` (e.g. gpt8x128_h4_t64_muon_b16). An item is `gpt` (the GPT sized by --n_layer, --n_embd, --n_head, --block_size,
   speedup's defaults) or a model of the zoo, with `:BATCH` (default 16 for the GPT, 128 for the
   zoo). The times go to --times, merged by model and batch.
 * (default) prints, for every measured model, the predicted time per batch of each schedule for
@@ -62,6 +65,8 @@ FLAGS = flags.FLAGS
 SCHEDULES = schedule.PROGRAMS   # gpipe, 1f1b, fdg
 TIMES = os.path.join(experiments.RESULTS_DIR, 'schedule_cost_times.json')
 DEFAULT_BATCH = {'gpt': 16}     # the zoo's: 128 (speedup's defaults)
+# The fewest updates timed (their mean): two refreshes of rotated Adam's bases (every 10).
+UPDATE_CALLS = 20
 
 
 def define_flags() -> None:
@@ -83,6 +88,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('n_embd', 256, 'GPT: width.')
   flags.DEFINE_integer('n_head', 8, 'GPT: attention heads.')
   flags.DEFINE_integer('block_size', 128, 'GPT: context.')
+  flags.DEFINE_string('optimizer', '', '--measure: the config\'s optimizer (e.g. muon, '
+                      'rotated_adamw); empty: the model config\'s own. Named in the times\' key.')
   flags.DEFINE_string('measure_one', '', 'Set by --measure for its pinned process.')
 
 
@@ -206,9 +213,9 @@ def parse_item(item: str) -> tuple[str, int]:
 
 def label_of(model: str) -> str:
   """The model as experiments.bench.speedup names it in its results."""
-  if model == 'gpt':
-    return f'gpt{FLAGS.n_layer}x{FLAGS.n_embd}_h{FLAGS.n_head}_t{FLAGS.block_size}'
-  return model
+  name = (f'gpt{FLAGS.n_layer}x{FLAGS.n_embd}_h{FLAGS.n_head}_t{FLAGS.block_size}'
+          if model == 'gpt' else model)
+  return f'{name}_{FLAGS.optimizer}' if FLAGS.optimizer else name
 
 
 def measure_one(item: str, counts: Sequence[int]) -> dict:
@@ -222,6 +229,8 @@ def measure_one(item: str, counts: Sequence[int]) -> dict:
   config = (common.make_gpt_config(method, 2, batch, FLAGS.n_layer, FLAGS.n_embd, FLAGS.n_head,
                                    FLAGS.block_size) if model == 'gpt' else
             common.make_config(model, method, 2, batch, 32))
+  if FLAGS.optimizer:
+    config.optimizer = FLAGS.optimizer
   config.stage_devices = (0,)   # both stages on this process's one device
   config.split_by = 'flops'     # as speedup's configurations
   run = common.initial_run(config)
@@ -252,7 +261,7 @@ def measure_one(item: str, counts: Sequence[int]) -> dict:
                      **{key: statistics.median(v) for key, v in samples.items()}}
 
   update = [[], []]
-  for r in range(FLAGS.warmup + FLAGS.repeats):
+  for r in range(FLAGS.warmup + max(FLAGS.repeats, UPDATE_CALLS)):
     for k in range(2):
       def step(k=k):
         norms = ([fns.squared_norm(j, totals[j]) for j in range(2)] if fns.grad_clip > 0
@@ -262,7 +271,7 @@ def measure_one(item: str, counts: Sequence[int]) -> dict:
   return {'model': label_of(model), 'task': config.task, 'batch_size': batch,
           'split': list(run.split),   # blocks per stage
           'grad_clip': fns.grad_clip, 'repeats': FLAGS.repeats, 'micro': micro,
-          'update_ms': [statistics.median(u) for u in update]}
+          'optimizer': config.optimizer, 'update_ms': [statistics.mean(u) for u in update]}
 
 
 def measure(items: Sequence[str], counts: Sequence[int]) -> dict:
@@ -274,7 +283,7 @@ def measure(items: Sequence[str], counts: Sequence[int]) -> dict:
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              PYTHONPATH=experiments.REPO)
   passed = [f'--{name}={FLAGS[name].value}' for name in
-            ('n_layer', 'n_embd', 'n_head', 'block_size', 'repeats', 'warmup')]
+            ('n_layer', 'n_embd', 'n_head', 'block_size', 'repeats', 'warmup', 'optimizer')]
   times = {'models': {}}
   if os.path.exists(FLAGS.times):
     with open(FLAGS.times) as f:
