@@ -13,6 +13,7 @@ import subprocess
 import sys
 from unittest import mock
 
+from absl import app
 import pytest
 
 from experiments.grids import cells as cells_lib
@@ -1066,9 +1067,14 @@ def test_time_to_loss_from_learning_curves_and_the_cost_model(tmp_path):
        'speedup': 3.3},
       {'num_stages': 4, 'microbatches': 8, 'schedule': '1f1b', 'ms_per_batch': 400.0,
        'speedup': 2.5}]
-  text = time_to_loss.report(str(tmp_path / 'grid'), {'tables': {'gpt': rows}}, 'gpt', [4], 0.5,
-                             {'fdg K=2': str(tmp_path / 'measured' / 'fdg')},
-                             str(tmp_path / 'out'))
+  # Rotated Adam's updates make every schedule 1.5x slower (its own table).
+  rotated = [dict(r, ms_per_batch=1.5 * r['ms_per_batch']) for r in rows]
+  with pytest.raises(app.UsageError, match=r"no \['gpt_rotated_adamw_b16'\].*--optimizer="):
+    time_to_loss.report(str(tmp_path / 'grid'), {'tables': {'gpt_b16': rows}}, 'gpt_b16', [4],
+                        0.5, {}, str(tmp_path / 'out'))
+  text = time_to_loss.report(
+      str(tmp_path / 'grid'), {'tables': {'gpt_b16': rows, 'gpt_rotated_adamw_b16': rotated}},
+      'gpt_b16', [4], 0.5, {'fdg K=2': str(tmp_path / 'measured' / 'fdg')}, str(tmp_path / 'out'))
   table = {line.split(' | ')[0].lstrip('| '): line.split(' | ')[1:]
            for line in text.splitlines() if line.startswith('| ') and '---' not in line}
   # BP: one device, 1 s a batch; its mean curve 3.0, 2.1, 1.6 reaches 1.6 at step 300, 2.1 at 200.
@@ -1080,7 +1086,7 @@ def test_time_to_loss_from_learning_curves_and_the_cost_model(tmp_path):
   assert table['fdg K=2 (measured)'][2] == '29'
   assert 'rotated_adamw: BP 1.2000' in text
   assert table['fdg K=4 M=8 basis_rotation'][1:3] == ['never', 'never']   # 1.3 > 1.2
-  assert table['1f1b K=4 M=8 rotated_adamw'][:4] == ['0.400', '300', '120', '217']
+  assert table['1f1b K=4 M=8 rotated_adamw'][:4] == ['0.600', '300', '180', '217']
   assert (tmp_path / 'out' / 'time_to_loss.png').stat().st_size > 1000
   assert time_to_loss.parse_measured(['1f1b K=2 M=8=runs/a', 'bp=runs/b']) == {
       '1f1b K=2 M=8': 'runs/a', 'bp': 'runs/b'}

@@ -6,7 +6,9 @@ missing bubble against its staleness and 1F1B's exactness against its bubble. Tw
 * Predicted, any K: a grid's learning curves (validation loss against step, mean over seeds,
   from the runs' `summary.json`; e.g. experiments/lm/depth_grid.py's) times each schedule's time
   per batch from the cost model (`experiments.bench.schedule_cost --output=COSTS.json`, its
-  `tables`: K equal stages of measured stage times, on K devices). 1F1B and GPipe compute BP's
+  `tables`: K equal stages of measured stage times, on K devices), timed with the optimizer of
+  the run's BP reference (`cost_key`: Muon's and rotated Adam's updates cost more than AdamW's;
+  basis_rotation, rotated on all stages but the last, is priced as rotated on all). 1F1B and GPipe compute BP's
   update (tests/test_microbatches.py), so they follow BP's curve at their own time per batch;
   BP runs on one device: the model's whole work per batch. DDG and DGL have no program in the
   cost model and are left out.
@@ -21,7 +23,9 @@ batch, steps and seconds to each target, each against the fastest 1F1B) and time
 (validation loss against seconds, one panel per K).
 
     python -m experiments.bench.schedule_cost --measure=gpt:16 --n_layer=8 --n_embd=128 \
-        --n_head=4 --block_size=64 --stages=4,8 --microbatches=1,8,16 --output=COSTS.json
+        --n_head=4 --block_size=64 --microbatches=8,16   # and with --optimizer=muon, ...
+    python -m experiments.bench.schedule_cost --stages=4,8 --microbatches=1,8,16 \
+        --output=COSTS.json
     python -m experiments.lm.time_to_loss --grid_dir=experiments/results/depth_cpu \
         --costs=COSTS.json --model=gpt8x128_h4_t64_b16
 """
@@ -136,19 +140,20 @@ def batch_seconds(rows: Sequence[dict], method: str, num_stages: int, microbatch
   return None if row is None else row['ms_per_batch'] / 1e3
 
 
-def predicted_rows(grid: Sequence[Curve], rows: Sequence[dict], num_stages: int,
+def predicted_rows(grid: Sequence[Curve], tables: dict, num_stages: int,
                    targets: dict) -> list[dict]:
   """Every setting at K (and BP, and each synchronous schedule on BP's curve) with its seconds
-  per batch and its steps and seconds to each target (targets: optimizer -> [loss, ...])."""
+  per batch and its steps and seconds to each target (targets: optimizer -> [loss, ...];
+  tables: optimizer -> the cost model's rows at K, timed with that optimizer's update)."""
   table = []
   bp = {c.optimizer: c for c in grid if c.method == 'bp'}
-  sync = sorted({(r['schedule'], r['microbatches']) for r in rows
+  sync = sorted({(r['schedule'], r['microbatches']) for rows in tables.values() for r in rows
                  if r['schedule'] in SYNCHRONOUS and r['num_stages'] == num_stages})
   entries = [(c, c.method, c.num_stages, c.microbatches) for c in grid
              if c.method == 'bp' or (c.num_stages == num_stages and c.method == 'fdg')]
   entries += [(curve, name, num_stages, m) for curve in bp.values() for name, m in sync]
   for curve, method, K, M in entries:
-    seconds = batch_seconds(rows, method, K, M)
+    seconds = batch_seconds(tables.get(curve.optimizer, []), method, K, M)
     if seconds is None or curve.optimizer not in targets:
       continue
     label = curve.label if method in ('bp', 'fdg') else (
@@ -158,6 +163,16 @@ def predicted_rows(grid: Sequence[Curve], rows: Sequence[dict], num_stages: int,
                   'steps': steps, 'seconds': [None if s is None else s * seconds for s in steps],
                   'curve': curve})
   return table
+
+
+def cost_key(model: str, optimizer: str) -> str:
+  """The cost table of `model` (e.g. gpt8x128_h4_t64_b16, timed with AdamW) timed with
+  `optimizer` instead, as `schedule_cost --measure --optimizer` names it
+  (gpt8x128_h4_t64_muon_b16)."""
+  if optimizer == 'adamw':
+    return model
+  name, _, batch = model.rpartition('_b')
+  return f'{name}_{optimizer}_b{batch}'
 
 
 def measured_rows(measured: Sequence[Curve], targets: dict) -> list[dict]:
@@ -229,13 +244,17 @@ def report(grid_dir: str, costs: dict, model: str, stages: Sequence[int], margin
   targets = {c.optimizer: [c.losses[-1], c.losses[-1] + margin] for c in grid if c.method == 'bp'}
   if not targets:
     raise app.UsageError(f'{grid_dir} has no finished BP run: its final loss is the target.')
-  if model not in costs['tables']:
-    raise app.UsageError(f'The cost table has no model {model!r}; it has '
-                         f'{sorted(costs["tables"])}.')
-  rows = costs['tables'][model]
+  missing = sorted({cost_key(model, o) for o in targets} - set(costs['tables']))
+  if missing:
+    raise app.UsageError(
+        f'The cost table has no {missing} (the model timed with each optimizer its runs use); '
+        f'it has {sorted(costs["tables"])}. Measure them with experiments.bench.schedule_cost '
+        '--measure=... --optimizer=OPTIMIZER, then write the table again.')
   sections, panels = [], {}
   for K in stages:
-    table = predicted_rows(grid, [r for r in rows if r['num_stages'] == K], K, targets)
+    tables = {o: [r for r in costs['tables'][cost_key(model, o)] if r['num_stages'] == K]
+              for o in targets}
+    table = predicted_rows(grid, tables, K, targets)
     panels[f'K = {K} (predicted)'] = fastest_synchronous_only(table)
     sections.append(f'## K = {K}, predicted (the cost model, {model})\n\n'
                     + markdown(table, targets, margin))
