@@ -48,6 +48,15 @@ METHODS = {
     'nesterov+delay_momentum': ('nagdm', {'compensation': 'nesterov+delay_momentum'}),
     # beta applied once to every delayed stage's gradient, not compounded per hop (issue 28).
     'beta_once': ('once', {'beta_compounds': False}),
+    # Issue 38: the deep GPT grid's best at K = 4, on ResNet-20: PipeDream-2BW's microbatches
+    # (M = 8 >= 2(K - 1): one update's delay) alone, with the look-ahead at 0.9 and with the
+    # error feedback of Zmushko et al.; error feedback alone (FDG's delays).
+    'error_feedback': ('ef', {'compensation': 'error_feedback'}),
+    # (The cell's name and setting say M=8 themselves.)
+    'm8': ('', {'microbatches': 8}),
+    'm8+nesterov_0.9': ('nag0.9', {'microbatches': 8, 'compensation': 'nesterov',
+                                   'nesterov_momentum': 0.9}),
+    'm8+error_feedback': ('ef', {'microbatches': 8, 'compensation': 'error_feedback'}),
 }
 
 
