@@ -319,8 +319,8 @@ def test_compensation_grid_shares_fig4a_cells_and_reports(tmp_path):
       'resnet20_bp_seed0', 'resnet20_fdg_k2_beta0.25_seed0',
       'resnet20_fdg_k2_beta0.25_recompute_seed0', 'resnet20_fdg_k2_beta0.25_wp_seed0',
       'resnet20_fdg_k2_beta0.25_dc_seed0', 'resnet20_fdg_k2_beta0.25_lr_seed0']
-  # BP once, ten FDG methods per K but beta once at K = 2 (plain FDG's computation there).
-  assert len(cells) == len(opts.seeds) * (1 + 9 + 10)
+  # BP once, 14 FDG methods per K but beta once at K = 2 (plain FDG's computation there).
+  assert len(cells) == len(opts.seeds) * (1 + 13 + 14)
   # BP and plain FDG are fig4a_beta.py's cells: a finished run of that grid is read as is.
   fig4a = {c.name: c for c in fig4a_beta.build_cells(opts, betas=(0.25,))}
   for cell in cells[:2]:
@@ -333,6 +333,13 @@ def test_compensation_grid_shares_fig4a_cells_and_reports(tmp_path):
   assert (nag['compensation'], nag['nesterov_momentum']) == ('nesterov', 0.9)
   assert by_name['resnet20_fdg_k4_beta0.5_once_seed1'].override_dict()['beta_compounds'] is False
   assert 'resnet20_fdg_k2_beta0.25_once_seed0' not in by_name
+  # 2BW's microbatches: the name and the setting say M=8 once, the variant what comes with it.
+  m8_ef = by_name['resnet20_fdg_k4_beta0.5_m8_ef_seed0']
+  assert m8_ef.override_dict()['microbatches'] == 8 and m8_ef.group[-1] == 'M=8 ef'
+  assert m8_ef.override_dict()['compensation'] == 'error_feedback'
+  m8_nag = by_name['resnet20_fdg_k4_beta0.5_m8_nag0.9_seed0'].override_dict()
+  assert (m8_nag['microbatches'], m8_nag['nesterov_momentum']) == (8, 0.9)
+  assert by_name['resnet20_fdg_k4_beta0.5_m8_seed0'].group[-1] == 'M=8'
   with pytest.raises(cells_lib.GridError, match='one beta per K'):
     compensation_grid.build_cells(opts, num_stages=(2, 4), betas=(0.25,))
   with pytest.raises(cells_lib.GridError, match='unknown'):
