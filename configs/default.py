@@ -113,13 +113,14 @@ def get_config():
   config.delay_momentum_max = 0.99
   # error_feedback: c in u + c * (u - u_previous), the correction's weight (the paper's 1).
   config.ef_coefficient = 1.0
-  # basis_rotation and optimizer 'rotated_adamw': updates between refreshes of each matrix's eigenbasis (the authors' 10).
+  # basis_rotation and optimizer 'rotated_adamw': updates between refreshes of each matrix's
+  # eigenbasis (the authors' 10).
   config.rotation_frequency = 10
-  # basis_rotation, rotated_adamw: decay of the running gradient covariances G G^T and G^T G; negative means
-  # adam_b2 (the authors' default).
+  # basis_rotation, rotated_adamw: decay of the running gradient covariances G G^T and G^T G;
+  # negative means adam_b2 (the authors' default).
   config.rotation_decay = -1.0
-  # basis_rotation, rotated_adamw: 'bi' rotates both sides of each matrix (the authors' default), 'uni' only
-  # its smaller dimension.
+  # basis_rotation, rotated_adamw: 'bi' rotates both sides of each matrix (the authors'
+  # default), 'uni' only its smaller dimension.
   config.rotation_geometry = 'bi'
   # Examples (images, token windows) per training batch.
   config.batch_size = 128
