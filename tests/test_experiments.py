@@ -1088,8 +1088,12 @@ def test_time_to_loss_from_learning_curves_and_the_cost_model(tmp_path):
   assert table['bp'][:4] == ['1.000', '300', '300', '200']
   assert table['1f1b K=4 M=8'][:4] == ['0.400', '300', '120', '200']   # BP's curve, faster
   assert table['fdg K=4 M=8'][:4] == ['0.300', '200', '60', '164']   # 2.1: 100 + 100 * 0.9 / 1.4
-  assert table['fdg K=4 M=8'][-1].rstrip(' |') == '2.00'           # 1F1B's 120 s over its 60 s
+  # The fastest synchronous schedule over the row, to BP (1F1B's 120 s over 60 s) and to BP +
+  # 0.5 (1F1B's 80 s over 49.3 s).
+  assert [c.rstrip(' |') for c in table['fdg K=4 M=8'][-2:]] == ['2.00', '1.62']
   assert table['fdg K=4'][1:3] == ['never', 'never']
+  # Never at BP's loss, but at BP + 0.5 (step 266.7, 0.25 s a batch) sooner than 1F1B.
+  assert [c.rstrip(' |') for c in table['fdg K=4'][-2:]] == ['never', '1.20']
   assert table['fdg K=2 (measured)'][2] == '29'
   assert 'rotated_adamw: BP 1.2000' in text
   assert table['fdg K=4 M=8 basis_rotation'][1:3] == ['never', 'never']   # 1.3 > 1.2
