@@ -86,11 +86,12 @@ def get_config():
   # u + ef_coefficient * (u - its previous update), any optimizer) or 'basis_rotation' (Jung et
   # al. 2026: the delayed stages' AdamW runs in the eigenbasis of each attention and MLP
   # matrix's gradient covariances, refreshed every rotation_frequency updates; needs 'adamw').
-  # Measured (docs/record/compensation.md, language_model.md): with SGD 'weight_prediction' or
-  # 'nesterov' at nesterov_momentum 0.9; with AdamW 'weight_prediction' at K = 2. At K = 4 on
-  # the 8-layer GPT (one seed): microbatches first (M >= 2(K - 1)), then with Muon
-  # 'error_feedback' (level with BP), with AdamW 'nesterov' or 'error_feedback' (0.04 behind).
-  # None wins everywhere, so the default is the paper's 'none'.
+  # Measured (docs/record/compensation.md, language_model.md): at K = 2 with SGD
+  # 'weight_prediction' or 'nesterov' at nesterov_momentum 0.9, with AdamW 'weight_prediction'.
+  # At K >= 4 microbatches first (M >= 2(K - 1)), then 'error_feedback': on the 8-layer GPT
+  # with Muon +0.005 nats from BP at K = 4 (3 seeds) and +0.006 at K = 8 (one seed); with
+  # AdamW 'nesterov' (+0.037, +0.051); ResNet-20 K = 4 with SGD +0.12 points (6 seeds).
+  # None wins without microbatches, so the default is the paper's 'none'.
   config.compensation = 'none'
   # delay_compensation: lambda0 of DC-ASGD-a (adaptive: divided by the root of the gradient's
   # running mean square), or lambda of DC-ASGD-c with dc_adaptive False (the paper: 0.04).
