@@ -49,8 +49,9 @@ METHODS = {
     # beta applied once to every delayed stage's gradient, not compounded per hop (issue 28).
     'beta_once': ('once', {'beta_compounds': False}),
     # Issue 38: the deep GPT grid's best at K = 4, on ResNet-20: PipeDream-2BW's microbatches
-    # (M = 8 >= 2(K - 1): one update's delay) alone, with the look-ahead at 0.9 and with the
-    # error feedback of Zmushko et al.; error feedback alone (FDG's delays).
+    # (M = 8 >= 2(K - 1): every delayed stage's delay 2 updates instead of 6, 4, 2) alone, with
+    # the look-ahead at 0.9 and with the error feedback of Zmushko et al.; error feedback alone
+    # (FDG's delays).
     'error_feedback': ('ef', {'compensation': 'error_feedback'}),
     # (The cell's name and setting say M=8 themselves.)
     'm8': ('', {'microbatches': 8}),
@@ -150,7 +151,8 @@ def report(results, options: cells_lib.Options) -> None:
            'prediction; dc = delay compensation (DC-ASGD-a); lr = learning-rate rescheduling '
            '(PipeMare); nag = Nesterov SGD at momentum 0.99, nag0.9 at 0.9; dm = momentum from '
            'the delay; nagdm = both (Ajanthan et al. 2025); once = beta applied once per stage, '
-           'not compounded; formulas in docs/algorithm.md. Time: the trainer\'s train_time_s '
+           'not compounded; ef = error feedback (Zmushko et al. 2026); M=8: PipeDream-2BW\'s 8 '
+           'microbatches a batch; formulas in docs/algorithm.md. Time: the trainer\'s train_time_s '
            '(compilation included); memory: the trainer process\'s peak resident set.\n'
            'Figures: `bars.png` (test error per method and K), `curves.png` (test error '
            'against epoch, mean over seeds).\n')
