@@ -1,0 +1,2 @@
+# gpt_bp_rotadam_seed2, from .
+cd . && XLA_FLAGS='' python -m fdg_jax.main --config=configs/shakespeare_char_deep_cpu.py --workdir=experiments/results/depth_cpu/runs/gpt_bp_rotadam_seed2 --config.beta=1.0 --config.data_dir=../shared/data/tinyshakespeare.txt --config.dataset=textfile --config.method=bp --config.model=gpt --config.num_stages=1 --config.optimizer=rotated_adamw --config.seed=2 '--config.stage_devices=()'
