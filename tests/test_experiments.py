@@ -686,6 +686,10 @@ def test_schedule_cost_of_equal_unit_stages(num_stages, microbatches):
         (M + K - 1) * 2 + 0.5)
   fdg = schedule_cost.predict('fdg', K, M, 1.0, 1.0, 0.5)
   assert fdg['ms_per_batch'] == pytest.approx(2 * M + 0.5) and fdg['bubble'] == pytest.approx(0)
+  # DGL (M = 1): no cotangent to wait for, so one stage's F (its forward, head and backward) and
+  # U a batch, whatever K and the latency.
+  dgl = schedule_cost.predict('dgl', K, 1, 2.0, 0.0, 0.5, latency=3.0)
+  assert dgl['ms_per_batch'] == pytest.approx(2.5) and dgl['bubble'] == pytest.approx(0)
   # Unequal stages: the slowest stage's work sets FDG's pace.
   slow = [1.0] * (K - 1) + [3.0]
   assert schedule_cost.time_per_batch('fdg', K, M, slow, 1.0, 0.5) == pytest.approx(4 * M + 0.5)
@@ -707,6 +711,7 @@ def test_schedule_cost_measures_a_gpt_with_the_optimizer_it_is_given(tmp_path):
   assert key == 'gpt2x16_h2_t8_rotated_adamw_b4' and entry['optimizer'] == 'rotated_adamw'
   assert sorted(entry['micro']) == ['1', '2'] and len(entry['update_ms']) == 2
   assert min(entry['update_ms']) > 0 and entry['micro']['2']['microbatch_size'] == 2
+  assert entry['aux_head_ms'] > 0   # DGL's auxiliary head
 
 
 def fake_stage_times():
@@ -714,7 +719,7 @@ def fake_stage_times():
   stage's fused forward, loss and backward 30 ms, updates of 5 ms."""
   micro = {'forward_ms': 10.0, 'backward_ms': 20.0, 'loss_ms': 30.0, 'microbatch_size': 4}
   return {'model': 'gpt1x8_h1_t4', 'batch_size': 16, 'update_ms': [5.0, 5.0],
-          'micro': {'1': micro, '4': micro}}
+          'micro': {'1': micro, '4': micro}, 'aux_head_ms': 3.0}
 
 
 def test_schedule_cost_stage_times_and_validation_by_hand():
@@ -728,6 +733,17 @@ def test_schedule_cost_stage_times_and_validation_by_hand():
   assert schedule_cost.stage_times(entry, 4, 2) == ([10.0, 30.0], [20.0, 0.0], [5.0, 5.0])
   assert schedule_cost.stage_times(entry, 4, 4) == ([5.0, 5.0, 5.0, 15.0], [10.0, 10.0, 10.0, 0.0],
                                                     [2.5] * 4)
+  # DGL: forward and backward at M = 1 in one F, every stage but the last with its 3 ms head.
+  assert schedule_cost.dgl_stage_times(entry, 2) == ([33.0, 30.0], [0.0, 0.0], [5.0, 5.0])
+  assert schedule_cost.dgl_stage_times(entry, 4) == ([18.0, 18.0, 18.0, 15.0], [0.0] * 4,
+                                                     [2.5] * 4)
+  rows = schedule_cost.table(entry, [4], [1, 4], lambda M: 0.0, 24)
+  assert [(r['microbatches'], r['schedule']) for r in rows] == [
+      (1, 'gpipe'), (1, '1f1b'), (1, 'fdg'), (1, 'dgl'), (4, 'gpipe'), (4, '1f1b'), (4, 'fdg')]
+  assert rows[3]['ms_per_batch'] == pytest.approx(20.5)   # the slowest stage: 18 + 2.5
+  del entry['aux_head_ms']   # times measured before the head was: no DGL row
+  assert 'dgl' not in {r['schedule'] for r in schedule_cost.table(entry, [4], [1], lambda M: 0, 24)}
+  entry = fake_stage_times()
   result = {'model': 'gpt1x8_h1_t4', 'batch_size': 16,
             'ms_per_iter': {'fdg': 35.0, 'fdg_m4': 250.0, '1f1b_m4': 155.0, 'fdg_m4+env': 1.0},
             'exchange_ms': {'fdg': 0.0, 'fdg_m4': 0.0, '1f1b_m4': 0.0},
@@ -1062,6 +1078,7 @@ def test_time_to_loss_from_learning_curves_and_the_cost_model(tmp_path):
   run('grid/runs/bp_seed1', 'bp', 1, 1, [3.0, 2.2, 1.7])              # BP's mean final: 1.6
   run('grid/runs/fdg_k4_seed0', 'fdg', 4, 1, [3.0, 2.5, 1.9])         # never reaches 1.6
   run('grid/runs/fdg_k4_m8_seed0', 'fdg', 4, 8, [3.0, 1.6, 1.4])      # at step 200
+  run('grid/runs/dgl_k4_seed0', 'dgl', 4, 1, [3.0, 2.0, 1.6])         # at step 300, as BP
   run('measured/fdg', 'fdg', 2, 1, [3.0, 1.5], train_s=[10.0, 30.0])  # 1.6 at 28.7 s
   # Basis rotation is measured against BP with rotated Adam (final 1.2), not against AdamW's.
   run('grid/runs/bp_rotadam_seed0', 'bp', 1, 1, [3.0, 1.8, 1.2], optimizer='rotated_adamw')
@@ -1073,7 +1090,9 @@ def test_time_to_loss_from_learning_curves_and_the_cost_model(tmp_path):
       {'num_stages': 4, 'microbatches': 8, 'schedule': 'fdg', 'ms_per_batch': 300.0,
        'speedup': 3.3},
       {'num_stages': 4, 'microbatches': 8, 'schedule': '1f1b', 'ms_per_batch': 400.0,
-       'speedup': 2.5}]
+       'speedup': 2.5},
+      {'num_stages': 4, 'microbatches': 1, 'schedule': 'dgl', 'ms_per_batch': 260.0,
+       'speedup': 4.0}]
   # Rotated Adam's updates make every schedule 1.5x slower (its own table).
   rotated = [dict(r, ms_per_batch=1.5 * r['ms_per_batch']) for r in rows]
   with pytest.raises(app.UsageError, match=r"no \['gpt_rotated_adamw_b16'\].*--optimizer="):
@@ -1092,6 +1111,7 @@ def test_time_to_loss_from_learning_curves_and_the_cost_model(tmp_path):
   # 0.5 (1F1B's 80 s over 49.3 s).
   assert [c.rstrip(' |') for c in table['fdg K=4 M=8'][-2:]] == ['2.00', '1.62']
   assert table['fdg K=4'][1:3] == ['never', 'never']
+  assert table['dgl K=4'][:4] == ['0.260', '300', '78', '190']   # DGL at its own price
   # Never at BP's loss, but at BP + 0.5 (step 266.7, 0.25 s a batch) sooner than 1F1B.
   assert [c.rstrip(' |') for c in table['fdg K=4'][-2:]] == ['never', '1.20']
   assert table['fdg K=2 (measured)'][2] == '29'

@@ -324,7 +324,7 @@ def test_1f1b_keeps_at_most_k_minus_k_microbatches_and_gpipe_m(num_stages, micro
       assert most == bound(k), (name, k)
 
 
-@pytest.mark.parametrize('name', schedule_lib.PROGRAMS)
+@pytest.mark.parametrize('name', [p for p in schedule_lib.PROGRAMS if p != 'dgl'])
 @pytest.mark.parametrize('num_stages', [1, 2, 3, 4])
 @pytest.mark.parametrize('microbatches', [1, 2, 3, 8])
 def test_every_program_is_complete_and_ordered(name, num_stages, microbatches):
@@ -407,3 +407,23 @@ def test_fdg_program_with_one_microbatch_is_fdgs_schedule(num_stages):
     assert ''.join(kinds) == ('FBU' * N if k == K - 1 else 'F' * min(N, 2 * (K - 1 - k))
                               + 'BUF' * max(0, N - 2 * (K - 1 - k))
                               + 'BU' * min(N, 2 * (K - 1 - k)))
+
+
+@pytest.mark.parametrize('num_stages', [1, 2, 3, 4])
+def test_dgl_program_is_dgls_schedule(num_stages):
+  """DGL's program (the cost model's): stage k forwards and updates batch b in tick b + k, where
+  `Schedule('dgl')` forwards and updates it; no backward waits for a cotangent; no microbatches."""
+  K, N = num_stages, 5
+  forwards, updates, _ = when(stream(schedule_lib.Schedule('dgl', K), N, extra=0))
+  table = schedule_lib.ticks('dgl', K, 1, N)
+  placed = {(a.kind, k, a.index): t for t, tick in enumerate(table) for k, actions in tick.items()
+            for a in actions}
+  assert placed == {**{('F', k, b): t for (k, b), t in forwards.items()},
+                    **{('U', k, b): t for (k, b), t in updates.items()}}
+  assert schedule_lib.render(schedule_lib.ticks('dgl', 3, 1, 2), 3) == '\n'.join([
+      'stage 0: F0 F1 .  .',
+      'stage 1: .  F0 F1 .',
+      'stage 2: .  .  F0 F1',
+  ])
+  with pytest.raises(ValueError, match='DGL has no microbatch schedule'):
+    schedule_lib.program('dgl', 0, K, 2, N)

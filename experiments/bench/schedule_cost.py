@@ -1,12 +1,14 @@
-r"""The schedules' cost model: time per batch of GPipe, 1F1B and FDG over M microbatches on K
-stages, one per device, predicted from measured stage times by an event simulation.
+r"""The schedules' cost model: time per batch of GPipe, 1F1B and FDG over M microbatches, and of
+DGL, on K stages, one per device, predicted from measured stage times by an event simulation.
 
 Each stage runs its program (`fdg_jax.engine.schedule.program`: F and B of every microbatch, U
 of every batch, in the order the engine runs them) and `schedule.simulate` times it: an action
 starts when its stage is free and its inputs are in (an F waits for stage k-1's F of the same
 microbatch, a B for its own F and stage k+1's B), each transfer arriving `latency` after its
 sender's action ends. The last stage's F is the engine's fused forward, loss and backward (its
-`loss` function), and its B takes no time (it only sends what F made). What is assumed: no host
+`loss` function), and its B takes no time (it only sends what F made). DGL (M = 1) has no B:
+its F is the stage's forward, its auxiliary head's forward and backward and its own backward (the
+last stage's: the fused loss, its own head), waiting only for stage k-1's F. What is assumed: no host
 dispatch cost, no contention between devices, a synchronous schedule's clipping norm exchange (one
 scalar) hidden, the same latency between every pair of stages.
 
@@ -20,7 +22,9 @@ Three modes:
   split (the FLOP split, as `experiments.bench.speedup` runs): stage 0's microbatch forward and
   backward, the last stage's fused forward, loss and backward, each stage's update (with the
   squared norm where the config clips), at each microbatch size --batch / M (M = 1 and each of
-  --microbatches), in one process pinned to one core with one CPU device (as each of speedup's
+  --microbatches), and DGL's auxiliary head (the task's default: forward and backward to its
+  weights and its input, on stage 0's output of a whole batch; its own update left out), in one
+  process pinned to one core with one CPU device (as each of speedup's
   processes), calling `pipe.method`'s functions with `jax.block_until_ready` after each; medians
   of --repeats, but the update's mean over at least UPDATE_CALLS calls (an optimizer that
   refreshes something every few updates, as rotated Adam's bases every 10, pays it at its rate).
@@ -32,7 +36,7 @@ Three modes:
   K = --stages and M = --microbatches: K = 2 from the two measured stages; K > 2 assuming K
   equal stages, each 1/K of the model's forward, backward and update (the model's: stage 0's
   plus the last stage's, whose fused loss is split into forward and backward in stage 0's
-  ratio); with the speed-up over one device doing all of the work, and 1F1B's bubble (its
+  ratio), DGL's non-last stages each with an auxiliary head more; with the speed-up over one device doing all of the work, and 1F1B's bubble (its
   busiest stage's idle share) beside (K-1)/(M+K-1). The latency: --latency_ms, else half of
   the round trip `exchange_ms` that --latency_from (a speedup result) measured for the same
   model, batch and M, else 0.
@@ -62,7 +66,7 @@ import experiments
 from fdg_jax.engine import schedule
 
 FLAGS = flags.FLAGS
-SCHEDULES = schedule.PROGRAMS   # gpipe, 1f1b, fdg
+SCHEDULES = schedule.PROGRAMS   # gpipe, 1f1b, fdg, dgl (M = 1, where its head was timed)
 TIMES = os.path.join(experiments.RESULTS_DIR, 'schedule_cost_times.json')
 DEFAULT_BATCH = {'gpt': 16}     # the zoo's: 128 (speedup's defaults)
 # The fewest updates timed (their mean): two refreshes of rotated Adam's bases (every 10).
@@ -111,6 +115,14 @@ def stage_times(entry: dict, microbatches: int, num_stages: int
   K = num_stages
   return ([forward / K] * (K - 1) + [(forward + backward) / K], [backward / K] * (K - 1) + [0.0],
           [(u0 + u1) / K] * K)
+
+
+def dgl_stage_times(entry: dict, num_stages: int) -> tuple[list[float], list[float], list[float]]:
+  """DGL's per-stage (F, B, U) ms: F is a stage's forward and backward at M = 1 (`stage_times`),
+  plus the auxiliary head's (`aux_head_ms`) on every stage but the last; no B."""
+  forward, backward, update = stage_times(entry, 1, num_stages)
+  heads = [entry['aux_head_ms']] * (num_stages - 1) + [0.0]
+  return [f + b + h for f, b, h in zip(forward, backward, heads)], [0.0] * num_stages, update
 
 
 def simulate(name: str, num_stages: int, microbatches: int, forward, backward, update=0.0,
@@ -173,8 +185,10 @@ def table(entry: dict, stages: Sequence[int], counts: Sequence[int], latency_of,
   rows = []
   for K in stages:
     for M in counts:
-      times = stage_times(entry, M, K)
       for name in SCHEDULES:
+        if name == 'dgl' and (M != 1 or 'aux_head_ms' not in entry):
+          continue   # no microbatches; stage times measured before its head was timed
+        times = dgl_stage_times(entry, K) if name == 'dgl' else stage_times(entry, M, K)
         rows.append({'num_stages': K, 'microbatches': M, 'schedule': name,
                      'latency_ms': latency_of(M),
                      **predict(name, K, M, *times, latency_of(M), num_batches)})
@@ -245,6 +259,7 @@ def measure_one(item: str, counts: Sequence[int]) -> dict:
     return out
 
   micro, totals = {}, [None, None]
+  full_batch = None   # stage 0's output of a whole batch and its targets: DGL's head's input
   for M in counts:
     size = batch // M
     x = jax.device_put(inputs[:size], pipe.shardings[0])
@@ -259,6 +274,8 @@ def measure_one(item: str, counts: Sequence[int]) -> dict:
                            keep('backward_ms'))
     micro[str(M)] = {'microbatch_size': size,
                      **{key: statistics.median(v) for key, v in samples.items()}}
+    if M == 1:
+      full_batch = (h, y)
 
   update = [[], []]
   for r in range(FLAGS.warmup + max(FLAGS.repeats, UPDATE_CALLS)):
@@ -271,7 +288,35 @@ def measure_one(item: str, counts: Sequence[int]) -> dict:
   return {'model': label_of(model), 'task': config.task, 'batch_size': batch,
           'split': list(run.split),   # blocks per stage
           'grad_clip': fns.grad_clip, 'repeats': FLAGS.repeats, 'micro': micro,
-          'optimizer': config.optimizer, 'update_ms': [statistics.mean(u) for u in update]}
+          'optimizer': config.optimizer, 'update_ms': [statistics.mean(u) for u in update],
+          'aux_head_ms': aux_head_ms(config, *full_batch, timed)}
+
+
+def aux_head_ms(config, h, targets, timed) -> float:
+  """DGL's work beyond the network's on a non-last stage: its auxiliary head's (the task's
+  default) forward and backward, to the head's weights and to `h` (stage 0's output of a whole
+  batch), median of --repeats. The head's update is left out (the GPT's: LayerNorm and a
+  n_embd x vocabulary matrix)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from experiments.bench import common  # pylint: disable=import-outside-toplevel
+
+  config = config.copy_and_resolve_references()
+  config.method = 'dgl'
+  run = common.initial_run(config)
+  head, stage = run.pipe.method.aux_heads[0], run.state.stages[0]
+  batch_stats, key = stage.batch_stats['aux'], jax.random.key(0)
+
+  def loss(params, y):
+    outputs, _ = head.apply({'params': params, 'batch_stats': batch_stats}, y, train=True,
+                            mutable=['batch_stats'], rngs={'dropout': key})
+    return jnp.mean(run.pipe.loss_fn(outputs, targets))
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  samples = []
+  for r in range(FLAGS.warmup + FLAGS.repeats):
+    timed(lambda: step(stage.params['aux'], h), samples if r >= FLAGS.warmup else [])
+  return statistics.median(samples)
 
 
 def measure(items: Sequence[str], counts: Sequence[int]) -> dict:
@@ -326,15 +371,17 @@ def latency_from(result: dict):
 
 def print_table(key: str, rows: list[dict]) -> None:
   print(f'\n{key}: ms per batch (speed-up over one device doing all the work)')
-  print('| K | M | latency ms | GPipe | 1F1B | FDG | 1F1B bubble | (K-1)/(M+K-1) | '
+  print('| K | M | latency ms | GPipe | 1F1B | FDG | DGL | 1F1B bubble | (K-1)/(M+K-1) | '
         '1F1B / FDG |')
-  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
   cells = {(r['num_stages'], r['microbatches'], r['schedule']): r for r in rows}
   for K, M in dict.fromkeys((r['num_stages'], r['microbatches']) for r in rows):
     got = lambda name: cells[(K, M, name)]
-    cell = lambda name: f'{got(name)["ms_per_batch"]:.0f} ({got(name)["speedup"]:.2f})'
+    cell = lambda name: (f'{got(name)["ms_per_batch"]:.0f} ({got(name)["speedup"]:.2f})'
+                         if (K, M, name) in cells else '–')
     print(f'| {K} | {M} | {got("fdg")["latency_ms"]:.1f} | {cell("gpipe")} | {cell("1f1b")} | '
-          f'{cell("fdg")} | {got("1f1b")["bubble"]:.2f} | {bubble_theory(K, M):.2f} | '
+          f'{cell("fdg")} | {cell("dgl")} | {got("1f1b")["bubble"]:.2f} | '
+          f'{bubble_theory(K, M):.2f} | '
           f'{got("1f1b")["ms_per_batch"] / got("fdg")["ms_per_batch"]:.2f} |')
 
 

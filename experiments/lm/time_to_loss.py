@@ -10,8 +10,9 @@ missing bubble against its staleness and 1F1B's exactness against its bubble. Tw
   the run's BP reference (`cost_key`: Muon's and rotated Adam's updates cost more than AdamW's;
   basis_rotation, rotated on all stages but the last, is priced as rotated on all). 1F1B and GPipe compute BP's
   update (tests/test_microbatches.py), so they follow BP's curve at their own time per batch;
-  BP runs on one device: the model's whole work per batch. DDG and DGL have no program in the
-  cost model and are left out.
+  BP runs on one device: the model's whole work per batch. DGL is priced by its program (no
+  cotangent to wait for; every non-last stage pays its auxiliary head); DDG has none in the
+  cost model and is left out.
 * Measured: runs whose history has `train_s` (each evaluation's seconds so far without the
   evaluations, fdg_jax/trainer/train.py), e.g. K = 2 in two pinned processes, given as
   `--measured=LABEL=WORKDIR,...`: their own clock.
@@ -131,7 +132,7 @@ def first_reach(xs: Sequence[float], losses: Sequence[float], target: float) -> 
 def batch_seconds(rows: Sequence[dict], method: str, num_stages: int, microbatches: int
                   ) -> Optional[float]:
   """Seconds per batch of a setting from the cost model's rows (one model's table): BP is one
-  device doing all the work; GPipe and 1F1B, and FDG at any M, their predicted time."""
+  device doing all the work; GPipe and 1F1B, FDG at any M and DGL, their predicted time."""
   if method == 'bp':   # the work of whole batches (M = 1), whatever K the row splits it in
     row = next((r for r in rows if r['schedule'] == 'fdg' and r['microbatches'] == 1), None)
     return None if row is None else row['ms_per_batch'] * row['speedup'] / 1e3
@@ -150,13 +151,13 @@ def predicted_rows(grid: Sequence[Curve], tables: dict, num_stages: int,
   sync = sorted({(r['schedule'], r['microbatches']) for rows in tables.values() for r in rows
                  if r['schedule'] in SYNCHRONOUS and r['num_stages'] == num_stages})
   entries = [(c, c.method, c.num_stages, c.microbatches) for c in grid
-             if c.method == 'bp' or (c.num_stages == num_stages and c.method == 'fdg')]
+             if c.method == 'bp' or (c.num_stages == num_stages and c.method in ('fdg', 'dgl'))]
   entries += [(curve, name, num_stages, m) for curve in bp.values() for name, m in sync]
   for curve, method, K, M in entries:
     seconds = batch_seconds(tables.get(curve.optimizer, []), method, K, M)
     if seconds is None or curve.optimizer not in targets:
       continue
-    label = curve.label if method in ('bp', 'fdg') else (
+    label = curve.label if method in ('bp', 'fdg', 'dgl') else (
         f'{method} K={K} M={M}' + ('' if curve.optimizer == 'adamw' else f' {curve.optimizer}'))
     steps = [first_reach(curve.steps, curve.losses, t) for t in targets[curve.optimizer]]
     table.append({'label': label, 'optimizer': curve.optimizer, 'seconds_per_batch': seconds,

@@ -156,12 +156,15 @@ class Schedule:
 #   between batches, so every microbatch of a batch forwards with the same weights, and the
 #   gradient of batch b first reaches the weights that forward batch b + 1 + ceil((D_k - 1) / M),
 #   D_k = 2(K-1-k) (`weights_lag`). No flush: after the last batch, the drain.
+# * 'dgl' (local losses, M = 1 only): per batch, F (the stage's forward, its own head's loss and
+#   the backward to its weights: no cotangent, so no B) then U; only F waits, for stage k-1's F
+#   of the same batch. Stage k forwards and updates batch b at tick b + k, as `Schedule('dgl')`.
 #
 # `ticks` lays the programs out in time (unit-time actions, an update taking none), the table
 # the tests compare with the literature's figures; `simulate` does the same with measured
 # times, the cost model that compares schedules at K larger than this machine's cores.
 
-PROGRAMS = ('gpipe', '1f1b', 'fdg')
+PROGRAMS = ('gpipe', '1f1b', 'fdg', 'dgl')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +185,10 @@ def program(name: str, stage: int, num_stages: int, microbatches: int,
   k, K, M = stage, num_stages, microbatches
   if name == 'fdg':
     return _fdg_program(k, K, M, num_batches)
+  if name == 'dgl':
+    if M != 1:
+      raise ValueError(f'microbatches={M}: DGL has no microbatch schedule; use 1.')
+    return [Action(kind, b) for b in range(num_batches) for kind in 'FU']
   actions = []
   for b in range(num_batches):
     first = b * M
