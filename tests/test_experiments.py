@@ -1118,6 +1118,17 @@ def test_time_to_loss_from_learning_curves_and_the_cost_model(tmp_path):
   assert 'rotated_adamw: BP 1.2000' in text
   assert table['fdg K=4 M=8 basis_rotation'][1:3] == ['never', 'never']   # 1.3 > 1.2
   assert table['1f1b K=4 M=8 rotated_adamw'][:4] == ['0.600', '300', '180', '217']
+  # One loss for every optimizer: rotated Adam's 1F1B (its BP's curve 3.0, 1.8, 1.2: 1.6 at step
+  # 233, 0.6 s a batch) against AdamW's 1F1B (step 300, 0.4 s), both against the faster one.
+  text = time_to_loss.report(
+      str(tmp_path / 'grid'), {'tables': {'gpt_b16': rows, 'gpt_rotated_adamw_b16': rotated}},
+      'gpt_b16', [4], 0.5, {}, str(tmp_path / 'out'), common_target=1.6)
+  common = text.split('### K = 4: to 1.6 with any optimizer')[1]
+  table = {line.split(' | ')[0].lstrip('| '): [c.rstrip(' |') for c in line.split(' | ')[1:]]
+           for line in common.splitlines() if line.startswith('| ') and '---' not in line}
+  assert table['1f1b K=4 M=8'] == ['0.400', '300', '120', '1.00']
+  assert table['1f1b K=4 M=8 rotated_adamw'] == ['0.600', '233', '140', '0.86']
+  assert table['fdg K=4 M=8'] == ['0.300', '200', '60', '2.00']
   assert (tmp_path / 'out' / 'time_to_loss.png').stat().st_size > 1000
   assert time_to_loss.parse_measured(['1f1b K=2 M=8=runs/a', 'bp=runs/b']) == {
       '1f1b K=2 M=8': 'runs/a', 'bp': 'runs/b'}

@@ -18,8 +18,9 @@ missing bubble against its staleness and 1F1B's exactness against its bubble. Tw
   `--measured=LABEL=WORKDIR,...`: their own clock.
 
 The target is BP's final validation loss (mean over its seeds, BP with the same optimizer:
-`reference_optimizer`), and that plus `--margin`. A curve reaches it between two evaluations by linear interpolation; a
-schedule that never does says so. Writes OUT_DIR/time_to_loss.md (one table per K: seconds per
+`reference_optimizer`), and that plus `--margin`; with `--common_target`, also one loss for
+every optimizer (which optimizer and schedule reaches it soonest). A curve reaches a target
+between two evaluations by linear interpolation; a schedule that never does says so. Writes OUT_DIR/time_to_loss.md (one table per K: seconds per
 batch, steps and seconds to each target, each against the fastest 1F1B) and time_to_loss.png
 (validation loss against seconds, one panel per K).
 
@@ -184,29 +185,32 @@ def measured_rows(measured: Sequence[Curve], targets: dict) -> list[dict]:
           for c in measured if c.optimizer in targets]
 
 
-def markdown(rows: Sequence[dict], targets: dict, margin: float) -> str:
-  """One row per setting; the last two columns: the fastest synchronous schedule's seconds (same
-  optimizer) over the row's, to each target (above 1: the row reaches it sooner)."""
+def markdown(rows: Sequence[dict], names: Sequence[str], per_optimizer: bool = True) -> str:
+  """One row per setting, with its steps and seconds to each target (`names`: the targets'
+  column names); the last columns: the fastest synchronous schedule's seconds over the row's,
+  to each target (above 1: the row reaches it sooner), that schedule with the row's optimizer,
+  or with any optimizer where not `per_optimizer` (one absolute target for all)."""
   fmt = lambda v, digits=0: 'never' if v is None else f'{v:,.{digits}f}'
-  best_sync = {}   # (optimizer, target index) -> the fastest 1F1B / GPipe's seconds
+  group = (lambda row: row['optimizer']) if per_optimizer else (lambda row: None)
+  best_sync = {}   # (group, target index) -> the fastest 1F1B / GPipe's seconds
   for row in rows:
     for i, seconds in enumerate(row['seconds']):
       if row['label'].split()[0] in SYNCHRONOUS and seconds is not None:
-        key = (row['optimizer'], i)
+        key = (group(row), i)
         best_sync[key] = min(seconds, best_sync.get(key, math.inf))
-  lines = ['| setting | s per batch | steps to BP | s to BP | steps to BP + '
-           f'{margin} | s to BP + {margin} | fastest 1F1B / GPipe over it, to BP | to BP + '
-           f'{margin} |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
-  for row in sorted(rows, key=lambda r: (r['optimizer'], r['seconds'][0] or math.inf)):
-    ratios = [best_sync[(row['optimizer'], i)] / seconds
-              if seconds and (row['optimizer'], i) in best_sync else None
+  header = ['setting', 's per batch'] + [f'{kind} to {name}' for name in names
+                                         for kind in ('steps', 's')]
+  header += [f'fastest 1F1B / GPipe over it, to {names[0]}'] + [f'to {n}' for n in names[1:]]
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + ' --- |' * len(header)]
+  for row in sorted(rows, key=lambda r: (group(r) or '', r['seconds'][0] or math.inf)):
+    ratios = [best_sync[(group(row), i)] / seconds
+              if seconds and (group(row), i) in best_sync else None
               for i, seconds in enumerate(row['seconds'])]
-    lines.append(f'| {row["label"]} | {row["seconds_per_batch"]:.3f} | {fmt(row["steps"][0])} | '
-                 f'{fmt(row["seconds"][0])} | {fmt(row["steps"][1])} | {fmt(row["seconds"][1])} '
-                 f'| {fmt(ratios[0], 2)} | {fmt(ratios[1], 2)} |')
-  targets_line = '; '.join(f'{o}: BP {t[0]:.4f}' for o, t in targets.items())
-  return f'Targets (BP\'s final validation loss, mean over seeds): {targets_line}.\n\n' + (
-      '\n'.join(lines))
+    cells = [row['label'], f'{row["seconds_per_batch"]:.3f}']
+    cells += [fmt(v) for pair in zip(row['steps'], row['seconds']) for v in pair]
+    cells += [fmt(r, 2) for r in ratios]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
 
 
 def fastest_synchronous_only(rows: Sequence[dict]) -> list[dict]:
@@ -243,10 +247,16 @@ def plot(panels: dict, path: str) -> None:
 
 
 def report(grid_dir: str, costs: dict, model: str, stages: Sequence[int], margin: float,
-           measured: dict, out_dir: str) -> str:
-  """Writes time_to_loss.md and .png under out_dir; returns the markdown."""
+           measured: dict, out_dir: str, common_target: Optional[float] = None) -> str:
+  """Writes time_to_loss.md and .png under out_dir; returns the markdown. `common_target`: one
+  loss more, the same for every optimizer, each setting against the fastest synchronous
+  schedule with any optimizer (which optimizer and schedule reaches it soonest)."""
   grid = curves(read_runs(grid_dir))
   targets = {c.optimizer: [c.losses[-1], c.losses[-1] + margin] for c in grid if c.method == 'bp'}
+  names = ['BP', f'BP + {margin}']
+  targets_line = 'Targets (BP\'s final validation loss, mean over seeds): ' + '; '.join(
+      f'{o}: BP {t[0]:.4f}' for o, t in targets.items()) + '.\n\n'
+
   if not targets:
     raise app.UsageError(f'{grid_dir} has no finished BP run: its final loss is the target.')
   missing = sorted({cost_key(model, o) for o in targets} - set(costs['tables']))
@@ -261,14 +271,18 @@ def report(grid_dir: str, costs: dict, model: str, stages: Sequence[int], margin
               for o in targets}
     table = predicted_rows(grid, tables, K, targets)
     panels[f'K = {K} (predicted)'] = fastest_synchronous_only(table)
-    sections.append(f'## K = {K}, predicted (the cost model, {model})\n\n'
-                    + markdown(table, targets, margin))
+    sections.append(f'## K = {K}, predicted (the cost model, {model})\n\n' + targets_line
+                    + markdown(table, names))
+    if common_target is not None:
+      common = predicted_rows(grid, tables, K, {o: [common_target] for o in targets})
+      sections.append(f'### K = {K}: to {common_target} with any optimizer\n\n'
+                      + markdown(common, [str(common_target)], per_optimizer=False))
   if measured:
     runs = [c for label, workdir in measured.items() for c in curves(read_runs(workdir), label)]
     table = measured_rows([c for c in runs if c.seconds], targets)
     panels['measured'] = table
-    sections.append('## Measured (each run\'s own clock, train_s)\n\n'
-                    + markdown(table, targets, margin))
+    sections.append('## Measured (each run\'s own clock, train_s)\n\n' + targets_line
+                    + markdown(table, names))
   text = '# Time to a target loss\n\n' + '\n\n'.join(sections) + '\n'
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'time_to_loss.md'), 'w') as f:
@@ -292,7 +306,7 @@ def main(argv):
     costs = json.load(f)
   measured = parse_measured(FLAGS.measured)
   print(report(FLAGS.grid_dir, costs, FLAGS.model, [int(k) for k in FLAGS.stages], FLAGS.margin,
-               measured, FLAGS.out_dir or FLAGS.grid_dir))
+               measured, FLAGS.out_dir or FLAGS.grid_dir, FLAGS.common_target))
 
 
 if __name__ == '__main__':
@@ -302,6 +316,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('model', 'gpt8x128_h4_t64_b16', 'The cost table\'s model key.')
   flags.DEFINE_list('stages', ['4', '8'], 'K values to predict.')
   flags.DEFINE_float('margin', 0.05, 'The second target: BP\'s final loss plus this.')
+  flags.DEFINE_float('common_target', None, 'One loss more, the same for every optimizer: '
+                     'which optimizer and schedule reaches it soonest.')
   flags.DEFINE_list('measured', [], 'LABEL=WORKDIR of runs timed by their own clock (train_s); '
                     "the last '=' ends the label (e.g. '1f1b K=2 M=8=runs/1f1b').")
   flags.DEFINE_string('out_dir', '', 'Where to write (default: --grid_dir).')
