@@ -88,9 +88,10 @@ def get_config():
   # matrix's gradient covariances, refreshed every rotation_frequency updates; needs 'adamw').
   # Measured (docs/record/compensation.md, language_model.md): at K = 2 with SGD
   # 'weight_prediction' or 'nesterov' at nesterov_momentum 0.9, with AdamW 'weight_prediction'.
-  # At K >= 4 microbatches first (M >= 2(K - 1)), then 'error_feedback': on the 8-layer GPT
-  # with Muon +0.005 nats from BP at K = 4 and +0.013 at K = 8 (3 seeds each); with AdamW
-  # 'weight_prediction' or 'nesterov' (about +0.04 at both); ResNet-20 K = 4, SGD: +0.12 points.
+  # At K >= 4 microbatches first (M >= 2(K - 1)), then 'error_feedback' or 'weight_prediction'
+  # (level within the errors): on the 8-layer GPT with Muon +0.005 / +0.011 nats from BP at
+  # K = 4 and +0.013 / +0.011 at K = 8 (3 seeds each); with AdamW 'weight_prediction' or
+  # 'nesterov' (about +0.04 at both); ResNet-20 K = 4, SGD, 'error_feedback': +0.12 points.
   # None wins without microbatches, so the default is the paper's 'none'.
   config.compensation = 'none'
   # delay_compensation: lambda0 of DC-ASGD-a (adaptive: divided by the root of the gradient's

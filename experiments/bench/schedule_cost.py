@@ -7,9 +7,9 @@ starts when its stage is free and its inputs are in (an F waits for stage k-1's 
 microbatch, a B for its own F and stage k+1's B), each transfer arriving `latency` after its
 sender's action ends. The last stage's F is the engine's fused forward, loss and backward (its
 `loss` function), and its B takes no time (it only sends what F made). DGL (M = 1) has no B:
-its F is the stage's forward, its auxiliary head's forward and backward and its own backward (the
-last stage's: the fused loss, its own head), waiting only for stage k-1's F. What is assumed: no host
-dispatch cost, no contention between devices, a synchronous schedule's clipping norm exchange (one
+its F is the stage's forward, its auxiliary head's forward and backward and its own backward
+(the last stage's: the fused loss, its own head), waiting only for stage k-1's F. What is
+assumed: no host dispatch cost, no contention between devices, a synchronous schedule's clipping norm exchange (one
 scalar) hidden, the same latency between every pair of stages.
 
 Time per batch: from programs of `--batches` batches, the slowest stage's mean time between the

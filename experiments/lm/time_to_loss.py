@@ -20,9 +20,10 @@ missing bubble against its staleness and 1F1B's exactness against its bubble. Tw
 The target is BP's final validation loss (mean over its seeds, BP with the same optimizer:
 `reference_optimizer`), and that plus `--margin`; with `--common_target`, also one loss for
 every optimizer (which optimizer and schedule reaches it soonest). A curve reaches a target
-between two evaluations by linear interpolation; a schedule that never does says so. Writes OUT_DIR/time_to_loss.md (one table per K: seconds per
-batch, steps and seconds to each target, each against the fastest 1F1B) and time_to_loss.png
-(validation loss against seconds, one panel per K).
+between two evaluations by linear interpolation; a schedule that never does says so. Writes
+OUT_DIR/time_to_loss.md (one table per K: seconds per batch, steps and seconds to each target,
+each against the fastest 1F1B) and time_to_loss.png (validation loss against seconds, one panel
+per K).
 
     python -m experiments.bench.schedule_cost --measure=gpt:16 --n_layer=8 --n_embd=128 \
         --n_head=4 --block_size=64 --microbatches=8,16   # and with --optimizer=muon, ...

@@ -1,0 +1,2 @@
+# gpt_fdg_k4_beta1_m8_muon-wp_seed1, from .
+cd . && XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m fdg_jax.main --config=configs/shakespeare_char_deep_cpu.py --workdir=experiments/results/depth_cpu/runs/gpt_fdg_k4_beta1_m8_muon-wp_seed1 --config.beta=1.0 --config.compensation=weight_prediction --config.data_dir=../shared/data/tinyshakespeare.txt --config.dataset=textfile --config.method=fdg --config.microbatches=8 --config.model=gpt --config.num_stages=4 --config.optimizer=muon --config.seed=1 '--config.stage_devices=()'

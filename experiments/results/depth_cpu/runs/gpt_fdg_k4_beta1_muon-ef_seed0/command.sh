@@ -1,0 +1,2 @@
+# gpt_fdg_k4_beta1_muon-ef_seed0, from .
+cd . && XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m fdg_jax.main --config=configs/shakespeare_char_deep_cpu.py --workdir=experiments/results/depth_cpu/runs/gpt_fdg_k4_beta1_muon-ef_seed0 --config.beta=1.0 --config.compensation=error_feedback --config.data_dir=../shared/data/tinyshakespeare.txt --config.dataset=textfile --config.method=fdg --config.model=gpt --config.num_stages=4 --config.optimizer=muon --config.seed=0 '--config.stage_devices=()'
