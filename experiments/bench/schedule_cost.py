@@ -9,8 +9,8 @@ sender's action ends. The last stage's F is the engine's fused forward, loss and
 `loss` function), and its B takes no time (it only sends what F made). DGL (M = 1) has no B:
 its F is the stage's forward, its auxiliary head's forward and backward and its own backward
 (the last stage's: the fused loss, its own head), waiting only for stage k-1's F. What is
-assumed: no host dispatch cost, no contention between devices, a synchronous schedule's clipping norm exchange (one
-scalar) hidden, the same latency between every pair of stages.
+assumed: no host dispatch cost, no contention between devices, a synchronous schedule's clipping
+norm exchange (one scalar) hidden, the same latency between every pair of stages.
 
 Time per batch: from programs of `--batches` batches, the slowest stage's mean time between the
 ends of consecutive updates U(b), over the middle batches (b from the end of the fill, at least
@@ -24,8 +24,7 @@ Three modes:
   squared norm where the config clips), at each microbatch size --batch / M (M = 1 and each of
   --microbatches), and DGL's auxiliary head (the task's default: forward and backward to its
   weights and its input, on stage 0's output of a whole batch; its own update left out), in one
-  process pinned to one core with one CPU device (as each of speedup's
-  processes), calling `pipe.method`'s functions with `jax.block_until_ready` after each; medians
+  process pinned to one core with one CPU device (as each of speedup's processes), calling `pipe.method`'s functions with `jax.block_until_ready` after each; medians
   of --repeats, but the update's mean over at least UPDATE_CALLS calls (an optimizer that
   refreshes something every few updates, as rotated Adam's bases every 10, pays it at its rate).
   `--optimizer` sets the config's optimizer (default: the model's config's own, AdamW for the
@@ -36,8 +35,9 @@ Three modes:
   K = --stages and M = --microbatches: K = 2 from the two measured stages; K > 2 assuming K
   equal stages, each 1/K of the model's forward, backward and update (the model's: stage 0's
   plus the last stage's, whose fused loss is split into forward and backward in stage 0's
-  ratio), DGL's non-last stages each with an auxiliary head more; with the speed-up over one device doing all of the work, and 1F1B's bubble (its
-  busiest stage's idle share) beside (K-1)/(M+K-1). The latency: --latency_ms, else half of
+  ratio), DGL's non-last stages each with an auxiliary head more; with the speed-up over one
+  device doing all of the work, and 1F1B's bubble (its busiest stage's idle share) beside
+  (K-1)/(M+K-1). The latency: --latency_ms, else half of
   the round trip `exchange_ms` that --latency_from (a speedup result) measured for the same
   model, batch and M, else 0.
 * `--validate=RESULTS.json` compares the K = 2 predictions with a speedup result's configurations
