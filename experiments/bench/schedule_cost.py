@@ -25,8 +25,9 @@ Three modes:
   --microbatches), and DGL's auxiliary head (the task's default: forward and backward to its
   weights and its input, on stage 0's output of a whole batch; its own update left out), in one
   process pinned to one core with one CPU device (as each of speedup's processes), calling
-  `pipe.method`'s functions with `jax.block_until_ready` after each; medians of --repeats, but the update's mean over at least UPDATE_CALLS calls (an optimizer that
-  refreshes something every few updates, as rotated Adam's bases every 10, pays it at its rate).
+  `pipe.method`'s functions with `jax.block_until_ready` after each; medians of --repeats, but
+  the update's mean over at least UPDATE_CALLS calls (an optimizer that refreshes something
+  every few updates, as rotated Adam's bases every 10, pays it at its rate).
   `--optimizer` sets the config's optimizer (default: the model's config's own, AdamW for the
   GPT), and names the times `MODEL_OPTIMIZER` (e.g. gpt8x128_h4_t64_muon_b16). An item is `gpt` (the GPT sized by --n_layer, --n_embd, --n_head, --block_size,
   speedup's defaults) or a model of the zoo, with `:BATCH` (default 16 for the GPT, 128 for the

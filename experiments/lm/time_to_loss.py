@@ -159,7 +159,7 @@ def predicted_rows(grid: Sequence[Curve], tables: dict, num_stages: int,
     seconds = batch_seconds(tables.get(curve.optimizer, []), method, K, M)
     if seconds is None or curve.optimizer not in targets:
       continue
-    label = curve.label if method in ('bp', 'fdg', 'dgl') else (
+    label = curve.label if method not in SYNCHRONOUS else (
         f'{method} K={K} M={M}' + ('' if curve.optimizer == 'adamw' else f' {curve.optimizer}'))
     steps = [first_reach(curve.steps, curve.losses, t) for t in targets[curve.optimizer]]
     table.append({'label': label, 'optimizer': curve.optimizer, 'seconds_per_batch': seconds,
